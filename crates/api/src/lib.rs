@@ -1,0 +1,1 @@
+//! Request and response types shared by the daemon and the CLI.

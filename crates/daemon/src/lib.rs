@@ -1,0 +1,1 @@
+//! viridiand, the management service.

@@ -1,0 +1,1 @@
+//! NBD (fixed newstyle) server over any `vhd::Disk`.

@@ -1,0 +1,191 @@
+//! The `Disk` abstraction every Viridian disk format implements, and raw files.
+//!
+//! A `Disk` is a virtual block device: a byte-addressed, fixed-size address space.
+//! Methods take `&self` so one disk can serve several I/O queues at once; each
+//! implementation keeps its metadata behind its own locks and does data I/O with
+//! positioned reads and writes.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// What one layer of a disk holds for a range of the virtual address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// This layer holds data for the range.
+    Data,
+    /// This layer records the range as zeros (it does not fall through to a parent).
+    Zero,
+    /// This layer holds nothing for the range: reads come from the parent, or are
+    /// zeros where there is no parent.
+    Unallocated,
+}
+
+/// The allocation of a run starting at the queried offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    pub allocation: Allocation,
+    /// Length in bytes of the run with this allocation, starting at the queried
+    /// offset; at least one sector and never past the queried range.
+    pub len: u64,
+}
+
+/// A virtual disk: a VHD, VHDX or raw file, or a chain of differencing layers.
+pub trait Disk: Send + Sync {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+
+    /// Logical sector size in bytes (512 or 4096).
+    fn logical_sector_size(&self) -> u32 {
+        512
+    }
+
+    /// Physical sector size in bytes, a hint for alignment.
+    fn physical_sector_size(&self) -> u32 {
+        self.logical_sector_size()
+    }
+
+    /// Whether the disk was opened read-only.
+    fn read_only(&self) -> bool;
+
+    /// Reads `buf.len()` bytes at `offset`. Reading past `size()` is an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes `buf` at `offset`. Writing past `size()` is an error.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes every completed write durable, data and metadata.
+    fn flush(&self) -> Result<()>;
+
+    /// Makes the range read as zeros, releasing space where the format can.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Tells the disk the range's contents are no longer needed. Afterwards the
+    /// range reads as zeros or keeps its old contents, never as another layer's data.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len)
+    }
+
+    /// What the top layer of this disk holds at `offset`, for a run of at most `len`
+    /// bytes. Used for sparse copies, merge and compact.
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus>;
+
+    /// The file this disk lives in, for messages; `None` for disks not backed by one.
+    fn path(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// Checks that `[offset, offset + len)` lies within a disk of `size` bytes.
+pub fn check_range(path: Option<&Path>, size: u64, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange {
+            path: path.map(Path::to_path_buf).unwrap_or_default(),
+            offset,
+            len,
+            size,
+        }),
+    }
+}
+
+/// A raw image file: the virtual disk is the file's bytes.
+pub struct RawDisk {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    read_only: bool,
+}
+
+impl RawDisk {
+    /// Opens a raw image. Writable opens take an exclusive lock, read-only ones a
+    /// shared lock, so two writers on one file are impossible across processes.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        let file = crate::host_file::open_locked(path, read_only)?;
+        let size = file
+            .metadata()
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            size,
+            read_only,
+        })
+    }
+
+    fn io_err(&self, source: std::io::Error) -> Error {
+        Error::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Disk for RawDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(Some(&self.path), self.size, offset, buf.len() as u64)?;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| self.io_err(e))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range(Some(&self.path), self.size, offset, buf.len() as u64)?;
+        self.file.write_all_at(buf, offset).map_err(|e| self.io_err(e))
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(|e| self.io_err(e))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range(Some(&self.path), self.size, offset, len)?;
+        crate::host_file::punch_hole_or_zero(&self.file, offset, len).map_err(|e| self.io_err(e))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        check_range(Some(&self.path), self.size, offset, len)?;
+        let (data, run) =
+            crate::host_file::seek_data_run(&self.file, offset, len).map_err(|e| self.io_err(e))?;
+        Ok(BlockStatus {
+            allocation: if data {
+                Allocation::Data
+            } else {
+                Allocation::Unallocated
+            },
+            len: run,
+        })
+    }
+
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+}

@@ -1,0 +1,1 @@
+//! vhost-user-blk backend over any `vhd::Disk`: synthetic disks.

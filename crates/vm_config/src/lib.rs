@@ -1,0 +1,1 @@
+//! VM settings types, validation rules, on-disk schema and its versions.

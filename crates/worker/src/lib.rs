@@ -1,0 +1,1 @@
+//! The per-VM worker: QEMU command line, device wiring, lifecycle.

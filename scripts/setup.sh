@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs everything Viridian needs to build, run and test, idempotently.
+# Run as root on Debian 12. Safe to run again: it only installs what is missing.
+set -euo pipefail
+
+APT_PACKAGES=(
+    qemu-system-x86 qemu-utils qemu-block-extra ovmf seabios ipxe-qemu
+    busybox-static cpio gzip python3 python3-libvhdi
+    build-essential pkg-config curl ca-certificates
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    # A package counts as present only when dpkg has it fully installed.
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+# qemu-img must be the same QEMU as qemu-system (a newer qemu-utils from elsewhere
+# is replaced by Debian's, so every interop test checks against one QEMU).
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" </dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    if [ -x "$HOME/.cargo/bin/cargo" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    else
+        echo "setup: no Rust toolchain found; installing Debian's (needs Rust >= 1.80)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cargo rustc </dev/null
+    fi
+fi
+echo "setup: $(cargo --version), $(qemu-system-x86_64 --version | head -1), $(qemu-img --version | head -1)"
