@@ -20,6 +20,15 @@ pub enum Error {
     #[error("{path} is open read-only; writes are refused")]
     ReadOnly { path: PathBuf },
 
+    #[error("operation cancelled; {what} was left consistent")]
+    Cancelled { what: String },
+
+    #[error(transparent)]
+    Vhd(#[from] crate::vhd1::Error),
+
+    #[error(transparent)]
+    Vhdx(#[from] crate::vhdx::Error),
+
     #[error("access of {len} bytes at offset {offset} is outside the {size}-byte disk {path}")]
     OutOfRange {
         path: PathBuf,

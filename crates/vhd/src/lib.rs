@@ -3,6 +3,11 @@
 pub mod disk;
 pub mod error;
 pub mod host_file;
+pub mod ops;
+pub mod progress;
+pub mod vhd1;
+pub mod vhdx;
 
 pub use disk::{Allocation, BlockStatus, Disk, RawDisk};
 pub use error::{Error, Result};
+pub use progress::{NoProgress, Progress};
