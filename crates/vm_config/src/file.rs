@@ -1,0 +1,101 @@
+//! `vm.json` on disk: the versioned envelope and atomic writes.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::VmSettings;
+
+/// The schema version this build writes. Older versions are upgraded on load.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmFile {
+    schema_version: u32,
+    settings: VmSettings,
+}
+
+/// Why a `vm.json` could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid VM settings: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("{path} has schema_version {found}, newer than this Viridian understands (up to {SCHEMA_VERSION}); upgrade Viridian")]
+    TooNew { path: PathBuf, found: u64 },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads and, if older, upgrades a `vm.json`.
+pub fn load(path: &Path) -> Result<VmSettings, FileError> {
+    let bytes = fs::read(path).map_err(|source| FileError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let parse = |reason: String| FileError::Parse {
+        path: path.into(),
+        reason,
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| parse(e.to_string()))?;
+    let version = value
+        .get("schema_version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| parse("it has no numeric schema_version".into()))?;
+    if version > SCHEMA_VERSION as u64 {
+        return Err(FileError::TooNew {
+            path: path.into(),
+            found: version,
+        });
+    }
+    // Version 1 is the first; later versions add upgrade steps here, oldest first.
+    let file: VmFile = serde_json::from_value(value).map_err(|e| parse(e.to_string()))?;
+    Ok(file.settings)
+}
+
+/// Writes `vm.json` atomically: temp file, fsync, rename, fsync of the directory.
+pub fn save(path: &Path, settings: &VmSettings) -> Result<(), FileError> {
+    let file = VmFile {
+        schema_version: SCHEMA_VERSION,
+        settings: settings.clone(),
+    };
+    let mut bytes = serde_json::to_vec_pretty(&file).map_err(|e| FileError::Write {
+        path: path.into(),
+        source: std::io::Error::other(e),
+    })?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes).map_err(|source| FileError::Write {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the new file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}

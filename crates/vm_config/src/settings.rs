@@ -1,0 +1,186 @@
+//! The settings of one VM: what is configured, whether or not it runs.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A VM's settings (Hyper-V's `Msvm_VirtualSystemSettingData` and friends).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSettings {
+    pub id: Uuid,
+    /// Unique on the host; 1–100 characters, no path separators or control characters.
+    pub name: String,
+    /// 1: BIOS, boots from IDE. 2: UEFI, boots from SCSI.
+    pub generation: u8,
+    pub processor: ProcessorSettings,
+    pub memory: MemorySettings,
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    #[serde(default)]
+    pub network_adapters: Vec<NetworkAdapter>,
+    /// Boot devices in order; empty means "the first hard disk, then the first DVD".
+    #[serde(default)]
+    pub boot_order: Vec<BootEntry>,
+    #[serde(default)]
+    pub notes: String,
+}
+
+/// Virtual processors and how much host CPU they may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessorSettings {
+    /// Number of virtual processors, 1 up to the host's limit.
+    pub count: u32,
+    /// Percent of each processor's capacity set aside for this VM, 0–100.
+    #[serde(default)]
+    pub reserve_percent: u8,
+    /// Percent of each processor's capacity this VM may use at most, 0–100.
+    #[serde(default = "default_limit")]
+    pub limit_percent: u8,
+    /// Share against other VMs when the host is busy, 1–10000 (default 100).
+    #[serde(default = "default_weight")]
+    pub relative_weight: u32,
+}
+
+fn default_limit() -> u8 {
+    100
+}
+fn default_weight() -> u32 {
+    100
+}
+
+impl ProcessorSettings {
+    pub fn with_count(count: u32) -> Self {
+        ProcessorSettings {
+            count,
+            reserve_percent: 0,
+            limit_percent: 100,
+            relative_weight: 100,
+        }
+    }
+}
+
+/// Memory given to the VM at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySettings {
+    /// Startup memory in MiB.
+    pub startup_mib: u64,
+}
+
+/// The kind of storage controller a drive hangs off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ControllerKind {
+    /// Emulated IDE: 2 controllers × 2 locations; generation 1 only.
+    Ide,
+    /// Synthetic SCSI: 4 controllers × 64 locations.
+    Scsi,
+}
+
+impl ControllerKind {
+    /// How many controllers of this kind a VM has, and locations per controller.
+    pub fn limits(self) -> (u8, u8) {
+        match self {
+            ControllerKind::Ide => (2, 2),
+            ControllerKind::Scsi => (4, 64),
+        }
+    }
+}
+
+impl std::fmt::Display for ControllerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ControllerKind::Ide => "IDE",
+            ControllerKind::Scsi => "SCSI",
+        })
+    }
+}
+
+/// Where a drive sits: controller kind, controller number, location on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Slot {
+    pub controller: ControllerKind,
+    pub controller_number: u8,
+    pub location: u8,
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}:{}",
+            self.controller, self.controller_number, self.location
+        )
+    }
+}
+
+/// A drive in a slot and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    pub slot: Slot,
+    pub media: DriveMedia,
+}
+
+/// What a drive holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DriveMedia {
+    /// A virtual hard disk file (.vhd, .vhdx, .avhd, .avhdx), absolute path.
+    HardDisk { path: String },
+    /// A host block device passed through to the guest, absolute path under /dev.
+    PassThrough { device: String },
+    /// A DVD drive, with an ISO image inserted or empty.
+    Dvd {
+        #[serde(default)]
+        iso: Option<String>,
+    },
+}
+
+impl DriveMedia {
+    /// The host path this drive uses, if any.
+    pub fn host_path(&self) -> Option<&str> {
+        match self {
+            DriveMedia::HardDisk { path } => Some(path),
+            DriveMedia::PassThrough { device } => Some(device),
+            DriveMedia::Dvd { iso } => iso.as_deref(),
+        }
+    }
+
+    pub fn is_hard_disk(&self) -> bool {
+        matches!(
+            self,
+            DriveMedia::HardDisk { .. } | DriveMedia::PassThrough { .. }
+        )
+    }
+}
+
+/// A network adapter (the switch it connects to comes later).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkAdapter {
+    pub kind: AdapterKind,
+    /// MAC address as six colon-separated hex bytes, e.g. `52:54:00:12:34:56`.
+    pub mac: String,
+}
+
+/// Synthetic (virtio, fast) or legacy (emulated, boots PXE on generation 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    Synthetic,
+    Legacy,
+}
+
+/// One entry in the boot order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BootEntry {
+    /// Boot from the drive in this slot.
+    Drive { slot: Slot },
+    /// Boot from the network adapter with this MAC.
+    Network { mac: String },
+}

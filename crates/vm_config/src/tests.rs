@@ -1,0 +1,254 @@
+use uuid::Uuid;
+
+use crate::validate::{check_against_others, check_files, validate};
+use crate::*;
+
+fn vm(generation: u8) -> VmSettings {
+    VmSettings {
+        id: Uuid::new_v4(),
+        name: "web01".into(),
+        generation,
+        processor: ProcessorSettings::with_count(2),
+        memory: MemorySettings { startup_mib: 512 },
+        drives: vec![],
+        network_adapters: vec![],
+        boot_order: vec![],
+        notes: String::new(),
+    }
+}
+
+fn slot(controller: ControllerKind, n: u8, l: u8) -> Slot {
+    Slot {
+        controller,
+        controller_number: n,
+        location: l,
+    }
+}
+
+fn disk(s: Slot, path: &str) -> Drive {
+    Drive {
+        slot: s,
+        media: DriveMedia::HardDisk { path: path.into() },
+    }
+}
+
+fn check(s: &VmSettings) -> Result<(), ConfigError> {
+    validate(s, &HostLimits::default())
+}
+
+#[test]
+fn plain_vm_is_valid() {
+    check(&vm(1)).unwrap();
+    check(&vm(2)).unwrap();
+}
+
+#[test]
+fn names_with_separators_control_chars_or_dots_are_rejected() {
+    for bad in [
+        "a/b",
+        "a\\b",
+        "tab\there",
+        "..",
+        ".",
+        "",
+        " lead",
+        &"x".repeat(101),
+    ] {
+        let mut s = vm(1);
+        s.name = bad.into();
+        assert!(check(&s).is_err(), "{bad:?} was accepted");
+    }
+}
+
+#[test]
+fn processor_and_memory_ranges_are_enforced() {
+    let mut s = vm(1);
+    s.processor.count = 0;
+    assert_eq!(
+        check(&s),
+        Err(ConfigError::ProcessorCount { count: 0, max: 64 })
+    );
+    let mut s = vm(1);
+    s.processor.reserve_percent = 101;
+    assert_eq!(check(&s), Err(ConfigError::ProcessorReserve(101)));
+    let mut s = vm(1);
+    s.processor.limit_percent = 150;
+    assert_eq!(check(&s), Err(ConfigError::ProcessorLimit(150)));
+    let mut s = vm(1);
+    s.processor.relative_weight = 10_001;
+    assert_eq!(check(&s), Err(ConfigError::ProcessorWeight(10_001)));
+    let mut s = vm(1);
+    s.memory.startup_mib = 1;
+    assert!(matches!(check(&s), Err(ConfigError::Memory { mib: 1, .. })));
+    let mut s = vm(3);
+    s.generation = 3;
+    assert_eq!(check(&s), Err(ConfigError::Generation(3)));
+}
+
+#[test]
+fn slots_out_of_range_or_taken_are_rejected() {
+    let mut s = vm(1);
+    s.drives = vec![disk(slot(ControllerKind::Ide, 2, 0), "/a.vhd")];
+    assert!(matches!(
+        check(&s),
+        Err(ConfigError::ControllerOutOfRange { number: 2, .. })
+    ));
+    s.drives = vec![disk(slot(ControllerKind::Scsi, 0, 64), "/a.vhd")];
+    assert!(matches!(
+        check(&s),
+        Err(ConfigError::LocationOutOfRange { location: 64, .. })
+    ));
+    s.drives = vec![
+        disk(slot(ControllerKind::Ide, 0, 0), "/a.vhd"),
+        disk(slot(ControllerKind::Ide, 0, 0), "/b.vhd"),
+    ];
+    assert_eq!(
+        check(&s),
+        Err(ConfigError::SlotTaken(slot(ControllerKind::Ide, 0, 0)))
+    );
+}
+
+#[test]
+fn generation_1_boot_disk_must_be_on_ide() {
+    let mut s = vm(1);
+    s.drives = vec![disk(slot(ControllerKind::Scsi, 0, 0), "/a.vhd")];
+    assert_eq!(
+        check(&s),
+        Err(ConfigError::BootDiskNotOnIde(slot(
+            ControllerKind::Scsi,
+            0,
+            0
+        )))
+    );
+    s.drives
+        .push(disk(slot(ControllerKind::Ide, 0, 0), "/b.vhd"));
+    check(&s).unwrap();
+    s.boot_order = vec![BootEntry::Drive {
+        slot: slot(ControllerKind::Scsi, 0, 0),
+    }];
+    assert_eq!(
+        check(&s),
+        Err(ConfigError::BootDiskNotOnIde(slot(
+            ControllerKind::Scsi,
+            0,
+            0
+        )))
+    );
+}
+
+#[test]
+fn generation_rules_for_dvd_ide_and_legacy_adapters() {
+    let mut s = vm(1);
+    s.drives = vec![Drive {
+        slot: slot(ControllerKind::Scsi, 0, 1),
+        media: DriveMedia::Dvd { iso: None },
+    }];
+    assert!(matches!(
+        check(&s),
+        Err(ConfigError::DvdOnScsiGeneration1(_))
+    ));
+    let mut s = vm(2);
+    s.drives = vec![disk(slot(ControllerKind::Ide, 0, 0), "/a.vhdx")];
+    assert!(matches!(check(&s), Err(ConfigError::IdeInGeneration2(_))));
+    let mut s = vm(2);
+    s.network_adapters = vec![NetworkAdapter {
+        kind: AdapterKind::Legacy,
+        mac: random_mac(),
+    }];
+    assert_eq!(check(&s), Err(ConfigError::LegacyAdapterInGeneration2));
+}
+
+#[test]
+fn same_disk_twice_in_one_vm_or_across_vms_is_in_use() {
+    let mut s = vm(2);
+    s.drives = vec![
+        disk(slot(ControllerKind::Scsi, 0, 0), "/a.vhdx"),
+        disk(slot(ControllerKind::Scsi, 0, 1), "/a.vhdx"),
+    ];
+    assert!(matches!(check(&s), Err(ConfigError::DiskInUse { .. })));
+    let mut other = vm(2);
+    other.name = "other".into();
+    other.drives = vec![disk(slot(ControllerKind::Scsi, 1, 0), "/a.vhdx")];
+    s.drives.pop();
+    let err = check_against_others(&s, [&other]).unwrap_err();
+    assert!(
+        err.to_string().contains("already attached to VM other"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_files_and_relative_paths_are_rejected() {
+    let mut s = vm(2);
+    s.drives = vec![disk(slot(ControllerKind::Scsi, 0, 0), "rel.vhdx")];
+    assert_eq!(
+        check(&s),
+        Err(ConfigError::PathNotAbsolute("rel.vhdx".into()))
+    );
+    s.drives = vec![disk(
+        slot(ControllerKind::Scsi, 0, 0),
+        "/nonexistent/x.vhdx",
+    )];
+    assert_eq!(
+        check_files(&s),
+        Err(ConfigError::FileMissing("/nonexistent/x.vhdx".into()))
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let txt = dir.path().join("notes.txt");
+    std::fs::write(&txt, b"x").unwrap();
+    s.drives = vec![disk(
+        slot(ControllerKind::Scsi, 0, 0),
+        txt.to_str().unwrap(),
+    )];
+    assert!(matches!(
+        check_files(&s),
+        Err(ConfigError::WrongFileKind { .. })
+    ));
+}
+
+#[test]
+fn bad_and_duplicate_macs_are_rejected() {
+    let mut s = vm(1);
+    s.network_adapters = vec![NetworkAdapter {
+        kind: AdapterKind::Synthetic,
+        mac: "01:00:00:00:00:01".into(),
+    }];
+    assert!(matches!(check(&s), Err(ConfigError::MacInvalid(_))));
+    let mac = random_mac();
+    s.network_adapters = vec![
+        NetworkAdapter {
+            kind: AdapterKind::Synthetic,
+            mac: mac.clone(),
+        },
+        NetworkAdapter {
+            kind: AdapterKind::Legacy,
+            mac: mac.to_uppercase(),
+        },
+    ];
+    assert!(matches!(check(&s), Err(ConfigError::MacInUse { .. })));
+}
+
+#[test]
+fn vm_json_round_trips_with_schema_version_and_rejects_newer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.json");
+    let s = vm(2);
+    file::save(&path, &s).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\"schema_version\": 1"));
+    assert_eq!(file::load(&path).unwrap(), s);
+    std::fs::write(
+        &path,
+        text.replace("\"schema_version\": 1", "\"schema_version\": 99"),
+    )
+    .unwrap();
+    assert!(matches!(
+        file::load(&path),
+        Err(file::FileError::TooNew { found: 99, .. })
+    ));
+    std::fs::write(&path, b"{not json").unwrap();
+    assert!(matches!(
+        file::load(&path),
+        Err(file::FileError::Parse { .. })
+    ));
+}
