@@ -1,0 +1,87 @@
+//! `/v1/jobs`: long operations, Hyper-V's `Msvm_ConcreteJob`.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// CIM job state names; `state_number` carries CIM's number alongside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum JobStateName {
+    New,
+    Starting,
+    Running,
+    Suspended,
+    ShuttingDown,
+    Completed,
+    Terminated,
+    Killed,
+    Exception,
+}
+
+impl JobStateName {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            Self::Completed | Self::Terminated | Self::Killed | Self::Exception
+        )
+    }
+}
+
+/// Something a job touched or produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AffectedElement {
+    /// `vm`, `disk`, ...
+    pub kind: String,
+    /// A VM's UUID, a disk's path, ...
+    pub id: String,
+}
+
+/// A job in full.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Job {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub job_type: String,
+    pub description: String,
+    pub state: JobStateName,
+    /// CIM `JobState`: 2 New, 3 Starting, 4 Running, 5 Suspended, 6 ShuttingDown,
+    /// 7 Completed, 8 Terminated, 9 Killed, 10 Exception.
+    pub state_number: u16,
+    pub percent_complete: u8,
+    pub error_code: Option<String>,
+    pub error_description: Option<String>,
+    /// RFC 3339 times.
+    pub created: String,
+    pub started: Option<String>,
+    pub finished: Option<String>,
+    pub cancellable: bool,
+    pub affected_elements: Vec<AffectedElement>,
+}
+
+/// The compact record kept after a job expires.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct JobOutcome {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub job_type: String,
+    pub state: JobStateName,
+    pub state_number: u16,
+    pub error_code: Option<String>,
+    pub error_description: Option<String>,
+    pub finished: String,
+}
+
+/// `GET /v1/jobs`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+}
+
+/// `POST /v1/diagnostics/sleep-job`: a job that only waits, to check the job
+/// machinery end to end (and to measure it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SleepJobRequest {
+    /// How long the job runs, 0 to 3,600,000 ms.
+    pub milliseconds: u64,
+}

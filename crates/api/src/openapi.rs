@@ -1,0 +1,406 @@
+//! The OpenAPI 3.0 document, generated from this crate's types and the route table.
+
+use schemars::gen::{SchemaGenerator, SchemaSettings};
+use schemars::schema::Schema;
+use schemars::JsonSchema;
+use serde_json::{json, Map, Value};
+
+use crate::{disks, error, events, host, jobs, vms};
+use vm_config::{Drive, NetworkAdapter, ProcessorSettings, VmSettings};
+
+type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
+
+fn s<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
+    g.subschema_for::<T>()
+}
+
+/// One endpoint: method, path, what it takes and what it answers.
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub summary: &'static str,
+    pub request: Option<SchemaFn>,
+    /// Success status and body.
+    pub status: u16,
+    pub response: Option<SchemaFn>,
+    pub query: &'static [&'static str],
+}
+
+const fn r(
+    method: &'static str,
+    path: &'static str,
+    summary: &'static str,
+    request: Option<SchemaFn>,
+    status: u16,
+    response: Option<SchemaFn>,
+) -> Route {
+    Route {
+        method,
+        path,
+        summary,
+        request,
+        status,
+        response,
+        query: &[],
+    }
+}
+
+/// Every endpoint of `/v1`. The daemon's router serves exactly these.
+pub fn routes() -> Vec<Route> {
+    vec![
+        r(
+            "get",
+            "/v1/host",
+            "Host version, build, accelerator and limits",
+            None,
+            200,
+            Some(s::<host::HostInfo>),
+        ),
+        r("get", "/v1/openapi.json", "This document", None, 200, None),
+        r(
+            "get",
+            "/v1/vms",
+            "List VMs, damaged ones included",
+            None,
+            200,
+            Some(s::<vms::VmList>),
+        ),
+        r(
+            "post",
+            "/v1/vms",
+            "Create a VM",
+            Some(s::<vms::CreateVmRequest>),
+            201,
+            Some(s::<vms::Vm>),
+        ),
+        r(
+            "get",
+            "/v1/vms/{vm}",
+            "A VM's settings and runtime",
+            None,
+            200,
+            Some(s::<vms::Vm>),
+        ),
+        r(
+            "patch",
+            "/v1/vms/{vm}",
+            "Change name, memory, notes or boot order",
+            Some(s::<vms::UpdateVmRequest>),
+            200,
+            Some(s::<vms::Vm>),
+        ),
+        r(
+            "delete",
+            "/v1/vms/{vm}",
+            "Delete a VM (its disks stay)",
+            None,
+            204,
+            None,
+        ),
+        r(
+            "put",
+            "/v1/vms/{vm}/settings",
+            "Replace all settings (repairs a damaged VM)",
+            Some(s::<VmSettings>),
+            200,
+            Some(s::<vms::Vm>),
+        ),
+        r(
+            "get",
+            "/v1/vms/{vm}/processor",
+            "Processor settings",
+            None,
+            200,
+            Some(s::<ProcessorSettings>),
+        ),
+        r(
+            "patch",
+            "/v1/vms/{vm}/processor",
+            "Change processor count, reserve, limit, weight",
+            Some(s::<vms::UpdateProcessorRequest>),
+            200,
+            Some(s::<ProcessorSettings>),
+        ),
+        r(
+            "get",
+            "/v1/vms/{vm}/drives",
+            "Drives",
+            None,
+            200,
+            Some(s::<vms::DriveList>),
+        ),
+        r(
+            "post",
+            "/v1/vms/{vm}/drives",
+            "Attach a hard disk, pass-through disk or DVD drive",
+            Some(s::<vms::AddDriveRequest>),
+            201,
+            Some(s::<Drive>),
+        ),
+        r(
+            "put",
+            "/v1/vms/{vm}/drives/{controller}/{number}/{location}",
+            "Change a drive's media",
+            Some(s::<vms::UpdateDriveRequest>),
+            200,
+            Some(s::<Drive>),
+        ),
+        r(
+            "delete",
+            "/v1/vms/{vm}/drives/{controller}/{number}/{location}",
+            "Remove a drive",
+            None,
+            204,
+            None,
+        ),
+        r(
+            "get",
+            "/v1/vms/{vm}/network-adapters",
+            "Network adapters",
+            None,
+            200,
+            Some(s::<vms::NetworkAdapterList>),
+        ),
+        r(
+            "post",
+            "/v1/vms/{vm}/network-adapters",
+            "Add a network adapter",
+            Some(s::<vms::AddNetworkAdapterRequest>),
+            201,
+            Some(s::<NetworkAdapter>),
+        ),
+        r(
+            "delete",
+            "/v1/vms/{vm}/network-adapters/{mac}",
+            "Remove a network adapter",
+            None,
+            204,
+            None,
+        ),
+        r(
+            "get",
+            "/v1/jobs",
+            "Jobs held in full",
+            None,
+            200,
+            Some(s::<jobs::JobList>),
+        ),
+        r(
+            "get",
+            "/v1/jobs/{id}",
+            "A job (410 JobExpired with the outcome once expired)",
+            None,
+            200,
+            Some(s::<jobs::Job>),
+        ),
+        r(
+            "delete",
+            "/v1/jobs/{id}",
+            "Cancel a job",
+            None,
+            202,
+            Some(s::<jobs::Job>),
+        ),
+        Route {
+            query: &["timeout"],
+            ..r(
+                "get",
+                "/v1/jobs/{id}/wait",
+                "Wait up to timeout seconds for a job to finish",
+                None,
+                200,
+                Some(s::<jobs::Job>),
+            )
+        },
+        r(
+            "get",
+            "/v1/jobs/{id}/outcome",
+            "A job's outcome, kept after the job expires",
+            None,
+            200,
+            Some(s::<jobs::JobOutcome>),
+        ),
+        r(
+            "post",
+            "/v1/diagnostics/sleep-job",
+            "Start a job that only waits",
+            Some(s::<jobs::SleepJobRequest>),
+            202,
+            Some(s::<jobs::Job>),
+        ),
+        r(
+            "get",
+            "/v1/events",
+            "Server-sent events: job and VM changes in order",
+            None,
+            200,
+            Some(s::<events::Event>),
+        ),
+        r(
+            "post",
+            "/v1/disks/create",
+            "Create a VHD/VHDX (job)",
+            Some(s::<disks::CreateDiskRequest>),
+            202,
+            Some(s::<jobs::Job>),
+        ),
+        r(
+            "post",
+            "/v1/disks/merge",
+            "Merge a differencing disk into its parent (job)",
+            Some(s::<disks::MergeDiskRequest>),
+            202,
+            Some(s::<jobs::Job>),
+        ),
+        r(
+            "post",
+            "/v1/disks/convert",
+            "Convert between VHD/VHDX, fixed/dynamic (job)",
+            Some(s::<disks::ConvertDiskRequest>),
+            202,
+            Some(s::<jobs::Job>),
+        ),
+        r(
+            "post",
+            "/v1/disks/compact",
+            "Give unused blocks back to the host (job)",
+            Some(s::<disks::CompactDiskRequest>),
+            202,
+            Some(s::<jobs::Job>),
+        ),
+        r(
+            "post",
+            "/v1/disks/resize",
+            "Change a disk's virtual size (job)",
+            Some(s::<disks::ResizeDiskRequest>),
+            202,
+            Some(s::<jobs::Job>),
+        ),
+    ]
+}
+
+fn json_content(schema: Schema) -> Value {
+    json!({ "application/json": { "schema": schema } })
+}
+
+/// The whole document as JSON.
+pub fn document() -> Value {
+    let mut gen = SchemaSettings::openapi3().into_generator();
+    let error_schema = s::<error::ErrorBody>(&mut gen);
+    let mut paths: Map<String, Value> = Map::new();
+    for route in routes() {
+        let mut op = Map::new();
+        op.insert("summary".into(), json!(route.summary));
+        op.insert(
+            "operationId".into(),
+            json!(format!(
+                "{}{}",
+                route.method,
+                route.path.replace(['/', '{', '}', '.', '-'], "_")
+            )),
+        );
+        let mut params: Vec<Value> = Vec::new();
+        for seg in route.path.split('/') {
+            if let Some(name) = seg.strip_prefix('{').and_then(|x| x.strip_suffix('}')) {
+                params.push(json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}));
+            }
+        }
+        for q in route.query {
+            params.push(
+                json!({"name": q, "in": "query", "required": false, "schema": {"type": "number"}}),
+            );
+        }
+        if !params.is_empty() {
+            op.insert("parameters".into(), Value::Array(params));
+        }
+        if let Some(req) = route.request {
+            op.insert(
+                "requestBody".into(),
+                json!({"required": true, "content": json_content(req(&mut gen))}),
+            );
+        }
+        let mut ok = json!({"description": "Success"});
+        if let Some(resp) = route.response {
+            ok["content"] = json_content(resp(&mut gen));
+        }
+        if route.status == 202 {
+            ok["headers"] =
+                json!({"Location": {"description": "/v1/jobs/<id>", "schema": {"type": "string"}}});
+        }
+        let mut responses = Map::new();
+        responses.insert(route.status.to_string(), ok);
+        responses.insert(
+            "default".into(),
+            json!({"description": "Error with a stable code", "content": json_content(error_schema.clone())}),
+        );
+        op.insert("responses".into(), Value::Object(responses));
+        let entry = paths
+            .entry(route.path.to_string())
+            .or_insert_with(|| json!({}));
+        entry[route.method] = Value::Object(op);
+    }
+    let schemas = serde_json::to_value(gen.definitions()).unwrap_or(Value::Null);
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "Viridian management API", "version": env!("CARGO_PKG_VERSION")},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}
+        },
+        "security": [{}, {"bearer": []}]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_parses_as_openapi_3_and_names_every_route() {
+        let doc = document();
+        let parsed: openapiv3::OpenAPI =
+            serde_json::from_value(doc.clone()).expect("valid OpenAPI 3.0");
+        for route in routes() {
+            let item = parsed
+                .paths
+                .paths
+                .get(route.path)
+                .unwrap_or_else(|| panic!("{} missing", route.path));
+            let item = item.as_item().expect("inline path item");
+            let op = match route.method {
+                "get" => &item.get,
+                "post" => &item.post,
+                "put" => &item.put,
+                "patch" => &item.patch,
+                "delete" => &item.delete,
+                m => panic!("unexpected method {m}"),
+            };
+            assert!(op.is_some(), "{} {} missing", route.method, route.path);
+        }
+    }
+
+    #[test]
+    fn every_schema_reference_resolves() {
+        let doc = document();
+        let text = doc.to_string();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for name in [
+            "Vm",
+            "VmSettings",
+            "Job",
+            "JobOutcome",
+            "ErrorBody",
+            "ErrorCode",
+            "HostInfo",
+            "Event",
+            "CreateDiskRequest",
+        ] {
+            assert!(schemas.contains_key(name), "schema {name} missing");
+        }
+        for part in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+            let name = &part[..part.find('"').unwrap()];
+            assert!(schemas.contains_key(name), "dangling $ref to {name}");
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! `/v1/vms`: VM definitions (`settings`) and what is running now (`runtime`).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use vm_config::{
+    AdapterKind, BootEntry, ControllerKind, Drive, DriveMedia, NetworkAdapter, ProcessorSettings,
+    VmSettings,
+};
+
+/// A VM's runtime state (Hyper-V's `EnabledState` plus the health states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum VmState {
+    Off,
+    Starting,
+    Running,
+    Paused,
+    Saving,
+    Saved,
+    Stopping,
+    /// The VM's worker failed while it ran; see `runtime.reason`.
+    Critical,
+    /// The VM's folder or settings are damaged; see `damaged_reason`. Repair or remove it.
+    Damaged,
+}
+
+/// `GET /v1/vms/{vm}`: a VM in full. `settings` is what is configured; `runtime`
+/// is what is running now. Changing settings never changes runtime by itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Vm {
+    pub id: Uuid,
+    pub name: String,
+    /// What is configured. Absent only when the VM is Damaged and its settings file
+    /// cannot be read at all.
+    pub settings: Option<VmSettings>,
+    pub runtime: VmRuntime,
+    /// Why the VM is Damaged, when it is.
+    pub damaged_reason: Option<String>,
+}
+
+/// What is running now. Only `state` is present while the VM is off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VmRuntime {
+    pub state: VmState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processor_load_percent: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_assigned_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_pid: Option<u32>,
+    /// Why the VM is Critical, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl VmRuntime {
+    pub fn with_state(state: VmState) -> Self {
+        VmRuntime {
+            state,
+            uptime_seconds: None,
+            processor_load_percent: None,
+            memory_assigned_mib: None,
+            worker_pid: None,
+            reason: None,
+        }
+    }
+}
+
+/// One line of `GET /v1/vms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VmSummary {
+    pub id: Uuid,
+    pub name: String,
+    pub state: VmState,
+    pub generation: Option<u8>,
+    pub processor_count: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub damaged_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VmList {
+    pub vms: Vec<VmSummary>,
+}
+
+/// `POST /v1/vms`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVmRequest {
+    pub name: String,
+    /// 1 or 2 (default 2).
+    #[serde(default = "default_generation")]
+    pub generation: u8,
+    /// Virtual processors (default 1).
+    #[serde(default = "default_cpus")]
+    pub processor_count: u32,
+    /// Startup memory in MiB (default 1024).
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub notes: String,
+}
+
+fn default_generation() -> u8 {
+    2
+}
+fn default_cpus() -> u32 {
+    1
+}
+fn default_memory() -> u64 {
+    1024
+}
+
+/// `PATCH /v1/vms/{vm}`: fields present are changed, others kept.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateVmRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_order: Option<Vec<BootEntry>>,
+}
+
+/// `PATCH /v1/vms/{vm}/processor`: fields present are changed, others kept.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateProcessorRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve_percent: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_percent: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relative_weight: Option<u32>,
+}
+
+/// `GET /v1/vms/{vm}/processor`
+pub type Processor = ProcessorSettings;
+
+/// `POST /v1/vms/{vm}/drives`. Without a number/location the first free slot on
+/// that kind of controller is taken.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddDriveRequest {
+    pub controller: ControllerKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller_number: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<u8>,
+    pub media: DriveMedia,
+}
+
+/// `PUT /v1/vms/{vm}/drives/{controller}/{number}/{location}`: change what a drive
+/// holds (insert an ISO, re-point a moved disk).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateDriveRequest {
+    pub media: DriveMedia,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DriveList {
+    pub drives: Vec<Drive>,
+}
+
+/// `POST /v1/vms/{vm}/network-adapters`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddNetworkAdapterRequest {
+    /// Synthetic unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<AdapterKind>,
+    /// A fresh address is generated unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NetworkAdapterList {
+    pub network_adapters: Vec<NetworkAdapter>,
+}
