@@ -1,1 +1,15 @@
-//! viridiand, the management service.
+//! `viridiand`, Viridian's management service: VM definitions in folders, jobs,
+//! the REST API on a unix socket (and optionally TCP with TLS and a token).
+
+pub mod config;
+pub mod convert;
+pub mod disk_jobs;
+pub mod error;
+pub mod events;
+pub mod handlers;
+pub mod host;
+pub mod http;
+pub mod run;
+pub mod service;
+pub mod tls;
+pub mod vms;

@@ -1,0 +1,33 @@
+//! `viridiand`'s command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// viridiand: Viridian's management service (VM definitions, jobs, the REST API).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "viridiand", version)]
+pub struct DaemonConfig {
+    /// Where VM folders, the API token and the TLS certificate live.
+    #[arg(long, default_value = "/var/lib/viridian", env = "VIRIDIAN_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Unix socket to serve the API on (created with mode 0660).
+    #[arg(long, default_value = "/run/viridian/viridian.sock")]
+    pub socket: PathBuf,
+    /// Also serve the API on TCP at this address, with TLS and the bearer token.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// TLS certificate (PEM) for --listen; a self-signed one is made in the data dir when absent.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Seconds a finished job is kept in full.
+    #[arg(long, default_value_t = 300)]
+    pub job_retention: u64,
+    /// How many finished jobs are kept in full at most.
+    #[arg(long, default_value_t = 4096)]
+    pub job_limit: usize,
+}

@@ -1,0 +1,66 @@
+//! The error every handler returns, turned into `{"code", "message", "details"}`.
+
+use api::ErrorCode;
+use vm_config::ConfigError;
+
+/// A failed request: a stable code, a sentence, optional details.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub details: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub fn not_found(what: impl std::fmt::Display) -> Self {
+        ApiError::new(ErrorCode::NotFound, what.to_string())
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ApiError::new(ErrorCode::InvalidParameter, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        ApiError::new(ErrorCode::Internal, message)
+    }
+}
+
+impl From<ConfigError> for ApiError {
+    fn from(e: ConfigError) -> Self {
+        let code = match &e {
+            ConfigError::DiskInUse { .. } | ConfigError::MacInUse { .. } => ErrorCode::InUse,
+            ConfigError::SlotTaken(_) => ErrorCode::AlreadyExists,
+            _ => ErrorCode::InvalidParameter,
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+impl From<jobs::JobsError> for ApiError {
+    fn from(e: jobs::JobsError) -> Self {
+        use jobs::JobsError as E;
+        match &e {
+            E::NotFound(_) => ApiError::new(ErrorCode::NotFound, e.to_string()),
+            E::Expired(outcome) => ApiError::new(ErrorCode::JobExpired, e.to_string())
+                .with_details(
+                    serde_json::to_value(crate::convert::outcome(outcome)).unwrap_or_default(),
+                ),
+            E::NotCancellable { .. } | E::AlreadyFinished { .. } => {
+                ApiError::new(ErrorCode::InvalidState, e.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Request handlers, one module per resource.
+
+pub mod disks;
+pub mod jobs;
+pub mod vms;

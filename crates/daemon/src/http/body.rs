@@ -1,0 +1,103 @@
+//! Reading request bodies and writing JSON responses.
+
+use std::convert::Infallible;
+
+use api::{ErrorBody, ErrorCode};
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::ApiError;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+/// Reads a JSON body of type `T`: at most `MAX_BODY_BYTES`, no unknown fields.
+pub async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, ApiError> {
+    let bytes = match Limited::new(body, api::MAX_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "the request body is larger than {} bytes",
+                    api::MAX_BODY_BYTES
+                ),
+            ))
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                ErrorCode::MalformedRequest,
+                format!("cannot read the request body: {e}"),
+            ))
+        }
+    };
+    if bytes.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::MalformedRequest,
+            "this request needs a JSON body",
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            ErrorCode::MalformedRequest,
+            format!("the request body is not valid here: {e}"),
+        )
+    })
+}
+
+pub fn json<T: Serialize>(status: u16, value: &T) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(full(bytes))
+            .unwrap_or_else(|_| plain_500()),
+        Err(_) => plain_500(),
+    }
+}
+
+/// 202 Accepted with `Location: /v1/jobs/<id>` and the job.
+pub fn accepted(job: &api::jobs::Job) -> Response<Body> {
+    let mut resp = json(202, job);
+    if let Ok(v) = format!("/v1/jobs/{}", job.id).parse() {
+        resp.headers_mut().insert("location", v);
+    }
+    resp
+}
+
+pub fn no_content() -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    resp
+}
+
+pub fn error(e: &ApiError) -> Response<Body> {
+    let body = ErrorBody {
+        code: e.code,
+        message: e.message.clone(),
+        details: e.details.clone(),
+    };
+    let mut resp = json(e.code.http_status(), &body);
+    if e.code == ErrorCode::Unauthorized {
+        if let Ok(v) = "Bearer".parse() {
+            resp.headers_mut().insert("www-authenticate", v);
+        }
+    }
+    resp
+}
+
+fn plain_500() -> Response<Body> {
+    let mut resp = Response::new(full(
+        r#"{"code":"Internal","message":"cannot encode the response"}"#,
+    ));
+    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    resp
+}

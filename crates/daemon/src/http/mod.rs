@@ -1,0 +1,161 @@
+//! Serving the API: the unix socket, and optionally TCP with TLS.
+
+pub mod body;
+pub mod router;
+pub mod sse;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::service::Service;
+use router::Transport;
+
+/// How long in-flight requests get to finish after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("another viridiand already serves {0}; stop it first")]
+    InUse(String),
+    #[error("cannot create the socket {path}")]
+    Socket {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on TCP {addr}")]
+    Tcp {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds the unix socket with mode 0660, replacing a stale socket file.
+pub fn bind_unix(path: &Path) -> Result<UnixListener, ListenError> {
+    let err = |source| ListenError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ListenError::InUse(path.display().to_string()));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(listener)
+}
+
+pub async fn bind_tcp(addr: std::net::SocketAddr) -> Result<TcpListener, ListenError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ListenError::Tcp {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+async fn serve_connection<S>(
+    svc: Arc<Service>,
+    io: S,
+    transport: Transport,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn_shutdown = shutdown.clone();
+    let service = service_fn(move |req| {
+        let svc = svc.clone();
+        let shutdown = conn_shutdown.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(router::handle(svc, req, transport, shutdown).await)
+        }
+    });
+    let conn = http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = stopped(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(DRAIN, conn).await;
+        }
+    }
+}
+
+/// Resolves once shutdown has been asked for.
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Accepts on the unix socket until shutdown.
+pub async fn serve_unix(
+    svc: Arc<Service>,
+    listener: UnixListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(svc.clone(), stream, Transport::Unix, shutdown.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on the unix socket failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Accepts TLS connections on TCP until shutdown; every request needs the token.
+pub async fn serve_tcp(
+    svc: Arc<Service>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let acceptor = acceptor.clone();
+                    let svc = svc.clone();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => serve_connection(svc, tls, Transport::Tcp, shutdown).await,
+                            Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on TCP failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stopped(&mut shutdown) => return,
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Maps method and path to a handler; checks the token on TCP.
+
+use std::sync::Arc;
+
+use api::ErrorCode;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+use tokio::sync::watch;
+
+use crate::error::ApiError;
+use crate::handlers::{disks, jobs, vms};
+use crate::http::body::{self, json, Body};
+use crate::http::sse;
+use crate::service::Service;
+
+/// Where a request came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Unix,
+    Tcp,
+}
+
+pub async fn handle(
+    svc: Arc<Service>,
+    req: Request<Incoming>,
+    transport: Transport,
+    shutdown: watch::Receiver<bool>,
+) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = match route(&svc, req, transport, shutdown).await {
+        Ok(resp) => resp,
+        Err(e) => body::error(&e),
+    };
+    tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+    resp
+}
+
+fn authorized(svc: &Service, req: &Request<Incoming>) -> bool {
+    let Some(token) = &svc.token else {
+        return false;
+    };
+    let Some(given) = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(given) = given.strip_prefix("Bearer ") else {
+        return false;
+    };
+    constant_time_eq(given.trim().as_bytes(), token.as_bytes())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Splits and percent-decodes the path into segments.
+fn segments(path: &str) -> Result<Vec<String>, ApiError> {
+    path.trim_start_matches('/')
+        .split('/')
+        .map(|s| {
+            percent_decode(s).ok_or_else(|| {
+                malformed(format!(
+                    "the path segment {s:?} is not valid percent-encoded UTF-8"
+                ))
+            })
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn malformed(message: String) -> ApiError {
+    ApiError::new(ErrorCode::MalformedRequest, message)
+}
+
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then(|| percent_decode(v).unwrap_or_default())
+    })
+}
+
+async fn route(
+    svc: &Arc<Service>,
+    req: Request<Incoming>,
+    transport: Transport,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Response<Body>, ApiError> {
+    if transport == Transport::Tcp && !authorized(svc, &req) {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "requests over TCP need `Authorization: Bearer <token>`; the token is in <data-dir>/token on the host",
+        ));
+    }
+    let segs = segments(req.uri().path())?;
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let m = req.method().clone();
+    let timeout = query_param(&req, "timeout");
+    let body = req.into_body();
+    use Method as M;
+    match (&m, segs.as_slice()) {
+        (&M::GET, ["v1", "host"]) => Ok(json(200, &svc.host)),
+        (&M::GET, ["v1", "openapi.json"]) => Ok(json(200, &api::openapi::document())),
+        (&M::GET, ["v1", "events"]) => Ok(sse::events(svc, shutdown)),
+
+        (&M::GET, ["v1", "vms"]) => vms::list(svc),
+        (&M::POST, ["v1", "vms"]) => vms::create(svc, body).await,
+        (&M::GET, ["v1", "vms", vm]) => vms::get(svc, vm),
+        (&M::PATCH, ["v1", "vms", vm]) => vms::update(svc, vm, body).await,
+        (&M::DELETE, ["v1", "vms", vm]) => vms::delete(svc, vm),
+        (&M::PUT, ["v1", "vms", vm, "settings"]) => vms::replace_settings(svc, vm, body).await,
+        (&M::GET, ["v1", "vms", vm, "processor"]) => vms::processor(svc, vm),
+        (&M::PATCH, ["v1", "vms", vm, "processor"]) => vms::update_processor(svc, vm, body).await,
+        (&M::GET, ["v1", "vms", vm, "drives"]) => vms::drives(svc, vm),
+        (&M::POST, ["v1", "vms", vm, "drives"]) => vms::add_drive(svc, vm, body).await,
+        (&M::PUT, ["v1", "vms", vm, "drives", c, n, l]) => {
+            vms::update_drive(svc, vm, (c, n, l), body).await
+        }
+        (&M::DELETE, ["v1", "vms", vm, "drives", c, n, l]) => vms::remove_drive(svc, vm, (c, n, l)),
+        (&M::GET, ["v1", "vms", vm, "network-adapters"]) => vms::adapters(svc, vm),
+        (&M::POST, ["v1", "vms", vm, "network-adapters"]) => vms::add_adapter(svc, vm, body).await,
+        (&M::DELETE, ["v1", "vms", vm, "network-adapters", mac]) => {
+            vms::remove_adapter(svc, vm, mac)
+        }
+
+        (&M::GET, ["v1", "jobs"]) => jobs::list(svc),
+        (&M::GET, ["v1", "jobs", id]) => jobs::get(svc, id),
+        (&M::DELETE, ["v1", "jobs", id]) => jobs::cancel(svc, id),
+        (&M::GET, ["v1", "jobs", id, "wait"]) => jobs::wait(svc, id, timeout.as_deref()).await,
+        (&M::GET, ["v1", "jobs", id, "outcome"]) => jobs::outcome(svc, id),
+        (&M::POST, ["v1", "diagnostics", "sleep-job"]) => jobs::sleep_job(svc, body).await,
+
+        (&M::POST, ["v1", "disks", op]) => disks::submit(svc, op, body).await,
+
+        _ => Err(unknown_route(&m, &segs)),
+    }
+}
+
+fn unknown_route(method: &Method, segs: &[&str]) -> ApiError {
+    let path = format!("/{}", segs.join("/"));
+    let known = api::openapi::routes()
+        .into_iter()
+        .any(|r| matches_template(r.path, segs));
+    if known {
+        ApiError::new(
+            ErrorCode::MethodNotAllowed,
+            format!("{path} does not take {method}; see /v1/openapi.json"),
+        )
+    } else {
+        ApiError::not_found(format!("there is no endpoint {path}; see /v1/openapi.json"))
+    }
+}
+
+fn matches_template(template: &str, segs: &[&str]) -> bool {
+    let t: Vec<&str> = template.trim_start_matches('/').split('/').collect();
+    t.len() == segs.len()
+        && t.iter()
+            .zip(segs)
+            .all(|(t, s)| t.starts_with('{') || t == s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding_handles_spaces_and_rejects_bad_escapes() {
+        assert_eq!(percent_decode("web%2001").as_deref(), Some("web 01"));
+        assert_eq!(percent_decode("a%2Fb").as_deref(), Some("a/b"));
+        assert_eq!(percent_decode("bad%zz"), None);
+        assert_eq!(percent_decode("cut%2"), None);
+    }
+}

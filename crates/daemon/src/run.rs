@@ -1,0 +1,83 @@
+//! Start-up and shutdown of the service.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::DaemonConfig;
+use crate::service::Service;
+use crate::vms::store::error_chain;
+
+/// Runs the service until SIGTERM or SIGINT, then shuts down cleanly.
+pub async fn run(config: DaemonConfig) -> Result<(), String> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        format!(
+            "cannot create the data directory {}: {e}",
+            config.data_dir.display()
+        )
+    })?;
+    let token = crate::tls::load_or_create_token(&config.data_dir).map_err(|e| error_chain(&e))?;
+    let svc = Arc::new(Service::new(config.clone(), Some(token)).map_err(|e| error_chain(&e))?);
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let unix = crate::http::bind_unix(&config.socket).map_err(|e| error_chain(&e))?;
+    let mut tasks = vec![tokio::spawn(crate::http::serve_unix(
+        svc.clone(),
+        unix,
+        stop_rx.clone(),
+    ))];
+    tracing::info!(socket = %config.socket.display(), data_dir = %config.data_dir.display(), "viridiand serving");
+
+    if let Some(addr) = config.listen {
+        let configured = config.tls_cert.clone().zip(config.tls_key.clone());
+        let (cert, key) = crate::tls::certificate_paths(&config.data_dir, configured)
+            .map_err(|e| error_chain(&e))?;
+        let tls = crate::tls::server_config(&cert, &key).map_err(|e| error_chain(&e))?;
+        let listener = crate::http::bind_tcp(addr)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        let local = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::info!(address = %local, certificate = %cert.display(), "serving TCP with TLS; requests need the token");
+        tasks.push(tokio::spawn(crate::http::serve_tcp(
+            svc.clone(),
+            listener,
+            TlsAcceptor::from(tls),
+            stop_rx.clone(),
+        )));
+    }
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    // Give open connections their drain time to answer in-flight requests.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

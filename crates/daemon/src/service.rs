@@ -1,0 +1,269 @@
+//! The service's shared state, handed to every request.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use api::events::EventBody;
+use api::host::HostInfo;
+use api::vms::{Vm, VmRuntime, VmState, VmSummary};
+use api::ErrorCode;
+use jobs::{EventSink, JobEngine, JobEngineConfig};
+use uuid::Uuid;
+use vm_config::{validate, HostLimits, VmSettings};
+
+use crate::config::DaemonConfig;
+use crate::convert;
+use crate::error::ApiError;
+use crate::events::EventBus;
+use crate::vms::runtime::{RuntimeTable, WorkerControl};
+use crate::vms::store::{error_chain, Store, VmEntry};
+
+pub struct Service {
+    pub config: DaemonConfig,
+    pub limits: HostLimits,
+    pub host: HostInfo,
+    pub store: Mutex<Store>,
+    pub jobs: JobEngine,
+    pub events: Arc<EventBus>,
+    pub runtime: RuntimeTable,
+    /// The worker integration; `None` until VM lifecycle is wired in.
+    pub workers: Option<Arc<dyn WorkerControl>>,
+    /// The bearer token TCP requests must carry.
+    pub token: Option<String>,
+}
+
+impl Service {
+    /// Opens the store and starts the job engine (must run inside tokio).
+    pub fn new(
+        config: DaemonConfig,
+        token: Option<String>,
+    ) -> Result<Service, crate::vms::store::StoreError> {
+        let limits = crate::host::limits();
+        let host = crate::host::info(&config, &limits);
+        let store = Store::open(&config.data_dir)?;
+        let events = Arc::new(EventBus::default());
+        let sink_events = events.clone();
+        let sink: EventSink = Arc::new(move |s| {
+            sink_events.publish(EventBody::Job {
+                job: convert::job(s),
+            })
+        });
+        let jobs = JobEngine::new(
+            JobEngineConfig {
+                retention: Duration::from_secs(config.job_retention),
+                limit: config.job_limit,
+                ..Default::default()
+            },
+            Some(sink),
+        );
+        Ok(Service {
+            config,
+            limits,
+            host,
+            store: Mutex::new(store),
+            jobs,
+            events,
+            runtime: RuntimeTable::default(),
+            workers: None,
+            token,
+        })
+    }
+
+    pub fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where disks given by relative path go: `<data-dir>/Virtual Hard Disks`.
+    pub fn disks_dir(&self) -> PathBuf {
+        self.config.data_dir.join("Virtual Hard Disks")
+    }
+
+    pub fn state_of(&self, entry: &VmEntry) -> VmRuntime {
+        if let Some(reason) = &entry.damaged {
+            let mut rt = self.runtime.get(entry.id);
+            if rt.state == VmState::Off {
+                rt.state = VmState::Damaged;
+                rt.reason = Some(reason.clone());
+            }
+            return rt;
+        }
+        match (&self.workers, self.runtime.get(entry.id)) {
+            (Some(w), rt) if rt.state == VmState::Running => w.live(entry.id).unwrap_or(rt),
+            (_, rt) => rt,
+        }
+    }
+
+    pub fn vm_view(&self, entry: &VmEntry) -> Vm {
+        Vm {
+            id: entry.id,
+            name: entry.name(),
+            settings: entry.settings.clone(),
+            runtime: self.state_of(entry),
+            damaged_reason: entry.damaged.clone(),
+        }
+    }
+
+    pub fn summary(&self, entry: &VmEntry) -> VmSummary {
+        VmSummary {
+            id: entry.id,
+            name: entry.name(),
+            state: self.state_of(entry).state,
+            generation: entry.settings.as_ref().map(|s| s.generation),
+            processor_count: entry.settings.as_ref().map(|s| s.processor.count),
+            memory_mib: entry.settings.as_ref().map(|s| s.memory.startup_mib),
+            damaged_reason: entry.damaged.clone(),
+        }
+    }
+
+    /// Records a VM's runtime state and publishes the change (the worker's hook).
+    pub fn set_runtime(&self, id: Uuid, runtime: VmRuntime) {
+        let store = self.store();
+        self.runtime.set(id, runtime);
+        if let Some(entry) = store.get(id) {
+            self.events.publish(EventBody::Vm {
+                vm: self.summary(entry),
+            });
+        }
+    }
+
+    /// Creates a VM from complete settings, checking every rule.
+    pub fn create_vm(&self, settings: VmSettings) -> Result<Vm, ApiError> {
+        let mut store = self.store();
+        self.check_new_settings(&store, &settings, None)?;
+        let entry = store
+            .save(settings)
+            .map_err(|e| ApiError::internal(error_chain(&e)))?;
+        let vm = self.vm_view(entry);
+        self.events.publish(EventBody::Vm {
+            vm: self.summary(entry),
+        });
+        Ok(vm)
+    }
+
+    /// Applies `change` to a VM's settings, checks every rule, writes `vm.json`
+    /// atomically and publishes the change. Nothing changes when any step fails.
+    pub fn update_vm<T>(
+        &self,
+        key: &str,
+        change: impl FnOnce(&mut VmSettings) -> Result<T, ApiError>,
+    ) -> Result<(T, Vm), ApiError> {
+        let mut store = self.store();
+        let entry = find(&store, key)?;
+        let Some(old) = entry.settings.clone() else {
+            return Err(damaged_unreadable(entry));
+        };
+        self.require_off(entry)?;
+        let mut new = old.clone();
+        let out = change(&mut new)?;
+        if new.id != old.id {
+            return Err(ApiError::invalid(format!(
+                "a VM's id cannot change (it is {})",
+                old.id
+            )));
+        }
+        self.check_new_settings(&store, &new, Some(&old))?;
+        let entry = store
+            .save(new)
+            .map_err(|e| ApiError::internal(error_chain(&e)))?;
+        self.events.publish(EventBody::Vm {
+            vm: self.summary(entry),
+        });
+        Ok((out, self.vm_view(entry)))
+    }
+
+    /// Replaces a VM's settings outright: the repair path for a damaged VM.
+    pub fn replace_settings(&self, key: &str, settings: VmSettings) -> Result<Vm, ApiError> {
+        let mut store = self.store();
+        let entry = find(&store, key)?;
+        if settings.id != entry.id {
+            return Err(ApiError::invalid(format!(
+                "the settings carry id {}, but the VM's id is {}; keep the id",
+                settings.id, entry.id
+            )));
+        }
+        self.require_off(entry)?;
+        self.check_new_settings(&store, &settings, None)?;
+        let entry = store
+            .save(settings)
+            .map_err(|e| ApiError::internal(error_chain(&e)))?;
+        self.events.publish(EventBody::Vm {
+            vm: self.summary(entry),
+        });
+        Ok(self.vm_view(entry))
+    }
+
+    pub fn delete_vm(&self, key: &str) -> Result<(), ApiError> {
+        let mut store = self.store();
+        let entry = find(&store, key)?;
+        self.require_off(entry)?;
+        let id = entry.id;
+        store
+            .remove(id)
+            .map_err(|e| ApiError::internal(error_chain(&e)))?;
+        self.runtime.forget(id);
+        self.events.publish(EventBody::VmDeleted { id });
+        Ok(())
+    }
+
+    fn require_off(&self, entry: &VmEntry) -> Result<(), ApiError> {
+        let state = self.runtime.get(entry.id).state;
+        if state != VmState::Off {
+            return Err(ApiError::new(
+                ErrorCode::InvalidState,
+                format!("VM {} is {state:?}; turn it off first", entry.name()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every rule for settings about to be written: the pure rules, a unique name,
+    /// disks and MACs not used elsewhere, and the files of new or changed drives.
+    fn check_new_settings(
+        &self,
+        store: &Store,
+        new: &VmSettings,
+        old: Option<&VmSettings>,
+    ) -> Result<(), ApiError> {
+        validate::validate(new, &self.limits)?;
+        if let Some(other) = store.others(new.id).find(|o| o.name == new.name) {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!(
+                    "a VM named {:?} already exists ({}); VM names are unique on a host",
+                    new.name, other.id
+                ),
+            ));
+        }
+        validate::check_against_others(new, store.others(new.id))?;
+        let mut changed = new.clone();
+        changed
+            .drives
+            .retain(|d| !old.is_some_and(|o| o.drives.contains(d)));
+        validate::check_files(&changed)?;
+        Ok(())
+    }
+}
+
+pub fn find<'a>(store: &'a Store, key: &str) -> Result<&'a VmEntry, ApiError> {
+    store.find(key).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no VM is named or has the id {key:?}; `GET /v1/vms` lists the VMs"
+        ))
+    })
+}
+
+pub fn damaged_unreadable(entry: &VmEntry) -> ApiError {
+    ApiError::new(
+        ErrorCode::Damaged,
+        format!(
+            "VM {} is damaged ({}); replace its settings with PUT /v1/vms/{}/settings or delete it",
+            entry.id,
+            entry
+                .damaged
+                .as_deref()
+                .unwrap_or("its settings cannot be read"),
+            entry.id
+        ),
+    )
+}

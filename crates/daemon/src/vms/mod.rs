@@ -1,0 +1,4 @@
+//! VMs: the on-disk store, the runtime state table and the worker hook points.
+
+pub mod runtime;
+pub mod store;

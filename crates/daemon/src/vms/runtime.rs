@@ -1,0 +1,88 @@
+//! VM runtime state and the hook points where the per-VM worker plugs in.
+//!
+//! The management service keeps one [`VmRuntime`] per VM in a [`RuntimeTable`]
+//! (Off when nothing is recorded). Starting, stopping, pausing and saving VMs is the
+//! job of a [`WorkerControl`] implementation (the worker integration), installed in
+//! [`crate::service::Service::workers`]. It reports every state change through
+//! [`crate::service::Service::set_runtime`], which updates the table and publishes a
+//! `vm` event, and the settings handlers refuse changes unless the VM is Off.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use api::vms::{VmRuntime, VmState};
+use jobs::{JobContext, JobError};
+use uuid::Uuid;
+use vm_config::VmSettings;
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// How to stop a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Ask the guest to shut down (ACPI power button).
+    Shutdown,
+    /// Pull the plug.
+    TurnOff,
+    /// Save memory and device state to disk (state Saved).
+    Save,
+}
+
+/// Starts and stops VM workers. Each call runs inside a job (the `JobContext` reports
+/// progress and carries cancellation); the implementation calls
+/// `Service::set_runtime` for every state it passes through (Starting, Running,
+/// Stopping, Saving, Saved, Off, Critical).
+pub trait WorkerControl: Send + Sync + 'static {
+    /// Starts the worker for `vm` (folder `vm_dir`, runtime files in `vm_dir/runtime`).
+    fn start(
+        &self,
+        vm: VmSettings,
+        vm_dir: PathBuf,
+        job: JobContext,
+    ) -> BoxFuture<Result<(), JobError>>;
+    /// Stops the VM's worker the way `mode` says.
+    fn stop(&self, id: Uuid, mode: StopMode, job: JobContext) -> BoxFuture<Result<(), JobError>>;
+    /// Pauses or resumes the vCPUs.
+    fn pause(&self, id: Uuid, paused: bool) -> BoxFuture<Result<(), JobError>>;
+    /// Live figures (uptime, load, memory) for a running VM.
+    fn live(&self, id: Uuid) -> Option<VmRuntime>;
+    /// Called once at daemon start with every readable VM: finds workers still running
+    /// from before a restart and re-attaches to them, returning their runtime.
+    fn reattach(&self, vms: Vec<(VmSettings, PathBuf)>) -> BoxFuture<Vec<(Uuid, VmRuntime)>>;
+}
+
+/// The runtime state of every VM that is not simply Off.
+#[derive(Default)]
+pub struct RuntimeTable {
+    states: Mutex<HashMap<Uuid, VmRuntime>>,
+}
+
+impl RuntimeTable {
+    /// The VM's runtime; Off when nothing is recorded.
+    pub fn get(&self, id: Uuid) -> VmRuntime {
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| VmRuntime::with_state(VmState::Off))
+    }
+
+    pub fn set(&self, id: Uuid, runtime: VmRuntime) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if runtime.state == VmState::Off {
+            states.remove(&id);
+        } else {
+            states.insert(id, runtime);
+        }
+    }
+
+    pub fn forget(&self, id: Uuid) {
+        self.states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+}
