@@ -1,0 +1,245 @@
+//! The worker's control socket: how `viridiand` talks to a running worker.
+//!
+//! The socket is `control.sock` in the VM's runtime folder. Each request is one JSON
+//! line, answered by one JSON line. A `console` request turns the connection into a
+//! raw byte stream to and from the guest's serial port. The daemon can disconnect and
+//! reconnect at any time (for instance after a daemon restart); the worker keeps running.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::accel::AccelDecision;
+
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// The worker's last known status, rewritten on every change; it outlives the worker.
+pub const STATUS_FILE: &str = "status.json";
+
+/// A running VM's state as the worker sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerState {
+    Starting,
+    Running,
+    Paused,
+    Saving,
+    Saved,
+    Stopping,
+    Off,
+    /// QEMU or a disk server died; `reason` says how.
+    Critical,
+}
+
+impl WorkerState {
+    /// Whether the worker has finished (nothing runs any more).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Saved | Self::Off | Self::Critical)
+    }
+}
+
+/// What `status` answers, and what `status.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub state: WorkerState,
+    /// Why the VM is in this state, when there is more to say (e.g. how QEMU died).
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub worker_pid: u32,
+    #[serde(default)]
+    pub qemu_pid: Option<u32>,
+    #[serde(default)]
+    pub accel: Option<AccelDecision>,
+    /// When the guest started running (seconds since the Unix epoch).
+    #[serde(default)]
+    pub running_since: Option<u64>,
+}
+
+/// A request on the control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Turn off at once (QEMU quits; like pulling the plug, disks are flushed).
+    Stop,
+    /// Press the ACPI power button and wait up to `timeout_secs` for the guest to power off.
+    Shutdown {
+        timeout_secs: u64,
+    },
+    /// Save memory and device state into the VM's folder, then exit.
+    Save,
+    Pause,
+    Resume,
+    /// Reset the VM (like the reset button).
+    Restart,
+    /// Turn this connection into the serial console: raw bytes both ways.
+    Console,
+}
+
+/// Why a request failed, for the daemon to map onto API error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The request is not valid in the VM's current state; nothing changed.
+    InvalidState,
+    /// The guest did not do what was asked in time (e.g. shut down).
+    Timeout,
+    /// Something went wrong doing it.
+    Failed,
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Ok { status: WorkerStatus },
+    Error { kind: FailureKind, message: String },
+}
+
+/// Faults talking to a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the VM worker at {}", socket.display())]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("I/O error talking to the VM worker at {}", socket.display())]
+    Io {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM worker at {} closed the connection before answering", socket.display())]
+    Closed { socket: PathBuf },
+    #[error("the VM worker at {} sent an answer that is not understood: {detail}", socket.display())]
+    BadAnswer { socket: PathBuf, detail: String },
+    #[error("{message}")]
+    Refused { kind: FailureKind, message: String },
+}
+
+/// A connection to one worker's control socket.
+pub struct Client {
+    socket: PathBuf,
+    stream: BufReader<UnixStream>,
+}
+
+impl Client {
+    /// Connects to the control socket in `runtime_dir`.
+    pub async fn connect(runtime_dir: &Path) -> Result<Self, ClientError> {
+        let socket = runtime_dir.join(CONTROL_SOCKET);
+        let stream = UnixStream::connect(&socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                socket: socket.clone(),
+                source,
+            })?;
+        Ok(Self {
+            socket,
+            stream: BufReader::new(stream),
+        })
+    }
+
+    /// Connects, retrying for up to `timeout` while the worker is starting.
+    pub async fn connect_with_retry(
+        runtime_dir: &Path,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match Self::connect(runtime_dir).await {
+                Ok(c) => return Ok(c),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Sends `request` and waits for its answer; a refusal is [`ClientError::Refused`].
+    pub async fn call(&mut self, request: &Request) -> Result<WorkerStatus, ClientError> {
+        let io = |source| ClientError::Io {
+            socket: self.socket.clone(),
+            source,
+        };
+        let mut line = serde_json::to_string(request).map_err(|e| ClientError::BadAnswer {
+            socket: self.socket.clone(),
+            detail: e.to_string(),
+        })?;
+        line.push('\n');
+        self.stream
+            .get_mut()
+            .write_all(line.as_bytes())
+            .await
+            .map_err(io)?;
+        let mut answer = String::new();
+        let n = self
+            .stream
+            .read_line(&mut answer)
+            .await
+            .map_err(|source| ClientError::Io {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(ClientError::Closed {
+                socket: self.socket.clone(),
+            });
+        }
+        match serde_json::from_str(&answer) {
+            Ok(Response::Ok { status }) => Ok(status),
+            Ok(Response::Error { kind, message }) => Err(ClientError::Refused { kind, message }),
+            Err(e) => Err(ClientError::BadAnswer {
+                socket: self.socket.clone(),
+                detail: format!("{e}: {}", answer.trim()),
+            }),
+        }
+    }
+
+    /// Switches this connection to the serial console and returns the raw stream.
+    pub async fn into_console(mut self) -> Result<BufReader<UnixStream>, ClientError> {
+        self.call(&Request::Console).await?;
+        Ok(self.stream)
+    }
+}
+
+/// Reads the status the worker last wrote into `runtime_dir` (also after it exited).
+pub fn read_status_file(runtime_dir: &Path) -> std::io::Result<WorkerStatus> {
+    let bytes = std::fs::read(runtime_dir.join(STATUS_FILE))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Writes `status` into `runtime_dir` atomically (temp file, fsync, rename).
+pub fn write_status_file(runtime_dir: &Path, status: &WorkerStatus) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = runtime_dir.join(format!("{STATUS_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, runtime_dir.join(STATUS_FILE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_responses_are_one_json_object_each() {
+        assert_eq!(
+            serde_json::to_string(&Request::Shutdown { timeout_secs: 30 }).unwrap(),
+            r#"{"op":"shutdown","timeout_secs":30}"#
+        );
+        let r: Request = serde_json::from_str(r#"{"op":"pause"}"#).unwrap();
+        assert_eq!(r, Request::Pause);
+        let e = Response::Error {
+            kind: FailureKind::InvalidState,
+            message: "VM web1 is Paused; resume it first".into(),
+        };
+        let text = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            text,
+            r#"{"result":"error","kind":"InvalidState","message":"VM web1 is Paused; resume it first"}"#
+        );
+    }
+}
