@@ -1,15 +1,30 @@
 //! `viridian`: the command-line tool. `viridian vhd ...` works on disk files
 //! directly, with no daemon; every other command talks to `viridiand`.
 
+mod client;
+mod connection;
+mod disk_cmd;
+mod failure;
+mod job_cmd;
+mod job_wait;
+mod output;
+mod size;
 mod vhd_cmd;
+mod vm_cmd;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "viridian", version, about = "Viridian: virtual machines on Linux, Hyper-V style")]
+#[command(
+    name = "viridian",
+    version,
+    about = "Viridian: virtual machines on Linux, Hyper-V style"
+)]
 struct Cli {
+    #[command(flatten)]
+    connection: connection::Connection,
     #[command(subcommand)]
     command: Command,
 }
@@ -18,21 +33,97 @@ struct Cli {
 enum Command {
     /// Work on VHD/VHDX files directly (offline; no daemon needed).
     Vhd(vhd_cmd::VhdArgs),
+    /// Virtual machines.
+    Vm {
+        #[command(subcommand)]
+        cmd: vm_cmd::VmCmd,
+    },
+    /// Jobs (long operations run by viridiand).
+    Job {
+        #[command(subcommand)]
+        cmd: job_cmd::JobCmd,
+    },
+    /// Disk operations run by viridiand as jobs (works on remote hosts too).
+    Disk {
+        #[command(subcommand)]
+        cmd: disk_cmd::DiskCmd,
+    },
+    /// The host: version, build, accelerator and limits.
+    Host,
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let conn = cli.connection;
     let result = match cli.command {
-        Command::Vhd(args) => vhd_cmd::run(args),
+        Command::Vhd(args) => {
+            return match vhd_cmd::run(args) {
+                Ok(code) => code,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    for cause in err.chain().skip(1) {
+                        eprintln!("  caused by: {cause}");
+                    }
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Vm { cmd } => vm_cmd::run(cmd, &conn),
+        Command::Job { cmd } => job_cmd::run(cmd, &conn),
+        Command::Disk { cmd } => disk_cmd::run(cmd, &conn),
+        Command::Host => host(&conn),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "viridian",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     };
     match result {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            if conn.json {
+                eprintln!("{}", failure.to_json());
+            } else {
+                eprintln!("error: {failure}");
             }
-            ExitCode::from(1)
+            ExitCode::from(failure.exit_code())
         }
     }
+}
+
+fn host(conn: &connection::Connection) -> Result<(), failure::Failure> {
+    let info: api::host::HostInfo = conn.client()?.get("/v1/host")?;
+    if conn.json {
+        output::print_json(&info);
+        return Ok(());
+    }
+    println!("viridian {} ({})", info.version, info.build);
+    println!(
+        "accelerator: {} ({})",
+        info.accelerator.kind, info.accelerator.reason
+    );
+    println!("data dir:    {}", info.data_dir);
+    let l = &info.limits;
+    println!(
+        "limits:      up to {} processors per VM, {}-{} MiB memory",
+        l.max_processors_per_vm, l.min_memory_mib, l.max_memory_mib
+    );
+    println!(
+        "             IDE {}×{}, SCSI {}×{}",
+        l.ide_controllers, l.ide_locations, l.scsi_controllers, l.scsi_locations
+    );
+    println!(
+        "jobs:        kept {} s after finishing, at most {} finished",
+        l.job_retention_seconds, l.job_limit
+    );
+    Ok(())
 }

@@ -1,0 +1,359 @@
+//! `viridian vm ...`. A VM is named by its name or its id everywhere.
+
+use api::vm_config::{
+    AdapterKind, ControllerKind, Drive, DriveMedia, NetworkAdapter, ProcessorSettings,
+};
+use api::vms::{
+    AddDriveRequest, AddNetworkAdapterRequest, CreateVmRequest, UpdateProcessorRequest,
+    UpdateVmRequest, Vm, VmList,
+};
+use clap::{Subcommand, ValueEnum};
+use hyper::Method;
+
+use crate::client::{segment, Client};
+use crate::connection::Connection;
+use crate::failure::Failure;
+use crate::output;
+use crate::size::memory_mib;
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum Controller {
+    Ide,
+    Scsi,
+}
+
+impl From<Controller> for ControllerKind {
+    fn from(c: Controller) -> Self {
+        match c {
+            Controller::Ide => ControllerKind::Ide,
+            Controller::Scsi => ControllerKind::Scsi,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// Create a VM.
+    Create {
+        name: String,
+        /// Virtual processors.
+        #[arg(long)]
+        cpus: u32,
+        /// Startup memory, e.g. 2G or 512M (a bare number is MiB).
+        #[arg(long, value_parser = memory_mib)]
+        memory: u64,
+        /// 1 (BIOS, boots from IDE) or 2 (UEFI, boots from SCSI).
+        #[arg(long, default_value_t = 2)]
+        generation: u8,
+        #[arg(long, default_value = "")]
+        notes: String,
+    },
+    /// List VMs.
+    List,
+    /// Show a VM's settings and runtime.
+    Show { vm: String },
+    /// Change a VM's name, memory or notes.
+    Set {
+        vm: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_parser = memory_mib)]
+        memory: Option<u64>,
+        #[arg(long)]
+        notes: Option<String>,
+    },
+    /// Delete a VM (its disks stay).
+    Delete { vm: String },
+    /// Processor settings.
+    Processor {
+        #[command(subcommand)]
+        cmd: ProcessorCmd,
+    },
+    /// Hard disks.
+    Disk {
+        #[command(subcommand)]
+        cmd: DiskCmd,
+    },
+    /// DVD drives.
+    Dvd {
+        #[command(subcommand)]
+        cmd: DvdCmd,
+    },
+    /// Network adapters.
+    Nic {
+        #[command(subcommand)]
+        cmd: NicCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProcessorCmd {
+    /// Change count, reserve, limit or weight.
+    Set {
+        vm: String,
+        #[arg(long)]
+        count: Option<u32>,
+        /// Percent reserved, 0-100.
+        #[arg(long)]
+        reserve: Option<u8>,
+        /// Percent limit, 0-100.
+        #[arg(long)]
+        limit: Option<u8>,
+        /// Relative weight, 1-10000.
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SlotArgs {
+    #[arg(long, value_enum)]
+    pub controller: Controller,
+    /// Controller number (first one with a free location when absent).
+    #[arg(long)]
+    pub number: Option<u8>,
+    /// Location on the controller (first free when absent).
+    #[arg(long)]
+    pub location: Option<u8>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCmd {
+    /// Attach a VHD/VHDX file (or, with --passthrough, a host block device).
+    Add {
+        vm: String,
+        path: String,
+        #[command(flatten)]
+        slot: SlotArgs,
+        #[arg(long)]
+        passthrough: bool,
+    },
+    /// Remove the drive in a slot.
+    Remove {
+        vm: String,
+        #[arg(long, value_enum)]
+        controller: Controller,
+        #[arg(long)]
+        number: u8,
+        #[arg(long)]
+        location: u8,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DvdCmd {
+    /// Add a DVD drive, with an ISO inserted or empty.
+    Add {
+        vm: String,
+        iso: Option<String>,
+        #[command(flatten)]
+        slot: SlotArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NicCmd {
+    /// Add a network adapter.
+    Add {
+        vm: String,
+        /// Emulated adapter (generation 1 only) instead of synthetic.
+        #[arg(long)]
+        legacy: bool,
+        #[arg(long)]
+        mac: Option<String>,
+    },
+    /// Remove the adapter with this MAC address.
+    Remove { vm: String, mac: String },
+}
+
+fn vm_path(vm: &str) -> String {
+    format!("/v1/vms/{}", segment(vm))
+}
+
+fn print_vm(conn: &Connection, vm: &Vm) {
+    if conn.json {
+        output::print_json(vm);
+    } else {
+        output::vm_details(vm);
+    }
+}
+
+pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
+    let client = conn.client()?;
+    match cmd {
+        VmCmd::Create {
+            name,
+            cpus,
+            memory,
+            generation,
+            notes,
+        } => {
+            let req = CreateVmRequest {
+                name,
+                generation,
+                processor_count: cpus,
+                memory_mib: memory,
+                notes,
+            };
+            let (vm, _) = client.call::<Vm>(Method::POST, "/v1/vms", Some(&req))?;
+            if conn.json {
+                output::print_json(&vm);
+            } else {
+                println!("created VM {} ({})", vm.name, vm.id);
+            }
+        }
+        VmCmd::List => {
+            let list: VmList = client.get("/v1/vms")?;
+            if conn.json {
+                output::print_json(&list);
+            } else {
+                output::vm_table(&list.vms);
+            }
+        }
+        VmCmd::Show { vm } => print_vm(conn, &client.get(&vm_path(&vm))?),
+        VmCmd::Set {
+            vm,
+            name,
+            memory,
+            notes,
+        } => {
+            let req = UpdateVmRequest {
+                name,
+                memory_mib: memory,
+                notes,
+                boot_order: None,
+            };
+            let (vm, _) = client.call::<Vm>(Method::PATCH, &vm_path(&vm), Some(&req))?;
+            print_vm(conn, &vm);
+        }
+        VmCmd::Delete { vm } => {
+            client.call_empty(Method::DELETE, &vm_path(&vm))?;
+            if !conn.json {
+                println!("deleted VM {vm}");
+            }
+        }
+        VmCmd::Processor {
+            cmd:
+                ProcessorCmd::Set {
+                    vm,
+                    count,
+                    reserve,
+                    limit,
+                    weight,
+                },
+        } => {
+            let req = UpdateProcessorRequest {
+                count,
+                reserve_percent: reserve,
+                limit_percent: limit,
+                relative_weight: weight,
+            };
+            let path = format!("{}/processor", vm_path(&vm));
+            let (p, _) = client.call::<ProcessorSettings>(Method::PATCH, &path, Some(&req))?;
+            if conn.json {
+                output::print_json(&p);
+            } else {
+                println!(
+                    "{vm}: {} processors, reserve {} %, limit {} %, weight {}",
+                    p.count, p.reserve_percent, p.limit_percent, p.relative_weight
+                );
+            }
+        }
+        VmCmd::Disk {
+            cmd:
+                DiskCmd::Add {
+                    vm,
+                    path,
+                    slot,
+                    passthrough,
+                },
+        } => {
+            let path = conn.host_path(path);
+            let media = if passthrough {
+                DriveMedia::PassThrough { device: path }
+            } else {
+                DriveMedia::HardDisk { path }
+            };
+            add_drive(&client, conn, &vm, slot, media)?;
+        }
+        VmCmd::Disk {
+            cmd:
+                DiskCmd::Remove {
+                    vm,
+                    controller,
+                    number,
+                    location,
+                },
+        } => {
+            let kind = match controller {
+                Controller::Ide => "ide",
+                Controller::Scsi => "scsi",
+            };
+            client.call_empty(
+                Method::DELETE,
+                &format!("{}/drives/{kind}/{number}/{location}", vm_path(&vm)),
+            )?;
+            if !conn.json {
+                println!("removed the drive at {kind} {number}:{location} from {vm}");
+            }
+        }
+        VmCmd::Dvd {
+            cmd: DvdCmd::Add { vm, iso, slot },
+        } => {
+            let iso = iso.map(|p| conn.host_path(p));
+            add_drive(&client, conn, &vm, slot, DriveMedia::Dvd { iso })?;
+        }
+        VmCmd::Nic {
+            cmd: NicCmd::Add { vm, legacy, mac },
+        } => {
+            let kind = Some(if legacy {
+                AdapterKind::Legacy
+            } else {
+                AdapterKind::Synthetic
+            });
+            let req = AddNetworkAdapterRequest { kind, mac };
+            let path = format!("{}/network-adapters", vm_path(&vm));
+            let (a, _) = client.call::<NetworkAdapter>(Method::POST, &path, Some(&req))?;
+            if conn.json {
+                output::print_json(&a);
+            } else {
+                println!("added {:?} network adapter {} to {vm}", a.kind, a.mac);
+            }
+        }
+        VmCmd::Nic {
+            cmd: NicCmd::Remove { vm, mac },
+        } => {
+            client.call_empty(
+                Method::DELETE,
+                &format!("{}/network-adapters/{}", vm_path(&vm), segment(&mac)),
+            )?;
+            if !conn.json {
+                println!("removed network adapter {mac} from {vm}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn add_drive(
+    client: &Client,
+    conn: &Connection,
+    vm: &str,
+    slot: SlotArgs,
+    media: DriveMedia,
+) -> Result<(), Failure> {
+    let req = AddDriveRequest {
+        controller: slot.controller.into(),
+        controller_number: slot.number,
+        location: slot.location,
+        media,
+    };
+    let (d, _) =
+        client.call::<Drive>(Method::POST, &format!("{}/drives", vm_path(vm)), Some(&req))?;
+    if conn.json {
+        output::print_json(&d);
+    } else {
+        println!("attached to {vm} at {}", d.slot);
+    }
+    Ok(())
+}
