@@ -87,7 +87,9 @@ pub async fn sleep_job(svc: &Arc<Service>, body: Incoming) -> Answer {
                 _ = tokio::time::sleep(step) => {}
                 _ = ctx.cancelled() => return Err(JobError::Cancelled),
             }
-            ctx.set_progress(start.elapsed().as_millis() as u64, total);
+            if tokio::time::Instant::now() < end {
+                ctx.set_progress(start.elapsed().as_millis() as u64, total);
+            }
         }
         Ok(())
     });

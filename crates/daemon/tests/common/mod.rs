@@ -1,0 +1,215 @@
+//! Runs a real `viridiand` on a temporary data dir and socket, and talks raw
+//! HTTP/1.1 to it (so tests can also send what a well-behaved client never would).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub data: PathBuf,
+    pub socket: PathBuf,
+    pub child: Option<Child>,
+    extra: Vec<String>,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: String,
+    pub body: Value,
+    pub raw: String,
+}
+
+impl Reply {
+    pub fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or("")
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+impl Daemon {
+    pub fn start(extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let socket = dir.path().join("viridian.sock");
+        let mut d = Daemon {
+            dir,
+            data,
+            socket,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.launch();
+        d
+    }
+
+    pub fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("viridiand.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_viridiand"))
+            .arg("--data-dir")
+            .arg(&self.data)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(&self.extra)
+            .env("VIRIDIAN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "viridiand did not come up; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("viridiand.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "viridiand exited with {status}; log:\n{}",
+                    self.log()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "viridiand did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    pub fn raw(&self, request: &[u8]) -> Reply {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(request).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        parse_reply(&out)
+    }
+
+    pub fn req(&self, method: &str, path: &str, body: Option<&str>) -> Reply {
+        self.raw(&build(method, path, body, &[]))
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        self.req("GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> Reply {
+        self.req("POST", path, Some(&body.to_string()))
+    }
+
+    pub fn create_vm(&self, name: &str) -> Value {
+        let r = self.post(
+            "/v1/vms",
+            serde_json::json!({"name": name, "processor_count": 1, "memory_mib": 256}),
+        );
+        assert_eq!(r.status, 201, "{}", r.raw);
+        r.body
+    }
+
+    /// Every file under the data dir with its bytes: to prove a request changed nothing.
+    pub fn snapshot(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        walk(&self.data.join("vms"), &mut out);
+        out.sort();
+        out
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.push((p.clone(), Vec::new()));
+            walk(&p, out);
+        } else {
+            out.push((p.clone(), std::fs::read(&p).unwrap_or_default()));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn build(method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        r.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        ));
+    } else {
+        r.push_str("\r\n");
+    }
+    r.into_bytes()
+}
+
+pub fn parse_reply(out: &[u8]) -> Reply {
+    let text = String::from_utf8_lossy(out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body_value = serde_json::from_str(body).unwrap_or(Value::Null);
+    Reply {
+        status,
+        headers: head.to_string(),
+        body: body_value,
+        raw: text.clone(),
+    }
+}
+
+/// Waits (via the API) until job `id` has finished and returns it.
+pub fn wait_job(d: &Daemon, id: &str) -> Value {
+    let r = d.get(&format!("/v1/jobs/{id}/wait?timeout=30"));
+    assert_eq!(r.status, 200, "{}", r.raw);
+    r.body
+}
