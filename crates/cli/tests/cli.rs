@@ -1,0 +1,306 @@
+//! The `viridian` CLI against a real `viridiand`: output, --json, exit codes, jobs.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// `viridiand` next to `viridian`; built on demand when only this crate was built.
+fn viridiand() -> PathBuf {
+    let cli = Path::new(env!("CARGO_BIN_EXE_viridian"));
+    let daemon = cli.with_file_name("viridiand");
+    if !daemon.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "daemon", "--bin", "viridiand"]);
+        if cli.to_string_lossy().contains("/release/") {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().unwrap().success(),
+            "cannot build viridiand for the CLI tests"
+        );
+    }
+    daemon
+}
+
+struct Daemon {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    child: Child,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("v.sock");
+        let child = Command::new(viridiand())
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--socket")
+            .arg(&socket)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "viridiand did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon { dir, socket, child }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .env("VIRIDIAN_SOCKET", &self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Starts the diagnostic sleep job over raw HTTP and returns its id.
+    fn sleep_job(&self, ms: u64) -> String {
+        let body = format!("{{\"milliseconds\":{ms}}}");
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        let req = format!(
+            "POST /v1/diagnostics/sleep-job HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let json: Value = serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap();
+        json["id"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+#[test]
+fn vm_commands_work_by_name_or_id_with_text_and_json_output() {
+    let d = Daemon::start();
+    let vm = d.json(&[
+        "vm",
+        "create",
+        "web 01",
+        "--cpus",
+        "2",
+        "--memory",
+        "1G",
+        "--generation",
+        "1",
+    ]);
+    let id = vm["id"].as_str().unwrap().to_string();
+    assert_eq!(vm["settings"]["memory"]["startup_mib"], 1024);
+
+    let out = d.cli(&["vm", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("web 01") && text.contains("Off") && text.contains("1 GiB"),
+        "{text}"
+    );
+
+    let shown = d.json(&["vm", "show", &id]);
+    assert_eq!(shown["name"], "web 01");
+    let out = d.cli(&["vm", "show", "web 01"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Settings (what is configured)")
+            && text.contains("Runtime (what is running now)")
+    );
+
+    let p = d.json(&[
+        "vm",
+        "processor",
+        "set",
+        "web 01",
+        "--reserve",
+        "10",
+        "--limit",
+        "50",
+        "--weight",
+        "300",
+    ]);
+    assert_eq!(
+        (
+            p["reserve_percent"].as_u64(),
+            p["limit_percent"].as_u64(),
+            p["relative_weight"].as_u64()
+        ),
+        (Some(10), Some(50), Some(300))
+    );
+
+    let disk = d.dir.path().join("boot.vhd");
+    std::fs::write(&disk, b"x").unwrap();
+    let drive = d.json(&[
+        "vm",
+        "disk",
+        "add",
+        "web 01",
+        disk.to_str().unwrap(),
+        "--controller",
+        "ide",
+    ]);
+    assert_eq!(drive["slot"]["location"], 0);
+    let dvd = d.json(&[
+        "vm",
+        "dvd",
+        "add",
+        "web 01",
+        "--controller",
+        "ide",
+        "--number",
+        "1",
+        "--location",
+        "0",
+    ]);
+    assert_eq!(dvd["media"]["type"], "dvd");
+    let out = d.cli(&[
+        "vm",
+        "disk",
+        "remove",
+        "web 01",
+        "--controller",
+        "ide",
+        "--number",
+        "0",
+        "--location",
+        "0",
+    ]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+
+    let renamed = d.json(&["vm", "set", &id, "--name", "web02", "--memory", "512M"]);
+    assert_eq!(renamed["settings"]["memory"]["startup_mib"], 512);
+    assert_eq!(code(&d.cli(&["vm", "delete", "web02"])), 0);
+    assert_eq!(d.json(&["vm", "list"])["vms"], serde_json::json!([]));
+}
+
+#[test]
+fn exit_codes_tell_scripts_what_went_wrong() {
+    let d = Daemon::start();
+    d.json(&["vm", "create", "a", "--cpus", "1", "--memory", "256"]);
+    d.json(&["vm", "create", "b", "--cpus", "1", "--memory", "256"]);
+    let disk = d.dir.path().join("shared.vhdx");
+    std::fs::write(&disk, b"x").unwrap();
+    d.json(&[
+        "vm",
+        "disk",
+        "add",
+        "a",
+        disk.to_str().unwrap(),
+        "--controller",
+        "scsi",
+    ]);
+
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["vm", "show", "nope"], 4, "NotFound"),
+        (
+            vec!["vm", "create", "x", "--cpus", "0", "--memory", "256"],
+            5,
+            "InvalidParameter",
+        ),
+        (
+            vec!["vm", "create", "a", "--cpus", "1", "--memory", "256"],
+            7,
+            "AlreadyExists",
+        ),
+        (
+            vec![
+                "vm",
+                "disk",
+                "add",
+                "b",
+                disk.to_str().unwrap(),
+                "--controller",
+                "scsi",
+            ],
+            8,
+            "InUse",
+        ),
+        (
+            vec!["vm", "processor", "set", "a", "--weight", "0"],
+            5,
+            "InvalidParameter",
+        ),
+    ];
+    for (args, want, code_name) in cases {
+        let mut all = vec!["--json"];
+        all.extend(args.iter().copied());
+        let out = d.cli(&all);
+        assert_eq!(
+            code(&out),
+            want,
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let err: Value = serde_json::from_slice(&out.stderr).unwrap();
+        assert_eq!(err["code"], code_name);
+    }
+    let out = d.cli(&["vm", "create", "x", "--cpus", "1", "--memory", "12Q"]);
+    assert_eq!(code(&out), 2, "bad command line");
+    let out = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["--socket", "/nonexistent/v.sock", "vm", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 3, "daemon unreachable");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach viridiand"));
+}
+
+#[test]
+fn job_wait_cancel_and_timeout_have_their_own_exit_codes() {
+    let d = Daemon::start();
+    let quick = d.sleep_job(100);
+    let done = d.json(&["job", "wait", &quick]);
+    assert_eq!(done["state"], "Completed");
+    assert_eq!(done["state_number"], 7);
+
+    let long = d.sleep_job(60_000);
+    let out = d.cli(&["job", "wait", &long, "--timeout", "0.3"]);
+    assert_eq!(code(&out), 12, "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = d.json(&["job", "list"]);
+    assert!(listed["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|j| j["id"] == long.as_str()));
+    assert_eq!(code(&d.cli(&["job", "cancel", &long])), 0);
+    let out = d.cli(&["job", "wait", &long]);
+    assert_eq!(code(&out), 11, "a cancelled job exits 11");
+    assert_eq!(d.json(&["job", "show", &long])["state"], "Terminated");
+    let out = d.cli(&["job", "cancel", &long]);
+    assert_eq!(code(&out), 6, "cancelling a finished job is InvalidState");
+}
+
+#[test]
+fn host_and_completions() {
+    let d = Daemon::start();
+    let host = d.json(&["host"]);
+    assert!(host["accelerator"]["reason"].as_str().is_some());
+    let out = d.cli(&["completions", "bash"]);
+    assert_eq!(code(&out), 0);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("viridian"));
+}
