@@ -11,6 +11,7 @@ mod output;
 mod size;
 mod vhd_cmd;
 mod vm_cmd;
+mod vm_lifecycle;
 
 use std::process::ExitCode;
 

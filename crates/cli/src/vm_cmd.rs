@@ -84,6 +84,27 @@ pub enum VmCmd {
         #[command(subcommand)]
         cmd: NicCmd,
     },
+    /// Start a VM (or resume it from its saved state).
+    Start { vm: String },
+    /// Turn a VM off at once, like pulling the plug.
+    Stop { vm: String },
+    /// Shut a VM down with the ACPI power button; fails if the guest has not stopped in time.
+    Shutdown { vm: String },
+    /// Save a VM's memory and device state; the next start resumes from it.
+    Save { vm: String },
+    /// Pause a VM's processors.
+    Pause { vm: String },
+    /// Resume a paused VM.
+    Resume { vm: String },
+    /// Reset a VM (the reset button).
+    Restart { vm: String },
+    /// Attach to a VM's serial console (detach with Ctrl-]), or print its log with --log.
+    Console {
+        vm: String,
+        /// Print the kept console output instead of attaching.
+        #[arg(long)]
+        log: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -320,6 +341,14 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                 println!("added {:?} network adapter {} to {vm}", a.kind, a.mac);
             }
         }
+        VmCmd::Start { vm } => crate::vm_lifecycle::action(conn, &vm, "start")?,
+        VmCmd::Stop { vm } => crate::vm_lifecycle::action(conn, &vm, "stop")?,
+        VmCmd::Shutdown { vm } => crate::vm_lifecycle::action(conn, &vm, "shutdown")?,
+        VmCmd::Save { vm } => crate::vm_lifecycle::action(conn, &vm, "save")?,
+        VmCmd::Pause { vm } => crate::vm_lifecycle::action(conn, &vm, "pause")?,
+        VmCmd::Resume { vm } => crate::vm_lifecycle::action(conn, &vm, "resume")?,
+        VmCmd::Restart { vm } => crate::vm_lifecycle::action(conn, &vm, "restart")?,
+        VmCmd::Console { vm, log } => crate::vm_lifecycle::console(conn, &vm, log)?,
         VmCmd::Nic {
             cmd: NicCmd::Remove { vm, mac },
         } => {

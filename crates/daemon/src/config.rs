@@ -30,4 +30,8 @@ pub struct DaemonConfig {
     /// How many finished jobs are kept in full at most.
     #[arg(long, default_value_t = 4096)]
     pub job_limit: usize,
+    /// Accelerator for VMs: auto (KVM when the host really has hardware
+    /// virtualization, else TCG), kvm, or tcg.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    pub accel: String,
 }

@@ -18,7 +18,10 @@ pub async fn run(config: DaemonConfig) -> Result<(), String> {
         )
     })?;
     let token = crate::tls::load_or_create_token(&config.data_dir).map_err(|e| error_chain(&e))?;
-    let svc = Arc::new(Service::new(config.clone(), Some(token)).map_err(|e| error_chain(&e))?);
+    let mut svc = Service::new(config.clone(), Some(token)).map_err(|e| error_chain(&e))?;
+    let supervisor = crate::vms::workers::install(&mut svc, &config)?;
+    let svc = Arc::new(svc);
+    crate::vms::workers::attach_and_reattach(&supervisor, &svc).await;
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let unix = crate::http::bind_unix(&config.socket).map_err(|e| error_chain(&e))?;

@@ -2,4 +2,5 @@
 
 pub mod disks;
 pub mod jobs;
+pub mod lifecycle;
 pub mod vms;

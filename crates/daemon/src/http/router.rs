@@ -8,7 +8,7 @@ use hyper::{Method, Request, Response};
 use tokio::sync::watch;
 
 use crate::error::ApiError;
-use crate::handlers::{disks, jobs, vms};
+use crate::handlers::{disks, jobs, lifecycle, vms};
 use crate::http::body::{self, json, Body};
 use crate::http::sse;
 use crate::service::Service;
@@ -140,6 +140,11 @@ async fn route(
         (&M::POST, ["v1", "vms", vm, "network-adapters"]) => vms::add_adapter(svc, vm, body).await,
         (&M::DELETE, ["v1", "vms", vm, "network-adapters", mac]) => {
             vms::remove_adapter(svc, vm, mac)
+        }
+
+        (&M::GET, ["v1", "vms", vm, "console", "log"]) => lifecycle::console_log(svc, vm),
+        (&M::POST, ["v1", "vms", vm, action]) if lifecycle::ACTIONS.contains(action) => {
+            lifecycle::action(svc, vm, action).await
         }
 
         (&M::GET, ["v1", "jobs"]) => jobs::list(svc),

@@ -47,6 +47,8 @@ pub trait WorkerControl: Send + Sync + 'static {
     fn stop(&self, id: Uuid, mode: StopMode, job: JobContext) -> BoxFuture<Result<(), JobError>>;
     /// Pauses or resumes the vCPUs.
     fn pause(&self, id: Uuid, paused: bool) -> BoxFuture<Result<(), JobError>>;
+    /// Resets the VM (the reset button).
+    fn restart(&self, id: Uuid) -> BoxFuture<Result<(), JobError>>;
     /// Live figures (uptime, load, memory) for a running VM.
     fn live(&self, id: Uuid) -> Option<VmRuntime>;
     /// Called once at daemon start with every readable VM: finds workers still running

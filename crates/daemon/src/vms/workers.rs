@@ -1,0 +1,543 @@
+//! The worker integration: `viridiand` starts one `viridian-worker` per running VM,
+//! talks to it over its control socket, watches it, and re-attaches after a restart.
+//!
+//! Workers run in their own session (setsid), so stopping or restarting the daemon
+//! leaves them and their VMs running. Each VM's worker is watched by a task that polls
+//! its status; when the worker is gone the task reads the status the worker left in
+//! `runtime/status.json` (Off, Saved, Critical with the reason), or, when the worker
+//! was killed before it could write one, marks the VM Critical.
+
+use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use api::vms::{VmRuntime, VmState};
+use jobs::{JobContext, JobError};
+use uuid::Uuid;
+use vm_config::VmSettings;
+use worker::accel::AccelChoice;
+use worker::control::{self, Client, ClientError, FailureKind, Request, WorkerState, WorkerStatus};
+use worker::spec::{WorkerSpec, SAVED_STATE_FILE};
+
+use crate::service::Service;
+use crate::vms::runtime::{BoxFuture, StopMode, WorkerControl};
+
+/// How long a start may take before the job fails (TCG boots are slow, but the worker
+/// reports Running as soon as QEMU runs, long before the guest has booted).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_millis(500);
+
+struct Watched {
+    runtime_dir: PathBuf,
+    vm_dir: PathBuf,
+    name: String,
+    status: Option<WorkerStatus>,
+}
+
+/// Starts, controls and watches VM workers.
+pub struct WorkerSupervisor {
+    service: OnceLock<Weak<Service>>,
+    worker_binary: PathBuf,
+    accel: AccelChoice,
+    watched: Mutex<HashMap<Uuid, Watched>>,
+}
+
+fn runtime_dir(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("runtime")
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Where `viridian-worker` is: `$VIRIDIAN_WORKER`, else next to `viridiand`, else PATH.
+pub fn find_worker_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("VIRIDIAN_WORKER") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            let candidate = dir.join("viridian-worker");
+            if candidate.exists() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from("viridian-worker")
+}
+
+fn to_runtime(status: &WorkerStatus) -> VmRuntime {
+    let state = match status.state {
+        WorkerState::Starting => VmState::Starting,
+        WorkerState::Running => VmState::Running,
+        WorkerState::Paused => VmState::Paused,
+        WorkerState::Saving => VmState::Saving,
+        WorkerState::Saved => VmState::Saved,
+        WorkerState::Stopping => VmState::Stopping,
+        WorkerState::Off => VmState::Off,
+        WorkerState::Critical => VmState::Critical,
+    };
+    let mut rt = VmRuntime::with_state(state);
+    if !status.state.is_final() {
+        rt.worker_pid = Some(status.worker_pid);
+        rt.uptime_seconds = status
+            .running_since
+            .map(|since| now_unix().saturating_sub(since));
+    }
+    if matches!(state, VmState::Critical) {
+        rt.reason = status.reason.clone();
+    }
+    rt
+}
+
+fn refused(e: ClientError) -> JobError {
+    match e {
+        ClientError::Refused { kind, message } => JobError::failed(
+            match kind {
+                FailureKind::InvalidState => "InvalidState",
+                FailureKind::Timeout => "Timeout",
+                FailureKind::Failed => "Failed",
+            },
+            message,
+        ),
+        other => JobError::failed("WorkerUnavailable", worker::runtime::error_chain(&other)),
+    }
+}
+
+impl WorkerSupervisor {
+    pub fn new(accel: AccelChoice) -> Arc<Self> {
+        Arc::new(Self {
+            service: OnceLock::new(),
+            worker_binary: find_worker_binary(),
+            accel,
+            watched: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Connects the supervisor to the service it reports to.
+    pub fn attach(&self, service: &Arc<Service>) {
+        let _ = self.service.set(Arc::downgrade(service));
+    }
+
+    fn report(&self, id: Uuid, runtime: VmRuntime) {
+        if let Some(svc) = self.service.get().and_then(Weak::upgrade) {
+            svc.set_runtime(id, runtime);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Watched>> {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn runtime_dir_of(&self, id: Uuid) -> Option<PathBuf> {
+        self.lock().get(&id).map(|w| w.runtime_dir.clone())
+    }
+
+    fn name_of(&self, id: Uuid) -> String {
+        self.lock()
+            .get(&id)
+            .map(|w| w.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    }
+
+    /// Sends one request to the VM's worker.
+    pub async fn call(&self, id: Uuid, request: Request) -> Result<WorkerStatus, JobError> {
+        let Some(rt) = self.runtime_dir_of(id) else {
+            return Err(JobError::failed(
+                "InvalidState",
+                format!("VM {} has no running worker", self.name_of(id)),
+            ));
+        };
+        let mut client = Client::connect(&rt).await.map_err(refused)?;
+        let status = client.call(&request).await.map_err(refused)?;
+        self.update(id, &status);
+        Ok(status)
+    }
+
+    fn update(&self, id: Uuid, status: &WorkerStatus) {
+        if let Some(w) = self.lock().get_mut(&id) {
+            w.status = Some(status.clone());
+        }
+        self.report(id, to_runtime(status));
+    }
+
+    /// The console log of the VM in `vm_dir` (kept after the VM stops).
+    pub fn console_log(vm_dir: &Path) -> std::io::Result<Vec<u8>> {
+        worker::console::read_log(&runtime_dir(vm_dir))
+    }
+
+    /// Watches the worker of `id` until it ends, then records how it ended.
+    fn watch(self: &Arc<Self>, id: Uuid, mut child: Option<tokio::process::Child>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Some(rt) = this.runtime_dir_of(id) else {
+                return;
+            };
+            loop {
+                if let Some(c) = child.as_mut() {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        break;
+                    }
+                }
+                let alive = match Client::connect(&rt).await {
+                    Ok(mut client) => match client.call(&Request::Status).await {
+                        Ok(status) => {
+                            let changed = this
+                                .lock()
+                                .get(&id)
+                                .and_then(|w| w.status.as_ref())
+                                .map(|s| s.state != status.state)
+                                .unwrap_or(true);
+                            if changed {
+                                this.update(id, &status);
+                            } else if let Some(w) = this.lock().get_mut(&id) {
+                                w.status = Some(status);
+                            }
+                            true
+                        }
+                        Err(_) => false,
+                    },
+                    Err(_) => false,
+                };
+                if !alive {
+                    // The socket may be briefly busy; confirm the worker is gone.
+                    let pid = this
+                        .lock()
+                        .get(&id)
+                        .and_then(|w| w.status.as_ref().map(|s| s.worker_pid));
+                    let running = match (&mut child, pid) {
+                        (Some(c), _) => matches!(c.try_wait(), Ok(None)),
+                        (None, Some(pid)) => process_alive(pid),
+                        (None, None) => false,
+                    };
+                    if !running {
+                        break;
+                    }
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            if let Some(mut c) = child {
+                let _ = c.wait().await;
+            }
+            this.finish(id);
+        });
+    }
+
+    /// Records the final state of a worker that has gone.
+    fn finish(&self, id: Uuid) {
+        let Some(w) = self.lock().remove(&id) else {
+            return;
+        };
+        let status = control::read_status_file(&w.runtime_dir).ok();
+        let runtime = match status {
+            Some(s) if s.state.is_final() => to_runtime(&s),
+            Some(s) => {
+                let mut rt = VmRuntime::with_state(VmState::Critical);
+                rt.reason = Some(format!(
+                    "the worker of VM {} (pid {}) exited unexpectedly while the VM was {:?}; \
+                     its disks were released. Start the VM again",
+                    w.name, s.worker_pid, s.state
+                ));
+                // Leave a final status behind so a restarted daemon agrees.
+                let mut s = s;
+                s.state = WorkerState::Critical;
+                s.reason = rt.reason.clone();
+                let _ = control::write_status_file(&w.runtime_dir, &s);
+                rt
+            }
+            None => {
+                let mut rt = VmRuntime::with_state(VmState::Critical);
+                rt.reason = Some(format!(
+                    "the worker of VM {} exited without reporting a status; see {}",
+                    w.name,
+                    w.runtime_dir.join("worker.log").display()
+                ));
+                rt
+            }
+        };
+        // A VM that was saved stays Saved as long as its state file exists.
+        let runtime = if runtime.state == VmState::Off && w.vm_dir.join(SAVED_STATE_FILE).exists() {
+            VmRuntime::with_state(VmState::Saved)
+        } else {
+            runtime
+        };
+        self.report(id, runtime);
+    }
+
+    async fn start_inner(
+        self: Arc<Self>,
+        vm: VmSettings,
+        vm_dir: PathBuf,
+        job: JobContext,
+    ) -> Result<(), JobError> {
+        let id = vm.id;
+        let rt = runtime_dir(&vm_dir);
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            JobError::failed(
+                "Failed",
+                format!("cannot start VM {}: {what}: {e}", vm.name),
+            )
+        };
+        std::fs::create_dir_all(&rt).map_err(|e| fail("creating its runtime folder", &e))?;
+        let resume = vm_dir.join(SAVED_STATE_FILE).exists();
+        let spec = WorkerSpec {
+            settings: vm.clone(),
+            vm_dir: vm_dir.clone(),
+            runtime_dir: rt.clone(),
+            accel: self.accel,
+            resume,
+            direct_kernel: None,
+            console_log_limit: worker::console::DEFAULT_LOG_LIMIT,
+            qemu: None,
+        };
+        let spec_path = rt.join("spec.json");
+        let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| fail("writing its spec", &e))?;
+        std::fs::write(&spec_path, bytes).map_err(|e| fail("writing its spec", &e))?;
+        // A stale status from the previous run must not be mistaken for this one.
+        let _ = std::fs::remove_file(rt.join(control::STATUS_FILE));
+        let log = std::fs::File::create(rt.join("worker.log"))
+            .map_err(|e| fail("creating the worker log", &e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| fail("creating the worker log", &e))?;
+        self.lock().insert(
+            id,
+            Watched {
+                runtime_dir: rt.clone(),
+                vm_dir: vm_dir.clone(),
+                name: vm.name.clone(),
+                status: None,
+            },
+        );
+        self.report(id, VmRuntime::with_state(VmState::Starting));
+        job.set_percent(10);
+        let mut command = std::process::Command::new(&self.worker_binary);
+        command
+            .arg("--spec")
+            .arg(&spec_path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own session: the worker outlives a daemon restart.
+            .process_group(0);
+        let child = tokio::process::Command::from(command).spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                self.lock().remove(&id);
+                let err = fail(&format!("running {}", self.worker_binary.display()), &e);
+                let mut rtm = VmRuntime::with_state(VmState::Off);
+                if let JobError::Failed { description, .. } = &err {
+                    rtm = VmRuntime::with_state(VmState::Critical);
+                    rtm.reason = Some(description.clone());
+                }
+                self.report(id, rtm);
+                return Err(err);
+            }
+        };
+        job.set_percent(30);
+        // Wait for Running, or for the worker to give up.
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        let outcome = loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break None;
+            }
+            if let Ok(mut client) = Client::connect(&rt).await {
+                if let Ok(status) = client.call(&Request::Status).await {
+                    break Some(status);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = child.start_kill();
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        match outcome {
+            Some(status) => {
+                self.update(id, &status);
+                self.watch(id, Some(child));
+                job.set_percent(100);
+                Ok(())
+            }
+            None => {
+                let _ = child.wait().await;
+                let reason = control::read_status_file(&rt)
+                    .ok()
+                    .and_then(|s| s.reason)
+                    .unwrap_or_else(|| {
+                        format!(
+                            "the worker exited before the VM ran; see {}",
+                            rt.join("worker.log").display()
+                        )
+                    });
+                self.lock().remove(&id);
+                let mut rtm =
+                    VmRuntime::with_state(if resume { VmState::Saved } else { VmState::Off });
+                rtm.reason = Some(reason.clone());
+                self.report(id, rtm);
+                Err(JobError::failed(
+                    "Failed",
+                    format!("VM {} did not start: {reason}", vm.name),
+                ))
+            }
+        }
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+impl WorkerControl for Arc<WorkerSupervisor> {
+    fn start(
+        &self,
+        vm: VmSettings,
+        vm_dir: PathBuf,
+        job: JobContext,
+    ) -> BoxFuture<Result<(), JobError>> {
+        Box::pin(self.clone().start_inner(vm, vm_dir, job))
+    }
+
+    fn stop(&self, id: Uuid, mode: StopMode, job: JobContext) -> BoxFuture<Result<(), JobError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let request = match mode {
+                StopMode::TurnOff => Request::Stop,
+                StopMode::Shutdown => Request::Shutdown {
+                    timeout_secs: worker::spec::DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+                },
+                StopMode::Save => Request::Save,
+            };
+            job.set_percent(10);
+            let status = this.call(id, request).await?;
+            job.set_percent(100);
+            // The watcher records the final state once the worker has exited; say it now.
+            this.update(id, &status);
+            Ok(())
+        })
+    }
+
+    fn pause(&self, id: Uuid, paused: bool) -> BoxFuture<Result<(), JobError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let request = if paused {
+                Request::Pause
+            } else {
+                Request::Resume
+            };
+            this.call(id, request).await.map(drop)
+        })
+    }
+
+    fn restart(&self, id: Uuid) -> BoxFuture<Result<(), JobError>> {
+        let this = self.clone();
+        Box::pin(async move { this.call(id, Request::Restart).await.map(drop) })
+    }
+
+    fn live(&self, id: Uuid) -> Option<VmRuntime> {
+        self.lock()
+            .get(&id)
+            .and_then(|w| w.status.as_ref())
+            .map(to_runtime)
+    }
+
+    fn reattach(&self, vms: Vec<(VmSettings, PathBuf)>) -> BoxFuture<Vec<(Uuid, VmRuntime)>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let mut found = Vec::new();
+            for (vm, vm_dir) in vms {
+                let rt = runtime_dir(&vm_dir);
+                let live = match Client::connect(&rt).await {
+                    Ok(mut c) => c.call(&Request::Status).await.ok(),
+                    Err(_) => None,
+                };
+                if let Some(status) = live {
+                    this.lock().insert(
+                        vm.id,
+                        Watched {
+                            runtime_dir: rt,
+                            vm_dir: vm_dir.clone(),
+                            name: vm.name.clone(),
+                            status: Some(status.clone()),
+                        },
+                    );
+                    found.push((vm.id, to_runtime(&status)));
+                    this.watch(vm.id, None);
+                    continue;
+                }
+                if vm_dir.join(SAVED_STATE_FILE).exists() {
+                    found.push((vm.id, VmRuntime::with_state(VmState::Saved)));
+                    continue;
+                }
+                // A worker that died while the daemon was down left a non-final status.
+                if let Ok(s) = control::read_status_file(&rt) {
+                    if s.state == WorkerState::Critical
+                        || (!s.state.is_final() && !process_alive(s.worker_pid))
+                    {
+                        let mut r = VmRuntime::with_state(VmState::Critical);
+                        r.reason = Some(s.reason.unwrap_or_else(|| {
+                            format!(
+                                "the worker of VM {} (pid {}) exited while the daemon was down",
+                                vm.name, s.worker_pid
+                            )
+                        }));
+                        found.push((vm.id, r));
+                    }
+                }
+            }
+            found
+        })
+    }
+}
+
+/// Installs the worker integration into a service being built: the supervisor, and
+/// the accelerator decision (with its reason) that `GET /v1/host` reports.
+pub fn install(
+    svc: &mut Service,
+    config: &crate::config::DaemonConfig,
+) -> Result<Arc<WorkerSupervisor>, String> {
+    let accel: AccelChoice = config.accel.parse()?;
+    let host = worker::accel::probe_host(Path::new("qemu-system-x86_64"));
+    match worker::accel::decide(accel, &host) {
+        Ok(decision) => {
+            svc.host.accelerator.kind = decision.accel.as_str().to_string();
+            svc.host.accelerator.reason = decision.reason;
+        }
+        Err(e) => return Err(e),
+    }
+    let supervisor = WorkerSupervisor::new(accel);
+    svc.workers = Some(Arc::new(supervisor.clone()));
+    Ok(supervisor)
+}
+
+/// Connects the supervisor to the running service and re-attaches to the workers
+/// of VMs that kept running while the daemon was down.
+pub async fn attach_and_reattach(supervisor: &Arc<WorkerSupervisor>, svc: &Arc<Service>) {
+    supervisor.attach(svc);
+    let vms: Vec<(VmSettings, PathBuf)> = svc
+        .store()
+        .entries()
+        .filter_map(|e| e.settings.clone().map(|s| (s, e.dir.clone())))
+        .collect();
+    let count = vms.len();
+    for (id, runtime) in supervisor.reattach(vms).await {
+        tracing::info!(vm = %id, state = ?runtime.state, "VM state found at start");
+        svc.set_runtime(id, runtime);
+    }
+    tracing::info!(vms = count, "worker integration ready");
+}
