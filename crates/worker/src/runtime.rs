@@ -61,6 +61,8 @@ pub enum WorkerError {
     },
     #[error("cannot restore the saved state {}: {detail}", path.display())]
     Restore { path: PathBuf, detail: String },
+    #[error("the UEFI firmware file {} is missing; generation 2 VMs need Debian's ovmf package (scripts/setup.sh installs it)", path.display())]
+    Firmware { path: PathBuf },
     #[error("the serial console log in {} cannot be written", path.display())]
     ConsoleLog {
         path: PathBuf,
@@ -216,6 +218,9 @@ async fn run_inner(
     tracing::info!(accel = decision.accel.as_str(), reason = %decision.reason, "accelerator chosen");
     status.accel = Some(decision.clone());
 
+    if spec.settings.generation == 2 {
+        ensure_uefi_vars(&spec.vm_dir)?;
+    }
     let served = ServedDisks::open_and_serve(&spec.settings, &rt.join(NBD_SOCKET)).await?;
     let config = build_config(
         &spec,
@@ -425,7 +430,7 @@ fn build_config(
     let platform = if settings.generation == 2 {
         Platform::Generation2 {
             code: PathBuf::from(OVMF_CODE),
-            vars: spec.vm_dir.join("OVMF_VARS.fd"),
+            vars: spec.vm_dir.join(UEFI_VARS_FILE),
         }
     } else {
         Platform::Generation1
@@ -492,6 +497,28 @@ fn build_config(
 
 /// OVMF's code for generation 2 (Debian's `ovmf` package).
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// The empty UEFI variable store each generation 2 VM starts from.
+pub const OVMF_VARS_TEMPLATE: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+pub const UEFI_VARS_FILE: &str = "OVMF_VARS.fd";
+
+/// Gives a generation 2 VM its own UEFI variable store (boot entries persist in it).
+fn ensure_uefi_vars(vm_dir: &Path) -> Result<(), WorkerError> {
+    let vars = vm_dir.join(UEFI_VARS_FILE);
+    if vars.exists() {
+        return Ok(());
+    }
+    for file in [OVMF_CODE, OVMF_VARS_TEMPLATE] {
+        if !Path::new(file).exists() {
+            return Err(WorkerError::Firmware {
+                path: PathBuf::from(file),
+            });
+        }
+    }
+    let tmp = vm_dir.join(format!("{UEFI_VARS_FILE}.tmp"));
+    std::fs::copy(OVMF_VARS_TEMPLATE, &tmp)
+        .and_then(|_| std::fs::rename(&tmp, &vars))
+        .map_err(runtime_err(vm_dir))
+}
 
 /// Whether this QEMU has `-sandbox` (built with seccomp): a QEMU started with it
 /// reaches its QMP greeting.

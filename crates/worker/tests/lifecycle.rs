@@ -173,3 +173,23 @@ async fn killed_worker_takes_its_qemu_down() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation2_boots_on_q35_with_ovmf_and_its_own_uefi_variable_store() {
+    let mut s = settings("uefi", vec![]);
+    s.generation = 2;
+    s.memory.startup_mib = 256;
+    let mut vm = Vm::new(
+        s,
+        Some(direct_boot(
+            "echo gen2-ok; cat /sys/firmware/efi/fw_platform_size 2>&1 | sed 's/^/efi-bits /'",
+            "",
+        )),
+    );
+    vm.start();
+    vm.wait_console("gen2-ok", Duration::from_secs(180));
+    let status = vm.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.state, WorkerState::Off, "{:?}", status.reason);
+    assert!(vm.console().contains("efi-bits 64"), "{}", vm.console());
+    assert!(vm.spec.vm_dir.join("OVMF_VARS.fd").exists());
+}
