@@ -1,0 +1,167 @@
+//! VM lifecycle through a real `viridiand` and real workers running QEMU (TCG here):
+//! invalid transitions change nothing, a daemon restart re-attaches to a running VM,
+//! a killed worker leaves the VM Critical with the reason, and the next start works.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{wait_job, Daemon};
+use serde_json::{json, Value};
+
+/// `viridiand` finds `viridian-worker` next to itself; a workspace build puts it there,
+/// a `cargo test -p daemon` alone does not, so build it then.
+fn ensure_worker_binary() {
+    let daemon = PathBuf::from(env!("CARGO_BIN_EXE_viridiand"));
+    let worker = daemon.with_file_name("viridian-worker");
+    if worker.exists() {
+        return;
+    }
+    let release = daemon.components().any(|c| c.as_os_str() == "release");
+    let mut cargo = std::process::Command::new(env!("CARGO"));
+    cargo.args(["build", "-p", "worker", "--bin", "viridian-worker"]);
+    if release {
+        cargo.arg("--release");
+    }
+    let status = cargo.status().expect("cargo runs");
+    assert!(status.success(), "building viridian-worker failed");
+    assert!(worker.exists(), "no {} after building it", worker.display());
+}
+
+fn vm(d: &Daemon, name: &str) -> Value {
+    let r = d.get(&format!("/v1/vms/{name}"));
+    assert_eq!(r.status, 200, "{}", r.raw);
+    r.body
+}
+
+fn state(d: &Daemon, name: &str) -> String {
+    vm(d, name)["runtime"]["state"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Runs a lifecycle action and waits for its job; returns the finished job.
+fn act(d: &Daemon, name: &str, action: &str) -> Value {
+    let r = d.post(&format!("/v1/vms/{name}/{action}"), json!({}));
+    assert_eq!(r.status, 202, "{action}: {}", r.raw);
+    assert!(r
+        .header("location")
+        .is_some_and(|l| l.starts_with("/v1/jobs/")));
+    assert_eq!(r.body["affected_elements"][0]["kind"], "vm", "{}", r.raw);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let mut job = wait_job(d, &id);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !matches!(
+        job["state"].as_str(),
+        Some("Completed" | "Exception" | "Terminated" | "Killed")
+    ) {
+        assert!(Instant::now() < deadline, "job {id} did not finish: {job}");
+        job = wait_job(d, &id);
+    }
+    job
+}
+
+fn wait_state(d: &Daemon, name: &str, want: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = vm(d, name);
+        if v["runtime"]["state"] == want {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM {name} never became {want}: {v}\ndaemon log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn process_alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn running_vm_survives_daemon_restart_and_a_killed_worker_makes_it_critical_until_restarted() {
+    ensure_worker_binary();
+    let mut d = Daemon::start(&[]);
+    let r = d.post(
+        "/v1/vms",
+        json!({"name": "runner", "generation": 1, "processor_count": 1, "memory_mib": 128}),
+    );
+    assert_eq!(r.status, 201, "{}", r.raw);
+
+    // Invalid transitions: InvalidState at once, nothing changes.
+    let before = d.snapshot();
+    for action in ["pause", "resume", "stop", "shutdown", "save", "restart"] {
+        let r = d.post(&format!("/v1/vms/runner/{action}"), json!({}));
+        assert_eq!(r.status, 409, "{action}: {}", r.raw);
+        assert_eq!(r.code(), "InvalidState", "{action}: {}", r.raw);
+        assert!(
+            r.body["message"].as_str().unwrap().contains("Off"),
+            "{}",
+            r.raw
+        );
+    }
+    assert_eq!(d.snapshot(), before);
+    assert_eq!(state(&d, "runner"), "Off");
+
+    // The host says which accelerator VMs run under, and why.
+    let host = d.get("/v1/host");
+    let accel = &host.body["accelerator"];
+    assert!(
+        !accel["reason"].as_str().unwrap_or("").is_empty(),
+        "{}",
+        host.raw
+    );
+    if !accel["hardware_virtualization"].as_bool().unwrap_or(true) {
+        assert_eq!(accel["kind"], "tcg", "{}", host.raw);
+    }
+
+    let job = act(&d, "runner", "start");
+    assert_eq!(job["state"], "Completed", "{job}\n{}", d.log());
+    let running = wait_state(&d, "runner", "Running");
+    let worker_pid = running["runtime"]["worker_pid"]
+        .as_u64()
+        .expect("worker pid");
+    let r = d.post("/v1/vms/runner/start", json!({}));
+    assert_eq!(r.code(), "InvalidState", "{}", r.raw);
+
+    // The daemon restarts; the VM keeps running and is controlled again.
+    d.restart();
+    let after = wait_state(&d, "runner", "Running");
+    assert_eq!(after["runtime"]["worker_pid"].as_u64(), Some(worker_pid));
+    assert_eq!(act(&d, "runner", "pause")["state"], "Completed");
+    wait_state(&d, "runner", "Paused");
+    assert_eq!(act(&d, "runner", "resume")["state"], "Completed");
+    wait_state(&d, "runner", "Running");
+
+    // The worker is killed: the VM goes Critical with the reason; QEMU goes too.
+    // SAFETY: kill(2) on the worker's pid, which this test's daemon started.
+    unsafe { libc::kill(worker_pid as i32, libc::SIGKILL) };
+    let critical = wait_state(&d, "runner", "Critical");
+    let reason = critical["runtime"]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("exited unexpectedly"), "{critical}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(worker_pid) {
+        assert!(Instant::now() < deadline, "the worker is still alive");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The next start works, and turning off ends in Off.
+    assert_eq!(act(&d, "runner", "start")["state"], "Completed");
+    wait_state(&d, "runner", "Running");
+    assert_eq!(act(&d, "runner", "stop")["state"], "Completed");
+    wait_state(&d, "runner", "Off");
+    d.stop();
+}
