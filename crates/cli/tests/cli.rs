@@ -35,6 +35,10 @@ struct Daemon {
 
 impl Daemon {
     fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("v.sock");
         let child = Command::new(viridiand())
@@ -42,6 +46,7 @@ impl Daemon {
             .arg(dir.path().join("data"))
             .arg("--socket")
             .arg(&socket)
+            .args(extra)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -303,4 +308,57 @@ fn host_and_completions() {
     let out = d.cli(&["completions", "bash"]);
     assert_eq!(code(&out), 0);
     assert!(String::from_utf8_lossy(&out.stdout).contains("viridian"));
+}
+
+#[test]
+fn remote_host_over_tls_with_token_and_refused_without() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start_with(&["--listen", &addr]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "TCP listener did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let data = d.dir.path().join("data");
+    let token = std::fs::read_to_string(data.join("token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let cert = data.join("tls/cert.pem");
+    let remote = |token: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .env_remove("VIRIDIAN_SOCKET")
+            .args([
+                "--host",
+                &addr,
+                "--token",
+                token,
+                "--ca-cert",
+                cert.to_str().unwrap(),
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = remote(
+        &token,
+        &[
+            "--json", "vm", "create", "remote1", "--cpus", "1", "--memory", "256",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let out = remote(&token, &["vm", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("remote1"));
+    let out = remote("wrong-token", &["vm", "list"]);
+    assert_eq!(code(&out), 9, "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["--host", &addr, "vm", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "--host without --token is a usage error");
 }
