@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
@@ -22,6 +22,10 @@ use router::Transport;
 
 /// How long in-flight requests get to finish after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(5);
+
+/// How long a client may take to send a request's headers (a stalled client cannot
+/// hold a connection open forever).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -86,7 +90,10 @@ async fn serve_connection<S>(
             Ok::<_, std::convert::Infallible>(router::handle(svc, req, transport, shutdown).await)
         }
     });
-    let conn = http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
         res = conn.as_mut() => {
