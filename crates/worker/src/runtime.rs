@@ -260,8 +260,8 @@ async fn run_inner(
     status.qemu_pid = child.id();
 
     let qmp_path = rt.join(QMP_SOCKET);
-    let qmp_client = tokio::select! {
-        r = qmp::Client::connect_with_retry(&qmp_path, Duration::from_secs(30)) => r?,
+    let connected = tokio::select! {
+        r = qmp::Client::connect_with_retry(&qmp_path, Duration::from_secs(30)) => r,
         exit = child.wait() => {
             return Err(WorkerError::QemuStart {
                 status: exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
@@ -270,7 +270,24 @@ async fn run_inner(
             });
         }
     };
-    let qmp_client = Arc::new(qmp_client);
+    // QEMU may accept the QMP connection and then refuse its configuration.
+    let qmp_client = match connected {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            return Err(
+                match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+                    Ok(exit) => WorkerError::QemuStart {
+                        status: exit
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|e| e.to_string()),
+                        log: log_path.clone(),
+                        tail: log_tail(&log_path),
+                    },
+                    Err(_) => WorkerError::Qmp(e),
+                },
+            )
+        }
+    };
     let mut events = qmp_client.events();
 
     let serial = UnixStream::connect(rt.join(SERIAL_SOCKET))
@@ -444,7 +461,10 @@ fn build_config(
         })
         .collect();
     let bootindex = |slot: vm_config::Slot| -> Option<u32> {
-        if boot_slots.is_empty() {
+        if spec.direct_kernel.is_some() {
+            // The kernel given to QEMU boots first (it takes boot index 0).
+            None
+        } else if boot_slots.is_empty() {
             // Hyper-V's default: generation 1 boots IDE 0:0.
             (slot.controller == vm_config::ControllerKind::Ide
                 && slot.controller_number == 0

@@ -193,3 +193,18 @@ async fn generation2_boots_on_q35_with_ovmf_and_its_own_uefi_variable_store() {
     assert!(vm.console().contains("efi-bits 64"), "{}", vm.console());
     assert!(vm.spec.vm_dir.join("OVMF_VARS.fd").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_refusing_to_start_leaves_critical_with_qemus_own_message() {
+    let mut direct = direct_boot("true", "");
+    direct.kernel = "/nonexistent/vmlinuz".into();
+    let mut vm = Vm::new(settings("broken", vec![]), Some(direct));
+    vm.start();
+    let status = vm.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.state, WorkerState::Critical);
+    let reason = status.reason.unwrap_or_default();
+    assert!(
+        reason.contains("QEMU exited while starting") && reason.contains("/nonexistent/vmlinuz"),
+        "{reason}"
+    );
+}

@@ -1,0 +1,130 @@
+//! IDE disks served by the worker's NBD server from the storage engine, with the real
+//! guest booting through SeaBIOS and syslinux from IDE 0:0.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{ide, settings, Vm};
+use worker::control::{Request, WorkerState};
+
+const DATA_DISK_BYTES: usize = 64 << 20;
+
+/// A raw "config disk" the guest's init runs as its command.
+fn config_disk(path: &Path, script: &str) {
+    let mut bytes = format!("#viridian-guest-script\n{script}\n").into_bytes();
+    bytes.resize(1 << 20, 0);
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn pattern() -> Vec<u8> {
+    (0..1000)
+        .map(|i| format!("VIRIDIAN-PATTERN-{i:04}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_boots_from_ide_0_0_through_the_firmware_and_its_writes_to_an_ide_disk_reach_the_file(
+) {
+    let g = common::guest_dir();
+    let scratch = tempfile::tempdir().unwrap();
+    let boot = scratch.path().join("boot.raw");
+    std::fs::copy(g.join("boot.raw"), &boot).unwrap();
+    let data = scratch.path().join("data.raw");
+    std::fs::write(&data, vec![0u8; DATA_DISK_BYTES]).unwrap();
+    let cfg = scratch.path().join("cfg.raw");
+    // Find the data disk by its size (64 MiB = 131072 sectors), write the pattern at
+    // 1 MiB with O_DIRECT-like durability, and power off.
+    config_disk(
+        &cfg,
+        "dev=''; for d in /sys/block/sd*; do [ \"$(cat $d/size)\" = 131072 ] && dev=/dev/${d##*/}; done\n\
+         echo \"data disk $dev\"\n\
+         i=0; while [ $i -lt 1000 ]; do printf 'VIRIDIAN-PATTERN-%04d\\n' $i; i=$((i+1)); done > /tmp/p\n\
+         dd if=/tmp/p of=$dev bs=1M seek=1 conv=fsync 2>&1\n\
+         sync",
+    );
+    let mut vm = Vm::new(
+        settings(
+            "firmware",
+            vec![ide(0, 0, &boot), ide(0, 1, &cfg), ide(1, 0, &data)],
+        ),
+        None,
+    );
+    vm.start();
+    vm.wait_console("SYSLINUX", Duration::from_secs(120));
+    vm.wait_console("VIRIDIAN-GUEST: booted", Duration::from_secs(120));
+
+    // While it runs, the writable disks are locked: a second VM cannot open them.
+    let mut other = Vm::new(settings("intruder", vec![ide(0, 0, &data)]), None);
+    other.start();
+    let status = other.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.state, WorkerState::Critical);
+    let reason = status.reason.unwrap_or_default();
+    assert!(
+        reason.contains("in use by another process") && reason.contains("data.raw"),
+        "{reason}"
+    );
+
+    let status = vm.wait_exit(Duration::from_secs(120));
+    assert_eq!(
+        status.state,
+        WorkerState::Off,
+        "{:?}\n{}",
+        status.reason,
+        vm.console()
+    );
+    let console = vm.console();
+    assert!(console.contains("data disk /dev/sd"), "{console}");
+    assert!(
+        console.contains("VIRIDIAN-GUEST: command exited 0"),
+        "{console}"
+    );
+
+    // The host reads the same bytes through the engine; the lock is gone.
+    let disk = vhd::RawDisk::open(&data, false).expect("the worker released its lock");
+    let want = pattern();
+    let mut got = vec![0u8; want.len()];
+    vhd::Disk::read_at(&disk, &mut got, 1 << 20).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_releases_the_disk_lock_and_the_next_start_works() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data.raw");
+    std::fs::write(&data, vec![0u8; 8 << 20]).unwrap();
+    let direct = common::direct_boot("while true; do echo alive; sleep 1; done", "");
+    let mut vm = Vm::new(settings("victim", vec![ide(0, 0, &data)]), Some(direct));
+    vm.start();
+    vm.wait_console("alive", Duration::from_secs(90));
+    assert!(
+        vhd::RawDisk::open(&data, false).is_err(),
+        "the disk is not locked"
+    );
+    vm.worker.as_mut().unwrap().kill().unwrap();
+    vm.worker.as_mut().unwrap().wait().unwrap();
+    vm.worker = None;
+    // QEMU goes with its worker; then nothing holds the disk.
+    let start = std::time::Instant::now();
+    loop {
+        match vhd::RawDisk::open(&data, false) {
+            Ok(_) => break,
+            Err(e) => assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the lock outlived the worker: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And the VM starts again (a fresh console log, to see this boot's marker).
+    let _ = std::fs::remove_file(vm.rt().join(worker::console::LOG_FILE));
+    vm.start();
+    vm.wait_console("VIRIDIAN-GUEST: booted", Duration::from_secs(90));
+    let status = vm.call(Request::Stop).await.unwrap();
+    assert_eq!(status.state, WorkerState::Off);
+}
