@@ -11,6 +11,7 @@
 #   initramfs.img   busybox-static + guest/init + the virtio/ATA/SCSI modules (cpio, gzip)
 #   boot.vhd        a dynamic VHD that SeaBIOS boots from IDE 0:0: MBR, one FAT partition,
 #                   syslinux, the kernel and the initramfs (console on the first serial port)
+#   boot-fixed.vhd  the same disk as a fixed VHD
 #   boot.raw        the same disk as a raw image
 #   cmdline         the kernel command line boot.vhd uses, for direct kernel boot
 #   versions        what went in
@@ -61,6 +62,7 @@ fi
 
 mkdir -p "$cache_root"
 work="$(mktemp -d "$cache_root/.build.XXXXXX")"
+chmod 0755 "$work"
 trap 'rm -rf "$work"' EXIT
 echo "guest/build.sh: building the test guest ($versions)" >&2
 
@@ -144,6 +146,7 @@ with open(path, "r+b") as f:
 EOF
 rm -f "$fs"
 qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$disk" "$work/boot.vhd"
+qemu-img convert -f raw -O vpc -o subformat=fixed,force_size=on "$disk" "$work/boot-fixed.vhd"
 
 echo "$versions" > "$work/versions.tmp"
 rm -rf "$work/deb" "$work/kernel" "$work/rootfs" "$work/syslinux.cfg"

@@ -19,7 +19,7 @@ pub enum DiskError {
         slot: Slot,
         path: PathBuf,
         #[source]
-        source: vhd::Error,
+        source: crate::fixed_vhd::FixedVhdError,
     },
     #[error("the disk in slot {slot} is a pass-through host device ({device}), which the worker cannot serve yet; attach a VHD/VHDX instead")]
     PassThrough { slot: Slot, device: String },
@@ -55,10 +55,26 @@ pub struct ServedDisks {
     nbd: Option<crate::nbd::NbdService>,
 }
 
-/// Opens a disk image through the engine: VHD/VHDX (and chains) by their format,
-/// anything else as a raw image. Writable opens lock the file exclusively.
-pub fn open_disk(path: &Path, read_only: bool) -> vhd::Result<Arc<dyn vhd::Disk>> {
-    Ok(Arc::new(vhd::RawDisk::open(path, read_only)?))
+/// Opens a disk image through the engine by its extension: `.vhd`/`.avhd` as VHD
+/// (fixed ones for now, see [`crate::fixed_vhd`]), `.vhdx`/`.avhdx` refused until the
+/// engine opens them, anything else (ISO, raw) as a raw image. Writable opens lock
+/// the file exclusively, read-only ones shared.
+pub fn open_disk(
+    path: &Path,
+    read_only: bool,
+) -> Result<Arc<dyn vhd::Disk>, crate::fixed_vhd::FixedVhdError> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    match ext.as_str() {
+        "vhd" | "avhd" => Ok(Arc::new(crate::fixed_vhd::open(path, read_only)?)),
+        "vhdx" | "avhdx" => Err(crate::fixed_vhd::FixedVhdError::Vhdx {
+            path: path.to_path_buf(),
+        }),
+        _ => Ok(Arc::new(vhd::RawDisk::open(path, read_only)?)),
+    }
 }
 
 impl ServedDisks {

@@ -12,6 +12,7 @@ pub mod accel;
 pub mod console;
 pub mod control;
 pub mod disks;
+pub mod fixed_vhd;
 pub mod nbd;
 pub mod qemu;
 pub mod runtime;

@@ -26,12 +26,13 @@ fn pattern() -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn guest_boots_from_ide_0_0_through_the_firmware_and_its_writes_to_an_ide_disk_reach_the_file(
+async fn guest_boots_from_a_vhd_on_ide_0_0_through_the_firmware_and_its_writes_to_an_ide_disk_reach_the_file(
 ) {
     let g = common::guest_dir();
     let scratch = tempfile::tempdir().unwrap();
-    let boot = scratch.path().join("boot.raw");
-    std::fs::copy(g.join("boot.raw"), &boot).unwrap();
+    // A fixed VHD: the worker serves it from the engine; QEMU never opens it.
+    let boot = scratch.path().join("boot.vhd");
+    std::fs::copy(g.join("boot-fixed.vhd"), &boot).unwrap();
     let data = scratch.path().join("data.raw");
     std::fs::write(&data, vec![0u8; DATA_DISK_BYTES]).unwrap();
     let cfg = scratch.path().join("cfg.raw");
