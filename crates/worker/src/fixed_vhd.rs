@@ -6,7 +6,6 @@
 use std::os::unix::fs::FileExt;
 
 use std::path::{Path, PathBuf};
-use vhd::Disk as _;
 
 /// Why a VHD cannot be opened here.
 #[derive(Debug, thiserror::Error)]
