@@ -208,3 +208,56 @@ async fn qemu_refusing_to_start_leaves_critical_with_qemus_own_message() {
         "{reason}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_attaches_to_the_guest_shell_and_restart_reboots_the_guest() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let g = common::guest_dir();
+    let direct = worker::spec::DirectKernelSpec {
+        kernel: g.join("vmlinuz"),
+        initrd: Some(g.join("initramfs.img")),
+        cmdline: "console=ttyS0 panic=-1 quiet".into(),
+    };
+    let mut vm = Vm::new(settings("shell", vec![]), Some(direct));
+    vm.start();
+    vm.wait_console("VIRIDIAN-GUEST: ready", BOOT);
+
+    let client = worker::control::Client::connect(vm.rt()).await.unwrap();
+    let mut console = client.into_console().await.unwrap();
+    console
+        .get_mut()
+        .write_all(b"echo $((6*7))-from-console\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = console.read(&mut buf).await.unwrap();
+            assert!(n > 0, "console closed");
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("42-from-console") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "{}", String::from_utf8_lossy(&seen));
+    drop(console);
+    // What the console showed is in the log too.
+    vm.wait_console("42-from-console", Duration::from_secs(5));
+
+    assert_eq!(
+        vm.call(Request::Restart).await.unwrap().state,
+        WorkerState::Running
+    );
+    let start = std::time::Instant::now();
+    while vm.console().matches("VIRIDIAN-GUEST: booted").count() < 2 {
+        assert!(start.elapsed() < BOOT, "no second boot:\n{}", vm.console());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        vm.call(Request::Stop).await.unwrap().state,
+        WorkerState::Off
+    );
+}
