@@ -1,6 +1,7 @@
 //! Disk operations as jobs: parse the request, resolve paths, run the engine's
 //! operation on a blocking thread with progress and cancellation.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use api::disks::{
@@ -9,11 +10,120 @@ use api::disks::{
 use api::ErrorCode;
 use hyper::body::Incoming;
 use hyper::Response;
+use jobs::{JobEngine, JobError, JobSnapshot, JobSpec};
 
 use crate::error::ApiError;
 use crate::handlers::disks::resolve;
 use crate::http::body::{read_json, Body};
 use crate::service::Service;
+use crate::vms::store::error_chain;
+
+/// Runs a blocking storage-engine operation as a job. The operation gets a
+/// [`vhd::Progress`] that sets the job's percent and asks it to stop once
+/// cancellation is requested; `vhd::Error::Cancelled` ends the job Terminated,
+/// other errors end it in Exception with a stable code.
+pub fn run_engine_op<F>(jobs: &JobEngine, spec: JobSpec, op: F) -> JobSnapshot
+where
+    F: FnOnce(&mut dyn vhd::Progress) -> vhd::Result<()> + Send + 'static,
+{
+    jobs.submit(spec, move |ctx| async move {
+        let result = tokio::task::spawn_blocking(move || {
+            let mut progress = |done: u64, total: u64| {
+                ctx.set_progress(done, total);
+                !ctx.cancel_requested()
+            };
+            op(&mut progress)
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(vhd::Error::Cancelled { .. })) => Err(JobError::Cancelled),
+            Ok(Err(e)) => Err(JobError::failed(error_code(&e), error_chain(&e))),
+            Err(join) => Err(JobError::failed(
+                "Internal",
+                format!("the disk operation failed unexpectedly: {join}"),
+            )),
+        }
+    })
+}
+
+/// The job error code for an engine error.
+pub fn error_code(e: &vhd::Error) -> &'static str {
+    match e {
+        vhd::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            "FileNotFound"
+        }
+        vhd::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists => {
+            "AlreadyExists"
+        }
+        vhd::Error::Io { .. } => "IoError",
+        vhd::Error::Locked { .. } => "InUse",
+        vhd::Error::ReadOnly { .. } => "ReadOnly",
+        vhd::Error::Cancelled { .. } => "Cancelled",
+        vhd::Error::Vhd(_) | vhd::Error::Vhdx(_) => "InvalidDisk",
+        vhd::Error::OutOfRange { .. } => "InvalidParameter",
+    }
+}
+
+/// The source must exist.
+fn existing(path: &Path) -> Result<(), ApiError> {
+    if path.is_file() {
+        return Ok(());
+    }
+    Err(ApiError::not_found(format!(
+        "the disk {} does not exist",
+        path.display()
+    )))
+}
+
+/// A new file must not exist yet, and its folder must (the disks folder itself is
+/// made when the job starts).
+fn fresh(path: &Path, base: &Path) -> Result<(), ApiError> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(ApiError::new(
+            ErrorCode::AlreadyExists,
+            format!(
+                "{} already exists; choose another name or delete it first",
+                path.display()
+            ),
+        ));
+    }
+    match path.parent() {
+        Some(dir) if dir.is_dir() || dir == base => Ok(()),
+        _ => Err(ApiError::invalid(format!(
+            "the folder for {} does not exist",
+            path.display()
+        ))),
+    }
+}
+
+/// Refuses to touch a disk that a VM not Off has attached.
+fn not_in_running_vm(svc: &Service, path: &Path) -> Result<(), ApiError> {
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let store = svc.store();
+    for entry in store.entries() {
+        let Some(settings) = &entry.settings else {
+            continue;
+        };
+        let uses = settings
+            .drives
+            .iter()
+            .filter_map(|d| d.media.host_path())
+            .any(|p| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p)) == key);
+        let state = svc.runtime.get(entry.id).state;
+        if uses && state != api::vms::VmState::Off {
+            return Err(ApiError::new(
+                ErrorCode::InUse,
+                format!(
+                    "{} is attached to VM {}, which is {state:?}; turn the VM off first",
+                    path.display(),
+                    settings.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
 
 pub async fn submit(
     svc: &Arc<Service>,
@@ -21,38 +131,133 @@ pub async fn submit(
     body: Incoming,
 ) -> Result<Response<Body>, ApiError> {
     let base = svc.disks_dir();
-    let paths = match op {
+    let (source, target) = match op {
         "create" => {
             let r: CreateDiskRequest = read_json(body).await?;
-            vec![resolve(&base, &r.path)?]
+            let path = resolve(&base, &r.path)?;
+            fresh(&path, &base)?;
+            if let Some(parent) = &r.parent {
+                existing(&resolve(&base, parent)?)?;
+            }
+            (None, path)
         }
-        "merge" => vec![resolve(
-            &base,
-            &read_json::<MergeDiskRequest>(body).await?.path,
-        )?],
+        "merge" => {
+            let path = resolve(&base, &read_json::<MergeDiskRequest>(body).await?.path)?;
+            existing(&path)?;
+            (Some(path.clone()), path)
+        }
         "convert" => {
             let r: ConvertDiskRequest = read_json(body).await?;
-            vec![resolve(&base, &r.path)?, resolve(&base, &r.destination)?]
+            let (src, dst) = (resolve(&base, &r.path)?, resolve(&base, &r.destination)?);
+            existing(&src)?;
+            fresh(&dst, &base)?;
+            (Some(src), dst)
         }
-        "compact" => vec![resolve(
-            &base,
-            &read_json::<CompactDiskRequest>(body).await?.path,
-        )?],
-        "resize" => vec![resolve(
-            &base,
-            &read_json::<ResizeDiskRequest>(body).await?.path,
-        )?],
+        "compact" => {
+            let path = resolve(&base, &read_json::<CompactDiskRequest>(body).await?.path)?;
+            existing(&path)?;
+            (Some(path.clone()), path)
+        }
+        "resize" => {
+            let path = resolve(&base, &read_json::<ResizeDiskRequest>(body).await?.path)?;
+            existing(&path)?;
+            (Some(path.clone()), path)
+        }
         _ => {
             return Err(ApiError::not_found(format!(
                 "there is no disk operation {op:?}; use create, merge, convert, compact or resize"
             )))
         }
     };
+    if let Some(src) = &source {
+        not_in_running_vm(svc, src)?;
+    }
     Err(ApiError::new(
         ErrorCode::InvalidState,
         format!(
             "the storage engine's {op} operation (for {}) is not available in this build yet",
-            paths[0].display()
+            target.display()
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use jobs::{AffectedElement, JobEngineConfig, JobState};
+
+    use super::*;
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            job_type: "TestDiskOp".into(),
+            description: "test".into(),
+            cancellable: true,
+            affected: vec![AffectedElement::new("disk", "/x.vhdx")],
+        }
+    }
+
+    #[tokio::test]
+    async fn engine_progress_becomes_job_percent_and_success_completes() {
+        let jobs = JobEngine::new(JobEngineConfig::default(), None);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let job = run_engine_op(&jobs, spec(), move |p| {
+            assert!(p.update(50, 200));
+            rx.recv().ok();
+            Ok(())
+        });
+        let mid = loop {
+            let s = jobs.get(job.id).unwrap();
+            if s.percent_complete > 0 {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(mid.percent_complete, 25);
+        tx.send(()).unwrap();
+        let done = jobs.wait(job.id, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(
+            (done.state, done.percent_complete),
+            (JobState::Completed, 100)
+        );
+    }
+
+    #[tokio::test]
+    async fn cancel_reaches_the_engine_and_ends_terminated() {
+        let jobs = JobEngine::new(JobEngineConfig::default(), None);
+        let job = run_engine_op(&jobs, spec(), |p| {
+            for i in 0.. {
+                if !p.update(i, u64::MAX) {
+                    return Err(vhd::Error::Cancelled {
+                        what: "the test disk".into(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(())
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        jobs.cancel(job.id).unwrap();
+        let done = jobs.wait(job.id, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(done.state, JobState::Terminated);
+    }
+
+    #[tokio::test]
+    async fn engine_errors_end_in_exception_with_a_code() {
+        let jobs = JobEngine::new(JobEngineConfig::default(), None);
+        let job = run_engine_op(&jobs, spec(), |_| {
+            Err(vhd::Error::Locked {
+                path: "/x.vhdx".into(),
+                wanted: "exclusive",
+            })
+        });
+        let done = jobs.wait(job.id, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(done.state, JobState::Exception);
+        assert_eq!(done.error_code.as_deref(), Some("InUse"));
+        assert!(done
+            .error_description
+            .unwrap()
+            .contains("/x.vhdx is in use"));
+    }
 }
