@@ -168,7 +168,7 @@ fn read_events(r: &mut BufReader<UnixStream>, n: usize) -> Vec<(String, Value)> 
 
 #[test]
 fn events_arrive_in_order_with_consecutive_sequence_numbers() {
-    let d = Daemon::start(&[]);
+    let mut d = Daemon::start(&[]);
     let mut stream = subscribe(&d);
     let vm = d.create_vm("ev");
     d.req("PATCH", "/v1/vms/ev", Some(r#"{"notes":"changed"}"#));
@@ -189,6 +189,10 @@ fn events_arrive_in_order_with_consecutive_sequence_numbers() {
         .collect();
     assert_eq!(states, ["New", "Running", "Completed"]);
     assert_eq!(events[0].1["vm"]["id"], vm["id"]);
+
+    // SIGTERM ends the stream cleanly and the daemon exits 0 with a listener attached.
+    d.stop();
+    assert!(read_events(&mut stream, 1).is_empty());
 }
 
 #[test]
