@@ -15,7 +15,10 @@ use serde_json::{json, Value};
 fn ensure_worker_binary() {
     let daemon = PathBuf::from(env!("CARGO_BIN_EXE_viridiand"));
     let worker = daemon.with_file_name("viridian-worker");
-    if worker.exists() {
+    // viridiand is rebuilt whenever the worker crate changes (it links it), so a worker
+    // binary older than viridiand may be stale.
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if matches!((modified(&worker), modified(&daemon)), (Some(w), Some(d)) if w >= d) {
         return;
     }
     let release = daemon.components().any(|c| c.as_os_str() == "release");

@@ -207,7 +207,9 @@ async fn run_inner(
     let control_listener = UnixListener::bind(rt.join(CONTROL_SOCKET)).map_err(runtime_err(&rt))?;
 
     let qemu_bin = spec.qemu_binary().to_path_buf();
-    let decision: AccelDecision = {
+    let decision: AccelDecision = if let Some(d) = spec.accel_decision.clone() {
+        d
+    } else {
         let bin = qemu_bin.clone();
         let choice = spec.accel;
         tokio::task::spawn_blocking(move || accel::decide(choice, &accel::probe_host(&bin)))
@@ -222,12 +224,11 @@ async fn run_inner(
         ensure_uefi_vars(&spec.vm_dir)?;
     }
     let served = ServedDisks::open_and_serve(&spec.settings, &rt.join(NBD_SOCKET)).await?;
-    let config = build_config(
-        &spec,
-        &decision,
-        &served,
-        sandbox_supported(&qemu_bin).await,
-    );
+    let sandbox = match spec.sandbox {
+        Some(known) => known,
+        None => sandbox_supported(&qemu_bin).await,
+    };
+    let config = build_config(&spec, &decision, &served, sandbox);
     let args = config.to_args();
     tracing::info!(?args, "starting QEMU");
 
@@ -542,7 +543,7 @@ fn ensure_uefi_vars(vm_dir: &Path) -> Result<(), WorkerError> {
 
 /// Whether this QEMU has `-sandbox` (built with seccomp): a QEMU started with it
 /// reaches its QMP greeting.
-async fn sandbox_supported(qemu: &Path) -> bool {
+pub async fn sandbox_supported(qemu: &Path) -> bool {
     let child = tokio::process::Command::new(qemu)
         .args([
             "-nodefaults",

@@ -34,6 +34,13 @@ pub struct WorkerSpec {
     pub runtime_dir: PathBuf,
     #[serde(default)]
     pub accel: AccelChoice,
+    /// The accelerator already decided by the daemon (with its reason); when present
+    /// the worker uses it instead of probing the host again, which saves start time.
+    #[serde(default)]
+    pub accel_decision: Option<crate::accel::AccelDecision>,
+    /// Whether QEMU supports `-sandbox`, when the daemon already knows; probed when absent.
+    #[serde(default)]
+    pub sandbox: Option<bool>,
     /// Resume from `<vm_dir>/saved-state.bin` instead of booting.
     #[serde(default)]
     pub resume: bool,

@@ -42,6 +42,9 @@ pub struct WorkerSupervisor {
     service: OnceLock<Weak<Service>>,
     worker_binary: PathBuf,
     accel: AccelChoice,
+    /// Decided once at daemon start and handed to every worker (no probe per start).
+    decision: Mutex<Option<worker::accel::AccelDecision>>,
+    sandbox: OnceLock<bool>,
     watched: Mutex<HashMap<Uuid, Watched>>,
 }
 
@@ -116,6 +119,8 @@ impl WorkerSupervisor {
             service: OnceLock::new(),
             worker_binary: find_worker_binary(),
             accel,
+            decision: Mutex::new(None),
+            sandbox: OnceLock::new(),
             watched: Mutex::new(HashMap::new()),
         })
     }
@@ -291,6 +296,12 @@ impl WorkerSupervisor {
             vm_dir: vm_dir.clone(),
             runtime_dir: rt.clone(),
             accel: self.accel,
+            accel_decision: self
+                .decision
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            sandbox: self.sandbox.get().copied(),
             resume,
             direct_kernel: None,
             console_log_limit: worker::console::DEFAULT_LOG_LIMIT,
@@ -513,14 +524,14 @@ pub fn install(
 ) -> Result<Arc<WorkerSupervisor>, String> {
     let accel: AccelChoice = config.accel.parse()?;
     let host = worker::accel::probe_host(Path::new("qemu-system-x86_64"));
-    match worker::accel::decide(accel, &host) {
-        Ok(decision) => {
-            svc.host.accelerator.kind = decision.accel.as_str().to_string();
-            svc.host.accelerator.reason = decision.reason;
-        }
-        Err(e) => return Err(e),
-    }
+    let decision = worker::accel::decide(accel, &host)?;
+    svc.host.accelerator.kind = decision.accel.as_str().to_string();
+    svc.host.accelerator.reason = decision.reason.clone();
     let supervisor = WorkerSupervisor::new(accel);
+    *supervisor
+        .decision
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(decision);
     svc.workers = Some(Arc::new(supervisor.clone()));
     Ok(supervisor)
 }
@@ -529,6 +540,8 @@ pub fn install(
 /// of VMs that kept running while the daemon was down.
 pub async fn attach_and_reattach(supervisor: &Arc<WorkerSupervisor>, svc: &Arc<Service>) {
     supervisor.attach(svc);
+    let sandbox = worker::runtime::sandbox_supported(Path::new("qemu-system-x86_64")).await;
+    let _ = supervisor.sandbox.set(sandbox);
     let vms: Vec<(VmSettings, PathBuf)> = svc
         .store()
         .entries()

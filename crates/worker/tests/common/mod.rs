@@ -103,6 +103,8 @@ impl Vm {
             runtime_dir: vm_dir.join("runtime"),
             vm_dir,
             accel: worker::accel::AccelChoice::Auto,
+            accel_decision: None,
+            sandbox: None,
             resume: false,
             direct_kernel: direct,
             console_log_limit: 1 << 20,
