@@ -159,6 +159,17 @@ pub enum DiskCmd {
         #[arg(long)]
         location: u8,
     },
+    /// Re-point the hard disk in a slot to another file (repairs a moved disk).
+    Set {
+        vm: String,
+        path: String,
+        #[arg(long, value_enum)]
+        controller: Controller,
+        #[arg(long)]
+        number: u8,
+        #[arg(long)]
+        location: u8,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -316,6 +327,37 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
             )?;
             if !conn.json {
                 println!("removed the drive at {kind} {number}:{location} from {vm}");
+            }
+        }
+        VmCmd::Disk {
+            cmd:
+                DiskCmd::Set {
+                    vm,
+                    path,
+                    controller,
+                    number,
+                    location,
+                },
+        } => {
+            let kind = match controller {
+                Controller::Ide => "ide",
+                Controller::Scsi => "scsi",
+            };
+            let req = api::vms::UpdateDriveRequest {
+                media: DriveMedia::HardDisk {
+                    path: conn.host_path(path),
+                },
+            };
+            let url = format!("{}/drives/{kind}/{number}/{location}", vm_path(&vm));
+            let (d, _) = client.call::<Drive>(Method::PUT, &url, Some(&req))?;
+            if conn.json {
+                output::print_json(&d);
+            } else {
+                println!(
+                    "{vm}: the drive at {} now uses {}",
+                    d.slot,
+                    d.media.host_path().unwrap_or("")
+                );
             }
         }
         VmCmd::Dvd {

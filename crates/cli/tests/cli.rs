@@ -184,6 +184,22 @@ fn vm_commands_work_by_name_or_id_with_text_and_json_output() {
         "0",
     ]);
     assert_eq!(dvd["media"]["type"], "dvd");
+    let moved = d.dir.path().join("moved.vhd");
+    std::fs::rename(&disk, &moved).unwrap();
+    let repointed = d.json(&[
+        "vm",
+        "disk",
+        "set",
+        "web 01",
+        moved.to_str().unwrap(),
+        "--controller",
+        "ide",
+        "--number",
+        "0",
+        "--location",
+        "0",
+    ]);
+    assert_eq!(repointed["media"]["path"], moved.to_str().unwrap());
     let out = d.cli(&[
         "vm",
         "disk",
