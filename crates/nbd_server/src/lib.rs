@@ -1,1 +1,481 @@
-//! NBD (fixed newstyle) server over any `vhd::Disk`.
+//! NBD (fixed newstyle) server over any `vhd::Disk`, on a unix socket.
+//!
+//! Used by `viridian vhd serve` and by the worker, whose emulated IDE disks QEMU's
+//! PIIX IDE model reads through QEMU's NBD client. QEMU never opens a disk file.
+//!
+//! What it speaks: the fixed-newstyle handshake with `NBD_OPT_GO`, `NBD_OPT_INFO`
+//! (`NBD_INFO_EXPORT`, `NBD_INFO_BLOCK_SIZE`), `NBD_OPT_EXPORT_NAME`, `NBD_OPT_LIST`
+//! and `NBD_OPT_ABORT`; simple replies only (structured replies are refused with
+//! `NBD_REP_ERR_UNSUP`, which clients handle by falling back); commands READ, WRITE
+//! (with FUA), FLUSH, TRIM, WRITE_ZEROES (with or without `NO_HOLE`), CACHE and DISC.
+//! Each connection is served on its own thread with blocking I/O; requests on one
+//! connection are answered in order. An export whose disk is writable advertises
+//! `CAN_MULTI_CONN`: every connection shares one `Disk`, so a flush on any connection
+//! covers the writes of all of them.
+//!
+//! A client that breaks the protocol (bad magic, oversized request or option) is
+//! disconnected; it cannot make the server panic or allocate without bound.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+const CLIENT_NO_ZEROES: u32 = 2;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = 0x8000_0001;
+const REP_ERR_INVALID: u32 = 0x8000_0003;
+const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+
+const INFO_EXPORT: u16 = 0;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+const TFLAG_HAS_FLAGS: u16 = 1;
+const TFLAG_READ_ONLY: u16 = 2;
+const TFLAG_SEND_FLUSH: u16 = 4;
+const TFLAG_SEND_FUA: u16 = 8;
+const TFLAG_SEND_TRIM: u16 = 32;
+const TFLAG_SEND_WRITE_ZEROES: u16 = 64;
+const TFLAG_CAN_MULTI_CONN: u16 = 256;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_CACHE: u16 = 5;
+const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_FLAG_FUA: u16 = 1;
+const CMD_FLAG_NO_HOLE: u16 = 2;
+
+const EPERM: u32 = 1;
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+
+/// Largest request payload accepted (QEMU sends at most 32 MiB).
+const MAX_REQUEST: u32 = 32 << 20;
+
+type Exports = Arc<HashMap<String, Arc<dyn vhd::Disk>>>;
+
+/// A running NBD server on a unix socket.
+pub struct Server {
+    socket: PathBuf,
+    stopping: Arc<AtomicBool>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Listens on `socket` and serves `exports` (name, disk) until [`Server::stop`].
+    pub fn start(socket: &Path, exports: Vec<(String, Arc<dyn vhd::Disk>)>) -> io::Result<Self> {
+        let listener = UnixListener::bind(socket)?;
+        let exports: Exports = Arc::new(exports.into_iter().collect());
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = stopping.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let exports = exports.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("nbd-conn".into())
+                        .spawn(move || {
+                            if let Err(e) = serve(stream, &exports) {
+                                if e.kind() != io::ErrorKind::UnexpectedEof {
+                                    tracing::warn!("NBD connection ended with an error: {e}");
+                                }
+                            }
+                        });
+                }
+            })?;
+        Ok(Self {
+            socket: socket.to_path_buf(),
+            stopping,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The socket the server listens on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Stops accepting connections and removes the socket. Connections already
+    /// open are served until their clients disconnect. Blocks briefly: call it from
+    /// a blocking context.
+    pub fn stop(mut self) {
+        self.shut_down();
+    }
+
+    fn shut_down(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // Wake the acceptor so it sees the flag.
+        let _ = UnixStream::connect(&self.socket);
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.acceptor.is_some() {
+            self.shut_down();
+        }
+    }
+}
+
+fn read_u16(r: &mut impl Read) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    r.read_exact(&mut b)?;
+    Ok(u16::from_be_bytes(b))
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn protocol(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn option_reply(w: &mut impl Write, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    let mut out = Vec::with_capacity(20 + data.len());
+    out.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    w.write_all(&out)
+}
+
+/// The export a client names; the empty name picks the only export when there is one.
+fn find_export<'a>(exports: &'a Exports, name: &str) -> Option<&'a Arc<dyn vhd::Disk>> {
+    exports.get(name).or_else(|| {
+        if name.is_empty() && exports.len() == 1 {
+            exports.values().next()
+        } else {
+            None
+        }
+    })
+}
+
+fn transmission_flags(disk: &dyn vhd::Disk) -> u16 {
+    let mut flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
+    if disk.read_only() {
+        flags |= TFLAG_READ_ONLY;
+    } else {
+        flags |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
+    }
+    flags
+}
+
+/// Serves one client: handshake, option haggling, then transmission.
+fn serve(mut s: UnixStream, exports: &Exports) -> io::Result<()> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&hello)?;
+    let client_flags = read_u32(&mut s)?;
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+
+    let disk = loop {
+        if read_u64(&mut s)? != IHAVEOPT {
+            return Err(protocol("option without the IHAVEOPT magic"));
+        }
+        let option = read_u32(&mut s)?;
+        let len = read_u32(&mut s)?;
+        if len > 64 * 1024 {
+            return Err(protocol(format!(
+                "option {option} of {len} bytes is too long"
+            )));
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data)?;
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some(disk) = find_export(exports, &name) else {
+                    // The protocol has no error reply here: the only answer is to close.
+                    return Err(protocol(format!("unknown export {name:?}")));
+                };
+                let mut out = Vec::new();
+                out.extend_from_slice(&disk.size().to_be_bytes());
+                out.extend_from_slice(&transmission_flags(disk.as_ref()).to_be_bytes());
+                if !no_zeroes {
+                    out.extend_from_slice(&[0u8; 124]);
+                }
+                s.write_all(&out)?;
+                break disk.clone();
+            }
+            OPT_ABORT => {
+                option_reply(&mut s, option, REP_ACK, &[])?;
+                return Ok(());
+            }
+            OPT_LIST => {
+                for name in exports.keys() {
+                    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(name.as_bytes());
+                    option_reply(&mut s, option, REP_SERVER, &d)?;
+                }
+                option_reply(&mut s, option, REP_ACK, &[])?;
+            }
+            OPT_INFO | OPT_GO => {
+                let parsed = (|| {
+                    let n = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+                    let name = std::str::from_utf8(data.get(4..4 + n)?).ok()?.to_string();
+                    Some(name)
+                })();
+                let Some(name) = parsed else {
+                    option_reply(&mut s, option, REP_ERR_INVALID, b"malformed option")?;
+                    continue;
+                };
+                let Some(disk) = find_export(exports, &name) else {
+                    let msg = format!("no export named {name:?}");
+                    option_reply(&mut s, option, REP_ERR_UNKNOWN, msg.as_bytes())?;
+                    continue;
+                };
+                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                info.extend_from_slice(&disk.size().to_be_bytes());
+                info.extend_from_slice(&transmission_flags(disk.as_ref()).to_be_bytes());
+                option_reply(&mut s, option, REP_INFO, &info)?;
+                let mut sizes = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                sizes.extend_from_slice(&1u32.to_be_bytes());
+                sizes.extend_from_slice(&4096u32.to_be_bytes());
+                sizes.extend_from_slice(&MAX_REQUEST.to_be_bytes());
+                option_reply(&mut s, option, REP_INFO, &sizes)?;
+                option_reply(&mut s, option, REP_ACK, &[])?;
+                if option == OPT_GO {
+                    break disk.clone();
+                }
+            }
+            _ => option_reply(&mut s, option, REP_ERR_UNSUP, &[])?,
+        }
+    };
+    transmit(s, disk.as_ref())
+}
+
+fn errno(e: &vhd::Error) -> u32 {
+    match e {
+        vhd::Error::ReadOnly { .. } => EPERM,
+        vhd::Error::OutOfRange { .. } => EINVAL,
+        vhd::Error::Io { source, .. } if source.raw_os_error() == Some(28) => ENOSPC,
+        _ => EIO,
+    }
+}
+
+/// Writes zeros as data, for `NBD_CMD_FLAG_NO_HOLE` (the client wants the range
+/// to stay allocated).
+fn write_explicit_zeros(disk: &dyn vhd::Disk, offset: u64, len: u64) -> vhd::Result<()> {
+    vhd::disk::check_range(disk.path(), disk.size(), offset, len)?;
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        disk.write_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
+fn transmit(s: UnixStream, disk: &dyn vhd::Disk) -> io::Result<()> {
+    let mut r = io::BufReader::with_capacity(256 * 1024, s.try_clone()?);
+    let mut w = io::BufWriter::with_capacity(256 * 1024, s);
+    let mut buf = Vec::new();
+    loop {
+        let magic = match read_u32(&mut r) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if magic != REQUEST_MAGIC {
+            return Err(protocol(format!("request magic {magic:#x}")));
+        }
+        let flags = read_u16(&mut r)?;
+        let kind = read_u16(&mut r)?;
+        let handle = read_u64(&mut r)?;
+        let offset = read_u64(&mut r)?;
+        let len = read_u32(&mut r)?;
+        if matches!(kind, CMD_READ | CMD_WRITE) && len > MAX_REQUEST {
+            return Err(protocol(format!("request of {len} bytes is too large")));
+        }
+        let reply = |w: &mut io::BufWriter<UnixStream>, error: u32| -> io::Result<()> {
+            w.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
+            w.write_all(&error.to_be_bytes())?;
+            w.write_all(&handle.to_be_bytes())
+        };
+        let fua = |result: vhd::Result<()>| {
+            result.and_then(|()| {
+                if flags & CMD_FLAG_FUA != 0 {
+                    disk.flush()
+                } else {
+                    Ok(())
+                }
+            })
+        };
+        match kind {
+            CMD_READ => {
+                buf.resize(len as usize, 0);
+                match disk.read_at(&mut buf, offset) {
+                    Ok(()) => {
+                        reply(&mut w, 0)?;
+                        w.write_all(&buf)?;
+                    }
+                    Err(e) => reply(&mut w, errno(&e))?,
+                }
+            }
+            CMD_WRITE => {
+                buf.resize(len as usize, 0);
+                r.read_exact(&mut buf)?;
+                let result = fua(disk.write_at(&buf, offset));
+                reply(&mut w, result.as_ref().map(|_| 0).unwrap_or_else(errno))?;
+            }
+            CMD_FLUSH => {
+                let result = disk.flush();
+                reply(&mut w, result.as_ref().map(|_| 0).unwrap_or_else(errno))?;
+            }
+            CMD_TRIM => {
+                let result = fua(disk.discard(offset, u64::from(len)));
+                reply(&mut w, result.as_ref().map(|_| 0).unwrap_or_else(errno))?;
+            }
+            CMD_WRITE_ZEROES => {
+                let result = if flags & CMD_FLAG_NO_HOLE != 0 {
+                    fua(write_explicit_zeros(disk, offset, u64::from(len)))
+                } else {
+                    fua(disk.write_zeroes(offset, u64::from(len)))
+                };
+                reply(&mut w, result.as_ref().map(|_| 0).unwrap_or_else(errno))?;
+            }
+            CMD_CACHE => reply(&mut w, 0)?,
+            CMD_DISC => {
+                w.flush()?;
+                return Ok(());
+            }
+            _ => reply(&mut w, EINVAL)?,
+        }
+        // Answer at once when no further request is already waiting.
+        if r.buffer().is_empty() {
+            w.flush()?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// QEMU's own NBD client (qemu-io) writes and reads through our server, and
+    /// the bytes land in the file.
+    #[test]
+    fn qemu_io_writes_and_reads_through_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.raw");
+        std::fs::write(&image, vec![0u8; 4 << 20]).unwrap();
+        let disk: Arc<dyn vhd::Disk> = Arc::new(vhd::RawDisk::open(&image, false).unwrap());
+        let sock = dir.path().join("nbd.sock");
+        let service = Server::start(&sock, vec![("ide0-0".into(), disk)]).unwrap();
+        let uri = format!("nbd+unix:///ide0-0?socket={}", sock.display());
+        let out = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0xab 65536 131072",
+                "-c",
+                "flush",
+            ])
+            .args(["-c", "read -P 0xab 65536 131072", "-c", "read -P 0 0 65536"])
+            .args(["-c", "write -z 0 4096", "-c", "discard 1048576 65536"])
+            .arg(&uri)
+            .output()
+            .expect("qemu-io runs (qemu-utils)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(!text.contains("Pattern verification failed"), "{text}");
+        let bytes = std::fs::read(&image).unwrap();
+        assert!(bytes[65536..65536 + 131072].iter().all(|&b| b == 0xab));
+        assert!(bytes[..65536].iter().all(|&b| b == 0));
+        // An unknown export is refused with a reason, not a hang.
+        let bad = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 512"])
+            .arg(format!("nbd+unix:///nope?socket={}", sock.display()))
+            .output()
+            .unwrap();
+        assert!(!bad.status.success());
+        assert!(
+            String::from_utf8_lossy(&bad.stderr).contains("nope"),
+            "{}",
+            String::from_utf8_lossy(&bad.stderr)
+        );
+        service.stop();
+        assert!(!sock.exists());
+    }
+
+    #[test]
+    fn read_only_export_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("cd.iso");
+        std::fs::write(&image, vec![7u8; 1 << 20]).unwrap();
+        let disk: Arc<dyn vhd::Disk> = Arc::new(vhd::RawDisk::open(&image, true).unwrap());
+        let sock = dir.path().join("nbd.sock");
+        let service = Server::start(&sock, vec![("ide1-0".into(), disk)]).unwrap();
+        let uri = format!("nbd+unix:///ide1-0?socket={}", sock.display());
+        let read = Command::new("qemu-io")
+            .args(["-r", "-f", "raw", "-c", "read -P 7 0 4096"])
+            .arg(&uri)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&read.stdout).to_string();
+        assert!(text.contains("read 4096/4096"), "{text}");
+        // A writable open is refused: the export says it is read-only.
+        let write = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 512"])
+            .arg(&uri)
+            .output()
+            .unwrap();
+        assert!(!write.status.success());
+        assert!(
+            String::from_utf8_lossy(&write.stderr).contains("Permission denied"),
+            "{}",
+            String::from_utf8_lossy(&write.stderr)
+        );
+        assert!(std::fs::read(&image).unwrap().iter().all(|&b| b == 7));
+        service.stop();
+    }
+}

@@ -52,7 +52,7 @@ pub struct ServedIde {
 /// Every disk of the running VM, open and served.
 pub struct ServedDisks {
     pub ide: Vec<ServedIde>,
-    nbd: Option<crate::nbd::NbdService>,
+    nbd: Option<nbd_server::Server>,
 }
 
 /// Opens a disk image through the engine by its extension: `.vhd`/`.avhd` as VHD
@@ -124,7 +124,7 @@ impl ServedDisks {
                 .map(|d| (d.export.clone(), d.disk.clone()))
                 .collect();
             Some(
-                crate::nbd::NbdService::start(nbd_socket, exports).map_err(|source| {
+                nbd_server::Server::start(nbd_socket, exports).map_err(|source| {
                     DiskError::Nbd {
                         socket: nbd_socket.to_path_buf(),
                         source,
@@ -138,7 +138,7 @@ impl ServedDisks {
     /// Stops serving and makes every write durable. Called after QEMU has exited.
     pub async fn flush_and_close(self) -> Result<(), DiskError> {
         if let Some(nbd) = self.nbd {
-            nbd.stop().await;
+            let _ = tokio::task::spawn_blocking(move || nbd.stop()).await;
         }
         for d in &self.ide {
             if !d.read_only {

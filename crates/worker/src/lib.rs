@@ -13,7 +13,6 @@ pub mod console;
 pub mod control;
 pub mod disks;
 pub mod fixed_vhd;
-pub mod nbd;
 pub mod qemu;
 pub mod runtime;
 pub mod spec;
