@@ -156,4 +156,9 @@ if mv -T "$work" "$out" 2>/dev/null; then
     trap - EXIT
 fi
 [ -f "$out/versions" ] || die "could not publish the guest into $out"
+# Guests built from older package versions or an older builder are not used any more.
+for old in "$cache_root"/*/; do
+    old="${old%/}"
+    [ "$old" != "$out" ] && [ -f "$old/versions" ] && rm -rf "$old"
+done
 echo "$out"

@@ -94,10 +94,35 @@ fn process_alive(pid: u64) -> bool {
         .unwrap_or(false)
 }
 
+/// Workers outlive their daemon by design; a failing test must not leave its VMs
+/// running, so this kills every worker started for `data_dir` when dropped.
+struct KillWorkersOnDrop(PathBuf);
+
+impl Drop for KillWorkersOnDrop {
+    fn drop(&mut self) {
+        let needle = self.0.display().to_string();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("viridian-worker") && cmdline.contains(&needle) {
+                // SAFETY: kill(2) on a worker this test's daemon started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 #[test]
 fn running_vm_survives_daemon_restart_and_a_killed_worker_makes_it_critical_until_restarted() {
     ensure_worker_binary();
     let mut d = Daemon::start(&[]);
+    let _cleanup = KillWorkersOnDrop(d.data.clone());
     let r = d.post(
         "/v1/vms",
         json!({"name": "runner", "generation": 1, "processor_count": 1, "memory_mib": 128}),

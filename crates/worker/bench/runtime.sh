@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Side-by-side measurements of the VM runtime, in one run, under the same accelerator:
+#  1. start latency: `viridian vm start` (API call) to the guest's first console marker,
+#     booting the test guest's VHD from IDE 0:0 through SeaBIOS, versus the same boot
+#     with qemu-system-x86_64 started by hand on the raw image (QEMU's own IDE + file);
+#  2. in-guest sequential 1 MiB O_DIRECT read and write on an IDE disk: ours (PIIX IDE
+#     over the worker's NBD server) versus QEMU's own IDE on the raw file;
+#  3. the worker's resident memory while its VM runs (QEMU and guest RAM excluded).
+# Usage: crates/worker/bench/runtime.sh [ROUNDS]   (builds release binaries first)
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+rounds="${1:-5}"
+export PATH="$HOME/.cargo/bin:$PATH"
+# VIRIDIAN_BENCH_PROFILE=debug only to try the script; figures come from release builds.
+profile="${VIRIDIAN_BENCH_PROFILE:-release}"
+if [ "$profile" = release ]; then
+    cargo build --release -q -p daemon -p cli -p worker
+else
+    cargo build -q -p daemon -p cli -p worker
+fi
+bin="${CARGO_TARGET_DIR:-$PWD/target}/$profile"
+guest="$(./guest/build.sh | tail -1)"
+tmp="$(mktemp -d /tmp/viridian-bench.XXXXXX)"
+daemon_pid=""
+cleanup() {
+    [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+now_ms() { date +%s%3N; }
+# Waits until FILE contains TEXT; prints the milliseconds since START.
+wait_for() {
+    local file="$1" text="$2" start="$3"
+    for _ in $(seq 1 12000); do
+        if grep -qa "$text" "$file" 2>/dev/null; then
+            echo $(($(now_ms) - start))
+            return
+        fi
+        sleep 0.005
+    done
+    echo "timeout waiting for '$text' in $file" >&2
+    return 1
+}
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+export VIRIDIAN_SOCKET="$tmp/viridian.sock"
+"$bin/viridiand" --data-dir "$tmp/data" --socket "$VIRIDIAN_SOCKET" </dev/null >"$tmp/viridiand.log" 2>&1 &
+daemon_pid=$!
+while [ ! -S "$VIRIDIAN_SOCKET" ]; do sleep 0.05; done
+v() { "$bin/viridian" "$@" </dev/null >/dev/null; }
+
+accel="$("$bin/viridian" host </dev/null | sed -n 's/^accelerator: *//p')"
+echo "accelerator: $accel"
+
+# --- 1. start latency -----------------------------------------------------------
+cp "$guest/boot-fixed.vhd" "$tmp/boot.vhd"
+cp "$guest/boot.raw" "$tmp/boot.raw"
+v vm create bench --cpus 1 --memory 256M --generation 1
+v vm disk add bench "$tmp/boot.vhd" --controller ide --number 0 --location 0
+field() { "$bin/viridian" vm show bench --json </dev/null | /usr/bin/python3 -c "import json,sys; v=json.load(sys.stdin); print($1)"; }
+id="$(field 'v["id"]')"
+log="$tmp/data/vms/$id/runtime/console.log"
+ours=(); byhand=()
+for r in $(seq 1 "$rounds"); do
+    rm -f "$log" "$log.1"
+    start=$(now_ms)
+    "$bin/viridian" vm start bench --no-wait </dev/null >/dev/null
+    ours+=("$(wait_for "$log" "VIRIDIAN-GUEST: booted" "$start")")
+    v vm stop bench
+    out="$tmp/byhand.log"
+    rm -f "$out"
+    start=$(now_ms)
+    qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M \
+        -drive file="$tmp/boot.raw",format=raw,if=ide,index=0 -serial file:"$out" </dev/null &
+    qpid=$!
+    byhand+=("$(wait_for "$out" "VIRIDIAN-GUEST: booted" "$start")")
+    kill "$qpid"; wait "$qpid" 2>/dev/null || true
+done
+m_ours=$(printf '%s\n' "${ours[@]}" | median)
+m_hand=$(printf '%s\n' "${byhand[@]}" | median)
+echo "start to first marker, ms (rounds: $rounds)"
+echo "  viridian vm start (API, worker, NBD): ${ours[*]}  median $m_ours"
+echo "  qemu-system-x86_64 by hand (file):    ${byhand[*]}  median $m_hand"
+echo "  overhead (median): $((m_ours - m_hand)) ms"
+
+# --- 1b. the worker alone, direct kernel boot (no disks, no daemon) --------------
+mkdir -p "$tmp/direct"
+cat > "$tmp/direct.json" <<EOF
+{"settings": {"id": "00000000-0000-4000-8000-0000000000b1", "name": "direct", "generation": 1,
+  "processor": {"count": 1}, "memory": {"startup_mib": 256}},
+ "vm_dir": "$tmp/direct", "runtime_dir": "$tmp/direct/runtime",
+ "direct_kernel": {"kernel": "$guest/vmlinuz", "initrd": "$guest/initramfs.img", "cmdline": "console=ttyS0 quiet"}}
+EOF
+wk=(); dk=()
+for r in $(seq 1 "$rounds"); do
+    rm -rf "$tmp/direct/runtime"
+    start=$(now_ms)
+    "$bin/viridian-worker" --spec "$tmp/direct.json" </dev/null >"$tmp/direct.log" 2>&1 &
+    wpid=$!
+    wk+=("$(wait_for "$tmp/direct/runtime/console.log" "VIRIDIAN-GUEST: booted" "$start")")
+    kill "$wpid"; wait "$wpid" 2>/dev/null || true
+    out="$tmp/direct-hand.log"; rm -f "$out"
+    start=$(now_ms)
+    qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M \
+        -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.img" -append "console=ttyS0 quiet" \
+        -serial file:"$out" </dev/null &
+    qpid=$!
+    dk+=("$(wait_for "$out" "VIRIDIAN-GUEST: booted" "$start")")
+    kill "$qpid"; wait "$qpid" 2>/dev/null || true
+done
+m_wk=$(printf '%s\n' "${wk[@]}" | median)
+m_dk=$(printf '%s\n' "${dk[@]}" | median)
+echo "direct kernel boot to first marker, ms (the worker probes the accelerator and -sandbox itself here)"
+echo "  viridian-worker:            ${wk[*]}  median $m_wk"
+echo "  qemu-system-x86_64 by hand: ${dk[*]}  median $m_dk"
+echo "  overhead (median): $((m_wk - m_dk)) ms"
+
+# --- 2 + 3. in-guest IDE throughput and worker memory --------------------------
+truncate -s 600M "$tmp/data-ours.raw"
+truncate -s 600M "$tmp/data-qemu.raw"
+script='dev=""; for d in /sys/block/sd*; do [ "$(cat $d/size)" = 1228800 ] && dev=/dev/${d##*/}; done
+cs() { t=$(cut -d" " -f1 /proc/uptime); echo "${t%.*}${t#*.}"; }
+for i in 1 2; do
+  t0=$(cs); dd if=/dev/zero of=$dev bs=1M count=512 oflag=direct 2>/dev/null; t1=$(cs)
+  echo "BENCH write MBps $((512 * 100 / (t1 - t0)))"
+  t0=$(cs); dd if=$dev of=/dev/null bs=1M count=512 iflag=direct 2>/dev/null; t1=$(cs)
+  echo "BENCH read MBps $((512 * 100 / (t1 - t0)))"
+done'
+{ printf '#viridian-guest-script\n%s\n' "$script"; } > "$tmp/cfg.raw"
+truncate -s 1M "$tmp/cfg.raw"
+# viridiand only takes .vhd/.vhdx: the config disk goes in as a fixed VHD.
+qemu-img convert -q -f raw -O vpc -o subformat=fixed,force_size=on "$tmp/cfg.raw" "$tmp/cfg.vhd"
+qemu-img convert -q -f raw -O vpc -o subformat=fixed,force_size=on "$tmp/data-ours.raw" "$tmp/data.vhd"
+v vm disk add bench "$tmp/cfg.vhd" --controller ide --number 0 --location 1
+v vm disk add bench "$tmp/data.vhd" --controller ide --number 1 --location 0
+rm -f "$log" "$log.1"
+v vm start bench
+worker_pid="$(field 'v["runtime"]["worker_pid"]')"
+wait_for "$log" "VIRIDIAN-GUEST: running command" "$(now_ms)" >/dev/null
+rss_kib="$(awk '/^VmRSS/ {print $2}' "/proc/$worker_pid/status")"
+wait_for "$log" "VIRIDIAN-GUEST: poweroff" "$(now_ms)" >/dev/null
+echo "in-guest sequential 1 MiB O_DIRECT, 512 MiB, two passes (MB/s)"
+echo "  ours (PIIX IDE over the worker's NBD server, fixed VHD): $(grep -a BENCH "$log" | tr -d '\r' | awk '{print $2"="$4}' | xargs)"
+out="$tmp/qemu-io.log"
+qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M -no-reboot \
+    -drive file="$tmp/boot.raw",format=raw,if=ide,index=0 \
+    -drive file="$tmp/cfg.raw",format=raw,if=ide,index=1 \
+    -drive file="$tmp/data-qemu.raw",format=raw,if=ide,index=2 \
+    -serial file:"$out" </dev/null
+echo "  QEMU's own IDE on the raw file:                          $(grep -a BENCH "$out" | tr -d '\r' | awk '{print $2"="$4}' | xargs)"
+echo "worker resident memory while the VM runs: $((rss_kib / 1024)) MiB ($rss_kib KiB)"
