@@ -193,3 +193,86 @@ fn running_vm_survives_daemon_restart_and_a_killed_worker_makes_it_critical_unti
     wait_state(&d, "runner", "Off");
     d.stop();
 }
+
+/// The cached test guest (guest/build.sh builds it once; later calls are quick).
+fn guest_dir() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = std::process::Command::new(root.join("guest/build.sh"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("guest/build.sh runs");
+    assert!(out.status.success(), "guest/build.sh failed");
+    let text = String::from_utf8(out.stdout).unwrap();
+    PathBuf::from(
+        text.lines()
+            .last()
+            .expect("guest/build.sh prints its folder"),
+    )
+}
+
+fn wait_console(d: &Daemon, name: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = d.get(&format!("/v1/vms/{name}/console/log"));
+        assert_eq!(r.status, 200, "{}", r.raw);
+        if r.raw.contains(needle) {
+            return r.raw;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} on the console of {name}:\n{}",
+            r.raw
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn guest_boots_from_its_vhd_through_the_api_saves_resumes_and_shuts_down() {
+    ensure_worker_binary();
+    let guest = guest_dir();
+    let mut d = Daemon::start(&[]);
+    let _cleanup = KillWorkersOnDrop(d.data.clone());
+    let disk = d.dir.path().join("boot.vhd");
+    std::fs::copy(guest.join("boot-fixed.vhd"), &disk).unwrap();
+    let r = d.post(
+        "/v1/vms",
+        json!({"name": "guest", "generation": 1, "processor_count": 1, "memory_mib": 192}),
+    );
+    assert_eq!(r.status, 201, "{}", r.raw);
+    let r = d.post(
+        "/v1/vms/guest/drives",
+        json!({"controller": "ide", "controller_number": 0, "location": 0,
+               "media": {"type": "hard_disk", "path": disk.display().to_string()}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.raw);
+
+    assert_eq!(act(&d, "guest", "start")["state"], "Completed");
+    wait_console(&d, "guest", "VIRIDIAN-GUEST: ready");
+
+    // Save: state Saved with the state file in the VM's folder; start resumes it.
+    assert_eq!(act(&d, "guest", "save")["state"], "Completed");
+    let vm_dir = d
+        .data
+        .join("vms")
+        .join(vm(&d, "guest")["id"].as_str().unwrap());
+    wait_state(&d, "guest", "Saved");
+    assert!(vm_dir.join("saved-state.bin").exists());
+    let r = d.post("/v1/vms/guest/pause", json!({}));
+    assert_eq!(r.code(), "InvalidState", "{}", r.raw);
+    assert_eq!(act(&d, "guest", "start")["state"], "Completed");
+    wait_state(&d, "guest", "Running");
+    assert!(!vm_dir.join("saved-state.bin").exists());
+
+    // The ACPI power button: the guest powers off and the job completes with Off.
+    let job = act(&d, "guest", "shutdown");
+    assert_eq!(job["state"], "Completed", "{job}");
+    wait_state(&d, "guest", "Off");
+    let console = wait_console(&d, "guest", "VIRIDIAN-GUEST: poweroff");
+    assert_eq!(
+        console.matches("VIRIDIAN-GUEST: booted").count(),
+        1,
+        "{console}"
+    );
+    d.stop();
+}

@@ -31,6 +31,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(500);
 
 struct Watched {
+    /// Which run of the VM this is: a watcher only ever acts on its own run, so the
+    /// watcher of a worker that just exited (after a save) cannot touch the next one.
+    run: u64,
     runtime_dir: PathBuf,
     vm_dir: PathBuf,
     name: String,
@@ -45,6 +48,7 @@ pub struct WorkerSupervisor {
     /// Decided once at daemon start and handed to every worker (no probe per start).
     decision: Mutex<Option<worker::accel::AccelDecision>>,
     sandbox: OnceLock<bool>,
+    runs: std::sync::atomic::AtomicU64,
     watched: Mutex<HashMap<Uuid, Watched>>,
 }
 
@@ -121,6 +125,7 @@ impl WorkerSupervisor {
             accel,
             decision: Mutex::new(None),
             sandbox: OnceLock::new(),
+            runs: std::sync::atomic::AtomicU64::new(1),
             watched: Mutex::new(HashMap::new()),
         })
     }
@@ -177,14 +182,32 @@ impl WorkerSupervisor {
         worker::console::read_log(&runtime_dir(vm_dir))
     }
 
-    /// Watches the worker of `id` until it ends, then records how it ended.
-    fn watch(self: &Arc<Self>, id: Uuid, mut child: Option<tokio::process::Child>) {
+    fn next_run(&self) -> u64 {
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn is_current(&self, id: Uuid, run: u64) -> bool {
+        self.lock().get(&id).is_some_and(|w| w.run == run)
+    }
+
+    /// Watches run `run` of VM `id` (worker process `pid`) until it ends, then records
+    /// how it ended.
+    fn watch(
+        self: &Arc<Self>,
+        id: Uuid,
+        run: u64,
+        pid: u32,
+        mut child: Option<tokio::process::Child>,
+    ) {
         let this = self.clone();
         tokio::spawn(async move {
             let Some(rt) = this.runtime_dir_of(id) else {
                 return;
             };
             loop {
+                if !this.is_current(id, run) {
+                    return;
+                }
                 if let Some(c) = child.as_mut() {
                     if let Ok(Some(_)) = c.try_wait() {
                         break;
@@ -192,6 +215,12 @@ impl WorkerSupervisor {
                 }
                 let alive = match Client::connect(&rt).await {
                     Ok(mut client) => match client.call(&Request::Status).await {
+                        // Another run's worker on the same socket means ours is gone.
+                        Ok(status) if status.worker_pid != pid => false,
+                        Ok(status) if !this.is_current(id, run) => {
+                            drop(status);
+                            return;
+                        }
                         Ok(status) => {
                             let changed = this
                                 .lock()
@@ -212,14 +241,9 @@ impl WorkerSupervisor {
                 };
                 if !alive {
                     // The socket may be briefly busy; confirm the worker is gone.
-                    let pid = this
-                        .lock()
-                        .get(&id)
-                        .and_then(|w| w.status.as_ref().map(|s| s.worker_pid));
-                    let running = match (&mut child, pid) {
-                        (Some(c), _) => matches!(c.try_wait(), Ok(None)),
-                        (None, Some(pid)) => process_alive(pid),
-                        (None, None) => false,
+                    let running = match &mut child {
+                        Some(c) => matches!(c.try_wait(), Ok(None)),
+                        None => process_alive(pid),
                     };
                     if !running {
                         break;
@@ -230,13 +254,20 @@ impl WorkerSupervisor {
             if let Some(mut c) = child {
                 let _ = c.wait().await;
             }
-            this.finish(id);
+            this.finish(id, run);
         });
     }
 
-    /// Records the final state of a worker that has gone.
-    fn finish(&self, id: Uuid) {
-        let Some(w) = self.lock().remove(&id) else {
+    /// Records the final state of run `run` of VM `id`, whose worker has gone.
+    fn finish(&self, id: Uuid, run: u64) {
+        let w = {
+            let mut watched = self.lock();
+            match watched.get(&id) {
+                Some(w) if w.run == run => watched.remove(&id),
+                _ => None,
+            }
+        };
+        let Some(w) = w else {
             return;
         };
         let status = control::read_status_file(&w.runtime_dir).ok();
@@ -317,9 +348,11 @@ impl WorkerSupervisor {
         let log2 = log
             .try_clone()
             .map_err(|e| fail("creating the worker log", &e))?;
+        let run = self.next_run();
         self.lock().insert(
             id,
             Watched {
+                run,
                 runtime_dir: rt.clone(),
                 vm_dir: vm_dir.clone(),
                 name: vm.name.clone(),
@@ -373,7 +406,8 @@ impl WorkerSupervisor {
         match outcome {
             Some(status) => {
                 self.update(id, &status);
-                self.watch(id, Some(child));
+                let pid = child.id().unwrap_or(status.worker_pid);
+                self.watch(id, run, pid, Some(child));
                 job.set_percent(100);
                 Ok(())
             }
@@ -478,9 +512,11 @@ impl WorkerControl for Arc<WorkerSupervisor> {
                     Err(_) => None,
                 };
                 if let Some(status) = live {
+                    let run = this.next_run();
                     this.lock().insert(
                         vm.id,
                         Watched {
+                            run,
                             runtime_dir: rt,
                             vm_dir: vm_dir.clone(),
                             name: vm.name.clone(),
@@ -488,7 +524,7 @@ impl WorkerControl for Arc<WorkerSupervisor> {
                         },
                     );
                     found.push((vm.id, to_runtime(&status)));
-                    this.watch(vm.id, None);
+                    this.watch(vm.id, run, status.worker_pid, None);
                     continue;
                 }
                 if vm_dir.join(SAVED_STATE_FILE).exists() {
