@@ -26,7 +26,7 @@ fn pattern() -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn guest_boots_from_a_vhd_on_ide_0_0_through_the_firmware_and_its_writes_to_an_ide_disk_reach_the_file(
+async fn guest_boots_from_a_vhd_on_ide_0_0_reads_its_dvd_and_its_writes_to_an_ide_disk_reach_the_file(
 ) {
     let g = common::guest_dir();
     let scratch = tempfile::tempdir().unwrap();
@@ -35,6 +35,11 @@ async fn guest_boots_from_a_vhd_on_ide_0_0_through_the_firmware_and_its_writes_t
     std::fs::copy(g.join("boot-fixed.vhd"), &boot).unwrap();
     let data = scratch.path().join("data.raw");
     std::fs::write(&data, vec![0u8; DATA_DISK_BYTES]).unwrap();
+    // A DVD (read-only, served like the disks): the guest reads its first bytes.
+    let iso = scratch.path().join("media.iso");
+    let mut iso_bytes = b"VIRIDIAN-ISO-CONTENT".to_vec();
+    iso_bytes.resize(1 << 20, 0);
+    std::fs::write(&iso, &iso_bytes).unwrap();
     let cfg = scratch.path().join("cfg.raw");
     // Find the data disk by its size (64 MiB = 131072 sectors), write the pattern at
     // 1 MiB with O_DIRECT-like durability, and power off.
@@ -44,12 +49,27 @@ async fn guest_boots_from_a_vhd_on_ide_0_0_through_the_firmware_and_its_writes_t
          echo \"data disk $dev\"\n\
          i=0; while [ $i -lt 1000 ]; do printf 'VIRIDIAN-PATTERN-%04d\\n' $i; i=$((i+1)); done > /tmp/p\n\
          dd if=/tmp/p of=$dev bs=1M seek=1 conv=fsync 2>&1\n\
+         echo \"dvd says $(head -c 20 /dev/sr0)\"\n\
          sync",
     );
     let mut vm = Vm::new(
         settings(
             "firmware",
-            vec![ide(0, 0, &boot), ide(0, 1, &cfg), ide(1, 0, &data)],
+            vec![
+                ide(0, 0, &boot),
+                ide(0, 1, &cfg),
+                ide(1, 0, &data),
+                vm_config::Drive {
+                    slot: vm_config::Slot {
+                        controller: vm_config::ControllerKind::Ide,
+                        controller_number: 1,
+                        location: 1,
+                    },
+                    media: vm_config::DriveMedia::Dvd {
+                        iso: Some(iso.display().to_string()),
+                    },
+                },
+            ],
         ),
         None,
     );
@@ -81,6 +101,15 @@ async fn guest_boots_from_a_vhd_on_ide_0_0_through_the_firmware_and_its_writes_t
     assert!(
         console.contains("VIRIDIAN-GUEST: command exited 0"),
         "{console}"
+    );
+    assert!(
+        console.contains("dvd says VIRIDIAN-ISO-CONTENT"),
+        "{console}"
+    );
+    assert_eq!(
+        std::fs::read(&iso).unwrap(),
+        iso_bytes,
+        "the DVD image changed"
     );
 
     // The host reads the same bytes through the engine; the lock is gone.
