@@ -77,6 +77,15 @@ pub struct SyntheticDisk {
     pub bootindex: Option<u32>,
 }
 
+/// A network adapter. Until virtual switches exist it is not connected to anything:
+/// the guest sees the adapter with its MAC address and no link partner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// Synthetic (virtio-net) or legacy (an emulated Intel e1000).
+    pub legacy: bool,
+    pub mac: String,
+}
+
 /// PCI slots per bridge that synthetic disks use (a `pci-bridge` without SHPC has 32).
 pub const SLOTS_PER_BRIDGE: u8 = 32;
 
@@ -97,6 +106,7 @@ pub struct QemuConfig {
     pub sandbox: bool,
     pub ide: Vec<IdeDrive>,
     pub synthetic: Vec<SyntheticDisk>,
+    pub nics: Vec<Nic>,
     /// Wait for saved state on this unix socket (`-incoming unix:...`).
     pub incoming: Option<PathBuf>,
 }
@@ -247,6 +257,18 @@ impl QemuConfig {
             a.opt("-device", dev);
         }
 
+        for (i, nic) in self.nics.iter().enumerate() {
+            let model = if nic.legacy {
+                "e1000"
+            } else {
+                "virtio-net-pci"
+            };
+            a.opt(
+                "-device",
+                format!("{model},mac={},id=nic{i}", escape(&nic.mac)),
+            );
+        }
+
         if let Some(sock) = &self.incoming {
             a.opt("-incoming", format!("unix:{}", sock.display()));
         }
@@ -298,6 +320,7 @@ mod tests {
             sandbox: true,
             ide: vec![],
             synthetic: vec![],
+            nics: vec![],
             incoming: None,
         }
     }
@@ -431,6 +454,28 @@ mod tests {
             [
                 "driver=file,filename=/usr/share/OVMF/OVMF_CODE_4M.fd,node-name=fw-code,read-only=on",
                 "driver=file,filename=/vms/a,,b/OVMF_VARS.fd,node-name=fw-vars",
+            ]
+        );
+    }
+
+    #[test]
+    fn network_adapters_are_virtio_net_or_e1000_with_their_mac() {
+        let mut c = base();
+        c.nics = vec![
+            Nic {
+                legacy: false,
+                mac: "52:54:00:12:34:56".into(),
+            },
+            Nic {
+                legacy: true,
+                mac: "52:54:00:ab:cd:ef".into(),
+            },
+        ];
+        assert_eq!(
+            values(&c.to_args(), "-device"),
+            [
+                "virtio-net-pci,mac=52:54:00:12:34:56,id=nic0",
+                "e1000,mac=52:54:00:ab:cd:ef,id=nic1",
             ]
         );
     }

@@ -512,6 +512,14 @@ fn build_config(
         sandbox,
         ide,
         synthetic: vec![],
+        nics: settings
+            .network_adapters
+            .iter()
+            .map(|n| crate::qemu::Nic {
+                legacy: n.kind == vm_config::AdapterKind::Legacy,
+                mac: n.mac.clone(),
+            })
+            .collect(),
         incoming: spec.resume.then(|| rt.join(INCOMING_SOCKET)),
     }
 }

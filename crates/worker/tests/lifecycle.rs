@@ -175,14 +175,22 @@ async fn killed_worker_takes_its_qemu_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn generation2_boots_on_q35_with_ovmf_and_its_own_uefi_variable_store() {
+async fn generation2_boots_on_q35_with_ovmf_its_own_uefi_variable_store_and_its_network_adapter() {
     let mut s = settings("uefi", vec![]);
     s.generation = 2;
+    // A synthetic adapter (unconnected until virtual switches exist): the guest sees it.
+    s.network_adapters = vec![vm_config::NetworkAdapter {
+        kind: vm_config::AdapterKind::Synthetic,
+        mac: "52:54:00:00:be:ef".into(),
+    }];
     s.memory.startup_mib = 256;
     let mut vm = Vm::new(
         s,
         Some(direct_boot(
-            "echo gen2-ok; cat /sys/firmware/efi/fw_platform_size 2>&1 | sed 's/^/efi-bits /'",
+            "cat /sys/firmware/efi/fw_platform_size 2>&1 | sed 's/^/efi-bits /'; \
+             for d in /sys/bus/pci/devices/*; do \
+             [ \"$(cat $d/vendor)\" = 0x1af4 ] && echo \"virtio-pci $(cat $d/device)\"; done; \
+             echo gen2-ok",
             "",
         )),
     );
@@ -191,6 +199,12 @@ async fn generation2_boots_on_q35_with_ovmf_and_its_own_uefi_variable_store() {
     let status = vm.wait_exit(Duration::from_secs(60));
     assert_eq!(status.state, WorkerState::Off, "{:?}", status.reason);
     assert!(vm.console().contains("efi-bits 64"), "{}", vm.console());
+    // virtio-net (transitional device id 0x1000) is there for the synthetic adapter.
+    assert!(
+        vm.console().contains("virtio-pci 0x1000"),
+        "{}",
+        vm.console()
+    );
     assert!(vm.spec.vm_dir.join("OVMF_VARS.fd").exists());
 }
 
