@@ -240,7 +240,7 @@ pub fn routes() -> Vec<Route> {
             "post",
             "/v1/vms/{vm}/shutdown",
             "Press the ACPI power button; fails if the guest has not stopped in time (job)",
-            None,
+            Some(s::<vms::VmActionRequest>),
             202,
             Some(s::<jobs::Job>),
         ),

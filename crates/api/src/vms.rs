@@ -157,6 +157,17 @@ pub struct AddDriveRequest {
     pub media: DriveMedia,
 }
 
+/// `POST /v1/vms/{vm}/{start,stop,shutdown,save,pause,resume,restart}`: the body is
+/// optional (empty or `{}`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmActionRequest {
+    /// `shutdown` only: seconds the guest gets to power off after the ACPI power
+    /// button before the job fails with `Timeout` (default 120).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+}
+
 /// `PUT /v1/vms/{vm}/drives/{controller}/{number}/{location}`: change what a drive
 /// holds (insert an ISO, re-point a moved disk).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

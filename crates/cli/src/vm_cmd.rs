@@ -89,7 +89,12 @@ pub enum VmCmd {
     /// Turn a VM off at once, like pulling the plug.
     Stop { vm: String },
     /// Shut a VM down with the ACPI power button; fails if the guest has not stopped in time.
-    Shutdown { vm: String },
+    Shutdown {
+        vm: String,
+        /// Seconds the guest gets before the job fails (default 120).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
     /// Save a VM's memory and device state; the next start resumes from it.
     Save { vm: String },
     /// Pause a VM's processors.
@@ -385,7 +390,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
         }
         VmCmd::Start { vm } => crate::vm_lifecycle::action(conn, &vm, "start")?,
         VmCmd::Stop { vm } => crate::vm_lifecycle::action(conn, &vm, "stop")?,
-        VmCmd::Shutdown { vm } => crate::vm_lifecycle::action(conn, &vm, "shutdown")?,
+        VmCmd::Shutdown { vm, timeout } => crate::vm_lifecycle::shutdown(conn, &vm, timeout)?,
         VmCmd::Save { vm } => crate::vm_lifecycle::action(conn, &vm, "save")?,
         VmCmd::Pause { vm } => crate::vm_lifecycle::action(conn, &vm, "pause")?,
         VmCmd::Resume { vm } => crate::vm_lifecycle::action(conn, &vm, "resume")?,

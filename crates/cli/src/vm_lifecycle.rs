@@ -32,6 +32,19 @@ pub fn action(conn: &Connection, vm: &str, action: &str) -> Result<(), Failure> 
     )
 }
 
+/// `viridian vm shutdown NAME [--timeout SECONDS]`.
+pub fn shutdown(conn: &Connection, vm: &str, timeout: Option<u64>) -> Result<(), Failure> {
+    let client = conn.client()?;
+    job_cmd::start(
+        &client,
+        conn,
+        &format!("/v1/vms/{}/shutdown", segment(vm)),
+        &api::vms::VmActionRequest {
+            timeout_seconds: timeout,
+        },
+    )
+}
+
 /// `viridian vm console NAME [--log]`.
 pub fn console(conn: &Connection, vm: &str, log: bool) -> Result<(), Failure> {
     let client = conn.client()?;

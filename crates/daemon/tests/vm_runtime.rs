@@ -276,3 +276,81 @@ fn guest_boots_from_its_vhd_through_the_api_saves_resumes_and_shuts_down() {
     );
     d.stop();
 }
+
+#[test]
+fn shutdown_of_a_guest_that_ignores_acpi_fails_with_timeout_and_the_vm_keeps_running() {
+    ensure_worker_binary();
+    let guest = guest_dir();
+    let mut d = Daemon::start(&[]);
+    let _cleanup = KillWorkersOnDrop(d.data.clone());
+    let boot = d.dir.path().join("boot.vhd");
+    std::fs::copy(guest.join("boot-fixed.vhd"), &boot).unwrap();
+    // A config disk whose script stops the guest's power-button handler and stays up.
+    let raw = d.dir.path().join("cfg.raw");
+    let mut script = b"#viridian-guest-script\n\
+        for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = head ] && kill ${p#/proc/}; done\n\
+        echo acpi-handler-gone\n\
+        while true; do sleep 1; done\n"
+        .to_vec();
+    script.resize(1 << 20, 0);
+    std::fs::write(&raw, script).unwrap();
+    let cfg = d.dir.path().join("cfg.vhd");
+    let status = std::process::Command::new("qemu-img")
+        .args([
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "vpc",
+            "-o",
+            "subformat=fixed,force_size=on",
+        ])
+        .arg(&raw)
+        .arg(&cfg)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let r = d.post(
+        "/v1/vms",
+        json!({"name": "deaf", "generation": 1, "processor_count": 1, "memory_mib": 192}),
+    );
+    assert_eq!(r.status, 201, "{}", r.raw);
+    for (location, path) in [(0, &boot), (1, &cfg)] {
+        let r = d.post(
+            "/v1/vms/deaf/drives",
+            json!({"controller": "ide", "controller_number": 0, "location": location,
+                   "media": {"type": "hard_disk", "path": path.display().to_string()}}),
+        );
+        assert_eq!(r.status, 201, "{}", r.raw);
+    }
+    assert_eq!(act(&d, "deaf", "start")["state"], "Completed");
+    wait_console(&d, "deaf", "acpi-handler-gone");
+
+    // A timeout out of range, or on another action, is refused before anything happens.
+    let r = d.post("/v1/vms/deaf/shutdown", json!({"timeout_seconds": 0}));
+    assert_eq!(r.code(), "InvalidParameter", "{}", r.raw);
+    let r = d.post("/v1/vms/deaf/pause", json!({"timeout_seconds": 5}));
+    assert_eq!(r.code(), "InvalidParameter", "{}", r.raw);
+    let r = d.post("/v1/vms/deaf/shutdown", json!({"timeout": 5}));
+    assert_eq!(r.code(), "MalformedRequest", "{}", r.raw);
+
+    let r = d.post("/v1/vms/deaf/shutdown", json!({"timeout_seconds": 3}));
+    assert_eq!(r.status, 202, "{}", r.raw);
+    let mut job = wait_job(&d, r.body["id"].as_str().unwrap());
+    while job["state"] == "Running" || job["state"] == "New" {
+        job = wait_job(&d, job["id"].as_str().unwrap());
+    }
+    assert_eq!(job["state"], "Exception", "{job}");
+    assert_eq!(job["error_code"], "Timeout", "{job}");
+    let why = job["error_description"].as_str().unwrap_or("");
+    assert!(
+        why.contains("did not shut down within 3 s") && why.contains("still running"),
+        "{job}"
+    );
+    // No silent power-off: the VM still runs, and turning it off works.
+    wait_state(&d, "deaf", "Running");
+    assert_eq!(act(&d, "deaf", "stop")["state"], "Completed");
+    wait_state(&d, "deaf", "Off");
+    d.stop();
+}

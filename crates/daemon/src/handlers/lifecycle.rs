@@ -8,9 +8,11 @@
 
 use std::sync::Arc;
 
-use api::vms::{VmRuntime, VmState};
+use api::vms::{VmActionRequest, VmRuntime, VmState};
 use api::ErrorCode;
 use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use hyper::Response;
 use jobs::{AffectedElement, JobError, JobSpec};
 
@@ -59,13 +61,60 @@ fn hint(action: &str, state: VmState) -> &'static str {
     }
 }
 
-pub async fn action(svc: &Arc<Service>, key: &str, action: &str) -> Answer {
+/// Reads the optional body of an action: empty, or a `VmActionRequest`.
+async fn read_action_body(body: Incoming) -> Result<VmActionRequest, ApiError> {
+    let bytes = match Limited::new(body, api::MAX_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "the request body is larger than {} bytes",
+                    api::MAX_BODY_BYTES
+                ),
+            ))
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                ErrorCode::MalformedRequest,
+                format!("cannot read the request body: {e}"),
+            ))
+        }
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(VmActionRequest::default());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            ErrorCode::MalformedRequest,
+            format!("the request body is not valid here: {e}"),
+        )
+    })
+}
+
+pub async fn action(svc: &Arc<Service>, key: &str, action: &str, body: Incoming) -> Answer {
     if !ACTIONS.contains(&action) {
         return Err(ApiError::not_found(format!(
             "there is no VM action {action:?}; use one of {}",
             ACTIONS.join(", ")
         )));
     }
+    let request = read_action_body(body).await?;
+    let shutdown_timeout = match (action, request.timeout_seconds) {
+        ("shutdown", Some(t)) if (1..=86_400).contains(&t) => t,
+        ("shutdown", Some(t)) => {
+            return Err(ApiError::invalid(format!(
+                "a shutdown timeout of {t} s is out of range; use 1 to 86400"
+            )))
+        }
+        ("shutdown", None) => worker::spec::DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+        (_, Some(_)) => {
+            return Err(ApiError::invalid(format!(
+                "timeout_seconds applies to shutdown only, not to {action}"
+            )))
+        }
+        (_, None) => 0,
+    };
     let Some(workers) = svc.workers.clone() else {
         return Err(ApiError::new(
             ErrorCode::InvalidState,
@@ -126,7 +175,12 @@ pub async fn action(svc: &Arc<Service>, key: &str, action: &str) -> Answer {
         let result = match action.as_str() {
             "start" => workers.start(settings, dir, ctx).await,
             "stop" => workers.stop(id, StopMode::TurnOff, ctx).await,
-            "shutdown" => workers.stop(id, StopMode::Shutdown, ctx).await,
+            "shutdown" => {
+                let mode = StopMode::Shutdown {
+                    timeout_secs: shutdown_timeout,
+                };
+                workers.stop(id, mode, ctx).await
+            }
             "save" => workers.stop(id, StopMode::Save, ctx).await,
             "pause" => workers.pause(id, true).await,
             "resume" => workers.pause(id, false).await,

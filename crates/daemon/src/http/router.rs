@@ -144,7 +144,7 @@ async fn route(
 
         (&M::GET, ["v1", "vms", vm, "console", "log"]) => lifecycle::console_log(svc, vm),
         (&M::POST, ["v1", "vms", vm, action]) if lifecycle::ACTIONS.contains(action) => {
-            lifecycle::action(svc, vm, action).await
+            lifecycle::action(svc, vm, action, body).await
         }
 
         (&M::GET, ["v1", "jobs"]) => jobs::list(svc),

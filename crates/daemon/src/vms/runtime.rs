@@ -23,8 +23,8 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// How to stop a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopMode {
-    /// Ask the guest to shut down (ACPI power button).
-    Shutdown,
+    /// Ask the guest to shut down (ACPI power button); fail if it has not after `timeout_secs`.
+    Shutdown { timeout_secs: u64 },
     /// Pull the plug.
     TurnOff,
     /// Save memory and device state to disk (state Saved).

@@ -463,9 +463,7 @@ impl WorkerControl for Arc<WorkerSupervisor> {
         Box::pin(async move {
             let request = match mode {
                 StopMode::TurnOff => Request::Stop,
-                StopMode::Shutdown => Request::Shutdown {
-                    timeout_secs: worker::spec::DEFAULT_SHUTDOWN_TIMEOUT_SECS,
-                },
+                StopMode::Shutdown { timeout_secs } => Request::Shutdown { timeout_secs },
                 StopMode::Save => Request::Save,
             };
             job.set_percent(10);
