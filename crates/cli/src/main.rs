@@ -10,6 +10,7 @@ mod job_wait;
 mod output;
 mod size;
 mod vhd_cmd;
+mod vhd_serve;
 mod vm_cmd;
 mod vm_lifecycle;
 

@@ -11,8 +11,13 @@ pub struct VhdArgs {
 }
 
 #[derive(Subcommand)]
-enum VhdCommand {}
+enum VhdCommand {
+    /// Export a disk or chain over NBD on a unix socket until Ctrl-C or SIGTERM.
+    Serve(crate::vhd_serve::ServeArgs),
+}
 
 pub fn run(args: VhdArgs) -> anyhow::Result<ExitCode> {
-    match args.command {}
+    match args.command {
+        VhdCommand::Serve(args) => crate::vhd_serve::run(args),
+    }
 }
