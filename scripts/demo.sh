@@ -62,7 +62,9 @@ for _ in $(seq 1 120); do
     sleep 1
 done
 echo "----- serial console of VM demo (viridian vm console demo --log) -----"
-"$bin/viridian" vm console demo --log </dev/null | tr -d '\r' | grep -v '^\s*$' | tail -n 25
+# (terminal control sequences from the firmware and the shell are dropped for display)
+"$bin/viridian" vm console demo --log </dev/null | tr -d '\r' |
+    sed -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1bc//g' | grep -v '^\s*$' | tail -n 25
 echo "-----------------------------------------------------------------------"
 "$bin/viridian" vm console demo --log </dev/null | grep -q "VIRIDIAN-GUEST: ready" ||
     { echo "demo: the guest did not reach its ready marker" >&2; exit 1; }
