@@ -158,3 +158,25 @@ async fn killed_worker_releases_the_disk_lock_and_the_next_start_works() {
     let status = vm.call(Request::Stop).await.unwrap();
     assert_eq!(status.state, WorkerState::Off);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_qemu_leaves_the_vm_critical_with_the_reason_and_releases_the_disk() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data.raw");
+    std::fs::write(&data, vec![0u8; 8 << 20]).unwrap();
+    let direct = common::direct_boot("while true; do echo alive; sleep 1; done", "");
+    let mut vm = Vm::new(settings("crashy", vec![ide(0, 0, &data)]), Some(direct));
+    vm.start();
+    vm.wait_console("alive", Duration::from_secs(90));
+    let qemu = vm.call(Request::Status).await.unwrap().qemu_pid.unwrap() as i32;
+    // SAFETY: kill(2) on the QEMU this test's worker started.
+    unsafe { libc::kill(qemu, libc::SIGKILL) };
+    let status = vm.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.state, WorkerState::Critical);
+    let reason = status.reason.unwrap_or_default();
+    assert!(
+        reason.contains("QEMU exited unexpectedly") && reason.contains("signal: 9"),
+        "{reason}"
+    );
+    vhd::RawDisk::open(&data, false).expect("the worker released the disk");
+}
