@@ -155,7 +155,9 @@ impl Disk for RawDisk {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         check_range(Some(&self.path), self.size, offset, buf.len() as u64)?;
-        self.file.write_all_at(buf, offset).map_err(|e| self.io_err(e))
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| self.io_err(e))
     }
 
     fn flush(&self) -> Result<()> {

@@ -8,6 +8,142 @@ pub mod progress;
 pub mod vhd1;
 pub mod vhdx;
 
+use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
 pub use disk::{Allocation, BlockStatus, Disk, RawDisk};
 pub use error::{Error, Result};
 pub use progress::{NoProgress, Progress};
+
+/// The format of a disk file, by its signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Vhd,
+    Vhdx,
+    Raw,
+}
+
+/// Tells a file's format from its signature: "vhdxfile" at offset 0 is VHDX;
+/// "conectix" at the end (or, for sparse VHDs, at offset 0) is VHD; anything
+/// else is raw.
+pub fn detect_format(path: &Path) -> Result<Format> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let mut head = [0u8; 8];
+    if file.read_exact_at(&mut head, 0).is_ok() {
+        if &head == b"vhdxfile" {
+            return Ok(Format::Vhdx);
+        }
+        if &head == vhd1::footer::COOKIE {
+            return Ok(Format::Vhd);
+        }
+    }
+    if len >= 512 {
+        let mut tail = [0u8; 8];
+        if file.read_exact_at(&mut tail, len / 512 * 512 - 512).is_ok()
+            && &tail == vhd1::footer::COOKIE
+        {
+            return Ok(Format::Vhd);
+        }
+    }
+    Ok(Format::Raw)
+}
+
+fn is_vhd_name(path: &Path) -> bool {
+    matches!(
+        path.extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Some("vhd" | "avhd")
+    )
+}
+
+fn is_vhdx_name(path: &Path) -> bool {
+    matches!(
+        path.extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Some("vhdx" | "avhdx")
+    )
+}
+
+/// Opens a virtual disk for I/O: a VHD or VHDX with its whole differencing chain
+/// (the leaf with the requested access, ancestors read-only), or a raw image.
+/// A file named `.vhd`/`.avhd`/`.vhdx`/`.avhdx` must carry that format's
+/// signature; a damaged one is refused, never read as raw.
+pub fn open(path: &Path, read_only: bool) -> Result<Box<dyn Disk>> {
+    let mut seen = HashSet::new();
+    open_with(path, read_only, &mut seen)
+}
+
+fn open_with(path: &Path, read_only: bool, seen: &mut HashSet<PathBuf>) -> Result<Box<dyn Disk>> {
+    let format = detect_format(path)?;
+    match format {
+        Format::Vhd => {
+            if read_only && !seen.is_empty() {
+                vhd1::chain::open_vhd_parent(path, seen)
+            } else {
+                Ok(Box::new(vhd1::chain::open_chain(path, read_only)?))
+            }
+        }
+        Format::Vhdx => vhdx_open(path, read_only),
+        Format::Raw if is_vhd_name(path) => {
+            // Named VHD but no footer anywhere: say what is wrong with the end.
+            Err(vhd1::VhdImage::open_layer(path, true).err().unwrap_or(Error::Vhd(
+                vhd1::Error::Invalid {
+                    path: path.to_path_buf(),
+                    what: "not a VHD".into(),
+                },
+            )))
+        }
+        Format::Raw if is_vhdx_name(path) => Err(vhd1::Error::Invalid {
+            path: path.to_path_buf(),
+            what: "no VHDX file identifier (\"vhdxfile\") at offset 0: not a VHDX file, or its first 64 KiB are damaged".into(),
+        }
+        .into()),
+        Format::Raw => Ok(Box::new(RawDisk::open(path, read_only)?)),
+    }
+}
+
+/// The dispatch point for VHDX files.
+fn vhdx_open(path: &Path, _read_only: bool) -> Result<Box<dyn Disk>> {
+    Err(vhd1::Error::Invalid {
+        path: path.to_path_buf(),
+        what: "VHDX files are not supported by this version yet; convert it to VHD with a tool that reads VHDX (e.g. qemu-img convert -O vpc)".into(),
+    }
+    .into())
+}
+
+/// Opens a parent in a chain: read-only, shared lock, with its own ancestors.
+pub(crate) fn open_parent(path: &Path, seen: &mut HashSet<PathBuf>) -> Result<Box<dyn Disk>> {
+    open_with(path, true, seen)
+}
+
+/// The identity a disk file presents to its differencing children: a VHD's
+/// unique ID. `None` when the format has none to check (raw).
+pub fn parent_identity(path: &Path) -> Result<Option<[u8; 16]>> {
+    match detect_format(path)? {
+        Format::Vhd => {
+            let file = std::fs::File::open(path).map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let img = vhd1::VhdImage::from_file(file, path, true)?;
+            Ok(Some(img.footer().unique_id))
+        }
+        _ => Ok(None),
+    }
+}
