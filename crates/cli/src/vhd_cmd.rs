@@ -1,8 +1,15 @@
-//! `viridian vhd ...`: offline commands on disk files.
+//! `viridian vhd ...`: offline commands on disk files, with no daemon.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Subcommand};
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use vhd::ops::{check, info};
+use vhd::vhd1::create::{create, CreateOptions, NewDisk, DEFAULT_BLOCK_SIZE};
+
+/// Exit code of `vhd check` when it found problems it did not repair.
+const EXIT_PROBLEMS: u8 = 3;
 
 #[derive(Args)]
 pub struct VhdArgs {
@@ -10,14 +17,194 @@ pub struct VhdArgs {
     command: VhdCommand,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    Fixed,
+    Dynamic,
+}
+
 #[derive(Subcommand)]
 enum VhdCommand {
+    /// Create a VHD: fixed or dynamic with --size, or differencing with --parent.
+    ///
+    /// Sizes are rounded up to the nearest size whose CHS geometry addresses it
+    /// exactly, so QEMU, Virtual PC and Hyper-V all see the same disk; the actual
+    /// size is printed. --exact-size keeps the size as given (e.g. 1 MiB multiples
+    /// for Azure); QEMU 7.2 then reports the geometry's size, which may be smaller.
+    Create {
+        path: PathBuf,
+        /// Virtual size, e.g. 512M, 20G, 1T.
+        #[arg(long, value_parser = crate::size::disk_bytes, required_unless_present = "parent", conflicts_with = "parent")]
+        size: Option<u64>,
+        #[arg(
+            long = "type",
+            value_enum,
+            default_value = "dynamic",
+            conflicts_with = "parent"
+        )]
+        kind: Kind,
+        /// Block size of a dynamic disk (a power of two; default 2M).
+        #[arg(long, value_parser = crate::size::disk_bytes)]
+        block_size: Option<u64>,
+        /// Make a differencing disk on this parent (same size as the parent).
+        #[arg(long)]
+        parent: Option<PathBuf>,
+        /// Keep --size exactly instead of rounding it to a CHS-exact size.
+        #[arg(long)]
+        exact_size: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a disk file is: type, sizes, geometry, creator, parent and chain.
+    Info {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a disk file's structure; exit 3 when problems remain.
+    Check {
+        path: PathBuf,
+        /// Repair what is safe to repair (a damaged or differing footer copy).
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Export a disk or chain over NBD on a unix socket until Ctrl-C or SIGTERM.
     Serve(crate::vhd_serve::ServeArgs),
 }
 
 pub fn run(args: VhdArgs) -> anyhow::Result<ExitCode> {
     match args.command {
+        VhdCommand::Create {
+            path,
+            size,
+            kind,
+            block_size,
+            parent,
+            exact_size,
+            json,
+        } => {
+            let block_size = match block_size {
+                None => DEFAULT_BLOCK_SIZE,
+                Some(b) => u32::try_from(b)
+                    .ok()
+                    .filter(|b| b.is_power_of_two())
+                    .with_context(|| {
+                        format!("--block-size {b} is not a power of two up to 256M")
+                    })?,
+            };
+            let kind = match (parent, size, kind) {
+                (Some(parent), _, _) => NewDisk::Differencing { parent },
+                (None, Some(size), Kind::Fixed) => NewDisk::Fixed { size },
+                (None, Some(size), Kind::Dynamic) => NewDisk::Dynamic { size, block_size },
+                (None, None, _) => {
+                    anyhow::bail!("give --size (or --parent for a differencing disk)")
+                }
+            };
+            let created = create(
+                &path,
+                &CreateOptions { kind, exact_size },
+                &mut vhd::NoProgress,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&created)?);
+            } else if created.size != created.requested_size && created.requested_size != 0 {
+                println!(
+                    "created {} ({} bytes; {} were asked for, rounded up to a CHS-exact size)",
+                    path.display(),
+                    created.size,
+                    created.requested_size
+                );
+            } else {
+                println!("created {} ({} bytes)", path.display(), created.size);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VhdCommand::Info { path, json } => {
+            let i = info::info(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&i)?);
+            } else {
+                print_info(&i);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VhdCommand::Check { path, repair, json } => {
+            let report = check::check(&path, repair)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if report.problems.is_empty() {
+                println!("{}: no problems found", path.display());
+            } else {
+                for p in &report.problems {
+                    let tag = if p.repaired { "repaired" } else { "problem" };
+                    println!("{tag}: {}", p.what);
+                }
+            }
+            Ok(if report.clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_PROBLEMS)
+            })
+        }
         VhdCommand::Serve(args) => crate::vhd_serve::run(args),
+    }
+}
+
+fn print_info(i: &info::DiskInfo) {
+    let kind = i
+        .disk_type
+        .map(|t| format!("{t:?}").to_lowercase())
+        .unwrap_or_else(|| "raw".into());
+    println!("file:            {}", i.path.display());
+    println!("format:          {:?} ({kind})", i.format);
+    println!(
+        "virtual size:    {} bytes ({})",
+        i.virtual_size,
+        crate::size::human(i.virtual_size)
+    );
+    if let (Some(g), Some(gs)) = (i.geometry, i.geometry_size) {
+        println!(
+            "geometry:        {}/{}/{} (C/H/S) = {} bytes{}",
+            g.cylinders,
+            g.heads,
+            g.sectors_per_track,
+            gs,
+            if gs != i.virtual_size {
+                "  (readers that go by geometry see this size)"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(b) = i.block_size {
+        println!("block size:      {b} bytes");
+    }
+    if let Some(c) = &i.creator {
+        println!("creator:         {c:?}");
+    }
+    if let Some(u) = &i.unique_id {
+        println!("unique id:       {u}");
+    }
+    println!("file size:       {} bytes", i.file_size);
+    println!("allocated:       {} bytes", i.allocated_bytes);
+    if let Some(p) = &i.parent {
+        println!("parent name:     {}", p.name);
+        for l in &p.locators {
+            println!("parent locator:  {l}");
+        }
+        println!("parent id:       {}", p.expected_unique_id);
+        match (&p.resolved_path, &p.problem) {
+            (Some(r), None) => println!("parent:          {} (resolves)", r.display()),
+            (_, Some(problem)) => println!("parent:          does not resolve: {problem}"),
+            (None, None) => {}
+        }
+    }
+    if i.chain.len() > 1 {
+        println!("chain:");
+        for c in &i.chain {
+            println!("  {}", c.display());
+        }
     }
 }

@@ -35,8 +35,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.socket.display()
         );
     }
-    let disk: Arc<dyn vhd::Disk> = Arc::new(
-        vhd::RawDisk::open(&args.path, args.read_only)
+    let disk: Arc<dyn vhd::Disk> = Arc::from(
+        vhd::open(&args.path, args.read_only)
             .with_context(|| format!("cannot open {} to serve it", args.path.display()))?,
     );
     // Install the handlers before announcing the socket, so a signal sent as soon

@@ -60,7 +60,7 @@ pub fn detect_format(path: &Path) -> Result<Format> {
     Ok(Format::Raw)
 }
 
-fn is_vhd_name(path: &Path) -> bool {
+pub(crate) fn is_vhd_name(path: &Path) -> bool {
     matches!(
         path.extension()
             .and_then(|e| e.to_str())

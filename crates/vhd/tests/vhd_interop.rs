@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 
 use vhd::vhd1::create::{create, CreateOptions, NewDisk};
-use vhd::{Disk, NoProgress};
+use vhd::NoProgress;
 
 fn qemu_img(args: &[&str]) -> (bool, String) {
     let out = Command::new("qemu-img")

@@ -1,2 +1,5 @@
-//! Operations on disk files: create, info, check, merge, convert, compact,
-//! resize, set-parent. Each is a library function taking a [`crate::Progress`].
+//! Operations on disk files: create, info, check. Each is a library function;
+//! long ones take a [`crate::Progress`].
+
+pub mod check;
+pub mod info;

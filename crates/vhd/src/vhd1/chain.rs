@@ -13,6 +13,11 @@ use crate::error::Result;
 /// Turns a Windows-style locator path into a path on this host: backslashes
 /// become slashes; a relative path is taken from the child's folder.
 fn host_path(child_dir: &Path, stored: &str) -> PathBuf {
+    let b = stored.as_bytes();
+    if b.len() >= 3 && b[0].is_ascii_alphabetic() && b[1] == b':' && b[2] == b'\\' {
+        // A Windows drive path: it cannot exist here; kept as written.
+        return PathBuf::from(stored);
+    }
     let unix = stored.replace('\\', "/");
     let p = Path::new(&unix);
     if p.is_absolute() {

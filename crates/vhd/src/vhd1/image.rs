@@ -474,10 +474,10 @@ impl VhdImage {
         let first = in_block / SECTOR;
         let last = (end - 1) / SECTOR;
         let mut edges = vec![];
-        if in_block % SECTOR != 0 {
+        if !in_block.is_multiple_of(SECTOR) {
             edges.push(first);
         }
-        if end % SECTOR != 0 && !edges.contains(&last) {
+        if !end.is_multiple_of(SECTOR) && !edges.contains(&last) {
             edges.push(last);
         }
         for sector in edges {
@@ -554,24 +554,6 @@ impl VhdImage {
         self.file.sync_all().map_err(io(&self.path))?;
         self.footer = footer;
         self.footer_recovered = false;
-        Ok(())
-    }
-
-    /// Rewrites the dynamic header (parent name and locators, after set-parent).
-    pub(crate) fn rewrite_header(&mut self, header: DynamicHeader) -> Result<()> {
-        self.check_writable()?;
-        let Some(sp) = &mut self.sparse else {
-            return Err(VhdError::Invalid {
-                path: self.path.clone(),
-                what: "a fixed VHD has no dynamic header".into(),
-            }
-            .into());
-        };
-        self.file
-            .write_all_at(&header.serialize(), self.footer.data_offset)
-            .map_err(io(&self.path))?;
-        self.file.sync_all().map_err(io(&self.path))?;
-        sp.header = header;
         Ok(())
     }
 

@@ -1,0 +1,122 @@
+//! `check`: structural validation of a disk file, and safe repairs.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::vhd1::footer::{Footer, FOOTER_SIZE};
+use crate::vhd1::{chain, DiskType, VhdImage};
+use crate::{Format, Result};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Problem {
+    pub what: String,
+    pub repaired: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckReport {
+    pub path: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl CheckReport {
+    /// Whether nothing is wrong now (every problem found was repaired).
+    pub fn clean(&self) -> bool {
+        self.problems.iter().all(|p| p.repaired)
+    }
+}
+
+/// Checks `path`. Faults that make the file unusable are reported as problems,
+/// not returned as errors; an `Err` means the file could not be examined at all.
+/// With `repair`, fixes only what is safe: a trailing footer that differs from,
+/// or is missing beside, an intact copy at offset 0.
+pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
+    let mut report = CheckReport {
+        path: path.to_path_buf(),
+        problems: Vec::new(),
+    };
+    if crate::detect_format(path)? != Format::Vhd && !crate::is_vhd_name(path) {
+        return Ok(report);
+    }
+    let opened = if repair {
+        VhdImage::open_layer(path, false)
+    } else {
+        std::fs::File::open(path)
+            .map_err(|source| crate::Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+            .and_then(|f| VhdImage::from_file(f, path, true))
+    };
+    let mut img = match opened {
+        Ok(img) => img,
+        Err(e @ crate::Error::Locked { .. }) => return Err(e),
+        Err(e) => {
+            report.problems.push(Problem {
+                what: e.to_string(),
+                repaired: false,
+            });
+            return Ok(report);
+        }
+    };
+    check_footer_copy(&mut img, repair, &mut report)?;
+    if img.footer().disk_type == DiskType::Differencing {
+        if let Err(e) = chain::open_chain(path, true) {
+            report.problems.push(Problem {
+                what: e.to_string(),
+                repaired: false,
+            });
+        }
+    }
+    Ok(report)
+}
+
+fn check_footer_copy(img: &mut VhdImage, repair: bool, report: &mut CheckReport) -> Result<()> {
+    if img.footer().disk_type == DiskType::Fixed {
+        return Ok(());
+    }
+    let path = img.file_path().to_path_buf();
+    let footer = img.footer().clone();
+    if img.footer_recovered() {
+        let mut p = Problem {
+            what: format!(
+                "{}: the footer at the end of the file is missing or damaged; the copy at offset 0 is intact",
+                path.display()
+            ),
+            repaired: false,
+        };
+        if repair {
+            img.rewrite_footer(footer)?;
+            p.repaired = true;
+        }
+        report.problems.push(p);
+        return Ok(());
+    }
+    let mut copy = [0u8; FOOTER_SIZE];
+    img.file()
+        .read_exact_at(&mut copy, 0)
+        .map_err(|source| crate::Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+    let copy_ok = Footer::parse(&copy).map(|c| c == footer);
+    if copy_ok != Ok(true) {
+        let why = match copy_ok {
+            Err(fault) => fault.to_string(),
+            _ => "it differs from the footer at the end".into(),
+        };
+        let mut p = Problem {
+            what: format!(
+                "{}: the footer copy at offset 0 is wrong: {why}",
+                path.display()
+            ),
+            repaired: false,
+        };
+        if repair {
+            img.rewrite_footer(footer)?;
+            p.repaired = true;
+        }
+        report.problems.push(p);
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! `info`: what a disk file is, without opening its chain for I/O or locking it.
+
+use std::path::{Path, PathBuf};
+
+use crate::vhd1::{self, chain, format_guid, DiskType, Geometry, VhdImage};
+use crate::{Error, Format, Result};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ParentInfo {
+    /// The parent-name field as stored.
+    pub name: String,
+    /// Locator paths as stored (relative first).
+    pub locators: Vec<String>,
+    pub expected_unique_id: String,
+    /// Where the parent was found, if it was.
+    pub resolved_path: Option<PathBuf>,
+    /// Why it does not resolve, if it does not.
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DiskInfo {
+    pub path: PathBuf,
+    pub format: Format,
+    pub disk_type: Option<DiskType>,
+    /// Size of the virtual disk in bytes (the current-size field, as Hyper-V reads it).
+    pub virtual_size: u64,
+    /// The size readers that go by CHS geometry (QEMU 7.2 for unknown creators) see.
+    pub geometry_size: Option<u64>,
+    pub file_size: u64,
+    pub geometry: Option<Geometry>,
+    pub block_size: Option<u64>,
+    pub creator: Option<String>,
+    pub unique_id: Option<String>,
+    pub allocated_bytes: u64,
+    pub parent: Option<ParentInfo>,
+    /// The chain from this file down to its base, as far as it resolves.
+    pub chain: Vec<PathBuf>,
+}
+
+fn open_unlocked(path: &Path) -> Result<VhdImage> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    VhdImage::from_file(file, path, true)
+}
+
+pub fn info(path: &Path) -> Result<DiskInfo> {
+    let file_size = std::fs::metadata(path)
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    match crate::detect_format(path)? {
+        Format::Vhd => vhd_info(path, file_size),
+        Format::Raw if crate::is_vhd_name(path) => {
+            Err(open_unlocked(path).err().unwrap_or_else(|| not_vhd(path)))
+        }
+        format => Ok(DiskInfo {
+            path: path.to_path_buf(),
+            format,
+            disk_type: None,
+            virtual_size: file_size,
+            geometry_size: None,
+            file_size,
+            geometry: None,
+            block_size: None,
+            creator: None,
+            unique_id: None,
+            allocated_bytes: file_size,
+            parent: None,
+            chain: vec![path.to_path_buf()],
+        }),
+    }
+}
+
+fn not_vhd(path: &Path) -> Error {
+    vhd1::Error::Invalid {
+        path: path.to_path_buf(),
+        what: "not a VHD".into(),
+    }
+    .into()
+}
+
+fn vhd_info(path: &Path, file_size: u64) -> Result<DiskInfo> {
+    let img = open_unlocked(path)?;
+    let f = img.footer();
+    let mut chain_paths = vec![path.to_path_buf()];
+    let parent = match img.header() {
+        Some(h) if f.disk_type == DiskType::Differencing => {
+            let (resolved_path, problem) = match chain::resolve_parent(&img) {
+                Ok(p) => {
+                    let mut problem = None;
+                    match crate::parent_identity(&p) {
+                        Ok(Some(id)) if id != h.parent_unique_id => {
+                            problem = Some(format!(
+                                "{} has unique ID {}, the child expects {}",
+                                p.display(),
+                                format_guid(&id),
+                                format_guid(&h.parent_unique_id)
+                            ))
+                        }
+                        Err(e) => problem = Some(e.to_string()),
+                        _ => {
+                            if let Ok(pi) = info(&p) {
+                                chain_paths.extend(pi.chain);
+                            }
+                        }
+                    }
+                    (Some(p), problem)
+                }
+                Err(e) => (None, Some(e.to_string())),
+            };
+            Some(ParentInfo {
+                name: h.parent_name.clone(),
+                locators: chain::locator_paths(&img, h)
+                    .into_iter()
+                    .map(|(_, s)| s)
+                    .collect(),
+                expected_unique_id: format_guid(&h.parent_unique_id),
+                resolved_path,
+                problem,
+            })
+        }
+        _ => None,
+    };
+    Ok(DiskInfo {
+        path: path.to_path_buf(),
+        format: Format::Vhd,
+        disk_type: Some(f.disk_type),
+        virtual_size: f.current_size,
+        geometry_size: Some(f.qemu_size()),
+        file_size,
+        geometry: Some(f.geometry),
+        block_size: img.block_size(),
+        creator: Some(f.creator()),
+        unique_id: Some(format_guid(&f.unique_id)),
+        allocated_bytes: img.allocated_bytes(),
+        parent,
+        chain: chain_paths,
+    })
+}
