@@ -19,7 +19,7 @@ pub enum DiskError {
         slot: Slot,
         path: PathBuf,
         #[source]
-        source: crate::fixed_vhd::FixedVhdError,
+        source: Box<vhd::Error>,
     },
     #[error("the disk in slot {slot} is a pass-through host device ({device}), which the worker cannot serve yet; attach a VHD/VHDX instead")]
     PassThrough { slot: Slot, device: String },
@@ -35,7 +35,7 @@ pub enum DiskError {
     Flush {
         path: PathBuf,
         #[source]
-        source: vhd::Error,
+        source: Box<vhd::Error>,
     },
 }
 
@@ -55,26 +55,11 @@ pub struct ServedDisks {
     nbd: Option<nbd_server::Server>,
 }
 
-/// Opens a disk image through the engine by its extension: `.vhd`/`.avhd` as VHD
-/// (fixed ones for now, see [`crate::fixed_vhd`]), `.vhdx`/`.avhdx` refused until the
-/// engine opens them, anything else (ISO, raw) as a raw image. Writable opens lock
-/// the file exclusively, read-only ones shared.
-pub fn open_disk(
-    path: &Path,
-    read_only: bool,
-) -> Result<Arc<dyn vhd::Disk>, crate::fixed_vhd::FixedVhdError> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        .unwrap_or_default();
-    match ext.as_str() {
-        "vhd" | "avhd" => Ok(Arc::new(crate::fixed_vhd::open(path, read_only)?)),
-        "vhdx" | "avhdx" => Err(crate::fixed_vhd::FixedVhdError::Vhdx {
-            path: path.to_path_buf(),
-        }),
-        _ => Ok(Arc::new(vhd::RawDisk::open(path, read_only)?)),
-    }
+/// Opens a disk image through the engine: a VHD with its whole differencing
+/// chain, or a raw image (ISO). Writable opens lock the file exclusively, parents
+/// and read-only opens shared.
+pub fn open_disk(path: &Path, read_only: bool) -> Result<Arc<dyn vhd::Disk>, vhd::Error> {
+    Ok(Arc::from(vhd::open(path, read_only)?))
 }
 
 impl ServedDisks {
@@ -105,7 +90,7 @@ impl ServedDisks {
             let disk = open_disk(&path, read_only).map_err(|source| DiskError::Open {
                 slot,
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
             ide.push(ServedIde {
                 slot,
@@ -144,7 +129,7 @@ impl ServedDisks {
             if !d.read_only {
                 d.disk.flush().map_err(|source| DiskError::Flush {
                     path: d.path.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             }
         }

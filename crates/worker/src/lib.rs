@@ -12,7 +12,6 @@ pub mod accel;
 pub mod console;
 pub mod control;
 pub mod disks;
-pub mod fixed_vhd;
 pub mod qemu;
 pub mod runtime;
 pub mod spec;

@@ -30,11 +30,32 @@ async fn guest_boots_from_a_vhd_on_ide_0_0_reads_its_dvd_and_its_writes_to_an_id
 ) {
     let g = common::guest_dir();
     let scratch = tempfile::tempdir().unwrap();
-    // A fixed VHD: the worker serves it from the engine; QEMU never opens it.
-    let boot = scratch.path().join("boot.vhd");
-    std::fs::copy(g.join("boot-fixed.vhd"), &boot).unwrap();
-    let data = scratch.path().join("data.raw");
-    std::fs::write(&data, vec![0u8; DATA_DISK_BYTES]).unwrap();
+    // The boot disk is a differencing child of the guest's dynamic VHD, and the data
+    // disk a dynamic VHD: the worker serves both from the engine; QEMU never opens them.
+    let base = scratch.path().join("boot.vhd");
+    std::fs::copy(g.join("boot.vhd"), &base).unwrap();
+    let boot = scratch.path().join("boot.avhd");
+    let new_disk = |path: &Path, kind| {
+        let opts = vhd::vhd1::create::CreateOptions {
+            kind,
+            exact_size: true,
+        };
+        vhd::vhd1::create::create(path, &opts, &mut vhd::NoProgress).unwrap();
+    };
+    new_disk(
+        &boot,
+        vhd::vhd1::create::NewDisk::Differencing {
+            parent: base.clone(),
+        },
+    );
+    let data = scratch.path().join("data.vhd");
+    new_disk(
+        &data,
+        vhd::vhd1::create::NewDisk::Dynamic {
+            size: DATA_DISK_BYTES as u64,
+            block_size: 2 << 20,
+        },
+    );
     // A DVD (read-only, served like the disks): the guest reads its first bytes.
     let iso = scratch.path().join("media.iso");
     let mut iso_bytes = b"VIRIDIAN-ISO-CONTENT".to_vec();
@@ -84,7 +105,7 @@ async fn guest_boots_from_a_vhd_on_ide_0_0_reads_its_dvd_and_its_writes_to_an_id
     assert_eq!(status.state, WorkerState::Critical);
     let reason = status.reason.unwrap_or_default();
     assert!(
-        reason.contains("in use by another process") && reason.contains("data.raw"),
+        reason.contains("in use by another process") && reason.contains("data.vhd"),
         "{reason}"
     );
 
@@ -113,10 +134,10 @@ async fn guest_boots_from_a_vhd_on_ide_0_0_reads_its_dvd_and_its_writes_to_an_id
     );
 
     // The host reads the same bytes through the engine; the lock is gone.
-    let disk = vhd::RawDisk::open(&data, false).expect("the worker released its lock");
+    let disk = vhd::open(&data, false).expect("the worker released its lock");
     let want = pattern();
     let mut got = vec![0u8; want.len()];
-    vhd::Disk::read_at(&disk, &mut got, 1 << 20).unwrap();
+    disk.read_at(&mut got, 1 << 20).unwrap();
     assert_eq!(
         String::from_utf8_lossy(&got),
         String::from_utf8_lossy(&want)
