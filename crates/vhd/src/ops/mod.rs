@@ -2,4 +2,6 @@
 //! long ones take a [`crate::Progress`].
 
 pub mod check;
+pub mod convert;
 pub mod info;
+pub mod merge;

@@ -1,0 +1,172 @@
+//! merge and convert: what a user sees afterwards (bytes of the virtual disk,
+//! which files remain, what qemu-img reads).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use vhd::ops::convert::{convert, Target};
+use vhd::ops::merge::merge;
+use vhd::vhd1::create::{create, CreateOptions, NewDisk};
+use vhd::NoProgress;
+
+fn mk(path: &Path, kind: NewDisk) {
+    create(
+        path,
+        &CreateOptions {
+            kind,
+            exact_size: true,
+        },
+        &mut NoProgress,
+    )
+    .unwrap();
+}
+
+fn write(path: &Path, offset: u64, len: usize, byte: u8) {
+    let d = vhd::open(path, false).unwrap();
+    d.write_at(&vec![byte; len], offset).unwrap();
+    d.flush().unwrap();
+}
+
+fn content(path: &Path) -> Vec<u8> {
+    let d = vhd::open(path, true).unwrap();
+    let mut v = vec![0u8; d.size() as usize];
+    d.read_at(&mut v, 0).unwrap();
+    v
+}
+
+/// base (dynamic) <- mid <- top, each layer writing its own ranges, some overlapping.
+fn three_layer_chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let base = dir.join("base.vhd");
+    let mid = dir.join("mid.avhd");
+    let top = dir.join("top.avhd");
+    mk(
+        &base,
+        NewDisk::Dynamic {
+            size: 16 << 20,
+            block_size: 2 << 20,
+        },
+    );
+    write(&base, 0, 6 << 20, 0x11);
+    mk(
+        &mid,
+        NewDisk::Differencing {
+            parent: base.clone(),
+        },
+    );
+    write(&mid, (1 << 20) + 512, 3000, 0x22);
+    write(&mid, 8 << 20, 2 << 20, 0x23);
+    mk(
+        &top,
+        NewDisk::Differencing {
+            parent: mid.clone(),
+        },
+    );
+    write(&top, 2 << 20, 4096, 0x33);
+    write(&top, (9 << 20) - 100, 200, 0x34);
+    (base, mid, top)
+}
+
+#[test]
+fn merge_into_an_ancestor_keeps_the_content_and_removes_the_merged_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, mid, top) = three_layer_chain(dir.path());
+    let before = content(&top);
+    let result = merge(&top, Some(&base), &mut NoProgress).unwrap();
+    assert_eq!(result.removed, vec![top.clone(), mid.clone()]);
+    assert!(!top.exists() && !mid.exists());
+    assert!(
+        content(&base) == before,
+        "the base now reads as the chain did"
+    );
+}
+
+#[test]
+fn merge_into_the_parent_leaves_a_chain_one_shorter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, mid, top) = three_layer_chain(dir.path());
+    let before = content(&top);
+    let base_before = content(&base);
+    merge(&top, None, &mut NoProgress).unwrap();
+    assert!(!top.exists());
+    assert!(content(&mid) == before);
+    assert!(content(&base) == base_before, "the base is untouched");
+}
+
+#[test]
+fn cancelled_merge_leaves_the_chain_reading_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _mid, top) = three_layer_chain(dir.path());
+    let before = content(&top);
+    let mut calls = 0;
+    let mut cancel_early = |_: u64, _: u64| {
+        calls += 1;
+        calls < 2
+    };
+    let err = merge(&top, Some(&base), &mut cancel_early).unwrap_err();
+    assert!(matches!(err, vhd::Error::Cancelled { .. }), "{err}");
+    assert!(content(&top) == before);
+}
+
+#[test]
+fn merge_refuses_a_target_that_is_not_an_ancestor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_base, _mid, top) = three_layer_chain(dir.path());
+    let other = dir.path().join("other.vhd");
+    mk(
+        &other,
+        NewDisk::Dynamic {
+            size: 16 << 20,
+            block_size: 2 << 20,
+        },
+    );
+    let before = content(&top);
+    let err = merge(&top, Some(&other), &mut NoProgress)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not an ancestor"), "{err}");
+    assert!(content(&top) == before);
+}
+
+#[test]
+fn convert_flattens_a_chain_to_raw_and_to_a_sparse_dynamic_vhd_qemu_img_agrees_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_base, _mid, top) = three_layer_chain(dir.path());
+    let want = content(&top);
+    let raw = dir.path().join("flat.raw");
+    convert(&top, &raw, Target::Raw, &mut NoProgress).unwrap();
+    assert!(std::fs::read(&raw).unwrap() == want);
+    let dynamic = dir.path().join("flat.vhd");
+    convert(&raw, &dynamic, Target::VhdDynamic, &mut NoProgress).unwrap();
+    assert!(content(&dynamic) == want);
+    // Sparse: the all-zero blocks (10 MiB..16 MiB) were not allocated.
+    let info = vhd::ops::info::info(&dynamic).unwrap();
+    assert!(
+        info.allocated_bytes <= 10 << 20,
+        "allocated {}",
+        info.allocated_bytes
+    );
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "vpc", "-F", "raw"])
+        .arg(&dynamic)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let fixed = dir.path().join("fixed.vhd");
+    convert(&dynamic, &fixed, Target::VhdFixed, &mut NoProgress).unwrap();
+    assert!(content(&fixed) == want);
+}
+
+#[test]
+fn convert_refuses_an_existing_destination_and_leaves_it_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _mid, _top) = three_layer_chain(dir.path());
+    let dst = dir.path().join("taken.raw");
+    std::fs::write(&dst, b"keep me").unwrap();
+    assert!(convert(&base, &dst, Target::Raw, &mut NoProgress).is_err());
+    assert_eq!(std::fs::read(&dst).unwrap(), b"keep me");
+}
