@@ -8,6 +8,7 @@ mod failure;
 mod job_cmd;
 mod job_wait;
 mod output;
+mod progress_bar;
 mod size;
 mod vhd_cmd;
 mod vhd_serve;

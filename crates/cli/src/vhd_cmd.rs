@@ -70,6 +70,24 @@ enum VhdCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Merge a differencing disk into its parent, or into an ancestor (Merge-VHD).
+    /// The chain reads the same before, during and after; merged files are removed.
+    Merge {
+        child: PathBuf,
+        /// The ancestor to merge into (default: the parent).
+        #[arg(long)]
+        into: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a disk or a whole chain into a new file: raw (.raw, .img, ...) or VHD
+    /// (.vhd: dynamic unless --type fixed). Zero ranges stay unallocated.
+    Convert {
+        src: PathBuf,
+        dst: PathBuf,
+        #[arg(long = "type", value_enum)]
+        kind: Option<Kind>,
+    },
     /// Export a disk or chain over NBD on a unix socket until Ctrl-C or SIGTERM.
     Serve(crate::vhd_serve::ServeArgs),
 }
@@ -147,6 +165,39 @@ pub fn run(args: VhdArgs) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(EXIT_PROBLEMS)
             })
+        }
+        VhdCommand::Merge { child, into, json } => {
+            let mut bar = crate::progress_bar::ProgressBar::new("merging");
+            let r = vhd::ops::merge::merge(&child, into.as_deref(), &mut bar)?;
+            bar.finish();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "merged {} bytes into {}; removed {}",
+                    r.bytes_merged,
+                    r.into.display(),
+                    r.removed
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VhdCommand::Convert { src, dst, kind } => {
+            use vhd::ops::convert::{convert, Target};
+            let target = match kind {
+                None => Target::for_path(&dst),
+                Some(Kind::Fixed) => Target::VhdFixed,
+                Some(Kind::Dynamic) => Target::VhdDynamic,
+            };
+            let mut bar = crate::progress_bar::ProgressBar::new("converting");
+            convert(&src, &dst, target, &mut bar)?;
+            bar.finish();
+            println!("converted {} to {}", src.display(), dst.display());
+            Ok(ExitCode::SUCCESS)
         }
         VhdCommand::Serve(args) => crate::vhd_serve::run(args),
     }

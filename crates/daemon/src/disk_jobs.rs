@@ -5,16 +5,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use api::disks::{
-    CompactDiskRequest, ConvertDiskRequest, CreateDiskRequest, MergeDiskRequest, ResizeDiskRequest,
+    CompactDiskRequest, ConvertDiskRequest, CreateDiskRequest, DiskKind, MergeDiskRequest,
+    ResizeDiskRequest,
 };
 use api::ErrorCode;
 use hyper::body::Incoming;
 use hyper::Response;
-use jobs::{JobEngine, JobError, JobSnapshot, JobSpec};
+use jobs::{AffectedElement, JobEngine, JobError, JobSnapshot, JobSpec};
+use vhd::ops::convert::Target;
+use vhd::vhd1::create::{create, CreateOptions, NewDisk, DEFAULT_BLOCK_SIZE};
 
 use crate::error::ApiError;
 use crate::handlers::disks::resolve;
-use crate::http::body::{read_json, Body};
+use crate::http::body::{accepted, read_json, Body};
 use crate::service::Service;
 use crate::vms::store::error_chain;
 
@@ -125,43 +128,86 @@ fn not_in_running_vm(svc: &Service, path: &Path) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A blocking engine operation, ready to run as a job.
+type EngineOp = Box<dyn FnOnce(&mut dyn vhd::Progress) -> vhd::Result<()> + Send>;
+
 pub async fn submit(
     svc: &Arc<Service>,
     op: &str,
     body: Incoming,
 ) -> Result<Response<Body>, ApiError> {
     let base = svc.disks_dir();
-    let (source, target) = match op {
+    let (source, target, run): (Option<PathBuf>, PathBuf, Option<EngineOp>) = match op {
         "create" => {
             let r: CreateDiskRequest = read_json(body).await?;
             let path = resolve(&base, &r.path)?;
             fresh(&path, &base)?;
-            if let Some(parent) = &r.parent {
-                existing(&resolve(&base, parent)?)?;
-            }
-            (None, path)
+            let kind = match (r.kind, &r.parent, r.size_bytes) {
+                (DiskKind::Differencing, Some(parent), None) => {
+                    let parent = resolve(&base, parent)?;
+                    existing(&parent)?;
+                    NewDisk::Differencing { parent }
+                }
+                (DiskKind::Fixed, None, Some(size)) => NewDisk::Fixed { size },
+                (DiskKind::Dynamic, None, Some(size)) => NewDisk::Dynamic {
+                    size,
+                    block_size: r.block_size_bytes.unwrap_or(DEFAULT_BLOCK_SIZE),
+                },
+                _ => {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidParameter,
+                        "a fixed or dynamic disk needs size_bytes and no parent; a differencing disk needs parent and no size_bytes",
+                    ))
+                }
+            };
+            let p = path.clone();
+            let run: EngineOp = Box::new(move |progress| {
+                let opts = CreateOptions {
+                    kind,
+                    exact_size: false,
+                };
+                create(&p, &opts, progress).map(|_| ())
+            });
+            (None, path, Some(run))
         }
         "merge" => {
             let path = resolve(&base, &read_json::<MergeDiskRequest>(body).await?.path)?;
             existing(&path)?;
-            (Some(path.clone()), path)
+            let p = path.clone();
+            let run: EngineOp =
+                Box::new(move |progress| vhd::ops::merge::merge(&p, None, progress).map(|_| ()));
+            (Some(path.clone()), path, Some(run))
         }
         "convert" => {
             let r: ConvertDiskRequest = read_json(body).await?;
             let (src, dst) = (resolve(&base, &r.path)?, resolve(&base, &r.destination)?);
             existing(&src)?;
             fresh(&dst, &base)?;
-            (Some(src), dst)
+            let target = match r.kind {
+                None => Target::for_path(&dst),
+                Some(DiskKind::Fixed) => Target::VhdFixed,
+                Some(DiskKind::Dynamic) => Target::VhdDynamic,
+                Some(DiskKind::Differencing) => {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidParameter,
+                        "convert makes a fixed or dynamic disk (or raw); a differencing disk is made with create",
+                    ))
+                }
+            };
+            let (s, d) = (src.clone(), dst.clone());
+            let run: EngineOp =
+                Box::new(move |progress| vhd::ops::convert::convert(&s, &d, target, progress));
+            (Some(src), dst, Some(run))
         }
         "compact" => {
             let path = resolve(&base, &read_json::<CompactDiskRequest>(body).await?.path)?;
             existing(&path)?;
-            (Some(path.clone()), path)
+            (Some(path.clone()), path, None)
         }
         "resize" => {
             let path = resolve(&base, &read_json::<ResizeDiskRequest>(body).await?.path)?;
             existing(&path)?;
-            (Some(path.clone()), path)
+            (Some(path.clone()), path, None)
         }
         _ => {
             return Err(ApiError::not_found(format!(
@@ -172,13 +218,27 @@ pub async fn submit(
     if let Some(src) = &source {
         not_in_running_vm(svc, src)?;
     }
-    Err(ApiError::new(
-        ErrorCode::InvalidState,
-        format!(
-            "the storage engine's {op} operation (for {}) is not available in this build yet",
-            target.display()
-        ),
-    ))
+    let Some(run) = run else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidState,
+            format!(
+                "the storage engine's {op} operation (for {}) is not available in this build yet",
+                target.display()
+            ),
+        ));
+    };
+    let mut affected = vec![AffectedElement::new("disk", target.display().to_string())];
+    if let Some(src) = source.filter(|s| *s != target) {
+        affected.insert(0, AffectedElement::new("disk", src.display().to_string()));
+    }
+    let spec = JobSpec {
+        job_type: format!("disk-{op}"),
+        description: format!("{op} {}", target.display()),
+        cancellable: op != "create",
+        affected,
+    };
+    let job = run_engine_op(&svc.jobs, spec, run);
+    Ok(accepted(&crate::convert::job(&job)))
 }
 
 #[cfg(test)]

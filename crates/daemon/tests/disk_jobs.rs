@@ -1,0 +1,59 @@
+//! Disk operations through the service: each a job that ends Completed with the
+//! files a user expects, or in Exception with a stable code.
+
+mod common;
+
+use common::{wait_job, Daemon};
+use serde_json::json;
+
+fn run(d: &Daemon, op: &str, body: serde_json::Value) -> serde_json::Value {
+    let r = d.post(&format!("/v1/disks/{op}"), body);
+    assert_eq!(r.status, 202, "{op}: {}", r.raw);
+    assert!(r
+        .header("location")
+        .unwrap_or_default()
+        .starts_with("/v1/jobs/"));
+    let id = r.body["id"].as_str().unwrap().to_string();
+    wait_job(d, &id)
+}
+
+#[test]
+fn create_differencing_merge_and_convert_run_as_jobs() {
+    let d = Daemon::start(&[]);
+    let dir = d.dir.path();
+    let base = dir.join("base.vhd");
+    let child = dir.join("child.avhd");
+    let flat = dir.join("flat.raw");
+
+    let job = run(
+        &d,
+        "create",
+        json!({"path": base, "kind": "dynamic", "size_bytes": 8 << 20}),
+    );
+    assert_eq!(job["state"], "Completed", "{job}");
+    assert!(base.exists());
+    let job = run(
+        &d,
+        "create",
+        json!({"path": child, "kind": "differencing", "parent": base}),
+    );
+    assert_eq!(job["state"], "Completed", "{job}");
+    {
+        let disk = vhd::open(&child, false).unwrap();
+        disk.write_at(&[0x5a; 4096], 1 << 20).unwrap();
+        disk.flush().unwrap();
+    }
+    let job = run(&d, "merge", json!({"path": child}));
+    assert_eq!(job["state"], "Completed", "{job}");
+    assert!(!child.exists(), "the merged child is removed");
+
+    let job = run(&d, "convert", json!({"path": base, "destination": flat}));
+    assert_eq!(job["state"], "Completed", "{job}");
+    let bytes = std::fs::read(&flat).unwrap();
+    assert!(bytes[1 << 20..(1 << 20) + 4096].iter().all(|&b| b == 0x5a));
+
+    // Merging a disk that is not differencing fails as a job with a stable code.
+    let job = run(&d, "merge", json!({"path": base}));
+    assert_eq!(job["state"], "Exception", "{job}");
+    assert_eq!(job["error_code"], "InvalidDisk", "{job}");
+}
