@@ -88,6 +88,23 @@ enum VhdCommand {
         #[arg(long = "type", value_enum)]
         kind: Option<Kind>,
     },
+    /// Drop the all-zero blocks of a dynamic VHD and shrink its file.
+    Compact {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a VHD (shrinking is refused, as Hyper-V refuses it for VHD).
+    Resize {
+        path: PathBuf,
+        /// New virtual size, e.g. 40G (rounded up to a CHS-exact size unless --exact-size).
+        #[arg(long, value_parser = crate::size::disk_bytes)]
+        size: u64,
+        #[arg(long)]
+        exact_size: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Export a disk or chain over NBD on a unix socket until Ctrl-C or SIGTERM.
     Serve(crate::vhd_serve::ServeArgs),
 }
@@ -197,6 +214,41 @@ pub fn run(args: VhdArgs) -> anyhow::Result<ExitCode> {
             convert(&src, &dst, target, &mut bar)?;
             bar.finish();
             println!("converted {} to {}", src.display(), dst.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        VhdCommand::Compact { path, json } => {
+            let mut bar = crate::progress_bar::ProgressBar::new("compacting");
+            let r = vhd::ops::compact::compact(&path, &mut bar)?;
+            bar.finish();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "compacted {}: {} -> {} bytes",
+                    path.display(),
+                    r.file_size_before,
+                    r.file_size_after
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VhdCommand::Resize {
+            path,
+            size,
+            exact_size,
+            json,
+        } => {
+            let r = vhd::ops::resize::resize(&path, size, exact_size)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "resized {}: {} -> {} bytes",
+                    path.display(),
+                    r.old_size,
+                    r.new_size
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         VhdCommand::Serve(args) => crate::vhd_serve::run(args),

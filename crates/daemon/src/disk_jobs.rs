@@ -202,12 +202,22 @@ pub async fn submit(
         "compact" => {
             let path = resolve(&base, &read_json::<CompactDiskRequest>(body).await?.path)?;
             existing(&path)?;
-            (Some(path.clone()), path, None)
+            let p = path.clone();
+            let run: EngineOp =
+                Box::new(move |progress| vhd::ops::compact::compact(&p, progress).map(|_| ()));
+            (Some(path.clone()), path, Some(run))
         }
         "resize" => {
-            let path = resolve(&base, &read_json::<ResizeDiskRequest>(body).await?.path)?;
+            let r: ResizeDiskRequest = read_json(body).await?;
+            let path = resolve(&base, &r.path)?;
             existing(&path)?;
-            (Some(path.clone()), path, None)
+            let p = path.clone();
+            let run: EngineOp = Box::new(move |progress| {
+                vhd::ops::resize::resize(&p, r.size_bytes, false)?;
+                progress.update(1, 1);
+                Ok(())
+            });
+            (Some(path.clone()), path, Some(run))
         }
         _ => {
             return Err(ApiError::not_found(format!(

@@ -57,3 +57,29 @@ fn create_differencing_merge_and_convert_run_as_jobs() {
     assert_eq!(job["state"], "Exception", "{job}");
     assert_eq!(job["error_code"], "InvalidDisk", "{job}");
 }
+
+#[test]
+fn compact_and_resize_run_as_jobs_and_a_shrink_fails_with_a_reason() {
+    let d = Daemon::start(&[]);
+    let disk = d.dir.path().join("grow.vhd");
+    let job = run(
+        &d,
+        "create",
+        json!({"path": disk, "kind": "dynamic", "size_bytes": 8 << 20}),
+    );
+    assert_eq!(job["state"], "Completed", "{job}");
+    let job = run(&d, "resize", json!({"path": disk, "size_bytes": 64 << 20}));
+    assert_eq!(job["state"], "Completed", "{job}");
+    assert!(vhd::open(&disk, true).unwrap().size() >= 64 << 20);
+    let job = run(&d, "compact", json!({"path": disk}));
+    assert_eq!(job["state"], "Completed", "{job}");
+    let job = run(&d, "resize", json!({"path": disk, "size_bytes": 1 << 20}));
+    assert_eq!(job["state"], "Exception", "{job}");
+    assert!(
+        job["error_description"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cannot shrink"),
+        "{job}"
+    );
+}

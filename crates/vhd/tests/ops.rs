@@ -170,3 +170,88 @@ fn convert_refuses_an_existing_destination_and_leaves_it_alone() {
     assert!(convert(&base, &dst, Target::Raw, &mut NoProgress).is_err());
     assert_eq!(std::fs::read(&dst).unwrap(), b"keep me");
 }
+
+fn qemu_compare(vhd_path: &Path, raw: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "vpc", "-F", "raw"])
+        .arg(vhd_path)
+        .arg(raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn resize_grows_dynamic_and_fixed_disks_keeping_data_and_refuses_to_shrink() {
+    use vhd::ops::resize::resize;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, kind) in [
+        // 4 MiB of 2 MiB blocks: growing to 40 MiB needs a bigger BAT, which moves.
+        (
+            "d.vhd",
+            NewDisk::Dynamic {
+                size: 4 << 20,
+                block_size: 2 << 20,
+            },
+        ),
+        ("f.vhd", NewDisk::Fixed { size: 4 << 20 }),
+    ] {
+        let p = dir.path().join(name);
+        mk(&p, kind);
+        write(&p, 1 << 20, 8192, 0x42);
+        let before = content(&p);
+        let r = resize(&p, 40 << 20, false).unwrap();
+        assert!(r.new_size >= 40 << 20);
+        write(&p, 30 << 20, 4096, 0x43);
+        let after = content(&p);
+        assert_eq!(after.len() as u64, r.new_size, "{name}");
+        assert!(after[..before.len()] == before[..], "{name}: old data kept");
+        assert!(after[30 << 20..(30 << 20) + 4096]
+            .iter()
+            .all(|&b| b == 0x43));
+        assert!(
+            after[before.len()..30 << 20].iter().all(|&b| b == 0),
+            "{name}: new space reads zeros"
+        );
+        let raw = dir.path().join(format!("{name}.raw"));
+        std::fs::write(&raw, &after).unwrap();
+        qemu_compare(&p, &raw);
+        let err = resize(&p, 1 << 20, false).unwrap_err().to_string();
+        assert!(err.contains("cannot shrink"), "{err}");
+        assert!(content(&p) == after);
+    }
+}
+
+#[test]
+fn compact_drops_zero_blocks_shrinks_the_file_and_keeps_content_and_identity() {
+    use vhd::ops::compact::compact;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.vhd");
+    mk(
+        &p,
+        NewDisk::Dynamic {
+            size: 32 << 20,
+            block_size: 2 << 20,
+        },
+    );
+    write(&p, 0, 20 << 20, 0x55);
+    write(&p, 2 << 20, 16 << 20, 0); // zeros over eight whole blocks
+    let id_before = vhd::ops::info::info(&p).unwrap().unique_id;
+    let want = content(&p);
+    let r = compact(&p, &mut NoProgress).unwrap();
+    assert!(r.file_size_after + (15 << 20) < r.file_size_before, "{r:?}");
+    assert!(content(&p) == want);
+    assert_eq!(vhd::ops::info::info(&p).unwrap().unique_id, id_before);
+    let raw = dir.path().join("c.raw");
+    std::fs::write(&raw, &want).unwrap();
+    qemu_compare(&p, &raw);
+    // A child made before the compact still opens on the compacted parent.
+    let child = dir.path().join("c-child.avhd");
+    mk(&child, NewDisk::Differencing { parent: p.clone() });
+    compact(&p, &mut NoProgress).unwrap();
+    assert!(content(&child) == want);
+}

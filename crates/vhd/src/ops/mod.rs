@@ -2,6 +2,8 @@
 //! long ones take a [`crate::Progress`].
 
 pub mod check;
+pub mod compact;
 pub mod convert;
 pub mod info;
 pub mod merge;
+pub mod resize;

@@ -557,6 +557,68 @@ impl VhdImage {
         Ok(())
     }
 
+    /// Grows the virtual disk to `new_size` bytes (the caller has rounded it).
+    /// A fixed disk's footer moves; a sparse disk's BAT moves to the end of the
+    /// file when it has no room for the new blocks. Each step leaves a valid file.
+    pub(crate) fn grow(&mut self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        self.flush()?;
+        let old_size = self.footer.current_size;
+        let mut footer = self.footer.clone();
+        footer.current_size = new_size;
+        footer.geometry = super::footer::Geometry::for_size(new_size);
+        let sync = |f: &File| f.sync_all().map_err(io(&self.path));
+        let Some(sp) = &mut self.sparse else {
+            // New footer past the new end first, then clear the old one (now data).
+            self.file
+                .write_all_at(&footer.serialize(), new_size)
+                .map_err(io(&self.path))?;
+            sync(&self.file)?;
+            self.file
+                .write_all_at(&[0u8; FOOTER_SIZE], old_size)
+                .map_err(io(&self.path))?;
+            sync(&self.file)?;
+            self.footer = footer;
+            return Ok(());
+        };
+        let needed = new_size.div_ceil(sp.block_size);
+        let needed = u32::try_from(needed).map_err(|_| VhdError::Invalid {
+            path: self.path.clone(),
+            what: format!("{new_size} bytes needs more blocks than a VHD can address"),
+        })?;
+        let meta = sp.meta.get_mut().map_err(|_| VhdError::Invalid {
+            path: self.path.clone(),
+            what: "internal metadata lock poisoned; reopen the disk".into(),
+        })?;
+        let room = (u64::from(sp.header.max_table_entries) * 4).div_ceil(SECTOR) * SECTOR / 4;
+        let mut header = sp.header.clone();
+        if u64::from(needed) > room {
+            // Move the BAT to the end of the file, then point the header at it.
+            let mut bat = meta.bat.clone();
+            bat.resize(needed as usize, BAT_UNUSED);
+            let bytes: Vec<u8> = bat.iter().flat_map(|e| e.to_be_bytes()).collect();
+            let at = meta.end;
+            let new_end = at + (bytes.len() as u64).div_ceil(SECTOR) * SECTOR;
+            self.file.write_all_at(&bytes, at).map_err(io(&self.path))?;
+            self.file
+                .write_all_at(&self.footer.serialize(), new_end)
+                .map_err(io(&self.path))?;
+            sync(&self.file)?;
+            header.table_offset = at;
+            meta.end = new_end;
+            meta.bat = bat;
+        } else {
+            meta.bat.resize(needed as usize, BAT_UNUSED);
+        }
+        header.max_table_entries = header.max_table_entries.max(needed);
+        self.file
+            .write_all_at(&header.serialize(), self.footer.data_offset)
+            .map_err(io(&self.path))?;
+        sync(&self.file)?;
+        sp.header = header;
+        self.rewrite_footer(footer)
+    }
+
     /// Offset of the trailing footer (the end of the data).
     pub fn data_end(&self) -> u64 {
         match &self.sparse {

@@ -1,0 +1,106 @@
+//! `compact`: drops the all-zero blocks of a dynamic VHD and shrinks the file.
+//!
+//! The blocks worth keeping are copied into a new file beside the original, with
+//! the same unique ID (so differencing children stay valid), which then replaces
+//! the original by an atomic rename: a crash leaves either the old file or the
+//! new one, never a mix.
+
+use std::path::{Path, PathBuf};
+
+use crate::progress::Progress;
+use crate::vhd1::create::{create, CreateOptions, NewDisk};
+use crate::vhd1::{DiskType, VhdImage};
+use crate::{Allocation, Disk, Error, Result};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Compacted {
+    pub file_size_before: u64,
+    pub file_size_after: u64,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub fn compact(path: &Path, progress: &mut dyn Progress) -> Result<Compacted> {
+    let src = VhdImage::open_layer(path, false)?;
+    if src.footer().disk_type != DiskType::Dynamic {
+        return Err(crate::vhd1::Error::Invalid {
+            path: path.to_path_buf(),
+            what: format!(
+                "compact works on dynamic VHDs; this one is {:?}",
+                src.footer().disk_type
+            )
+            .to_lowercase(),
+        }
+        .into());
+    }
+    src.flush()?;
+    let before = std::fs::metadata(path).map_err(io(path))?.len();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp: PathBuf = path.with_file_name(format!(".{name}.compacting"));
+    let _ = std::fs::remove_file(&tmp);
+    let result = copy_into_new(&src, &tmp, progress);
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    drop(src);
+    let after = std::fs::metadata(path).map_err(io(path))?.len();
+    Ok(Compacted {
+        file_size_before: before,
+        file_size_after: after,
+    })
+}
+
+fn copy_into_new(src: &VhdImage, tmp: &Path, progress: &mut dyn Progress) -> Result<()> {
+    let size = src.size();
+    let block = src.block_size().unwrap_or(2 << 20);
+    let opts = CreateOptions {
+        kind: NewDisk::Dynamic {
+            size,
+            block_size: block as u32,
+        },
+        exact_size: true,
+    };
+    create(tmp, &opts, &mut crate::NoProgress)?;
+    let mut out = VhdImage::open_layer(tmp, false)?;
+    let mut buf = vec![0u8; block as usize];
+    let mut off = 0;
+    while off < size {
+        let n = block.min(size - off);
+        let b = &mut buf[..n as usize];
+        let st = src.block_status(off, n)?;
+        // Any data in the block (a run shorter than the block means some is).
+        if st.allocation == Allocation::Data || st.len < n {
+            src.read_at(b, off)?;
+            if b.iter().any(|&x| x != 0) {
+                out.write_at(b, off)?;
+            }
+        }
+        off += n;
+        if !progress.update(off, size) {
+            return Err(Error::Cancelled {
+                what: format!("{} was left as it was", src.file_path().display()),
+            });
+        }
+    }
+    out.flush()?;
+    // The same identity as the original, so its children still accept it.
+    let mut footer = out.footer().clone();
+    footer.unique_id = src.footer().unique_id;
+    footer.timestamp = src.footer().timestamp;
+    out.rewrite_footer(footer)
+}

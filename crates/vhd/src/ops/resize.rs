@@ -1,0 +1,54 @@
+//! `resize`: grows a VHD. Shrinking is refused, as Hyper-V refuses it for VHD
+//! (the data past the new end would be lost).
+
+use std::path::Path;
+
+use crate::vhd1::create::{actual_size, MAX_SIZE};
+use crate::vhd1::VhdImage;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Resized {
+    pub old_size: u64,
+    pub new_size: u64,
+}
+
+fn invalid(path: &Path, what: String) -> Error {
+    crate::vhd1::Error::Invalid {
+        path: path.to_path_buf(),
+        what,
+    }
+    .into()
+}
+
+/// Grows the VHD at `path` to at least `requested` bytes (rounded up to a
+/// CHS-exact size, as `create` does, unless `exact`).
+pub fn resize(path: &Path, requested: u64, exact: bool) -> Result<Resized> {
+    let mut img = VhdImage::open_layer(path, false)?;
+    let old_size = img.footer().current_size;
+    if exact && !requested.is_multiple_of(512) {
+        return Err(invalid(
+            path,
+            format!("{requested} bytes is not a whole number of sectors"),
+        ));
+    }
+    let new_size = actual_size(requested, exact);
+    if requested < old_size {
+        return Err(invalid(
+            path,
+            format!(
+                "cannot shrink a VHD ({old_size} bytes) to {requested} bytes: data past the new end would be lost; convert it to a smaller disk with a partition tool first"
+            ),
+        ));
+    }
+    if new_size > MAX_SIZE {
+        return Err(invalid(
+            path,
+            format!("{new_size} bytes is more than the 2040 GiB a VHD can hold"),
+        ));
+    }
+    if new_size != old_size {
+        img.grow(new_size)?;
+    }
+    Ok(Resized { old_size, new_size })
+}
