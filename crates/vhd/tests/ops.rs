@@ -255,3 +255,39 @@ fn compact_drops_zero_blocks_shrinks_the_file_and_keeps_content_and_identity() {
     compact(&p, &mut NoProgress).unwrap();
     assert!(content(&child) == want);
 }
+
+#[test]
+fn whole_block_write_over_a_partly_written_child_block_hides_the_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("b.vhd");
+    mk(
+        &base,
+        NewDisk::Dynamic {
+            size: 8 << 20,
+            block_size: 2 << 20,
+        },
+    );
+    write(&base, 0, 4 << 20, 0x11);
+    let child = dir.path().join("c.avhd");
+    mk(
+        &child,
+        NewDisk::Differencing {
+            parent: base.clone(),
+        },
+    );
+    write(&child, 4096, 512, 0x22); // allocates block 0 with one sector present
+    write(&child, 0, 2 << 20, 0x33); // then the whole block
+    write(&child, (2 << 20) + 100, 10, 0x44); // a partial sector in a new block
+    let c = content(&child);
+    assert!(
+        c[..2 << 20].iter().all(|&b| b == 0x33),
+        "no parent bytes show through"
+    );
+    assert!(c[(2 << 20)..(2 << 20) + 100].iter().all(|&b| b == 0x11));
+    assert!(c[(2 << 20) + 100..(2 << 20) + 110]
+        .iter()
+        .all(|&b| b == 0x44));
+    assert!(c[(2 << 20) + 110..(2 << 20) + 512]
+        .iter()
+        .all(|&b| b == 0x11));
+}

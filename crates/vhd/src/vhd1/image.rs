@@ -425,23 +425,29 @@ impl VhdImage {
         let in_block = offset % sp.block_size;
         let whole = in_block == 0 && buf.len() as u64 == sp.block_size;
         let mut entry = sp.meta.read().map_err(|_| self.lock_err())?.bat[block as usize];
+        // A block this write allocates whole is born with a full bitmap: no
+        // bitmap read-modify-write for it.
+        let mut born_full = false;
         if entry == BAT_UNUSED {
             let mut meta = sp.meta.write().map_err(|_| self.lock_err())?;
             entry = meta.bat[block as usize];
             if entry == BAT_UNUSED {
                 entry = self.allocate(sp, &mut meta, block, whole)?;
+                born_full = whole;
             }
         }
         let data = u64::from(entry) * SECTOR + sp.bitmap_size;
         self.file
             .write_all_at(buf, data + in_block)
             .map_err(io(&self.path))?;
-        if self.footer.disk_type == DiskType::Differencing && !whole {
+        if !born_full {
+            // Sectors not yet marked present (in a child, or in a dynamic disk
+            // made by a tool that tracks sectors) are marked now.
             let first = in_block / SECTOR;
             let count = (in_block + buf.len() as u64).div_ceil(SECTOR) - first;
             let bitmap = self.bitmap(sp, block, entry)?;
             if (first..first + count).any(|s| !bit(&bitmap, s)) {
-                // A partial sector write would expose the parent's bytes around it.
+                // A partial sector would otherwise expose stale bytes around the write.
                 self.fill_partial_sectors(
                     offset - in_block,
                     data,
