@@ -291,3 +291,43 @@ fn whole_block_write_over_a_partly_written_child_block_hides_the_parent() {
         .iter()
         .all(|&b| b == 0x11));
 }
+
+#[test]
+fn check_repairs_a_damaged_footer_copy_and_a_lost_trailing_footer() {
+    use std::os::unix::fs::FileExt;
+    use vhd::ops::check::check;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.vhd");
+    mk(
+        &p,
+        NewDisk::Dynamic {
+            size: 8 << 20,
+            block_size: 2 << 20,
+        },
+    );
+    write(&p, 0, 4096, 0x61);
+    let want = content(&p);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&[0xee; 16], 40).unwrap(); // the copy at offset 0
+    drop(f);
+    let report = check(&p, false).unwrap();
+    assert!(
+        !report.clean() && report.problems[0].what.contains("copy at offset 0"),
+        "{report:?}"
+    );
+    assert!(check(&p, true).unwrap().clean());
+    assert!(check(&p, false).unwrap().problems.is_empty());
+
+    let len = std::fs::metadata(&p).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&[0u8; 512], len - 512).unwrap(); // the trailing footer
+    drop(f);
+    assert!(
+        content(&p) == want,
+        "the copy at offset 0 keeps the disk readable"
+    );
+    assert!(!check(&p, false).unwrap().clean());
+    assert!(check(&p, true).unwrap().clean());
+    assert!(check(&p, false).unwrap().problems.is_empty());
+    assert!(content(&p) == want);
+}

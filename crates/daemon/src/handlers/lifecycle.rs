@@ -11,14 +11,13 @@ use std::sync::Arc;
 use api::vms::{VmActionRequest, VmRuntime, VmState};
 use api::ErrorCode;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::Response;
 use jobs::{AffectedElement, JobError, JobSpec};
 
 use crate::convert;
 use crate::error::ApiError;
-use crate::http::body::{accepted, full, Body};
+use crate::http::body::{accepted, full, parse_json, read_bytes, Body};
 use crate::service::{damaged_unreadable, find, Service};
 use crate::vms::runtime::StopMode;
 
@@ -63,33 +62,11 @@ fn hint(action: &str, state: VmState) -> &'static str {
 
 /// Reads the optional body of an action: empty, or a `VmActionRequest`.
 async fn read_action_body(body: Incoming) -> Result<VmActionRequest, ApiError> {
-    let bytes = match Limited::new(body, api::MAX_BODY_BYTES).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!(
-                    "the request body is larger than {} bytes",
-                    api::MAX_BODY_BYTES
-                ),
-            ))
-        }
-        Err(e) => {
-            return Err(ApiError::new(
-                ErrorCode::MalformedRequest,
-                format!("cannot read the request body: {e}"),
-            ))
-        }
-    };
+    let bytes = read_bytes(body).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(VmActionRequest::default());
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            ErrorCode::MalformedRequest,
-            format!("the request body is not valid here: {e}"),
-        )
-    })
+    parse_json(&bytes)
 }
 
 pub async fn action(svc: &Arc<Service>, key: &str, action: &str, body: Incoming) -> Answer {

@@ -19,38 +19,44 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed()
 }
 
+/// Reads a request body of at most `MAX_BODY_BYTES`.
+pub async fn read_bytes(body: Incoming) -> Result<Bytes, ApiError> {
+    match Limited::new(body, api::MAX_BODY_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the request body is larger than {} bytes",
+                api::MAX_BODY_BYTES
+            ),
+        )),
+        Err(e) => Err(ApiError::new(
+            ErrorCode::MalformedRequest,
+            format!("cannot read the request body: {e}"),
+        )),
+    }
+}
+
+/// Parses a JSON body of type `T` (no unknown fields: the types deny them).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            ErrorCode::MalformedRequest,
+            format!("the request body is not valid here: {e}"),
+        )
+    })
+}
+
 /// Reads a JSON body of type `T`: at most `MAX_BODY_BYTES`, no unknown fields.
 pub async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, ApiError> {
-    let bytes = match Limited::new(body, api::MAX_BODY_BYTES).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!(
-                    "the request body is larger than {} bytes",
-                    api::MAX_BODY_BYTES
-                ),
-            ))
-        }
-        Err(e) => {
-            return Err(ApiError::new(
-                ErrorCode::MalformedRequest,
-                format!("cannot read the request body: {e}"),
-            ))
-        }
-    };
+    let bytes = read_bytes(body).await?;
     if bytes.is_empty() {
         return Err(ApiError::new(
             ErrorCode::MalformedRequest,
             "this request needs a JSON body",
         ));
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            ErrorCode::MalformedRequest,
-            format!("the request body is not valid here: {e}"),
-        )
-    })
+    parse_json(&bytes)
 }
 
 pub fn json<T: Serialize>(status: u16, value: &T) -> Response<Body> {

@@ -76,47 +76,40 @@ fn check_footer_copy(img: &mut VhdImage, repair: bool, report: &mut CheckReport)
         return Ok(());
     }
     let path = img.file_path().to_path_buf();
-    let footer = img.footer().clone();
-    if img.footer_recovered() {
-        let mut p = Problem {
-            what: format!(
-                "{}: the footer at the end of the file is missing or damaged; the copy at offset 0 is intact",
-                path.display()
-            ),
-            repaired: false,
-        };
-        if repair {
-            img.rewrite_footer(footer)?;
-            p.repaired = true;
+    let fault = if img.footer_recovered() {
+        Some(format!(
+            "{}: the footer at the end of the file is missing or damaged; the copy at offset 0 is intact",
+            path.display()
+        ))
+    } else {
+        let mut copy = [0u8; FOOTER_SIZE];
+        img.file()
+            .read_exact_at(&mut copy, 0)
+            .map_err(|source| crate::Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+        match Footer::parse(&copy) {
+            Ok(c) if &c == img.footer() => None,
+            Ok(_) => Some("it differs from the footer at the end".to_string()),
+            Err(fault) => Some(fault.to_string()),
         }
-        report.problems.push(p);
-        return Ok(());
-    }
-    let mut copy = [0u8; FOOTER_SIZE];
-    img.file()
-        .read_exact_at(&mut copy, 0)
-        .map_err(|source| crate::Error::Io {
-            path: path.clone(),
-            source,
-        })?;
-    let copy_ok = Footer::parse(&copy).map(|c| c == footer);
-    if copy_ok != Ok(true) {
-        let why = match copy_ok {
-            Err(fault) => fault.to_string(),
-            _ => "it differs from the footer at the end".into(),
-        };
-        let mut p = Problem {
-            what: format!(
+        .map(|why| {
+            format!(
                 "{}: the footer copy at offset 0 is wrong: {why}",
                 path.display()
-            ),
-            repaired: false,
-        };
+            )
+        })
+    };
+    if let Some(what) = fault {
+        // Rewriting puts the good footer at both places.
         if repair {
-            img.rewrite_footer(footer)?;
-            p.repaired = true;
+            img.rewrite_footer(img.footer().clone())?;
         }
-        report.problems.push(p);
+        report.problems.push(Problem {
+            what,
+            repaired: repair,
+        });
     }
     Ok(())
 }
