@@ -105,6 +105,16 @@ enum VhdCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Re-point a differencing disk at its parent after the parent moved.
+    SetParent {
+        child: PathBuf,
+        #[arg(long)]
+        parent: PathBuf,
+        /// Accept a parent whose unique ID differs from the one the child recorded
+        /// (only when you know its content is the same).
+        #[arg(long)]
+        ignore_id_mismatch: bool,
+    },
     /// Export a disk or chain over NBD on a unix socket until Ctrl-C or SIGTERM.
     Serve(crate::vhd_serve::ServeArgs),
 }
@@ -249,6 +259,15 @@ pub fn run(args: VhdArgs) -> anyhow::Result<ExitCode> {
                     r.new_size
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        VhdCommand::SetParent {
+            child,
+            parent,
+            ignore_id_mismatch,
+        } => {
+            vhd::ops::set_parent::set_parent(&child, &parent, ignore_id_mismatch)?;
+            println!("{} now has parent {}", child.display(), parent.display());
             Ok(ExitCode::SUCCESS)
         }
         VhdCommand::Serve(args) => crate::vhd_serve::run(args),

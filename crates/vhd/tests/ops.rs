@@ -331,3 +331,41 @@ fn check_repairs_a_damaged_footer_copy_and_a_lost_trailing_footer() {
     assert!(check(&p, false).unwrap().problems.is_empty());
     assert!(content(&p) == want);
 }
+
+#[test]
+fn set_parent_reconnects_a_child_after_its_parent_moved_and_refuses_a_stranger() {
+    use vhd::ops::set_parent::set_parent;
+    let dir = tempfile::tempdir().unwrap();
+    let (base, mid, top) = three_layer_chain(dir.path());
+    let want = content(&top);
+    let moved_dir = dir.path().join("elsewhere");
+    std::fs::create_dir(&moved_dir).unwrap();
+    let moved = moved_dir.join("mid-moved.avhd");
+    std::fs::rename(&mid, &moved).unwrap();
+    let err = vhd::open(&top, true).err().unwrap().to_string();
+    assert!(err.contains("not found"), "{err}");
+
+    // A disk with another identity is refused, and the child is not changed.
+    let stranger = dir.path().join("stranger.vhd");
+    mk(
+        &stranger,
+        NewDisk::Dynamic {
+            size: 16 << 20,
+            block_size: 2 << 20,
+        },
+    );
+    let before = std::fs::read(&top).unwrap();
+    let err = set_parent(&top, &stranger, false).unwrap_err().to_string();
+    assert!(err.contains("unique ID"), "{err}");
+    assert!(std::fs::read(&top).unwrap() == before);
+
+    set_parent(&top, &moved, false).unwrap();
+    assert!(content(&top) == want, "the chain reads as before the move");
+    let info = vhd::ops::info::info(&top).unwrap();
+    assert_eq!(
+        info.parent.unwrap().locators[0],
+        ".\\elsewhere\\mid-moved.avhd"
+    );
+    assert_eq!(info.chain.len(), 3);
+    let _ = base;
+}

@@ -7,3 +7,4 @@ pub mod convert;
 pub mod info;
 pub mod merge;
 pub mod resize;
+pub mod set_parent;

@@ -625,6 +625,60 @@ impl VhdImage {
         self.rewrite_footer(footer)
     }
 
+    /// Points a differencing disk at another parent: new locator data is written
+    /// past the last block (then a footer after it), and only then the header that
+    /// refers to it, so a crash leaves the old or the new link, never half of one.
+    pub(crate) fn relink_parent(
+        &mut self,
+        parent_id: [u8; 16],
+        parent_timestamp: u32,
+        parent_name: String,
+        locators: Vec<(u32, Vec<u8>)>,
+    ) -> Result<()> {
+        self.check_writable()?;
+        self.flush()?;
+        let footer = self.footer.serialize();
+        let data_offset = self.footer.data_offset;
+        let path = self.path.clone();
+        let Some(sp) = &mut self.sparse else {
+            return Err(VhdError::Invalid {
+                path,
+                what: "a fixed VHD has no parent".into(),
+            }
+            .into());
+        };
+        let meta = sp.meta.get_mut().map_err(|_| VhdError::Invalid {
+            path: path.clone(),
+            what: "internal metadata lock poisoned; reopen the disk".into(),
+        })?;
+        let mut header = sp.header.clone();
+        header.parent_unique_id = parent_id;
+        header.parent_timestamp = parent_timestamp;
+        header.parent_name = parent_name;
+        header.locators = Default::default();
+        let mut at = meta.end;
+        for (i, (code, data)) in locators.into_iter().enumerate().take(header.locators.len()) {
+            let space = (data.len() as u64).div_ceil(SECTOR).max(1) * SECTOR;
+            self.file.write_all_at(&data, at).map_err(io(&path))?;
+            header.locators[i] = super::header::Locator {
+                platform_code: code,
+                data_space: space as u32,
+                data_length: data.len() as u32,
+                data_offset: at,
+            };
+            at += space;
+        }
+        self.file.write_all_at(&footer, at).map_err(io(&path))?;
+        self.file.sync_all().map_err(io(&path))?;
+        meta.end = at;
+        self.file
+            .write_all_at(&header.serialize(), data_offset)
+            .map_err(io(&path))?;
+        self.file.sync_all().map_err(io(&path))?;
+        sp.header = header;
+        Ok(())
+    }
+
     /// Offset of the trailing footer (the end of the data).
     pub fn data_end(&self) -> u64 {
         match &self.sparse {
