@@ -48,7 +48,7 @@ done
 v() { echo "+ viridian $*"; "$bin/viridian" "$@" </dev/null; }
 
 v host
-cp "$guest/boot-fixed.vhd" "$tmp/demo-boot.vhd"
+cp "$guest/boot.vhd" "$tmp/demo-boot.vhd"
 v vm create demo --cpus 1 --memory 256M --generation 1
 v vm disk add demo "$tmp/demo-boot.vhd" --controller ide --number 0 --location 0
 v vm start demo
