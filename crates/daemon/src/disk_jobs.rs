@@ -237,6 +237,13 @@ pub async fn submit(
             ),
         ));
     };
+    // Relative paths live in `<data-dir>/Virtual Hard Disks`; make it on first use.
+    std::fs::create_dir_all(&base).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("cannot create {}: {e}", base.display()),
+        )
+    })?;
     let mut affected = vec![AffectedElement::new("disk", target.display().to_string())];
     if let Some(src) = source.filter(|s| *s != target) {
         affected.insert(0, AffectedElement::new("disk", src.display().to_string()));

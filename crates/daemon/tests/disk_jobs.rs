@@ -83,3 +83,15 @@ fn compact_and_resize_run_as_jobs_and_a_shrink_fails_with_a_reason() {
         "{job}"
     );
 }
+
+#[test]
+fn a_relative_path_creates_the_disk_in_the_data_dirs_virtual_hard_disks_folder() {
+    let d = Daemon::start(&[]);
+    let job = run(
+        &d,
+        "create",
+        json!({"path": "web.vhd", "kind": "dynamic", "size_bytes": 4 << 20}),
+    );
+    assert_eq!(job["state"], "Completed", "{job}");
+    assert!(d.data.join("Virtual Hard Disks").join("web.vhd").is_file());
+}
