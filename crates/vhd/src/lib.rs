@@ -1,5 +1,7 @@
 //! Viridian's storage engine: the `Disk` abstraction and the VHD and VHDX formats.
 
+pub mod backing;
+pub mod crash;
 pub mod disk;
 pub mod error;
 pub mod host_file;
@@ -12,6 +14,7 @@ use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+pub use backing::{BackingFile, HostStorage, Storage};
 pub use disk::{Allocation, BlockStatus, Disk, RawDisk};
 pub use error::{Error, Result};
 pub use progress::{NoProgress, Progress};
@@ -85,21 +88,34 @@ fn is_vhdx_name(path: &Path) -> bool {
 /// A file named `.vhd`/`.avhd`/`.vhdx`/`.avhdx` must carry that format's
 /// signature; a damaged one is refused, never read as raw.
 pub fn open(path: &Path, read_only: bool) -> Result<Box<dyn Disk>> {
-    let mut seen = HashSet::new();
-    open_with(path, read_only, &mut seen)
+    open_on(&HostStorage, path, read_only)
 }
 
-fn open_with(path: &Path, read_only: bool, seen: &mut HashSet<PathBuf>) -> Result<Box<dyn Disk>> {
+/// [`open`] with the leaf's file I/O going through `storage` (parents are
+/// only read, so they always come from the host).
+pub fn open_on(storage: &dyn Storage, path: &Path, read_only: bool) -> Result<Box<dyn Disk>> {
+    let mut seen = HashSet::new();
+    open_with(storage, path, read_only, &mut seen)
+}
+
+fn open_with(
+    storage: &dyn Storage,
+    path: &Path,
+    read_only: bool,
+    seen: &mut HashSet<PathBuf>,
+) -> Result<Box<dyn Disk>> {
     let format = detect_format(path)?;
     match format {
         Format::Vhd => {
             if read_only && !seen.is_empty() {
                 vhd1::chain::open_vhd_parent(path, seen)
             } else {
-                Ok(Box::new(vhd1::chain::open_chain(path, read_only)?))
+                Ok(Box::new(vhd1::chain::open_chain_on(
+                    storage, path, read_only,
+                )?))
             }
         }
-        Format::Vhdx => vhdx_open(path, read_only),
+        Format::Vhdx => open_vhdx(path, read_only),
         Format::Raw if is_vhd_name(path) => {
             // Named VHD but no footer anywhere: say what is wrong with the end.
             Err(vhd1::VhdImage::open_layer(path, true).err().unwrap_or(Error::Vhd(
@@ -118,8 +134,10 @@ fn open_with(path: &Path, read_only: bool, seen: &mut HashSet<PathBuf>) -> Resul
     }
 }
 
-/// The dispatch point for VHDX files.
-fn vhdx_open(path: &Path, _read_only: bool) -> Result<Box<dyn Disk>> {
+/// The dispatch point for VHDX files: `open` sends every file with the
+/// "vhdxfile" signature here. The VHDX engine replaces this body with a call
+/// to its opener (e.g. `vhdx::open(path, read_only)`).
+fn open_vhdx(path: &Path, _read_only: bool) -> Result<Box<dyn Disk>> {
     Err(vhd1::Error::Invalid {
         path: path.to_path_buf(),
         what: "VHDX files are not supported by this version yet; convert it to VHD with a tool that reads VHDX (e.g. qemu-img convert -O vpc)".into(),
@@ -129,7 +147,7 @@ fn vhdx_open(path: &Path, _read_only: bool) -> Result<Box<dyn Disk>> {
 
 /// Opens a parent in a chain: read-only, shared lock, with its own ancestors.
 pub(crate) fn open_parent(path: &Path, seen: &mut HashSet<PathBuf>) -> Result<Box<dyn Disk>> {
-    open_with(path, true, seen)
+    open_with(&HostStorage, path, true, seen)
 }
 
 /// The identity a disk file presents to its differencing children: a VHD's
@@ -137,11 +155,7 @@ pub(crate) fn open_parent(path: &Path, seen: &mut HashSet<PathBuf>) -> Result<Bo
 pub fn parent_identity(path: &Path) -> Result<Option<[u8; 16]>> {
     match detect_format(path)? {
         Format::Vhd => {
-            let file = std::fs::File::open(path).map_err(|source| Error::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            let img = vhd1::VhdImage::from_file(file, path, true)?;
+            let img = vhd1::VhdImage::inspect(path)?;
             Ok(Some(img.footer().unique_id))
         }
         _ => Ok(None),

@@ -1,6 +1,5 @@
 //! `check`: structural validation of a disk file, and safe repairs.
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::vhd1::footer::{Footer, FOOTER_SIZE};
@@ -41,12 +40,7 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
     let opened = if repair {
         VhdImage::open_layer(path, false)
     } else {
-        std::fs::File::open(path)
-            .map_err(|source| crate::Error::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-            .and_then(|f| VhdImage::from_file(f, path, true))
+        VhdImage::inspect(path)
     };
     let mut img = match opened {
         Ok(img) => img,
@@ -84,7 +78,7 @@ fn check_footer_copy(img: &mut VhdImage, repair: bool, report: &mut CheckReport)
     } else {
         let mut copy = [0u8; FOOTER_SIZE];
         img.file()
-            .read_exact_at(&mut copy, 0)
+            .read_at(&mut copy, 0)
             .map_err(|source| crate::Error::Io {
                 path: path.clone(),
                 source,

@@ -7,8 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::backing::{parent_dir, HostStorage, Storage};
 use crate::progress::Progress;
-use crate::vhd1::create::{create, CreateOptions, NewDisk};
+use crate::vhd1::create::{create_on, CreateOptions, NewDisk};
 use crate::vhd1::{DiskType, VhdImage};
 use crate::{Allocation, Disk, Error, Result};
 
@@ -26,7 +27,16 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 }
 
 pub fn compact(path: &Path, progress: &mut dyn Progress) -> Result<Compacted> {
-    let src = VhdImage::open_layer(path, false)?;
+    compact_on(&HostStorage, path, progress)
+}
+
+/// [`compact`] on the given storage.
+pub fn compact_on(
+    storage: &dyn Storage,
+    path: &Path,
+    progress: &mut dyn Progress,
+) -> Result<Compacted> {
+    let src = VhdImage::open_layer_on(storage, path, false)?;
     if src.footer().disk_type != DiskType::Dynamic {
         return Err(crate::vhd1::Error::Invalid {
             path: path.to_path_buf(),
@@ -45,17 +55,14 @@ pub fn compact(path: &Path, progress: &mut dyn Progress) -> Result<Compacted> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp: PathBuf = path.with_file_name(format!(".{name}.compacting"));
+    // A leftover of an earlier compact that crashed: never part of any chain.
     let _ = std::fs::remove_file(&tmp);
-    let result = copy_into_new(&src, &tmp, progress);
+    let result = copy_into_new(storage, &src, &tmp, progress)
+        .and_then(|()| storage.rename(&tmp, path))
+        .and_then(|()| storage.sync_dir(parent_dir(path)));
     if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = storage.remove(&tmp);
         return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
     }
     drop(src);
     let after = std::fs::metadata(path).map_err(io(path))?.len();
@@ -65,7 +72,12 @@ pub fn compact(path: &Path, progress: &mut dyn Progress) -> Result<Compacted> {
     })
 }
 
-fn copy_into_new(src: &VhdImage, tmp: &Path, progress: &mut dyn Progress) -> Result<()> {
+fn copy_into_new(
+    storage: &dyn Storage,
+    src: &VhdImage,
+    tmp: &Path,
+    progress: &mut dyn Progress,
+) -> Result<()> {
     let size = src.size();
     let block = src.block_size().unwrap_or(2 << 20);
     let opts = CreateOptions {
@@ -75,8 +87,8 @@ fn copy_into_new(src: &VhdImage, tmp: &Path, progress: &mut dyn Progress) -> Res
         },
         exact_size: true,
     };
-    create(tmp, &opts, &mut crate::NoProgress)?;
-    let mut out = VhdImage::open_layer(tmp, false)?;
+    create_on(storage, tmp, &opts, &mut crate::NoProgress)?;
+    let mut out = VhdImage::open_layer_on(storage, tmp, false)?;
     let mut buf = vec![0u8; block as usize];
     let mut off = 0;
     while off < size {

@@ -39,11 +39,7 @@ pub struct DiskInfo {
 }
 
 fn open_unlocked(path: &Path) -> Result<VhdImage> {
-    let file = std::fs::File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    VhdImage::from_file(file, path, true)
+    VhdImage::inspect(path)
 }
 
 pub fn info(path: &Path) -> Result<DiskInfo> {

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::backing::{parent_dir, HostStorage, Storage};
 use crate::progress::Progress;
 use crate::vhd1::{chain, DiskType, VhdImage};
 use crate::{Allocation, Disk, Error, Result};
@@ -47,11 +48,7 @@ fn plan(child: &Path, into: Option<&Path>) -> Result<(Vec<PathBuf>, PathBuf)> {
     let mut layers = vec![child.to_path_buf()];
     loop {
         let current = layers.last().cloned().unwrap_or_default();
-        let file = std::fs::File::open(&current).map_err(|source| Error::Io {
-            path: current.clone(),
-            source,
-        })?;
-        let img = VhdImage::from_file(file, &current, true)?;
+        let img = VhdImage::inspect(&current)?;
         if img.footer().disk_type != DiskType::Differencing {
             let what = match into {
                 Some(t) => format!("{} is not an ancestor of {}", t.display(), child.display()),
@@ -80,15 +77,29 @@ pub fn merge(
     into: Option<&Path>,
     progress: &mut dyn Progress,
 ) -> Result<MergeResult> {
+    merge_on(&HostStorage, child, into, progress)
+}
+
+/// [`merge`] on the given storage.
+///
+/// A crash while the merged-away files are being removed (the last step) can
+/// leave some of the intermediate ones behind: the child is always removed
+/// first, and what remains is no longer part of any chain and safe to delete.
+pub fn merge_on(
+    storage: &dyn Storage,
+    child: &Path,
+    into: Option<&Path>,
+    progress: &mut dyn Progress,
+) -> Result<MergeResult> {
     // The whole chain must open cleanly (IDs, locators) before anything changes.
     drop(crate::open(child, true)?);
     let (layers, target_path) = plan(child, into)?;
     // The merged-away layers are locked exclusively: no VM or tool may use them.
     let handles: Vec<VhdImage> = layers
         .iter()
-        .map(|p| VhdImage::open_layer(p, false))
+        .map(|p| VhdImage::open_layer_on(storage, p, false))
         .collect::<Result<_>>()?;
-    let target = crate::open(&target_path, false)?;
+    let target = crate::open_on(storage, &target_path, false)?;
     let total: u64 = handles.iter().map(VhdImage::allocated_bytes).sum();
     let mut done = 0;
     for layer in handles.iter().rev() {
@@ -98,11 +109,9 @@ pub fn merge(
     drop(target);
     drop(handles);
     for l in &layers {
-        std::fs::remove_file(l).map_err(|source| Error::Io {
-            path: l.clone(),
-            source,
-        })?;
+        storage.remove(l)?;
     }
+    storage.sync_dir(parent_dir(child))?;
     progress.update(total, total);
     Ok(MergeResult {
         into: target_path,

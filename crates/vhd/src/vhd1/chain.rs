@@ -1,12 +1,12 @@
 //! Differencing chains: finding a child's parent and opening the whole chain.
 
 use std::collections::HashSet;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::footer::DiskType;
 use super::header::{decode_locator_path, DynamicHeader, PLATFORM_W2KU, PLATFORM_W2RU};
 use super::{format_guid, Error as VhdError, VhdImage};
+use crate::backing::{HostStorage, Storage};
 use crate::disk::Disk;
 use crate::error::Result;
 
@@ -34,11 +34,7 @@ pub fn locator_paths(image: &VhdImage, header: &DynamicHeader) -> Vec<(u32, Stri
         for loc in header.locators.iter().filter(|l| l.platform_code == code) {
             let len = u64::from(loc.data_length).min(64 * 1024) as usize;
             let mut data = vec![0u8; len];
-            if image
-                .file()
-                .read_exact_at(&mut data, loc.data_offset)
-                .is_ok()
-            {
+            if image.file().read_at(&mut data, loc.data_offset).is_ok() {
                 out.push((code, decode_locator_path(&data)));
             }
         }
@@ -91,13 +87,23 @@ pub fn resolve_parent(image: &VhdImage) -> Result<PathBuf> {
 /// Opens a VHD and, for a differencing disk, its ancestors: the leaf with the
 /// requested access, every parent read-only with a shared lock.
 pub fn open_chain(path: &Path, read_only: bool) -> Result<VhdImage> {
-    let mut seen = HashSet::new();
-    open_chain_inner(path, read_only, &mut seen)
+    open_chain_on(&HostStorage, path, read_only)
 }
 
-fn open_chain_inner(path: &Path, read_only: bool, seen: &mut HashSet<PathBuf>) -> Result<VhdImage> {
+/// [`open_chain`] with the leaf on `storage`.
+pub fn open_chain_on(storage: &dyn Storage, path: &Path, read_only: bool) -> Result<VhdImage> {
+    let mut seen = HashSet::new();
+    open_chain_inner(storage, path, read_only, &mut seen)
+}
+
+fn open_chain_inner(
+    storage: &dyn Storage,
+    path: &Path,
+    read_only: bool,
+    seen: &mut HashSet<PathBuf>,
+) -> Result<VhdImage> {
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let mut image = VhdImage::open_layer(path, read_only)?;
+    let mut image = VhdImage::open_layer_on(storage, path, read_only)?;
     seen.insert(canonical);
     if image.footer().disk_type != DiskType::Differencing {
         return Ok(image);
@@ -121,7 +127,7 @@ fn open_chain_inner(path: &Path, read_only: bool, seen: &mut HashSet<PathBuf>) -
 
 /// Opens a VHD parent (read-only, shared lock) with its own ancestors.
 pub(crate) fn open_vhd_parent(path: &Path, seen: &mut HashSet<PathBuf>) -> Result<Box<dyn Disk>> {
-    Ok(Box::new(open_chain_inner(path, true, seen)?))
+    Ok(Box::new(open_chain_inner(&HostStorage, path, true, seen)?))
 }
 
 fn check_parent_id(child: &VhdImage, parent_path: &Path) -> Result<()> {

@@ -1,15 +1,14 @@
 //! Creating VHD files: fixed, dynamic and differencing.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::footer::{chs_exact_size, DiskType, Footer, FOOTER_SIZE};
 use super::header::{
-    block_size_valid, encode_locator_path, DynamicHeader, Locator, BAT_UNUSED, HEADER_SIZE,
-    HEADER_VERSION, PLATFORM_W2KU, PLATFORM_W2RU,
+    block_size_valid, encode_locator_path, DynamicHeader, Locator, HEADER_SIZE, HEADER_VERSION,
+    PLATFORM_W2KU, PLATFORM_W2RU,
 };
 use super::Error as VhdError;
+use crate::backing::{io_error, parent_dir, BackingFile, HostStorage, Storage};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -40,13 +39,6 @@ pub struct Created {
     pub requested_size: u64,
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 fn invalid(path: &Path, what: impl Into<String>) -> Error {
     VhdError::Invalid {
         path: path.to_path_buf(),
@@ -64,38 +56,97 @@ pub fn actual_size(requested: u64, exact: bool) -> u64 {
     }
 }
 
-/// Creates a new VHD at `path`; refuses to overwrite an existing file. On
-/// failure the partial file is removed.
+/// Creates a new VHD at `path`; refuses to overwrite an existing file.
 pub fn create(path: &Path, opts: &CreateOptions, progress: &mut dyn Progress) -> Result<Created> {
-    let result = create_inner(path, opts, progress);
-    if result.is_err()
-        && !matches!(result, Err(Error::Io { ref source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists)
-    {
-        let _ = std::fs::remove_file(path);
-    }
-    result
+    create_on(&HostStorage, path, opts, progress)
 }
 
-fn create_inner(path: &Path, opts: &CreateOptions, progress: &mut dyn Progress) -> Result<Created> {
-    let (disk_type, requested, block_size, parent) = match &opts.kind {
+/// [`create`] on the given storage.
+///
+/// The file is built under a temporary name beside `path`, made durable, and
+/// only then linked to `path` (which fails if `path` exists): a crash leaves
+/// either no `path` or a complete one, never a half-written disk. A crash can
+/// leave the temporary `.NAME.*.creating` file behind; it is safe to delete.
+pub fn create_on(
+    storage: &dyn Storage,
+    path: &Path,
+    opts: &CreateOptions,
+    progress: &mut dyn Progress,
+) -> Result<Created> {
+    let layout = plan(path, opts)?;
+    if path.symlink_metadata().is_ok() {
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the file exists; creating a disk never overwrites one",
+            ),
+        });
+    }
+    let tmp = temp_name(path);
+    let built = storage
+        .create_new(&tmp)
+        .and_then(|file| write_layout(file.as_ref(), &tmp, &layout, progress));
+    let linked = built.and_then(|()| storage.link(&tmp, path));
+    // Whatever happened, the temporary name goes (the file lives on as `path`).
+    let _ = storage.remove(&tmp);
+    linked?;
+    storage.sync_dir(parent_dir(path))?;
+    Ok(Created {
+        path: path.into(),
+        size: layout.footer.current_size,
+        requested_size: layout.requested,
+    })
+}
+
+fn temp_name(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    path.with_file_name(format!(".{name}.{}.creating", &tag[..8]))
+}
+
+/// Everything a new file holds, decided before anything is written.
+struct Layout {
+    requested: u64,
+    footer: Footer,
+    /// The dynamic header and the BAT's size in bytes, for sparse disks.
+    sparse: Option<(DynamicHeader, u64)>,
+    locator_data: Vec<(u64, Vec<u8>)>,
+    /// Where the trailing footer goes.
+    end: u64,
+}
+
+/// The kind, requested size, block size and parent (with its unique ID) of a new disk.
+type Kind = (DiskType, u64, u32, Option<(PathBuf, [u8; 16])>);
+
+fn kind_of(opts: &CreateOptions) -> Result<Kind> {
+    Ok(match &opts.kind {
         NewDisk::Fixed { size } => (DiskType::Fixed, *size, DEFAULT_BLOCK_SIZE, None),
         NewDisk::Dynamic { size, block_size } => (DiskType::Dynamic, *size, *block_size, None),
         NewDisk::Differencing { parent } => {
-            let p = crate::open(parent, true)?;
+            // The whole parent chain must open (IDs, locators) before a child is made.
+            let size = crate::open(parent, true)?.size();
             let id = crate::parent_identity(parent)?
                 .ok_or_else(|| invalid(parent, "cannot read the parent's unique ID"))?;
-            let bs = super::VhdImage::open_layer(parent, true)
+            let block_size = super::VhdImage::inspect(parent)
                 .ok()
                 .and_then(|i| i.block_size())
                 .map_or(DEFAULT_BLOCK_SIZE, |b| b as u32);
             (
                 DiskType::Differencing,
-                p.size(),
-                bs,
+                size,
+                block_size,
                 Some((parent.clone(), id)),
             )
         }
-    };
+    })
+}
+
+fn plan(path: &Path, opts: &CreateOptions) -> Result<Layout> {
+    let (disk_type, requested, block_size, parent) = kind_of(opts)?;
     if requested == 0 {
         return Err(invalid(path, "the size must be more than 0 bytes"));
     }
@@ -111,10 +162,9 @@ fn create_inner(path: &Path, opts: &CreateOptions, progress: &mut dyn Progress) 
             format!("block size {block_size} is not a power of two between 512 bytes and 256 MiB"),
         ));
     }
-    let size = if parent.is_some() {
-        requested
-    } else {
-        actual_size(requested, opts.exact_size)
+    let size = match parent {
+        Some(_) => requested,
+        None => actual_size(requested, opts.exact_size),
     };
     if size > MAX_SIZE {
         return Err(invalid(
@@ -122,33 +172,30 @@ fn create_inner(path: &Path, opts: &CreateOptions, progress: &mut dyn Progress) 
             format!("{size} bytes is more than the 2040 GiB a VHD can hold; use VHDX"),
         ));
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(path)
-        .map_err(io(path))?;
-    crate::host_file::lock(&file, path, false)?;
-    let mut footer = Footer::new(disk_type, size, *uuid::Uuid::new_v4().as_bytes());
+    let footer = Footer::new(disk_type, size, *uuid::Uuid::new_v4().as_bytes());
     if disk_type == DiskType::Fixed {
-        // Allocate the data (zeros) and put the footer after it.
-        file.set_len(size).map_err(io(path))?;
-        progress.update(size / 2, size);
-        file.write_all_at(&footer.serialize(), size)
-            .map_err(io(path))?;
-        file.sync_all().map_err(io(path))?;
-        progress.update(size, size);
-        return Ok(Created {
-            path: path.into(),
-            size,
-            requested_size: requested,
+        return Ok(Layout {
+            requested,
+            footer,
+            sparse: None,
+            locator_data: Vec::new(),
+            end: size,
         });
     }
-    let entries = size.div_ceil(u64::from(block_size));
+    sparse_layout(path, requested, footer, block_size, parent)
+}
+
+fn sparse_layout(
+    path: &Path,
+    requested: u64,
+    footer: Footer,
+    block_size: u32,
+    parent: Option<(PathBuf, [u8; 16])>,
+) -> Result<Layout> {
+    let entries = footer.current_size.div_ceil(u64::from(block_size));
     let entries = u32::try_from(entries).map_err(|_| invalid(path, "too many blocks"))?;
     let table_offset = (FOOTER_SIZE + HEADER_SIZE) as u64;
-    let bat_bytes = (u64::from(entries) * 4).div_ceil(512) * 512;
+    let bat_bytes = super::bat::table_bytes(entries);
     let mut header = DynamicHeader {
         table_offset,
         header_version: HEADER_VERSION,
@@ -160,20 +207,19 @@ fn create_inner(path: &Path, opts: &CreateOptions, progress: &mut dyn Progress) 
         locators: Default::default(),
     };
     let mut end = table_offset + bat_bytes;
-    let mut locator_data: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut locator_data = Vec::new();
     if let Some((parent_path, id)) = &parent {
         header.parent_unique_id = *id;
         header.parent_timestamp = parent_timestamp(parent_path);
         let paths = locator_strings(path, parent_path)?;
         header.parent_name = paths.absolute.clone();
-        for (i, (code, text)) in [
+        let texts = [
             (PLATFORM_W2KU, &paths.absolute),
             (PLATFORM_W2RU, &paths.relative),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        ];
+        for (i, (code, text)) in texts.into_iter().enumerate() {
             let data = encode_locator_path(text);
+            // "Data space" in bytes, as Windows writes it.
             let space = (data.len() as u64).div_ceil(512).max(1) * 512;
             header.locators[i] = Locator {
                 platform_code: code,
@@ -184,37 +230,43 @@ fn create_inner(path: &Path, opts: &CreateOptions, progress: &mut dyn Progress) 
             locator_data.push((end, data));
             end += space;
         }
-        footer.disk_type = DiskType::Differencing;
     }
-    let footer_bytes = footer.serialize();
-    // Footer at the end first (the file is always a valid VHD from then on for
-    // readers that look at its end), then copy, header, BAT, locators.
-    file.write_all_at(&footer_bytes, end).map_err(io(path))?;
-    file.write_all_at(&footer_bytes, 0).map_err(io(path))?;
-    file.write_all_at(&header.serialize(), FOOTER_SIZE as u64)
-        .map_err(io(path))?;
-    let bat = vec![0xffu8; bat_bytes as usize];
-    debug_assert_eq!(BAT_UNUSED, 0xffff_ffff);
-    file.write_all_at(&bat, table_offset).map_err(io(path))?;
-    for (at, data) in &locator_data {
-        file.write_all_at(data, *at).map_err(io(path))?;
-    }
-    file.sync_all().map_err(io(path))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        }) {
-            let _ = d.sync_all();
+    Ok(Layout {
+        requested,
+        footer,
+        sparse: Some((header, bat_bytes)),
+        locator_data,
+        end,
+    })
+}
+
+fn write_layout(
+    file: &dyn BackingFile,
+    path: &Path,
+    layout: &Layout,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    let io = io_error(path);
+    let footer = layout.footer.serialize();
+    let size = layout.footer.current_size;
+    match &layout.sparse {
+        // A fixed disk's data is the file's (sparse) start; the footer follows it.
+        None => file.set_len(layout.end).map_err(&io)?,
+        Some((header, bat_bytes)) => {
+            file.write_at(&footer, 0).map_err(&io)?;
+            file.write_at(&header.serialize(), FOOTER_SIZE as u64)
+                .map_err(&io)?;
+            file.write_at(&vec![0xff; *bat_bytes as usize], header.table_offset)
+                .map_err(&io)?;
+            for (at, data) in &layout.locator_data {
+                file.write_at(data, *at).map_err(&io)?;
+            }
         }
     }
+    file.write_at(&footer, layout.end).map_err(&io)?;
+    file.flush().map_err(&io)?;
     progress.update(size, size);
-    Ok(Created {
-        path: path.into(),
-        size,
-        requested_size: requested,
-    })
+    Ok(())
 }
 
 fn parent_timestamp(parent: &Path) -> u32 {
@@ -235,8 +287,8 @@ pub struct LocatorStrings {
 /// The absolute path of `parent` and its path relative to `child`'s folder, in
 /// the Windows style the locators use (`.\parent.vhd`, `..\base\parent.vhd`).
 pub fn locator_strings(child: &Path, parent: &Path) -> Result<LocatorStrings> {
-    let abs_parent = std::path::absolute(parent).map_err(io(parent))?;
-    let abs_child = std::path::absolute(child).map_err(io(child))?;
+    let abs_parent = std::path::absolute(parent).map_err(io_error(parent))?;
+    let abs_child = std::path::absolute(child).map_err(io_error(child))?;
     let child_dir = abs_child.parent().unwrap_or(Path::new("/"));
     let rel = relative_path(child_dir, &abs_parent);
     let mut relative = rel.to_string_lossy().replace('/', "\\");

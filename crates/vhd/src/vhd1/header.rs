@@ -6,8 +6,7 @@ use super::checksum;
 pub const HEADER_SIZE: usize = 1024;
 pub const COOKIE: &[u8; 8] = b"cxsparse";
 pub const HEADER_VERSION: u32 = 0x0001_0000;
-/// A BAT entry for a block with no data in this file.
-pub const BAT_UNUSED: u32 = 0xFFFF_FFFF;
+pub use super::bat::BAT_UNUSED;
 pub const LOCATOR_COUNT: usize = 8;
 /// Absolute Windows path, UTF-16LE.
 pub const PLATFORM_W2KU: u32 = 0x5732_6B75;

@@ -2,132 +2,234 @@
 //! [`super`] for the write ordering that keeps the file consistent across crashes.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
 
+use super::bat::{self, bitmap_bytes, BAT_UNUSED, SECTOR};
 use super::footer::{DiskType, Footer, FOOTER_SIZE};
-use super::header::{DynamicHeader, BAT_UNUSED, HEADER_SIZE};
+use super::header::{DynamicHeader, HEADER_SIZE};
 use super::Error as VhdError;
+use crate::backing::{io_error, BackingFile, HostStorage, Storage};
 use crate::disk::{check_range, Allocation, BlockStatus, Disk};
 use crate::error::{Error, Result};
 
-const SECTOR: u64 = 512;
 /// Block data starts on this boundary in files we write.
 const DATA_ALIGN: u64 = 4096;
 
-/// The sparse part of a dynamic or differencing image.
-struct Sparse {
-    header: DynamicHeader,
-    block_size: u64,
-    /// Bytes of a block's sector bitmap, rounded up to whole sectors.
-    bitmap_size: u64,
-    meta: RwLock<Meta>,
+/// A block's sector bitmap as cached.
+#[derive(Clone)]
+pub(super) enum Bitmap {
+    /// Every sector of the block is present (all dynamic blocks we write, and
+    /// differencing blocks written whole): no per-sector work.
+    Full,
+    Sectors(Arc<Vec<u8>>),
 }
 
-struct Meta {
-    bat: Vec<u32>,
-    /// Cached sector bitmaps by block index.
-    bitmaps: HashMap<u32, Vec<u8>>,
+impl Bitmap {
+    fn from_bytes(bytes: Vec<u8>, sectors: u64) -> Self {
+        if (0..sectors).all(|s| bat::bit(&bytes, s)) {
+            Bitmap::Full
+        } else {
+            Bitmap::Sectors(Arc::new(bytes))
+        }
+    }
+
+    fn present(&self, sector: u64) -> bool {
+        match self {
+            Bitmap::Full => true,
+            Bitmap::Sectors(b) => bat::bit(b, sector),
+        }
+    }
+
+    fn all_present(&self, first: u64, count: u64) -> bool {
+        (first..first + count).all(|s| self.present(s))
+    }
+
+    fn mark(&mut self, first: u64, count: u64, sectors: u64) {
+        if let Bitmap::Sectors(b) = self {
+            bat::set_bits(Arc::make_mut(b).as_mut_slice(), first, count);
+            if (0..sectors).all(|s| bat::bit(b, s)) {
+                *self = Bitmap::Full;
+            }
+        }
+    }
+
+    fn bytes(&self, size: u64) -> Vec<u8> {
+        match self {
+            Bitmap::Full => vec![0xff; size as usize],
+            Bitmap::Sectors(b) => b.to_vec(),
+        }
+    }
+}
+
+/// The sparse part of a dynamic or differencing image.
+pub(super) struct Sparse {
+    pub(super) header: DynamicHeader,
+    pub(super) block_size: u64,
+    /// Bytes of a block's sector bitmap, rounded up to whole sectors.
+    pub(super) bitmap_size: u64,
+    pub(super) meta: RwLock<Meta>,
+    /// Serializes flushes, so an older metadata snapshot never lands after a newer one.
+    flush_lock: Mutex<()>,
+}
+
+pub(super) struct Meta {
+    pub(super) bat: Vec<u32>,
+    /// Sector bitmaps of allocated blocks, loaded on first use.
+    bitmaps: HashMap<u32, Bitmap>,
+    /// Blocks whose BAT entry changed since the last flush.
     dirty_bat: BTreeSet<u32>,
+    /// Blocks whose bitmap changed since the last flush.
     dirty_bitmaps: BTreeSet<u32>,
     /// Offset of the trailing footer: where the next block goes.
-    end: u64,
+    pub(super) end: u64,
+}
+
+/// Metadata writes one flush makes, taken from the cache under its lock.
+struct Snapshot {
+    writes: Vec<(u64, Vec<u8>)>,
+    bat_blocks: Vec<u32>,
+    bitmap_blocks: Vec<u32>,
 }
 
 /// One open VHD file, with its parent attached when it is a differencing disk.
 pub struct VhdImage {
-    file: File,
-    path: PathBuf,
-    read_only: bool,
-    footer: Footer,
-    sparse: Option<Sparse>,
+    pub(super) file: Arc<dyn BackingFile>,
+    pub(super) path: PathBuf,
+    pub(super) read_only: bool,
+    pub(super) footer: Footer,
+    pub(super) sparse: Option<Sparse>,
     parent: Option<Box<dyn Disk>>,
     /// Whether the trailing footer was unreadable and the copy at offset 0 was used.
-    footer_recovered: bool,
+    pub(super) footer_recovered: bool,
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
+fn read_exact(file: &dyn BackingFile, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
+    file.read_at(buf, offset).map_err(io_error(path))
+}
+
+fn truncated(path: &Path, what: String) -> Error {
+    VhdError::Truncated {
+        path: path.into(),
+        what,
+    }
+    .into()
+}
+
+/// Reads the trailing footer, or for a sparse image whose end is damaged, the
+/// copy at offset 0. Returns the footer, where the data ends, and whether the
+/// copy was used.
+fn read_footer(file: &dyn BackingFile, path: &Path, len: u64) -> Result<(Footer, u64, bool)> {
+    if len < FOOTER_SIZE as u64 {
+        return Err(truncated(
+            path,
+            format!("{len} bytes is shorter than a VHD footer"),
+        ));
+    }
+    let at = len / SECTOR * SECTOR - SECTOR;
+    let mut buf = [0u8; FOOTER_SIZE];
+    read_exact(file, path, &mut buf, at)?;
+    let fault = match Footer::parse(&buf) {
+        Ok(f) => return Ok((f, at, false)),
+        Err(fault) => fault,
+    };
+    read_exact(file, path, &mut buf, 0)?;
+    match Footer::parse(&buf) {
+        // New blocks go after everything the file holds, whatever it is.
+        Ok(copy) if copy.disk_type != DiskType::Fixed => {
+            Ok((copy, len.div_ceil(SECTOR) * SECTOR, true))
+        }
+        _ => Err(VhdError::Footer {
+            path: path.into(),
+            fault,
+        }
+        .into()),
     }
 }
 
-fn read_exact(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
-    file.read_exact_at(buf, offset).map_err(io(path))
-}
-
-fn bit(bitmap: &[u8], sector: u64) -> bool {
-    bitmap[(sector / 8) as usize] & (0x80 >> (sector % 8)) != 0
-}
-
-fn set_bits(bitmap: &mut [u8], first: u64, count: u64) {
-    for s in first..first + count {
-        bitmap[(s / 8) as usize] |= 0x80 >> (s % 8);
-    }
-}
-
-impl VhdImage {
-    /// Opens one VHD file without its parent (see [`super::chain`] for chains).
-    /// Validates footer, header and BAT; refuses a damaged file with an error naming
-    /// the fault. Never writes.
-    pub fn open_layer(path: &Path, read_only: bool) -> Result<Self> {
-        let file = crate::host_file::open_locked(path, read_only)?;
-        Self::from_file(file, path, read_only)
-    }
-
-    pub(crate) fn from_file(file: File, path: &Path, read_only: bool) -> Result<Self> {
-        let len = file.metadata().map_err(io(path))?.len();
-        if len < FOOTER_SIZE as u64 {
-            return Err(VhdError::Truncated {
+/// Checks that every used BAT entry lies within the data and that no two
+/// blocks overlap. Returns the used blocks' file offsets, sorted.
+fn validate_bat(
+    path: &Path,
+    footer: &Footer,
+    header: &DynamicHeader,
+    entries: &[u32],
+    data_end: u64,
+) -> Result<Vec<(u64, u32)>> {
+    let block_size = u64::from(header.block_size);
+    let bitmap_size = bitmap_bytes(block_size);
+    let needed = footer.current_size.div_ceil(block_size) as usize;
+    let mut used = Vec::new();
+    for (i, &e) in entries.iter().enumerate().take(needed) {
+        if e == BAT_UNUSED {
+            continue;
+        }
+        let start = u64::from(e) * SECTOR;
+        // The last block of a disk may be cut short by the disk's end.
+        let in_disk = (footer.current_size - i as u64 * block_size).min(block_size);
+        if start + bitmap_size + in_disk > data_end {
+            return Err(VhdError::BatEntryPastEnd {
                 path: path.into(),
-                what: format!("{len} bytes is shorter than a VHD footer"),
+                block: i as u32,
+                sector: e,
+                end: data_end,
             }
             .into());
         }
-        let mut buf = [0u8; FOOTER_SIZE];
-        read_exact(&file, path, &mut buf, len / SECTOR * SECTOR - SECTOR)?;
-        let (footer, recovered) = match Footer::parse(&buf) {
-            Ok(f) => (f, false),
-            Err(fault) => {
-                // A sparse image keeps a copy at offset 0; use it if the end is lost.
-                read_exact(&file, path, &mut buf, 0)?;
-                match Footer::parse(&buf) {
-                    Ok(copy) if copy.disk_type != DiskType::Fixed => (copy, true),
-                    _ => {
-                        return Err(VhdError::Footer {
-                            path: path.into(),
-                            fault,
-                        }
-                        .into())
-                    }
-                }
+        used.push((start, i as u32));
+    }
+    used.sort_unstable();
+    for w in used.windows(2) {
+        if w[1].0 < w[0].0 + bitmap_size + block_size {
+            return Err(VhdError::OverlappingBlocks {
+                path: path.into(),
+                first: w[0].1,
+                second: w[1].1,
             }
-        };
-        let footer_at = if recovered {
-            len
-        } else {
-            len / SECTOR * SECTOR - SECTOR
-        };
+            .into());
+        }
+    }
+    Ok(used)
+}
+
+impl VhdImage {
+    /// Opens one VHD file without its parent (see [`super::chain`] for chains),
+    /// locked shared (read-only) or exclusive. Validates footer, header and BAT;
+    /// refuses a damaged file with an error naming the fault. Never writes.
+    pub fn open_layer(path: &Path, read_only: bool) -> Result<Self> {
+        Self::open_layer_on(&HostStorage, path, read_only)
+    }
+
+    /// [`Self::open_layer`] on the given storage.
+    pub fn open_layer_on(storage: &dyn Storage, path: &Path, read_only: bool) -> Result<Self> {
+        Self::from_file(storage.open(path, read_only)?, path, read_only)
+    }
+
+    /// Opens a VHD file read-only without locking it, to look at it (`info`,
+    /// `check`) while a VM may be using it.
+    pub fn inspect(path: &Path) -> Result<Self> {
+        Self::from_file(HostStorage.inspect(path)?, path, true)
+    }
+
+    pub(crate) fn from_file(
+        file: Arc<dyn BackingFile>,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<Self> {
+        let len = file.len().map_err(io_error(path))?;
+        let (footer, footer_at, recovered) = read_footer(file.as_ref(), path, len)?;
         let sparse = match footer.disk_type {
-            DiskType::Fixed => {
-                if footer_at < footer.current_size {
-                    return Err(VhdError::Truncated {
-                        path: path.into(),
-                        what: format!(
-                            "a fixed VHD of {} bytes needs {} bytes of data before its footer, the file has {footer_at}",
-                            footer.current_size, footer.current_size
-                        ),
-                    }
-                    .into());
-                }
-                None
+            DiskType::Fixed if footer_at < footer.current_size => {
+                return Err(truncated(
+                    path,
+                    format!(
+                        "a fixed VHD of {} bytes needs that many bytes of data before its footer, the file has {footer_at}",
+                        footer.current_size
+                    ),
+                ))
             }
-            _ => Some(Self::open_sparse(
-                &file, path, &footer, footer_at, recovered,
-            )?),
+            DiskType::Fixed => None,
+            _ => Some(Self::open_sparse(file.as_ref(), path, &footer, footer_at)?),
         };
         Ok(VhdImage {
             file,
@@ -141,22 +243,20 @@ impl VhdImage {
     }
 
     fn open_sparse(
-        file: &File,
+        file: &dyn BackingFile,
         path: &Path,
         footer: &Footer,
-        footer_at: u64,
-        recovered: bool,
+        data_end: u64,
     ) -> Result<Sparse> {
         let hdr_end = footer.data_offset.checked_add(HEADER_SIZE as u64);
-        if hdr_end.is_none_or(|e| e > footer_at) {
-            return Err(VhdError::Truncated {
-                path: path.into(),
-                what: format!(
+        if hdr_end.is_none_or(|e| e > data_end) {
+            return Err(truncated(
+                path,
+                format!(
                     "the dynamic header at offset {} lies past the end of the data",
                     footer.data_offset
                 ),
-            }
-            .into());
+            ));
         }
         let mut hb = [0u8; HEADER_SIZE];
         read_exact(file, path, &mut hb, footer.data_offset)?;
@@ -165,8 +265,7 @@ impl VhdImage {
             fault,
         })?;
         let block_size = u64::from(header.block_size);
-        let needed = footer.current_size.div_ceil(block_size);
-        if u64::from(header.max_table_entries) < needed {
+        if u64::from(header.max_table_entries) < footer.current_size.div_ceil(block_size) {
             return Err(VhdError::BatTooSmall {
                 path: path.into(),
                 entries: header.max_table_entries,
@@ -179,78 +278,32 @@ impl VhdImage {
         if header
             .table_offset
             .checked_add(bat_bytes)
-            .is_none_or(|e| e > footer_at)
+            .is_none_or(|e| e > data_end)
         {
-            return Err(VhdError::Truncated {
-                path: path.into(),
-                what: format!(
+            return Err(truncated(
+                path,
+                format!(
                     "the BAT ({bat_bytes} bytes at offset {}) lies past the end of the data",
                     header.table_offset
                 ),
-            }
-            .into());
+            ));
         }
         let mut raw = vec![0u8; bat_bytes as usize];
         read_exact(file, path, &mut raw, header.table_offset)?;
-        let bat: Vec<u32> = raw
-            .chunks_exact(4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let bitmap_size = (block_size / SECTOR).div_ceil(8).div_ceil(SECTOR) * SECTOR;
-        let span = bitmap_size + block_size;
-        // Every used entry must lie within the file and no two blocks may overlap.
-        let mut used: Vec<(u64, u32)> = Vec::new();
-        for (i, &e) in bat.iter().enumerate().take(needed as usize) {
-            if e == BAT_UNUSED {
-                continue;
-            }
-            let start = u64::from(e) * SECTOR;
-            // The last block of a disk may be cut short by the disk's end.
-            let in_disk = (footer.current_size - i as u64 * block_size).min(block_size);
-            if start + bitmap_size + in_disk > footer_at {
-                return Err(VhdError::BatEntryPastEnd {
-                    path: path.into(),
-                    block: i as u32,
-                    sector: e,
-                    end: footer_at,
-                }
-                .into());
-            }
-            used.push((start, i as u32));
-        }
-        used.sort_unstable();
-        for w in used.windows(2) {
-            if w[1].0 < w[0].0 + span {
-                return Err(VhdError::OverlappingBlocks {
-                    path: path.into(),
-                    first: w[0].1,
-                    second: w[1].1,
-                }
-                .into());
-            }
-        }
-        let end = if recovered {
-            // Recompute where data ends: after the last block or the metadata.
-            let meta_end = header.table_offset + bat_bytes.div_ceil(SECTOR) * SECTOR;
-            used.last()
-                .map(|(s, _)| s + span)
-                .unwrap_or(0)
-                .max(meta_end)
-                .max(locators_end(&header))
-        } else {
-            footer_at
-        };
+        let entries = bat::parse(&raw);
+        validate_bat(path, footer, &header, &entries, data_end)?;
         Ok(Sparse {
             header,
             block_size,
-            bitmap_size,
+            bitmap_size: bitmap_bytes(block_size),
             meta: RwLock::new(Meta {
-                bat,
+                bat: entries,
                 bitmaps: HashMap::new(),
                 dirty_bat: BTreeSet::new(),
                 dirty_bitmaps: BTreeSet::new(),
-                end,
+                end: data_end,
             }),
+            flush_lock: Mutex::new(()),
         })
     }
 
@@ -270,8 +323,8 @@ impl VhdImage {
         self.footer_recovered
     }
 
-    pub(crate) fn file(&self) -> &File {
-        &self.file
+    pub(crate) fn file(&self) -> &dyn BackingFile {
+        self.file.as_ref()
     }
 
     /// Attaches the opened parent of a differencing disk.
@@ -292,7 +345,7 @@ impl VhdImage {
     pub fn bat(&self) -> Vec<u32> {
         self.sparse
             .as_ref()
-            .map(|s| s.meta.read().map(|m| m.bat.clone()).unwrap_or_default())
+            .and_then(|s| s.meta.read().ok().map(|m| m.bat.clone()))
             .unwrap_or_default()
     }
 
@@ -307,7 +360,23 @@ impl VhdImage {
         }
     }
 
-    fn lock_err(&self) -> Error {
+    /// Offset of the trailing footer (the end of the data).
+    pub fn data_end(&self) -> u64 {
+        match &self.sparse {
+            Some(sp) => sp.meta.read().map(|m| m.end).unwrap_or(0),
+            None => self.footer.current_size,
+        }
+    }
+
+    pub fn block_size(&self) -> Option<u64> {
+        self.sparse.as_ref().map(|s| s.block_size)
+    }
+
+    fn is_differencing(&self) -> bool {
+        self.footer.disk_type == DiskType::Differencing
+    }
+
+    pub(super) fn lock_err(&self) -> Error {
         VhdError::Invalid {
             path: self.path.clone(),
             what: "internal metadata lock poisoned by an earlier failure; reopen the disk".into(),
@@ -315,7 +384,7 @@ impl VhdImage {
         .into()
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(super) fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly {
                 path: self.path.clone(),
@@ -324,21 +393,42 @@ impl VhdImage {
         Ok(())
     }
 
-    /// The bitmap of an allocated block, loaded into the cache on first use.
-    fn bitmap(&self, sp: &Sparse, block: u32, entry: u32) -> Result<Vec<u8>> {
-        if let Some(b) = sp
-            .meta
-            .read()
-            .map_err(|_| self.lock_err())?
-            .bitmaps
-            .get(&block)
-        {
-            return Ok(b.clone());
-        }
-        let mut b = vec![0u8; sp.bitmap_size as usize];
-        read_exact(&self.file, &self.path, &mut b, u64::from(entry) * SECTOR)?;
+    pub(super) fn write_file(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_at(buf, offset)
+            .map_err(io_error(&self.path))
+    }
+
+    pub(super) fn sync(&self) -> Result<()> {
+        self.file.flush().map_err(io_error(&self.path))
+    }
+
+    /// A block's BAT entry and bitmap, or `None` when this file has no data for it.
+    fn lookup(&self, sp: &Sparse, block: u32) -> Result<Option<(u32, Bitmap)>> {
+        let entry = {
+            let meta = sp.meta.read().map_err(|_| self.lock_err())?;
+            let entry = meta.bat[block as usize];
+            if entry == BAT_UNUSED {
+                return Ok(None);
+            }
+            if let Some(b) = meta.bitmaps.get(&block) {
+                return Ok(Some((entry, b.clone())));
+            }
+            entry
+        };
+        let mut bytes = vec![0u8; sp.bitmap_size as usize];
+        read_exact(
+            self.file(),
+            &self.path,
+            &mut bytes,
+            u64::from(entry) * SECTOR,
+        )?;
+        let loaded = Bitmap::from_bytes(bytes, sp.block_size / SECTOR);
         let mut meta = sp.meta.write().map_err(|_| self.lock_err())?;
-        Ok(meta.bitmaps.entry(block).or_insert(b).clone())
+        Ok(Some((
+            entry,
+            meta.bitmaps.entry(block).or_insert(loaded).clone(),
+        )))
     }
 
     /// Reads from the parent, or zeros where there is none or it is smaller.
@@ -361,26 +451,26 @@ impl VhdImage {
     fn read_in_block(&self, sp: &Sparse, buf: &mut [u8], offset: u64) -> Result<()> {
         let block = (offset / sp.block_size) as u32;
         let in_block = offset % sp.block_size;
-        let entry = sp.meta.read().map_err(|_| self.lock_err())?.bat[block as usize];
-        if entry == BAT_UNUSED {
+        let Some((entry, bitmap)) = self.lookup(sp, block)? else {
             return self.read_below(buf, offset);
-        }
+        };
         let data = u64::from(entry) * SECTOR + sp.bitmap_size;
-        let bitmap = self.bitmap(sp, block, entry)?;
+        if let Bitmap::Full = bitmap {
+            return read_exact(self.file(), &self.path, buf, data + in_block);
+        }
         // Runs of sectors that are all present here, or all absent.
         let mut pos = 0usize;
         while pos < buf.len() {
             let at = in_block + pos as u64;
-            let sector = at / SECTOR;
-            let present = bit(&bitmap, sector);
-            let mut end = ((sector + 1) * SECTOR - in_block) as usize;
-            while end < buf.len() && bit(&bitmap, (in_block + end as u64) / SECTOR) == present {
+            let present = bitmap.present(at / SECTOR);
+            let mut end = ((at / SECTOR + 1) * SECTOR - in_block) as usize;
+            while end < buf.len() && bitmap.present((in_block + end as u64) / SECTOR) == present {
                 end += SECTOR as usize;
             }
             let end = end.min(buf.len());
             if present {
-                read_exact(&self.file, &self.path, &mut buf[pos..end], data + at)?;
-            } else if self.footer.disk_type == DiskType::Differencing {
+                read_exact(self.file(), &self.path, &mut buf[pos..end], data + at)?;
+            } else if self.is_differencing() {
                 self.read_below(&mut buf[pos..end], offset + pos as u64)?;
             } else {
                 buf[pos..end].fill(0);
@@ -390,29 +480,34 @@ impl VhdImage {
         Ok(())
     }
 
-    /// Places a new block at the end of the file. Returns its BAT entry.
-    fn allocate(&self, sp: &Sparse, meta: &mut Meta, block: u32, full: bool) -> Result<u32> {
+    /// The block's BAT entry, placing a new block at the end of the file if it
+    /// has none: a footer past the new block first (the file always ends in a
+    /// valid footer), then its bitmap (all present for a dynamic disk, whose
+    /// fresh data reads as zeros anyway; none present for a differencing disk,
+    /// so it still reads from the parent until written data is marked).
+    fn entry_for_write(&self, sp: &Sparse, block: u32) -> Result<u32> {
+        let entry = sp.meta.read().map_err(|_| self.lock_err())?.bat[block as usize];
+        if entry != BAT_UNUSED {
+            return Ok(entry);
+        }
+        let mut meta = sp.meta.write().map_err(|_| self.lock_err())?;
+        let entry = meta.bat[block as usize];
+        if entry != BAT_UNUSED {
+            return Ok(entry);
+        }
         let start = (meta.end + sp.bitmap_size).div_ceil(DATA_ALIGN) * DATA_ALIGN - sp.bitmap_size;
         let new_end = start + sp.bitmap_size + sp.block_size;
         let entry = u32::try_from(start / SECTOR).map_err(|_| VhdError::Invalid {
             path: self.path.clone(),
             what: "the file has grown past the 2 TiB a VHD's BAT can address".into(),
         })?;
-        // 1. The file ends in a valid footer at every moment.
-        self.file
-            .write_all_at(&self.footer.serialize(), new_end)
-            .map_err(io(&self.path))?;
-        // 2. The bitmap: all present for dynamic disks and whole-block writes;
-        //    for a differencing disk the written sectors are marked after the data.
-        let fill = if full || self.footer.disk_type == DiskType::Dynamic {
-            0xff
+        self.write_file(&self.footer.serialize(), new_end)?;
+        let bitmap = if self.is_differencing() {
+            Bitmap::Sectors(Arc::new(vec![0; sp.bitmap_size as usize]))
         } else {
-            0
+            Bitmap::Full
         };
-        let bitmap = vec![fill; sp.bitmap_size as usize];
-        self.file
-            .write_all_at(&bitmap, start)
-            .map_err(io(&self.path))?;
+        self.write_file(&bitmap.bytes(sp.bitmap_size), start)?;
         meta.bitmaps.insert(block, bitmap);
         meta.bat[block as usize] = entry;
         meta.dirty_bat.insert(block);
@@ -423,73 +518,64 @@ impl VhdImage {
     fn write_in_block(&self, sp: &Sparse, buf: &[u8], offset: u64) -> Result<()> {
         let block = (offset / sp.block_size) as u32;
         let in_block = offset % sp.block_size;
-        let whole = in_block == 0 && buf.len() as u64 == sp.block_size;
-        let mut entry = sp.meta.read().map_err(|_| self.lock_err())?.bat[block as usize];
-        // A block this write allocates whole is born with a full bitmap: no
-        // bitmap read-modify-write for it.
-        let mut born_full = false;
-        if entry == BAT_UNUSED {
-            let mut meta = sp.meta.write().map_err(|_| self.lock_err())?;
-            entry = meta.bat[block as usize];
-            if entry == BAT_UNUSED {
-                entry = self.allocate(sp, &mut meta, block, whole)?;
-                born_full = whole;
-            }
-        }
+        let entry = self.entry_for_write(sp, block)?;
         let data = u64::from(entry) * SECTOR + sp.bitmap_size;
-        self.file
-            .write_all_at(buf, data + in_block)
-            .map_err(io(&self.path))?;
-        if !born_full {
-            // Sectors not yet marked present (in a child, or in a dynamic disk
-            // made by a tool that tracks sectors) are marked now.
-            let first = in_block / SECTOR;
-            let count = (in_block + buf.len() as u64).div_ceil(SECTOR) - first;
-            let bitmap = self.bitmap(sp, block, entry)?;
-            if (first..first + count).any(|s| !bit(&bitmap, s)) {
-                // A partial sector would otherwise expose stale bytes around the write.
-                self.fill_partial_sectors(
-                    offset - in_block,
-                    data,
-                    in_block,
-                    buf.len() as u64,
-                    &bitmap,
-                )?;
-                let mut meta = sp.meta.write().map_err(|_| self.lock_err())?;
-                if let Some(b) = meta.bitmaps.get_mut(&block) {
-                    set_bits(b, first, count);
-                }
-                meta.dirty_bitmaps.insert(block);
+        self.write_file(buf, data + in_block)?;
+        self.mark_present(sp, block, in_block, buf.len() as u64)
+    }
+
+    /// After data is written, marks its sectors present (in memory; the bitmap
+    /// reaches the file at the next flush). A whole-block write just marks the
+    /// block full: no bitmap read-modify-write.
+    fn mark_present(&self, sp: &Sparse, block: u32, in_block: u64, len: u64) -> Result<()> {
+        let sectors = sp.block_size / SECTOR;
+        let whole = in_block == 0 && len == sp.block_size;
+        let first = in_block / SECTOR;
+        let count = (in_block + len).div_ceil(SECTOR) - first;
+        if !whole {
+            let Some((entry, bitmap)) = self.lookup(sp, block)? else {
+                return Ok(());
+            };
+            if bitmap.all_present(first, count) {
+                return Ok(());
             }
+            let data = u64::from(entry) * SECTOR + sp.bitmap_size;
+            self.fill_partial_sectors(sp, &bitmap, block, data, in_block, len)?;
         }
+        let mut meta = sp.meta.write().map_err(|_| self.lock_err())?;
+        if whole {
+            if let Some(Bitmap::Full) = meta.bitmaps.get(&block) {
+                return Ok(());
+            }
+            meta.bitmaps.insert(block, Bitmap::Full);
+        } else if let Some(slot) = meta.bitmaps.get_mut(&block) {
+            slot.mark(first, count, sectors);
+        }
+        meta.dirty_bitmaps.insert(block);
         Ok(())
     }
 
     /// Before marking sectors present that a write covers only partly, copies
     /// the parent's bytes into the parts of those sectors the write left out.
-    /// `base` is the block's virtual offset, `data` its data's file offset.
     fn fill_partial_sectors(
         &self,
-        base: u64,
+        sp: &Sparse,
+        bitmap: &Bitmap,
+        block: u32,
         data: u64,
         in_block: u64,
         len: u64,
-        bitmap: &[u8],
     ) -> Result<()> {
+        let base = u64::from(block) * sp.block_size;
         let end = in_block + len;
-        let first = in_block / SECTOR;
-        let last = (end - 1) / SECTOR;
         let mut edges = vec![];
         if !in_block.is_multiple_of(SECTOR) {
-            edges.push(first);
+            edges.push(in_block / SECTOR);
         }
-        if !end.is_multiple_of(SECTOR) && !edges.contains(&last) {
-            edges.push(last);
+        if !end.is_multiple_of(SECTOR) && !edges.contains(&((end - 1) / SECTOR)) {
+            edges.push((end - 1) / SECTOR);
         }
-        for sector in edges {
-            if bit(bitmap, sector) {
-                continue;
-            }
+        for sector in edges.into_iter().filter(|&s| !bitmap.present(s)) {
             let lo = sector * SECTOR;
             let hi = lo + SECTOR;
             let mut old = [0u8; SECTOR as usize];
@@ -497,209 +583,91 @@ impl VhdImage {
             // The parts of the sector before and after the write keep the parent's bytes.
             for (from, to) in [(lo, in_block.max(lo)), (end.min(hi), hi)] {
                 if from < to {
-                    self.file
-                        .write_all_at(&old[(from - lo) as usize..(to - lo) as usize], data + from)
-                        .map_err(io(&self.path))?;
+                    self.write_file(&old[(from - lo) as usize..(to - lo) as usize], data + from)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Writes the dirty BAT sectors and bitmaps (after the data is durable).
-    fn write_metadata(&self, sp: &Sparse) -> Result<()> {
+    /// Takes the dirty BAT sectors and bitmaps out of the cache.
+    fn take_dirty(&self, sp: &Sparse) -> Result<Snapshot> {
         let mut meta = sp.meta.write().map_err(|_| self.lock_err())?;
-        if meta.dirty_bat.is_empty() && meta.dirty_bitmaps.is_empty() {
-            return Ok(());
-        }
-        self.file.sync_data().map_err(io(&self.path))?;
-        let per_sector = (SECTOR / 4) as u32;
-        let sectors: BTreeSet<u32> = meta.dirty_bat.iter().map(|b| b / per_sector).collect();
-        for s in sectors {
-            let first = (s * per_sector) as usize;
-            let last = (first + per_sector as usize).min(meta.bat.len());
-            let bytes: Vec<u8> = meta.bat[first..last]
-                .iter()
-                .flat_map(|e| e.to_be_bytes())
-                .collect();
-            self.file
-                .write_all_at(&bytes, sp.header.table_offset + first as u64 * 4)
-                .map_err(io(&self.path))?;
-        }
-        for b in std::mem::take(&mut meta.dirty_bitmaps) {
-            let entry = meta.bat[b as usize];
+        let mut writes = Vec::new();
+        let bitmap_blocks: Vec<u32> = std::mem::take(&mut meta.dirty_bitmaps)
+            .into_iter()
+            .collect();
+        for &b in &bitmap_blocks {
             if let Some(bm) = meta.bitmaps.get(&b) {
-                self.file
-                    .write_all_at(bm, u64::from(entry) * SECTOR)
-                    .map_err(io(&self.path))?;
+                let at = u64::from(meta.bat[b as usize]) * SECTOR;
+                writes.push((at, bm.bytes(sp.bitmap_size)));
             }
         }
-        meta.dirty_bat.clear();
-        Ok(())
-    }
-
-    /// Replaces the footer (at the end, and its copy at offset 0 for sparse
-    /// images), e.g. after a resize or a repair.
-    pub(crate) fn rewrite_footer(&mut self, footer: Footer) -> Result<()> {
-        self.check_writable()?;
-        let bytes = footer.serialize();
-        let end = match &self.sparse {
-            Some(sp) => sp.meta.read().map_err(|_| self.lock_err())?.end,
-            None => footer.current_size,
-        };
-        self.file
-            .write_all_at(&bytes, end)
-            .map_err(io(&self.path))?;
-        if self.sparse.is_some() {
-            self.file.sync_data().map_err(io(&self.path))?;
-            self.file.write_all_at(&bytes, 0).map_err(io(&self.path))?;
+        let bat_blocks: Vec<u32> = std::mem::take(&mut meta.dirty_bat).into_iter().collect();
+        let per_sector = (SECTOR / 4) as usize;
+        let sectors: BTreeSet<usize> = bat_blocks
+            .iter()
+            .map(|&b| b as usize / per_sector)
+            .collect();
+        for s in sectors {
+            let first = s * per_sector;
+            let last = (first + per_sector).min(meta.bat.len());
+            let at = sp.header.table_offset + first as u64 * 4;
+            writes.push((at, bat::serialize(&meta.bat[first..last])));
         }
-        self.file
-            .set_len(end + FOOTER_SIZE as u64)
-            .map_err(io(&self.path))?;
-        self.file.sync_all().map_err(io(&self.path))?;
-        self.footer = footer;
-        self.footer_recovered = false;
-        Ok(())
+        Ok(Snapshot {
+            writes,
+            bat_blocks,
+            bitmap_blocks,
+        })
     }
 
-    /// Grows the virtual disk to `new_size` bytes (the caller has rounded it).
-    /// A fixed disk's footer moves; a sparse disk's BAT moves to the end of the
-    /// file when it has no room for the new blocks. Each step leaves a valid file.
-    pub(crate) fn grow(&mut self, new_size: u64) -> Result<()> {
-        self.check_writable()?;
-        self.flush()?;
-        let old_size = self.footer.current_size;
-        let mut footer = self.footer.clone();
-        footer.current_size = new_size;
-        footer.geometry = super::footer::Geometry::for_size(new_size);
-        let sync = |f: &File| f.sync_all().map_err(io(&self.path));
-        let Some(sp) = &mut self.sparse else {
-            // New footer past the new end first, then clear the old one (now data).
-            self.file
-                .write_all_at(&footer.serialize(), new_size)
-                .map_err(io(&self.path))?;
-            sync(&self.file)?;
-            self.file
-                .write_all_at(&[0u8; FOOTER_SIZE], old_size)
-                .map_err(io(&self.path))?;
-            sync(&self.file)?;
-            self.footer = footer;
-            return Ok(());
-        };
-        let needed = new_size.div_ceil(sp.block_size);
-        let needed = u32::try_from(needed).map_err(|_| VhdError::Invalid {
-            path: self.path.clone(),
-            what: format!("{new_size} bytes needs more blocks than a VHD can address"),
-        })?;
-        let meta = sp.meta.get_mut().map_err(|_| VhdError::Invalid {
-            path: self.path.clone(),
-            what: "internal metadata lock poisoned; reopen the disk".into(),
-        })?;
-        let room = (u64::from(sp.header.max_table_entries) * 4).div_ceil(SECTOR) * SECTOR / 4;
-        let mut header = sp.header.clone();
-        if u64::from(needed) > room {
-            // Move the BAT to the end of the file, then point the header at it.
-            let mut bat = meta.bat.clone();
-            bat.resize(needed as usize, BAT_UNUSED);
-            let bytes: Vec<u8> = bat.iter().flat_map(|e| e.to_be_bytes()).collect();
-            let at = meta.end;
-            let new_end = at + (bytes.len() as u64).div_ceil(SECTOR) * SECTOR;
-            self.file.write_all_at(&bytes, at).map_err(io(&self.path))?;
-            self.file
-                .write_all_at(&self.footer.serialize(), new_end)
-                .map_err(io(&self.path))?;
-            sync(&self.file)?;
-            header.table_offset = at;
-            meta.end = new_end;
-            meta.bat = bat;
-        } else {
-            meta.bat.resize(needed as usize, BAT_UNUSED);
-        }
-        header.max_table_entries = header.max_table_entries.max(needed);
-        self.file
-            .write_all_at(&header.serialize(), self.footer.data_offset)
-            .map_err(io(&self.path))?;
-        sync(&self.file)?;
-        sp.header = header;
-        self.rewrite_footer(footer)
-    }
-
-    /// Points a differencing disk at another parent: new locator data is written
-    /// past the last block (then a footer after it), and only then the header that
-    /// refers to it, so a crash leaves the old or the new link, never half of one.
-    pub(crate) fn relink_parent(
-        &mut self,
-        parent_id: [u8; 16],
-        parent_timestamp: u32,
-        parent_name: String,
-        locators: Vec<(u32, Vec<u8>)>,
-    ) -> Result<()> {
-        self.check_writable()?;
-        self.flush()?;
-        let footer = self.footer.serialize();
-        let data_offset = self.footer.data_offset;
-        let path = self.path.clone();
-        let Some(sp) = &mut self.sparse else {
-            return Err(VhdError::Invalid {
-                path,
-                what: "a fixed VHD has no parent".into(),
+    /// Flushes a sparse image: data first, then the metadata that refers to it.
+    fn flush_sparse(&self, sp: &Sparse) -> Result<()> {
+        let _serial = sp.flush_lock.lock().map_err(|_| self.lock_err())?;
+        let snap = self.take_dirty(sp)?;
+        let result = self.sync().and_then(|()| {
+            if snap.writes.is_empty() {
+                return Ok(());
             }
-            .into());
+            for (at, bytes) in &snap.writes {
+                self.write_file(bytes, *at)?;
+            }
+            self.sync()
+        });
+        if result.is_err() {
+            // Not durable: write them again at the next flush.
+            if let Ok(mut meta) = sp.meta.write() {
+                meta.dirty_bat.extend(snap.bat_blocks);
+                meta.dirty_bitmaps.extend(snap.bitmap_blocks);
+            }
+        }
+        result
+    }
+
+    fn read_fixed(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        read_exact(self.file(), &self.path, buf, offset)
+    }
+
+    /// The allocation of the run at `off` within its block: (present, run length).
+    fn status_in_block(&self, sp: &Sparse, off: u64) -> Result<(bool, u64)> {
+        let block = (off / sp.block_size) as u32;
+        let in_block = off % sp.block_size;
+        let rest = sp.block_size - in_block;
+        let Some((_, bitmap)) = self.lookup(sp, block)? else {
+            return Ok((false, rest));
         };
-        let meta = sp.meta.get_mut().map_err(|_| VhdError::Invalid {
-            path: path.clone(),
-            what: "internal metadata lock poisoned; reopen the disk".into(),
-        })?;
-        let mut header = sp.header.clone();
-        header.parent_unique_id = parent_id;
-        header.parent_timestamp = parent_timestamp;
-        header.parent_name = parent_name;
-        header.locators = Default::default();
-        let mut at = meta.end;
-        for (i, (code, data)) in locators.into_iter().enumerate().take(header.locators.len()) {
-            let space = (data.len() as u64).div_ceil(SECTOR).max(1) * SECTOR;
-            self.file.write_all_at(&data, at).map_err(io(&path))?;
-            header.locators[i] = super::header::Locator {
-                platform_code: code,
-                data_space: space as u32,
-                data_length: data.len() as u32,
-                data_offset: at,
-            };
-            at += space;
+        if let Bitmap::Full = bitmap {
+            return Ok((true, rest));
         }
-        self.file.write_all_at(&footer, at).map_err(io(&path))?;
-        self.file.sync_all().map_err(io(&path))?;
-        meta.end = at;
-        self.file
-            .write_all_at(&header.serialize(), data_offset)
-            .map_err(io(&path))?;
-        self.file.sync_all().map_err(io(&path))?;
-        sp.header = header;
-        Ok(())
-    }
-
-    /// Offset of the trailing footer (the end of the data).
-    pub fn data_end(&self) -> u64 {
-        match &self.sparse {
-            Some(sp) => sp.meta.read().map(|m| m.end).unwrap_or(0),
-            None => self.footer.current_size,
+        let s0 = in_block / SECTOR;
+        let present = bitmap.present(s0);
+        let mut s = s0 + 1;
+        while s < sp.block_size / SECTOR && bitmap.present(s) == present {
+            s += 1;
         }
+        Ok((present, s * SECTOR - in_block))
     }
-
-    pub fn block_size(&self) -> Option<u64> {
-        self.sparse.as_ref().map(|s| s.block_size)
-    }
-}
-
-/// The end of the furthest parent-locator data.
-pub(crate) fn locators_end(h: &DynamicHeader) -> u64 {
-    h.locators
-        .iter()
-        .filter(|l| l.platform_code != 0)
-        .map(|l| l.data_offset + l.space_bytes().max(u64::from(l.data_length)))
-        .max()
-        .unwrap_or(0)
 }
 
 impl Disk for VhdImage {
@@ -714,7 +682,7 @@ impl Disk for VhdImage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(Some(&self.path), self.size(), offset, buf.len() as u64)?;
         let Some(sp) = &self.sparse else {
-            return read_exact(&self.file, &self.path, buf, offset);
+            return self.read_fixed(buf, offset);
         };
         let mut pos = 0usize;
         while pos < buf.len() {
@@ -730,7 +698,7 @@ impl Disk for VhdImage {
         self.check_writable()?;
         check_range(Some(&self.path), self.size(), offset, buf.len() as u64)?;
         let Some(sp) = &self.sparse else {
-            return self.file.write_all_at(buf, offset).map_err(io(&self.path));
+            return self.write_file(buf, offset);
         };
         let mut pos = 0usize;
         while pos < buf.len() {
@@ -746,24 +714,23 @@ impl Disk for VhdImage {
         if self.read_only {
             return Ok(());
         }
-        if let Some(sp) = &self.sparse {
-            self.write_metadata(sp)?;
+        match &self.sparse {
+            Some(sp) => self.flush_sparse(sp),
+            None => self.sync(),
         }
-        self.file.sync_data().map_err(io(&self.path))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         check_range(Some(&self.path), self.size(), offset, len)?;
         const CHUNK: u64 = 1 << 20;
-        // Unallocated ranges of a dynamic disk already read as zeros.
         let zeros = vec![0u8; CHUNK.min(len) as usize];
         let mut done = 0;
         while done < len {
             let st = self.block_status(offset + done, (len - done).min(CHUNK))?;
-            if !(st.allocation == Allocation::Unallocated
-                && self.footer.disk_type == DiskType::Dynamic)
-            {
+            // Unallocated ranges of a dynamic disk already read as zeros.
+            let already_zero = st.allocation == Allocation::Unallocated && !self.is_differencing();
+            if !already_zero {
                 self.write_at(&zeros[..st.len as usize], offset + done)?;
             }
             done += st.len;
@@ -779,26 +746,9 @@ impl Disk for VhdImage {
                 len,
             });
         };
-        let status_at = |off: u64| -> Result<(bool, u64)> {
-            let block = (off / sp.block_size) as u32;
-            let in_block = off % sp.block_size;
-            let rest = sp.block_size - in_block;
-            let entry = sp.meta.read().map_err(|_| self.lock_err())?.bat[block as usize];
-            if entry == BAT_UNUSED {
-                return Ok((false, rest));
-            }
-            let bitmap = self.bitmap(sp, block, entry)?;
-            let s0 = in_block / SECTOR;
-            let present = bit(&bitmap, s0);
-            let mut s = s0 + 1;
-            while s < sp.block_size / SECTOR && bit(&bitmap, s) == present {
-                s += 1;
-            }
-            Ok((present, s * SECTOR - in_block))
-        };
-        let (present, mut run) = status_at(offset)?;
+        let (present, mut run) = self.status_in_block(sp, offset)?;
         while run < len {
-            let (p, r) = status_at(offset + run)?;
+            let (p, r) = self.status_in_block(sp, offset + run)?;
             if p != present {
                 break;
             }

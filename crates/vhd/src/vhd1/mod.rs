@@ -6,27 +6,47 @@
 //!
 //! # Write ordering (crash safety)
 //!
-//! A sparse (dynamic or differencing) image is only ever changed in this order:
-//! 1. allocating a block writes, in this order, a new footer past the new block's
-//!    end (so the file always ends in a valid footer), the block's sector bitmap,
-//!    then the data; the new BAT entry stays in memory;
-//! 2. writes into allocated blocks go straight to their data; bitmap changes of a
-//!    differencing disk stay in memory;
-//! 3. `flush` syncs the file (data, footers, new bitmaps), then writes the dirty
-//!    BAT sectors and bitmaps, then syncs again.
+//! All file I/O goes through [`crate::backing`], so the crash harness
+//! ([`crate::crash`]) can cut it off after any step; `tests/crash.rs` does so
+//! at every step of create, allocating writes, merge and compact.
 //!
-//! So on disk, a BAT entry or bitmap bit never points at data that is not durable:
-//! after a crash at any point the file opens and checks clean, every write flushed
-//! before the crash reads back intact, and unflushed writes read as either their
-//! new data or what was there before. The footer copy at offset 0 never changes
-//! after creation except on resize; if the trailing footer is ever lost, the copy
-//! is used and `check --repair` rewrites it.
+//! A sparse (dynamic or differencing) image changes in this order:
+//! 1. **data**: allocating a block first writes a new footer past the block's
+//!    end (the file always ends in a valid footer), then the block's bitmap
+//!    (dynamic: all sectors present, since fresh data reads as zeros anyway;
+//!    differencing: none present, so the block still reads from the parent),
+//!    then the data. The BAT entry changes in memory only.
+//! 2. **bitmap**: after a write to a differencing block completes, its sectors
+//!    are marked present in the cached bitmap (a whole-block write just marks
+//!    the block full: no read-modify-write). Nothing is synced per write.
+//! 3. **BAT**: `flush` takes the dirty bitmaps and BAT sectors from the cache,
+//!    syncs the file (all data, footers and new bitmaps become durable), writes
+//!    the bitmaps and BAT sectors, and syncs again. Flushes are serialized;
+//!    I/O carries on during the syncs.
+//! 4. **footer**: the copy at offset 0 changes only on resize and repair,
+//!    after the trailing footer is durable.
+//!
+//! So whatever subset of unflushed writes reaches the disk, a BAT entry or
+//! bitmap bit in the file never points at data that is not durable: after a
+//! crash at any point the file opens and checks clean, every write flushed
+//! before the crash reads back intact, and every other sector reads as its old
+//! or its new contents. A BAT entry written by a concurrent flush before the
+//! block's first data write finished is harmless: the block's bitmap in the
+//! file is the one from step 1. Space of blocks allocated but not flushed
+//! before a crash is leaked (the file ends after them), never reused while
+//! referenced; `compact` reclaims it. If the trailing footer is ever lost, the
+//! copy at offset 0 is used and `check --repair` rewrites it.
+//!
+//! New files (`create`, the copy `compact` makes) are built under a temporary
+//! name, flushed, and only then linked or renamed into place.
 
+pub mod bat;
 pub mod chain;
 pub mod create;
 pub mod footer;
 pub mod header;
 pub mod image;
+mod maintain;
 
 use std::path::PathBuf;
 
