@@ -23,7 +23,19 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" </dev/null
+    apt-get install -y -qq --allow-downgrades "${missing[@]}" </dev/null
+fi
+
+# A qemu-utils of another QEMU (say a backport) is removed by apt when Debian's
+# qemu-system-x86 goes in, or stays and disagrees with it: pin it to the same version.
+pkg_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
+qemu_version=$(pkg_version qemu-system-x86)
+if [ -z "$(pkg_version qemu-utils)" ] || [ "$(pkg_version qemu-utils)" != "$qemu_version" ] \
+    || ! command -v qemu-img >/dev/null 2>&1; then
+    echo "setup: installing qemu-utils $qemu_version to match qemu-system-x86"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --allow-downgrades "qemu-utils=$qemu_version" </dev/null \
+        || { apt-get update -qq && apt-get install -y -qq --allow-downgrades "qemu-utils=$qemu_version" </dev/null; }
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -169,9 +169,15 @@ fn running_vm_survives_daemon_restart_and_a_killed_worker_makes_it_critical_unti
     d.restart();
     let after = wait_state(&d, "runner", "Running");
     assert_eq!(after["runtime"]["worker_pid"].as_u64(), Some(worker_pid));
-    assert_eq!(act(&d, "runner", "pause")["state"], "Completed");
+    {
+        let job = act(&d, "runner", "pause");
+        assert_eq!(job["state"], "Completed", "pause: {job}");
+    }
     wait_state(&d, "runner", "Paused");
-    assert_eq!(act(&d, "runner", "resume")["state"], "Completed");
+    {
+        let job = act(&d, "runner", "resume");
+        assert_eq!(job["state"], "Completed", "resume: {job}");
+    }
     wait_state(&d, "runner", "Running");
 
     // The worker is killed: the VM goes Critical with the reason; QEMU goes too.
@@ -187,9 +193,15 @@ fn running_vm_survives_daemon_restart_and_a_killed_worker_makes_it_critical_unti
     }
 
     // The next start works, and turning off ends in Off.
-    assert_eq!(act(&d, "runner", "start")["state"], "Completed");
+    {
+        let job = act(&d, "runner", "start");
+        assert_eq!(job["state"], "Completed", "start: {job}");
+    }
     wait_state(&d, "runner", "Running");
-    assert_eq!(act(&d, "runner", "stop")["state"], "Completed");
+    {
+        let job = act(&d, "runner", "stop");
+        assert_eq!(job["state"], "Completed", "stop: {job}");
+    }
     wait_state(&d, "runner", "Off");
     d.stop();
 }
@@ -247,11 +259,17 @@ fn guest_boots_from_its_vhd_through_the_api_saves_resumes_and_shuts_down() {
     );
     assert_eq!(r.status, 201, "{}", r.raw);
 
-    assert_eq!(act(&d, "guest", "start")["state"], "Completed");
+    {
+        let job = act(&d, "guest", "start");
+        assert_eq!(job["state"], "Completed", "start: {job}");
+    }
     wait_console(&d, "guest", "VIRIDIAN-GUEST: ready");
 
     // Save: state Saved with the state file in the VM's folder; start resumes it.
-    assert_eq!(act(&d, "guest", "save")["state"], "Completed");
+    {
+        let job = act(&d, "guest", "save");
+        assert_eq!(job["state"], "Completed", "save: {job}");
+    }
     let vm_dir = d
         .data
         .join("vms")
@@ -260,7 +278,10 @@ fn guest_boots_from_its_vhd_through_the_api_saves_resumes_and_shuts_down() {
     assert!(vm_dir.join("saved-state.bin").exists());
     let r = d.post("/v1/vms/guest/pause", json!({}));
     assert_eq!(r.code(), "InvalidState", "{}", r.raw);
-    assert_eq!(act(&d, "guest", "start")["state"], "Completed");
+    {
+        let job = act(&d, "guest", "start");
+        assert_eq!(job["state"], "Completed", "start: {job}");
+    }
     wait_state(&d, "guest", "Running");
     assert!(!vm_dir.join("saved-state.bin").exists());
 
@@ -324,7 +345,10 @@ fn shutdown_of_a_guest_that_ignores_acpi_fails_with_timeout_and_the_vm_keeps_run
         );
         assert_eq!(r.status, 201, "{}", r.raw);
     }
-    assert_eq!(act(&d, "deaf", "start")["state"], "Completed");
+    {
+        let job = act(&d, "deaf", "start");
+        assert_eq!(job["state"], "Completed", "start: {job}");
+    }
     wait_console(&d, "deaf", "acpi-handler-gone");
 
     // A timeout out of range, or on another action, is refused before anything happens.
@@ -350,7 +374,10 @@ fn shutdown_of_a_guest_that_ignores_acpi_fails_with_timeout_and_the_vm_keeps_run
     );
     // No silent power-off: the VM still runs, and turning it off works.
     wait_state(&d, "deaf", "Running");
-    assert_eq!(act(&d, "deaf", "stop")["state"], "Completed");
+    {
+        let job = act(&d, "deaf", "stop");
+        assert_eq!(job["state"], "Completed", "stop: {job}");
+    }
     wait_state(&d, "deaf", "Off");
     d.stop();
 }

@@ -29,6 +29,8 @@ use crate::vms::runtime::{BoxFuture, StopMode, WorkerControl};
 /// reports Running as soon as QEMU runs, long before the guest has booted).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(500);
+/// How long a stop or save job waits for the worker to exit after the VM stopped.
+const WORKER_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Watched {
     /// Which run of the VM this is: a watcher only ever acts on its own run, so the
@@ -321,6 +323,18 @@ impl WorkerSupervisor {
             )
         };
         std::fs::create_dir_all(&rt).map_err(|e| fail("creating its runtime folder", &e))?;
+        // A worker whose VM just stopped by itself may not have exited yet; it may still
+        // hold the disk locks. Let it finish before the next one starts.
+        let previous = self
+            .lock()
+            .get(&id)
+            .and_then(|w| w.status.as_ref())
+            .map(|s| s.worker_pid);
+        if let Some(pid) = previous {
+            wait_for_exit(pid)
+                .await
+                .map_err(|e| fail("waiting for its previous worker to exit", &e))?;
+        }
         let resume = vm_dir.join(SAVED_STATE_FILE).exists();
         let spec = WorkerSpec {
             settings: vm.clone(),
@@ -436,6 +450,26 @@ impl WorkerSupervisor {
     }
 }
 
+/// Waits until the worker process `pid` has exited (or is a zombie).
+async fn wait_for_exit(pid: u32) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + WORKER_EXIT_TIMEOUT;
+    // A pid that now belongs to something else (reused) is not our worker.
+    let is_worker = || {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == b"--spec"))
+    };
+    while process_alive(pid) && is_worker() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "its worker (pid {pid}) has not exited after {} s",
+                WORKER_EXIT_TIMEOUT.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 fn process_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
@@ -467,7 +501,20 @@ impl WorkerControl for Arc<WorkerSupervisor> {
                 StopMode::Save => Request::Save,
             };
             job.set_percent(10);
+            let pid = this
+                .lock()
+                .get(&id)
+                .and_then(|w| w.status.as_ref())
+                .map(|s| s.worker_pid);
             let status = this.call(id, request).await?;
+            job.set_percent(80);
+            // The job ends when the worker has gone: until then it may still hold the
+            // disk locks, and a start right after the job would find them taken.
+            if let Some(pid) = pid {
+                wait_for_exit(pid)
+                    .await
+                    .map_err(|e| JobError::failed("Failed", format!("the VM stopped, but {e}")))?;
+            }
             job.set_percent(100);
             // The watcher records the final state once the worker has exited; say it now.
             this.update(id, &status);
