@@ -946,11 +946,22 @@ impl VhdxImage {
         Ok(())
     }
 
-    /// Makes a whole block read as zeros by its BAT state alone.
+    /// Makes a whole block read as zeros without writing its data: the ZERO
+    /// state, or in a differencing disk a fresh fully present block (fresh
+    /// space reads as zeros). MS-VHDX defines ZERO to read as zeros in any
+    /// disk, but libvhdi reads a differencing disk's ZERO blocks from the
+    /// parent, and a discard must never expose the parent's data.
     fn zero_block(&self, block: u64) -> Result<()> {
         let mut st = self.state.write().map_err(|_| self.lock_err())?;
-        if self.entry(&st, block).state != bat::PAYLOAD_BLOCK_ZERO {
-            let i = self.layout.payload_index(block);
+        let i = self.layout.payload_index(block);
+        if self.is_differencing() {
+            let at = self.allocate(&mut st, self.layout.block_size)?;
+            self.set_entry(
+                &mut st,
+                i,
+                BatEntry::new(bat::PAYLOAD_BLOCK_FULLY_PRESENT, at),
+            );
+        } else if self.entry(&st, block).state != bat::PAYLOAD_BLOCK_ZERO {
             self.set_entry(&mut st, i, BatEntry::new(bat::PAYLOAD_BLOCK_ZERO, 0));
         }
         Ok(())
