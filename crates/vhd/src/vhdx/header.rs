@@ -100,7 +100,10 @@ impl Header {
                 ),
             ));
         }
-        if u64::from(h.log_length) % MIB != 0 || h.log_offset % MIB != 0 || h.log_offset < MIB {
+        if u64::from(h.log_length) % MIB != 0
+            || !h.log_offset.is_multiple_of(MIB)
+            || h.log_offset < MIB
+        {
             return Err(field(
                 "header",
                 format!(
@@ -138,7 +141,7 @@ impl Header {
 pub fn current(
     first: &Result<Header, Fault>,
     second: &Result<Header, Fault>,
-) -> Result<usize, (Fault, Fault)> {
+) -> Result<usize, Box<(Fault, Fault)>> {
     match (first, second) {
         (Ok(a), Ok(b)) => Ok(if b.sequence_number > a.sequence_number {
             1
@@ -147,7 +150,7 @@ pub fn current(
         }),
         (Ok(_), Err(_)) => Ok(0),
         (Err(_), Ok(_)) => Ok(1),
-        (Err(a), Err(b)) => Err((a.clone(), b.clone())),
+        (Err(a), Err(b)) => Err(Box::new((a.clone(), b.clone()))),
     }
 }
 

@@ -22,6 +22,10 @@ const PAGE: u64 = LOG_SECTOR as u64;
 /// The largest metadata region we read into memory.
 const MAX_METADATA_REGION: u64 = 64 * MIB;
 
+/// What a flush takes from the cache: the pages (to put back if it fails),
+/// their contents at their file offsets, the file's length and end.
+type Dirty = (Vec<Page>, Vec<(u64, Vec<u8>)>, u64, u64);
+
 /// The disk type, from the file parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -58,6 +62,8 @@ pub(super) struct Session {
     slot: usize,
     /// Whether this session's first header update (new GUIDs) happened.
     started: bool,
+    /// Whether this session changed what the disk reads (new DataWriteGuid).
+    data_changed: bool,
     log_head: u64,
     log_seq: u64,
 }
@@ -86,6 +92,7 @@ pub struct VhdxImage {
     pub(super) state: RwLock<State>,
     pub(super) session: Mutex<Session>,
     started: AtomicBool,
+    data_changed: AtomicBool,
     /// Log updates replayed in memory (read-only open of a file with a log).
     overlay: Vec<LogOp>,
     pub(super) log_found: Option<LogState>,
@@ -188,11 +195,12 @@ impl VhdxImage {
                 read_padded(file.as_ref(), path, &mut b, at, len).map(|()| Header::parse(&b))
             })
             .collect::<Result<_>>()?;
-        let slot = header::current(&parsed[0], &parsed[1]).map_err(|(first, second)| {
+        let slot = header::current(&parsed[0], &parsed[1]).map_err(|faults| {
+            let (first, second) = *faults;
             VhdxError::NoValidHeader {
                 path: path.into(),
-                first,
-                second,
+                first: Box::new(first),
+                second: Box::new(second),
             }
         })?;
         let mut hdr = match &parsed[slot] {
@@ -203,6 +211,7 @@ impl VhdxImage {
             header: hdr.clone(),
             slot,
             started: false,
+            data_changed: false,
             log_head: 0,
             log_seq: 1,
         };
@@ -242,8 +251,8 @@ impl VhdxImage {
             (Err(first), Err(second)) => {
                 return Err(VhdxError::NoValidRegionTable {
                     path: path.into(),
-                    first: first.clone(),
-                    second: second.clone(),
+                    first: Box::new(first.clone()),
+                    second: Box::new(second.clone()),
                 }
                 .into())
             }
@@ -359,6 +368,7 @@ impl VhdxImage {
             }),
             session: Mutex::new(session),
             started: AtomicBool::new(false),
+            data_changed: AtomicBool::new(false),
             overlay,
             log_found,
             parent: None,
@@ -685,26 +695,45 @@ impl VhdxImage {
         }
     }
 
-    /// Before the first change of a session: both headers get new
-    /// FileWriteGuid, DataWriteGuid and LogGuid (MS-VHDX 2.2.2.1).
-    pub(super) fn begin_session(&self) -> Result<()> {
-        if self.started.load(Ordering::Acquire) {
+    /// Before the first change of a session, both headers get a new
+    /// FileWriteGuid and LogGuid; before the first change of what the disk
+    /// reads (`data`), a new DataWriteGuid (MS-VHDX 2.2.2, 2.2.2.1). A
+    /// metadata-only change (a new parent locator) keeps the DataWriteGuid, so
+    /// the disk's own children stay linked.
+    pub(super) fn begin_session(&self, data: bool) -> Result<()> {
+        let done = if data {
+            &self.data_changed
+        } else {
+            &self.started
+        };
+        if done.load(Ordering::Acquire) {
             return Ok(());
         }
         let mut s = self.session.lock().map_err(|_| self.lock_err())?;
-        if s.started {
+        if s.started && (s.data_changed || !data) {
             return Ok(());
         }
         let mut h = s.header.clone();
-        h.file_write_guid = new_guid();
-        h.data_write_guid = new_guid();
-        h.log_guid = new_guid();
+        if !s.started {
+            h.file_write_guid = new_guid();
+        }
+        if data {
+            h.data_write_guid = new_guid();
+        }
         write_headers(self.file.as_ref(), &self.path, &mut s, h)?;
         s.started = true;
-        s.log_head = 0;
-        s.log_seq = 1;
+        s.data_changed |= data;
         self.started.store(true, Ordering::Release);
+        self.data_changed.store(s.data_changed, Ordering::Release);
         Ok(())
+    }
+
+    /// Marks the session closed (headers already say so).
+    pub(super) fn end_session(&self, s: &mut Session) {
+        s.started = false;
+        s.data_changed = false;
+        self.started.store(false, Ordering::Release);
+        self.data_changed.store(false, Ordering::Release);
     }
 
     /// Loads chunk `chunk`'s sector bitmap into the cache.
@@ -924,7 +953,9 @@ impl VhdxImage {
         let block = offset / self.layout.block_size;
         let in_block = offset % self.layout.block_size;
         let ss = self.layout.logical_sector_size;
-        if self.is_differencing() && (in_block % ss != 0 || buf.len() as u64 % ss != 0) {
+        if self.is_differencing()
+            && (!in_block.is_multiple_of(ss) || !(buf.len() as u64).is_multiple_of(ss))
+        {
             // Whole sectors only: a sector is present here or not at all.
             let lo = offset / ss * ss;
             let hi = (offset + buf.len() as u64).div_ceil(ss) * ss;
@@ -968,7 +999,7 @@ impl VhdxImage {
     }
 
     /// The dirty metadata pages with their contents, taken from the cache.
-    fn take_dirty(&self) -> Result<(Vec<Page>, Vec<(u64, Vec<u8>)>, u64, u64)> {
+    fn take_dirty(&self) -> Result<Dirty> {
         let mut st = self.state.write().map_err(|_| self.lock_err())?;
         let pages: Vec<Page> = std::mem::take(&mut st.dirty).into_iter().collect();
         let cap = u64::from(self.bat_region.length);
@@ -1041,13 +1072,19 @@ impl VhdxImage {
         }
         for group in pages.chunks(per_entry) {
             let len = LogEntry::length_for(group.len()) as u64;
+            let first = s.header.log_guid.is_nil();
+            if first {
+                s.log_head = 0;
+                s.log_seq = 1;
+            }
             if s.log_head + len > log_len {
                 s.log_head = 0;
             }
+            let log_guid = if first { new_guid() } else { s.header.log_guid };
             let entry = LogEntry {
                 sequence_number: s.log_seq,
                 tail: s.log_head as u32,
-                log_guid: s.header.log_guid,
+                log_guid,
                 flushed_file_offset: file_len / MIB * MIB,
                 last_file_offset: end.max(file_len).div_ceil(MIB) * MIB,
                 ops: group
@@ -1060,6 +1097,14 @@ impl VhdxImage {
             };
             self.write_file(&entry.serialize(), s.header.log_offset + s.log_head)?;
             self.sync()?;
+            if first {
+                // The header names the log only once an entry of it is
+                // durable: a crash before leaves an empty log, never one the
+                // header points at with nothing valid in it.
+                let mut h = s.header.clone();
+                h.log_guid = log_guid;
+                write_headers(self.file.as_ref(), &self.path, s, h)?;
+            }
             for (offset, bytes) in group {
                 self.write_file(bytes, *offset)?;
             }
@@ -1103,8 +1148,7 @@ impl VhdxImage {
         let mut h = s.header.clone();
         h.log_guid = Uuid::nil();
         write_headers(self.file.as_ref(), &self.path, &mut s, h)?;
-        s.started = false;
-        self.started.store(false, Ordering::Release);
+        self.end_session(&mut s);
         Ok(())
     }
 
@@ -1206,7 +1250,7 @@ impl Disk for VhdxImage {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         check_range(Some(&self.path), self.size(), offset, buf.len() as u64)?;
-        self.begin_session()?;
+        self.begin_session(true)?;
         let bs = self.layout.block_size;
         let mut pos = 0usize;
         while pos < buf.len() {
@@ -1228,7 +1272,7 @@ impl Disk for VhdxImage {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         check_range(Some(&self.path), self.size(), offset, len)?;
-        self.begin_session()?;
+        self.begin_session(true)?;
         let bs = self.layout.block_size;
         let zeros = vec![0u8; bs.min(len).min(4 * MIB) as usize];
         let mut done = 0;
@@ -1236,7 +1280,7 @@ impl Disk for VhdxImage {
             let off = offset + done;
             let n = (bs - off % bs).min(len - done);
             let block = off / bs;
-            let whole = off % bs == 0 && (n == bs || off + n == self.size());
+            let whole = off.is_multiple_of(bs) && (n == bs || off + n == self.size());
             if whole && !self.metadata.leave_blocks_allocated {
                 self.zero_block(block)?;
             } else {

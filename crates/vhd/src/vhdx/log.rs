@@ -63,7 +63,7 @@ impl LogEntry {
         need("log entry", b, HEADER_BYTES)?;
         signature("log entry", b, ENTRY_SIGNATURE)?;
         let len = u32_at(b, 8) as usize;
-        if len == 0 || len % LOG_SECTOR != 0 {
+        if len == 0 || !len.is_multiple_of(LOG_SECTOR) {
             return Err(field(
                 "log entry",
                 format!("length {len} is not a whole number of 4 KiB sectors"),
@@ -120,7 +120,7 @@ impl LogEntry {
                 ));
             }
             let offset = u64_at(d, 16);
-            if offset % SECTOR != 0 {
+            if !offset.is_multiple_of(SECTOR) {
                 return Err(field(
                     WHAT,
                     format!("descriptor {i} targets unaligned offset {offset}"),
@@ -128,7 +128,7 @@ impl LogEntry {
             }
             if &d[..4] == ZERO_DESC_SIGNATURE {
                 let length = u64_at(d, 8);
-                if length % SECTOR != 0 {
+                if !length.is_multiple_of(SECTOR) {
                     return Err(field(
                         WHAT,
                         format!("zero descriptor {i} has unaligned length {length}"),
@@ -262,7 +262,7 @@ impl ActiveSequence {
 /// Finds the newest valid and complete sequence of entries of `guid` in the
 /// log's bytes, by the scan of MS-VHDX 2.3.3; `None` when there is none.
 pub fn find_active_sequence(log: &[u8], guid: &Uuid) -> Option<ActiveSequence> {
-    if log.is_empty() || log.len() % LOG_SECTOR != 0 || guid.is_nil() {
+    if log.is_empty() || !log.len().is_multiple_of(LOG_SECTOR) || guid.is_nil() {
         return None;
     }
     let mut candidate: Option<Vec<(usize, LogEntry)>> = None;

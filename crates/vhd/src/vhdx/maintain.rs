@@ -48,9 +48,9 @@ impl VhdxImage {
 
     /// Writes `pages` (and the BAT pages already dirty) through the log after
     /// flushing everything before them.
-    fn log_update(&self, pages: Vec<(u64, Vec<u8>)>) -> Result<()> {
+    fn log_update(&self, pages: Vec<(u64, Vec<u8>)>, data: bool) -> Result<()> {
         self.check_writable()?;
-        self.begin_session()?;
+        self.begin_session(data)?;
         self.flush()?;
         let mut s = self.session.lock().map_err(|_| self.lock_err())?;
         let (file_len, end) = {
@@ -65,7 +65,7 @@ impl VhdxImage {
     pub(crate) fn rewrite_metadata(&mut self, new: Metadata) -> Result<()> {
         let pages = self.metadata_pages(&new)?;
         if !pages.is_empty() {
-            self.log_update(pages)?;
+            self.log_update(pages, false)?;
         }
         self.metadata = new;
         Ok(())
@@ -110,7 +110,9 @@ impl VhdxImage {
         let mut h = s.header.clone();
         h.data_write_guid = guid;
         h.log_guid = Uuid::nil();
-        write_headers(self.file.as_ref(), &self.path, &mut s, h)
+        write_headers(self.file.as_ref(), &self.path, &mut s, h)?;
+        self.end_session(&mut s);
+        Ok(())
     }
 
     /// Changes the virtual size. Growing may move the BAT to the end of the
@@ -121,13 +123,16 @@ impl VhdxImage {
     pub(crate) fn resize(&mut self, new_size: u64) -> Result<()> {
         self.check_writable()?;
         let ss = u64::from(self.metadata.logical_sector_size);
-        if new_size == 0 || new_size % ss != 0 || new_size > super::metadata::MAX_DISK_SIZE {
+        if new_size == 0
+            || !new_size.is_multiple_of(ss)
+            || new_size > super::metadata::MAX_DISK_SIZE
+        {
             return Err(invalid(
                 &self.path,
                 format!("{new_size} bytes is not a whole number of {ss}-byte sectors up to 64 TiB"),
             ));
         }
-        self.begin_session()?;
+        self.begin_session(true)?;
         self.flush()?;
         let old = self.layout;
         let new = Layout {
@@ -204,7 +209,7 @@ impl VhdxImage {
         let mut m = self.metadata.clone();
         m.virtual_disk_size = new_size;
         pages.extend(self.metadata_pages(&m)?);
-        self.log_update(pages)?;
+        self.log_update(pages, true)?;
         self.bat_region = region;
         self.metadata = m;
         self.layout = new;

@@ -135,7 +135,7 @@ impl ParentLocator {
         let text = |off: u32, len: u16| -> Result<String, Fault> {
             let start = off as usize;
             let end = start + usize::from(len);
-            if off == 0 || len == 0 || len % 2 != 0 || end > b.len() {
+            if off == 0 || len == 0 || !len.is_multiple_of(2) || end > b.len() {
                 return Err(field(
                     WHAT,
                     format!("string of {len} bytes at offset {off} does not lie within the {}-byte item", b.len()),
@@ -254,7 +254,7 @@ impl Metadata {
             }
         }
         let size = u64_at(required(&VIRTUAL_DISK_SIZE, 8, "virtual disk size")?, 0);
-        if size == 0 || size > MAX_DISK_SIZE || size % u64::from(logical) != 0 {
+        if size == 0 || size > MAX_DISK_SIZE || !size.is_multiple_of(u64::from(logical)) {
             return Err(field(
                 WHAT,
                 format!("virtual disk size {size} is not a multiple of the {logical}-byte sector up to 64 TiB"),

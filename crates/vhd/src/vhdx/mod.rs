@@ -16,14 +16,19 @@
 //!
 //! 1. **Header**: before the first change of a session, both headers are
 //!    rewritten (the non-current one first, each flushed) with a new
-//!    FileWriteGuid, DataWriteGuid and LogGuid, as MS-VHDX 2.2.2.1 asks.
+//!    FileWriteGuid, and before the first change of what the disk reads, a new
+//!    DataWriteGuid, as MS-VHDX 2.2.2.1 asks. The LogGuid is set when the
+//!    session's first log entry (which carries it) is durable, so a crash
+//!    never leaves a header naming a log with no valid entry. (The log is
+//!    empty, LogGuid zero, whenever a session starts: an open replays it.)
 //! 2. **Data**: payload writes go straight to their blocks. A new block is
 //!    placed past everything the file holds (1 MiB aligned), so it reads as
 //!    zeros until written; its BAT entry (and for a differencing disk the
 //!    sector bitmap bits) change in memory only.
 //! 3. **Metadata**: `flush` syncs the file (data and its length become
 //!    durable), then writes every dirty 4 KiB page of BAT and sector bitmaps
-//!    as one log entry, syncs, applies the pages in place, syncs. One flush
+//!    as one log entry, syncs, (the first time: headers name the log,)
+//!    applies the pages in place, syncs. One flush
 //!    carries any number of BAT changes: an allocating write costs no flush of
 //!    its own. A crash before the log entry is durable loses only unflushed
 //!    allocations (their space is leaked, `compact` reclaims it); after it, the
@@ -140,15 +145,15 @@ pub enum Error {
     #[error("{path}: neither VHDX header is valid (header 1 at 64 KiB: {first}; header 2 at 128 KiB: {second}); the file is corrupt")]
     NoValidHeader {
         path: PathBuf,
-        first: Fault,
-        second: Fault,
+        first: Box<Fault>,
+        second: Box<Fault>,
     },
 
     #[error("{path}: neither copy of the VHDX region table is valid (at 192 KiB: {first}; at 256 KiB: {second})")]
     NoValidRegionTable {
         path: PathBuf,
-        first: Fault,
-        second: Fault,
+        first: Box<Fault>,
+        second: Box<Fault>,
     },
 
     #[error("{path} has a required region {guid} that this version does not know; opening it could corrupt it, so it is refused")]

@@ -67,7 +67,10 @@ impl RegionTable {
                 length: u32_at(b, at + 24),
                 required: u32_at(b, at + 28) & 1 != 0,
             };
-            if e.file_offset % MIB != 0 || e.file_offset < MIB || u64::from(e.length) % MIB != 0 {
+            if !e.file_offset.is_multiple_of(MIB)
+                || e.file_offset < MIB
+                || u64::from(e.length) % MIB != 0
+            {
                 return Err(field(
                     WHAT,
                     format!(
