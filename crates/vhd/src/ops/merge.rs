@@ -102,11 +102,24 @@ pub fn merge_on(
     drop(crate::open(child, true)?);
     let (layers, target_path) = plan(child, into)?;
     // The merged-away layers are locked exclusively: no VM or tool may use them.
-    let handles: Vec<Layer> = layers
+    let mut handles: Vec<Layer> = layers
         .iter()
         .map(|p| Layer::open(storage, p))
         .collect::<Result<_>>()?;
     let mut target = Target::open(storage, &target_path)?;
+    if let (Target::Vhdx(t), Some(Layer::Vhdx(above))) = (&target, handles.last_mut()) {
+        // MS-VHDX 2.6.2.6.3: the target's new DataWriteGuid goes into the
+        // child above it (parent_linkage2) before the target changes, so the
+        // chain links whichever GUID a crash leaves the target with.
+        let guid = uuid::Uuid::new_v4();
+        let mut loc = above.metadata().parent_locator.clone().unwrap_or_default();
+        loc.set(
+            crate::vhdx::chain::PARENT_LINKAGE2,
+            Some(crate::vhdx::braced(&guid)),
+        );
+        above.relink_parent(loc)?;
+        t.plan_data_write_guid(guid)?;
+    }
     if let (Target::Vhdx(t), Some(Layer::Vhdx(c))) = (&mut target, handles.first()) {
         if c.size() > t.size() {
             let size = c.size();

@@ -93,6 +93,9 @@ pub struct VhdxImage {
     pub(super) session: Mutex<Session>,
     started: AtomicBool,
     data_changed: AtomicBool,
+    /// The DataWriteGuid the next change of content takes, when it must be
+    /// known beforehand (a merge records it in the child first).
+    planned_data_write_guid: Mutex<Option<Uuid>>,
     /// Log updates replayed in memory (read-only open of a file with a log).
     overlay: Vec<LogOp>,
     pub(super) log_found: Option<LogState>,
@@ -369,6 +372,7 @@ impl VhdxImage {
             session: Mutex::new(session),
             started: AtomicBool::new(false),
             data_changed: AtomicBool::new(false),
+            planned_data_write_guid: Mutex::new(None),
             overlay,
             log_found,
             parent: None,
@@ -718,13 +722,27 @@ impl VhdxImage {
             h.file_write_guid = new_guid();
         }
         if data {
-            h.data_write_guid = new_guid();
+            let planned = self
+                .planned_data_write_guid
+                .lock()
+                .map_err(|_| self.lock_err())?
+                .take();
+            h.data_write_guid = planned.unwrap_or_else(new_guid);
         }
         write_headers(self.file.as_ref(), &self.path, &mut s, h)?;
         s.started = true;
         s.data_changed |= data;
         self.started.store(true, Ordering::Release);
         self.data_changed.store(s.data_changed, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes the next change of content take `guid` as DataWriteGuid.
+    pub(crate) fn plan_data_write_guid(&self, guid: Uuid) -> Result<()> {
+        *self
+            .planned_data_write_guid
+            .lock()
+            .map_err(|_| self.lock_err())? = Some(guid);
         Ok(())
     }
 
