@@ -13,11 +13,17 @@
 //! `CAN_MULTI_CONN`: every connection shares one `Disk`, so a flush on any connection
 //! covers the writes of all of them.
 //!
-//! A client that breaks the protocol (bad magic, oversized request or option) is
-//! disconnected; it cannot make the server panic or allocate without bound.
+//! A client that breaks the protocol (bad magic, unknown client flags, oversized
+//! request or option) is disconnected; it cannot make the server panic or
+//! allocate without bound. Errors follow proto.md: a read or trim beyond the end
+//! is EINVAL, a write or write-zeroes beyond it ENOSPC, any write to a read-only
+//! export EPERM, an unknown command or a flag the command does not take EINVAL;
+//! the connection stays usable after each. `tests/protocol.rs` checks all of
+//! this with a raw client, and FUA/FLUSH durability with the crash harness.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +37,7 @@ const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 
 const FLAG_FIXED_NEWSTYLE: u16 = 1;
 const FLAG_NO_ZEROES: u16 = 2;
+const CLIENT_FIXED_NEWSTYLE: u32 = 1;
 const CLIENT_NO_ZEROES: u32 = 2;
 
 const OPT_EXPORT_NAME: u32 = 1;
@@ -67,6 +74,16 @@ const CMD_WRITE_ZEROES: u16 = 6;
 const CMD_FLAG_FUA: u16 = 1;
 const CMD_FLAG_NO_HOLE: u16 = 2;
 
+/// The command flags each command may carry; any other flag is answered
+/// with EINVAL, as proto.md asks.
+fn allowed_flags(kind: u16) -> u16 {
+    match kind {
+        CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        _ => 0,
+    }
+}
+
 const EPERM: u32 = 1;
 const EIO: u32 = 5;
 const EINVAL: u32 = 22;
@@ -80,6 +97,8 @@ type Exports = Arc<HashMap<String, Arc<dyn vhd::Disk>>>;
 /// A running NBD server on a unix socket.
 pub struct Server {
     socket: PathBuf,
+    /// The listening socket, shared with the acceptor thread.
+    listener: Arc<UnixListener>,
     stopping: Arc<AtomicBool>,
     acceptor: Option<std::thread::JoinHandle<()>>,
 }
@@ -87,14 +106,15 @@ pub struct Server {
 impl Server {
     /// Listens on `socket` and serves `exports` (name, disk) until [`Server::stop`].
     pub fn start(socket: &Path, exports: Vec<(String, Arc<dyn vhd::Disk>)>) -> io::Result<Self> {
-        let listener = UnixListener::bind(socket)?;
+        let listener = Arc::new(UnixListener::bind(socket)?);
         let exports: Exports = Arc::new(exports.into_iter().collect());
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
+        let listening = listener.clone();
         let acceptor = std::thread::Builder::new()
             .name("nbd-accept".into())
             .spawn(move || {
-                for stream in listener.incoming() {
+                for stream in listening.incoming() {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
@@ -113,6 +133,7 @@ impl Server {
             })?;
         Ok(Self {
             socket: socket.to_path_buf(),
+            listener,
             stopping,
             acceptor: Some(acceptor),
         })
@@ -132,8 +153,15 @@ impl Server {
 
     fn shut_down(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
-        // Wake the acceptor so it sees the flag.
-        let _ = UnixStream::connect(&self.socket);
+        // Wake the acceptor so it sees the flag: shutting the listening socket
+        // down makes its blocked accept() fail at once. (Connecting to the
+        // socket's path, as this once did, hangs here forever when the path
+        // was removed or its folder deleted first.)
+        // SAFETY: the descriptor is the listener's, open for as long as
+        // `self.listener` lives; shutdown(2) does not close it or touch memory.
+        unsafe {
+            libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR);
+        }
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
         }
@@ -210,6 +238,11 @@ fn serve(mut s: UnixStream, exports: &Exports) -> io::Result<()> {
     hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
     s.write_all(&hello)?;
     let client_flags = read_u32(&mut s)?;
+    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        // proto.md: the server MUST close the connection on client flags it
+        // does not recognize.
+        return Err(protocol(format!("unknown client flags {client_flags:#x}")));
+    }
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
 
     let disk = loop {
@@ -288,9 +321,13 @@ fn serve(mut s: UnixStream, exports: &Exports) -> io::Result<()> {
     transmit(s, disk.as_ref())
 }
 
-fn errno(e: &vhd::Error) -> u32 {
+/// The NBD error for a failed command. proto.md: a write (or write-zeroes)
+/// beyond the end of the export SHOULD fail with ENOSPC, a read or trim with
+/// EINVAL.
+fn errno(e: &vhd::Error, writes_data: bool) -> u32 {
     match e {
         vhd::Error::ReadOnly { .. } => EPERM,
+        vhd::Error::OutOfRange { .. } if writes_data => ENOSPC,
         vhd::Error::OutOfRange { .. } => EINVAL,
         vhd::Error::Io { source, .. } if source.raw_os_error() == Some(28) => ENOSPC,
         _ => EIO,
@@ -347,6 +384,22 @@ fn transmit(s: UnixStream, disk: &dyn vhd::Disk) -> io::Result<()> {
                 }
             })
         };
+        let code = |result: vhd::Result<()>, writes_data: bool| match result {
+            Ok(()) => 0,
+            Err(e) => errno(&e, writes_data),
+        };
+        if flags & !allowed_flags(kind) != 0 && kind != CMD_DISC {
+            if kind == CMD_WRITE {
+                // The payload follows regardless; skip it to stay in step.
+                buf.resize(len as usize, 0);
+                r.read_exact(&mut buf)?;
+            }
+            reply(&mut w, EINVAL)?;
+            if r.buffer().is_empty() {
+                w.flush()?;
+            }
+            continue;
+        }
         match kind {
             CMD_READ => {
                 buf.resize(len as usize, 0);
@@ -355,22 +408,22 @@ fn transmit(s: UnixStream, disk: &dyn vhd::Disk) -> io::Result<()> {
                         reply(&mut w, 0)?;
                         w.write_all(&buf)?;
                     }
-                    Err(e) => reply(&mut w, errno(&e))?,
+                    Err(e) => reply(&mut w, errno(&e, false))?,
                 }
             }
             CMD_WRITE => {
                 buf.resize(len as usize, 0);
                 r.read_exact(&mut buf)?;
-                let result = fua(disk.write_at(&buf, offset));
-                reply(&mut w, result.as_ref().map(|_| 0).unwrap_or_else(errno))?;
+                reply(&mut w, code(fua(disk.write_at(&buf, offset)), true))?;
             }
             CMD_FLUSH => {
-                let result = disk.flush();
-                reply(&mut w, result.as_ref().map(|_| 0).unwrap_or_else(errno))?;
+                reply(&mut w, code(disk.flush(), false))?;
             }
             CMD_TRIM => {
-                let result = fua(disk.discard(offset, u64::from(len)));
-                reply(&mut w, result.as_ref().map(|_| 0).unwrap_or_else(errno))?;
+                reply(
+                    &mut w,
+                    code(fua(disk.discard(offset, u64::from(len))), false),
+                )?;
             }
             CMD_WRITE_ZEROES => {
                 let result = if flags & CMD_FLAG_NO_HOLE != 0 {
@@ -378,7 +431,7 @@ fn transmit(s: UnixStream, disk: &dyn vhd::Disk) -> io::Result<()> {
                 } else {
                     fua(disk.write_zeroes(offset, u64::from(len)))
                 };
-                reply(&mut w, result.as_ref().map(|_| 0).unwrap_or_else(errno))?;
+                reply(&mut w, code(result, true))?;
             }
             CMD_CACHE => reply(&mut w, 0)?,
             CMD_DISC => {
