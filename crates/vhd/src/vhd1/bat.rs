@@ -16,6 +16,18 @@ pub fn bitmap_bytes(block_size: u64) -> u64 {
     (block_size / SECTOR).div_ceil(8).div_ceil(SECTOR) * SECTOR
 }
 
+/// The name of the first of `regions` (file offset, length, name) that the
+/// file range `[start, start + len)` overlaps. A block's bitmap and data must
+/// not overlap the file's metadata (the footer copy, the dynamic header, the
+/// BAT, the parent locators): writes to the block would overwrite it.
+pub fn overlap<'a>(start: u64, len: u64, regions: &[(u64, u64, &'a str)]) -> Option<&'a str> {
+    let end = start.saturating_add(len);
+    regions
+        .iter()
+        .find(|&&(at, n, _)| n > 0 && len > 0 && start < at.saturating_add(n) && at < end)
+        .map(|&(_, _, name)| name)
+}
+
 /// Decodes big-endian entries (a trailing partial entry is ignored).
 pub fn parse(raw: &[u8]) -> Vec<u32> {
     raw.chunks_exact(4)
@@ -56,6 +68,21 @@ mod tests {
         assert_eq!(parse(&raw), entries);
         assert_eq!(table_bytes(3), 512);
         assert_eq!(table_bytes(129), 1024);
+    }
+
+    #[test]
+    fn overlap_names_the_metadata_a_range_touches() {
+        let regions = [(0, 512, "the footer copy"), (512, 1024, "the header")];
+        assert_eq!(overlap(0, 4608, &regions), Some("the footer copy"));
+        assert_eq!(overlap(1000, 10, &regions), Some("the header"));
+        assert_eq!(overlap(1535, 1, &regions), Some("the header"));
+        assert_eq!(overlap(1536, 4608, &regions), None);
+        assert_eq!(overlap(u64::MAX - 1, 100, &regions), None);
+        assert_eq!(
+            overlap(100, 0, &regions),
+            None,
+            "an empty range overlaps nothing"
+        );
     }
 
     #[test]

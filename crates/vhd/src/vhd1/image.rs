@@ -159,6 +159,27 @@ fn validate_bat(
     let block_size = u64::from(header.block_size);
     let bitmap_size = bitmap_bytes(block_size);
     let needed = footer.current_size.div_ceil(block_size) as usize;
+    // Block data found over these (by fuzzing) made every write to the block
+    // overwrite the header or the BAT, destroying the image.
+    let mut metadata = vec![
+        (0, FOOTER_SIZE as u64, "the footer copy"),
+        (footer.data_offset, HEADER_SIZE as u64, "the dynamic header"),
+        (header.table_offset, entries.len() as u64 * 4, "the BAT"),
+    ];
+    for loc in header.locators.iter().filter(|l| l.platform_code != 0) {
+        metadata.push((
+            loc.data_offset,
+            u64::from(loc.data_length),
+            "a parent locator",
+        ));
+    }
+    if let Some(what) = bat::overlap(metadata[2].0, metadata[2].1, &metadata[..2]) {
+        return Err(VhdError::Invalid {
+            path: path.into(),
+            what: format!("the BAT at offset {} overlaps {what}", header.table_offset),
+        }
+        .into());
+    }
     let mut used = Vec::new();
     for (i, &e) in entries.iter().enumerate().take(needed) {
         if e == BAT_UNUSED {
@@ -173,6 +194,15 @@ fn validate_bat(
                 block: i as u32,
                 sector: e,
                 end: data_end,
+            }
+            .into());
+        }
+        if let Some(what) = bat::overlap(start, bitmap_size + in_disk, &metadata) {
+            return Err(VhdError::Invalid {
+                path: path.into(),
+                what: format!(
+                    "BAT entry {i} points at sector {e}, where the file keeps {what}; the BAT is damaged"
+                ),
             }
             .into());
         }
