@@ -16,7 +16,7 @@ use crate::control::{
     self, FailureKind, Request, Response, WorkerState, WorkerStatus, CONTROL_SOCKET,
 };
 use crate::disks::{self, ServedDisks};
-use crate::qemu::{DirectKernel, IdeDrive, IdeMedia, Platform, QemuConfig};
+use crate::qemu::{DirectKernel, IdeDrive, IdeMedia, Platform, QemuConfig, SyntheticDisk};
 use crate::spec::WorkerSpec;
 
 pub const QMP_SOCKET: &str = "qmp.sock";
@@ -223,7 +223,7 @@ async fn run_inner(
     if spec.settings.generation == 2 {
         ensure_uefi_vars(&spec.vm_dir)?;
     }
-    let served = ServedDisks::open_and_serve(&spec.settings, &rt.join(NBD_SOCKET)).await?;
+    let served = ServedDisks::open_and_serve(&spec.settings, &rt.join(NBD_SOCKET), &rt).await?;
     let sandbox = match spec.sandbox {
         Some(known) => known,
         None => sandbox_supported(&qemu_bin).await,
@@ -511,7 +511,17 @@ fn build_config(
         serial_socket: rt.join(SERIAL_SOCKET),
         sandbox,
         ide,
-        synthetic: vec![],
+        synthetic: served
+            .synthetic
+            .iter()
+            .map(|d| SyntheticDisk {
+                controller: d.slot.controller_number,
+                location: d.slot.location,
+                socket: d.socket.clone(),
+                num_queues: d.num_queues,
+                bootindex: bootindex(d.slot),
+            })
+            .collect(),
         nics: settings
             .network_adapters
             .iter()
