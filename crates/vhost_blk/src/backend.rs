@@ -23,9 +23,14 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
+    GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::protocol::*;
 
@@ -204,7 +209,11 @@ impl BlkBackend {
 
     /// Pops every available request, performs it and puts it in the used ring.
     /// Returns whether anything completed.
-    fn process_queue(&self, vring: &mut vhost_user_backend::VringState<Memory>, q: usize) -> io::Result<bool> {
+    fn process_queue(
+        &self,
+        vring: &mut vhost_user_backend::VringState<Memory>,
+        q: usize,
+    ) -> io::Result<bool> {
         let mem = self.memory();
         let chains: Vec<Chain> = match vring.get_queue_mut().iter(mem.clone()) {
             Ok(iter) => iter.collect(),
@@ -330,7 +339,12 @@ impl BlkBackend {
         let offset = sector.checked_mul(SECTOR).ok_or(VIRTIO_BLK_S_IOERR)?;
         let end = offset.checked_add(len).ok_or(VIRTIO_BLK_S_IOERR)?;
         if end > self.disk.size() || !len.is_multiple_of(SECTOR) {
-            tracing::warn!(sector, len, size = self.disk.size(), "virtio-blk request out of range or not whole sectors");
+            tracing::warn!(
+                sector,
+                len,
+                size = self.disk.size(),
+                "virtio-blk request out of range or not whole sectors"
+            );
             return Err(VIRTIO_BLK_S_IOERR);
         }
         Ok(offset)
@@ -351,7 +365,8 @@ impl BlkBackend {
             state.buf.resize(n.max(state.buf.len()), 0);
             let buf = &mut state.buf[..n];
             self.disk.read_at(buf, offset + done).map_err(log_io)?;
-            bufs.scatter(mem, done, buf).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+            bufs.scatter(mem, done, buf)
+                .map_err(|_| VIRTIO_BLK_S_IOERR)?;
             done += n as u64;
         }
         u32::try_from(len).map_err(|_| VIRTIO_BLK_S_IOERR)

@@ -19,8 +19,8 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-pub use backend::BlkOptions;
 use backend::BlkBackend;
+pub use backend::BlkOptions;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -157,7 +157,9 @@ impl BlkConfig {
         let all = self.serialize();
         let mut out = vec![0u8; len as usize];
         let start = (offset as usize).min(all.len());
-        let end = (offset as usize).saturating_add(len as usize).min(all.len());
+        let end = (offset as usize)
+            .saturating_add(len as usize)
+            .min(all.len());
         out[..end - start].copy_from_slice(&all[start..end]);
         out
     }

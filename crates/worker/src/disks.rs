@@ -125,13 +125,14 @@ impl ServedDisks {
                     serial: name,
                     ..Default::default()
                 };
-                let server = vhost_blk::Server::start(disk.clone(), &socket, opts).map_err(
-                    |source| DiskError::Synthetic {
-                        slot,
-                        path: path.clone(),
-                        source,
-                    },
-                )?;
+                let server =
+                    vhost_blk::Server::start(disk.clone(), &socket, opts).map_err(|source| {
+                        DiskError::Synthetic {
+                            slot,
+                            path: path.clone(),
+                            source,
+                        }
+                    })?;
                 synthetic.push(ServedSynthetic {
                     slot,
                     path,

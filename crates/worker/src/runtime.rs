@@ -461,16 +461,27 @@ fn build_config(
             vm_config::BootEntry::Network { .. } => None,
         })
         .collect();
+    let default_boot = if settings.generation == 2 {
+        served
+            .synthetic
+            .iter()
+            .map(|d| d.slot)
+            .min_by_key(|s| (s.controller_number, s.location))
+    } else {
+        Some(vm_config::Slot {
+            controller: vm_config::ControllerKind::Ide,
+            controller_number: 0,
+            location: 0,
+        })
+    };
     let bootindex = |slot: vm_config::Slot| -> Option<u32> {
         if spec.direct_kernel.is_some() {
             // The kernel given to QEMU boots first (it takes boot index 0).
             None
         } else if boot_slots.is_empty() {
-            // Hyper-V's default: generation 1 boots IDE 0:0.
-            (slot.controller == vm_config::ControllerKind::Ide
-                && slot.controller_number == 0
-                && slot.location == 0)
-                .then_some(0)
+            // Hyper-V's defaults: generation 1 boots IDE 0:0, generation 2 the first
+            // SCSI disk.
+            (Some(slot) == default_boot).then_some(0)
         } else {
             boot_slots
                 .iter()

@@ -86,7 +86,16 @@ async fn guest_sees_8_synthetic_disks_on_2_scsi_controllers_and_2_ide_disks_and_
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path();
     // Slots chosen to cover both PCI bridges of a controller (locations 0–31, 32–63).
-    let slots: [(u8, u8); 8] = [(0, 0), (0, 1), (0, 31), (0, 32), (1, 0), (1, 5), (1, 40), (1, 63)];
+    let slots: [(u8, u8); 8] = [
+        (0, 0),
+        (0, 1),
+        (0, 31),
+        (0, 32),
+        (1, 0),
+        (1, 5),
+        (1, 40),
+        (1, 63),
+    ];
     let mut drives = Vec::new();
     let mut synthetic: Vec<(String, PathBuf, u64)> = Vec::new();
     // The first synthetic disk is a differencing child: its parent must not change.
@@ -157,14 +166,19 @@ async fn guest_sees_8_synthetic_disks_on_2_scsi_controllers_and_2_ide_disks_and_
         );
     }
     for (name, _) in &ide_disks {
-        assert!(console.contains(&format!("IDE {name} ")), "{name}: {console}");
+        assert!(
+            console.contains(&format!("IDE {name} ")),
+            "{name}: {console}"
+        );
     }
     assert!(!console.contains("FAILED"), "{console}");
 
     // The host reads every pattern through the engine (the locks are gone).
-    for (name, path, _) in synthetic.iter().map(|(n, p, s)| (n.clone(), p, s)).chain(
-        ide_disks.iter().map(|(n, p)| (n.clone(), p, &0)),
-    ) {
+    for (name, path, _) in synthetic
+        .iter()
+        .map(|(n, p, s)| (n.clone(), p, s))
+        .chain(ide_disks.iter().map(|(n, p)| (n.clone(), p, &0)))
+    {
         let disk = vhd::open(path, false).expect("the worker released its lock");
         let want = pattern(&name);
         let mut got = vec![0u8; want.len()];
@@ -193,4 +207,111 @@ async fn guest_sees_8_synthetic_disks_on_2_scsi_controllers_and_2_ide_disks_and_
         std::fs::read(&parent).unwrap() == parent_before,
         "the parent changed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation2_boots_through_ovmf_from_a_vhd_on_scsi_0_0() {
+    let g = common::guest_dir();
+    let scratch = tempfile::tempdir().unwrap();
+    // A differencing child of the guest's dynamic VHD: the firmware reads the chain
+    // through our vhost-user-blk backend.
+    let base = scratch.path().join("boot.vhd");
+    std::fs::copy(g.join("boot.vhd"), &base).unwrap();
+    let boot = scratch.path().join("boot.avhd");
+    new_disk(&boot, NewDisk::Differencing { parent: base });
+    // The config disk (the UEFI image's command line has no script) on SCSI 0:1.
+    let cfg = scratch.path().join("cfg.raw");
+    let mut bytes = b"#viridian-guest-script\n\
+        echo \"efi-bits $(cat /sys/firmware/efi/fw_platform_size)\"\n\
+        echo \"root-disk $(cat /sys/block/vda/serial)\"\n"
+        .to_vec();
+    bytes.resize(1 << 20, 0);
+    std::fs::write(&cfg, bytes).unwrap();
+    let mut s = settings("uefi-scsi", vec![scsi(0, 0, &boot), scsi(0, 1, &cfg)]);
+    s.generation = 2;
+    s.memory.startup_mib = 256;
+    let mut vm = Vm::new(s, None);
+    vm.start();
+    let status = vm.wait_exit(Duration::from_secs(240));
+    let console = vm.console();
+    assert_eq!(
+        status.state,
+        WorkerState::Off,
+        "{:?}\n{console}",
+        status.reason
+    );
+    assert!(console.contains("efi-bits 64"), "{console}");
+    assert!(console.contains("root-disk scsi0-0"), "{console}");
+    assert!(
+        console.contains("VIRIDIAN-GUEST: command exited 0"),
+        "{console}"
+    );
+}
+
+/// Writes sector `i` with the text `sector i` and prints `count i`, forever.
+const WRITER: &str = r#"
+i=0
+while true; do
+    printf 'sector %d\n' $i | dd of=/dev/vda bs=512 seek=$i conv=sync,fsync 2>/dev/null
+    echo "count $i"
+    i=$((i+1))
+    sleep 0.3
+done
+"#;
+
+fn last_count(console: &str) -> u64 {
+    console
+        .lines()
+        .rev()
+        .filter_map(|l| l.trim().strip_prefix("count "))
+        .find_map(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count on the console:\n{console}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn save_and_resume_with_a_busy_synthetic_disk_loses_no_write() {
+    use worker::control::Request;
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data.vhd");
+    dynamic(&data, 16 * MIB);
+    let mut vm = Vm::new(
+        settings("busy", vec![scsi(0, 0, &data)]),
+        Some(direct_boot(WRITER, "")),
+    );
+    vm.start();
+    vm.wait_console("count 5", Duration::from_secs(120));
+    // vhost-user-blk does not block saving (LOG_ALL with LOG_SHMFD is offered).
+    let status = vm.call(Request::Save).await.unwrap();
+    assert_eq!(status.state, WorkerState::Saved, "{:?}", status.reason);
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(60)).state,
+        WorkerState::Saved
+    );
+    let saved_at = last_count(&vm.console());
+    vm.spec.resume = true;
+    vm.start();
+    vm.wait_console(&format!("count {}", saved_at + 5), Duration::from_secs(120));
+    let console = vm.console();
+    assert_eq!(
+        console.matches("VIRIDIAN-GUEST: booted").count(),
+        1,
+        "it booted again instead of resuming:\n{console}"
+    );
+    let status = vm.call(Request::Stop).await.unwrap();
+    assert_eq!(status.state, WorkerState::Off);
+    vm.wait_exit(Duration::from_secs(60));
+    let last = last_count(&vm.console());
+    // Every write the guest saw complete (it printed the count after the fsync) is
+    // in the file, before and after the save.
+    let disk = vhd::open(&data, true).unwrap();
+    for i in 0..=last {
+        let mut sector = [0u8; 512];
+        disk.read_at(&mut sector, i * 512).unwrap();
+        let want = format!("sector {i}\n");
+        assert_eq!(
+            &sector[..want.len()],
+            want.as_bytes(),
+            "sector {i} of {last} (saved at {saved_at})"
+        );
+    }
 }
