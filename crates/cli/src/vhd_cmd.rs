@@ -23,14 +23,22 @@ enum Kind {
     Dynamic,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum FileFormat {
+    Vhd,
+    Vhdx,
+}
+
 #[derive(Subcommand)]
 enum VhdCommand {
-    /// Create a VHD: fixed or dynamic with --size, or differencing with --parent.
+    /// Create a VHD or VHDX: fixed or dynamic with --size, or differencing with --parent.
     ///
-    /// Sizes are rounded up to the nearest size whose CHS geometry addresses it
-    /// exactly, so QEMU, Virtual PC and Hyper-V all see the same disk; the actual
-    /// size is printed. --exact-size keeps the size as given (e.g. 1 MiB multiples
-    /// for Azure); QEMU 7.2 then reports the geometry's size, which may be smaller.
+    /// The format follows the extension (.vhdx/.avhdx: VHDX, otherwise VHD) unless
+    /// --format says. VHD sizes are rounded up to the nearest size whose CHS
+    /// geometry addresses it exactly, so QEMU, Virtual PC and Hyper-V all see the
+    /// same disk; the actual size is printed. --exact-size keeps the size as given
+    /// (e.g. 1 MiB multiples for Azure); QEMU 7.2 then reports the geometry's size,
+    /// which may be smaller. VHDX sizes are exact (whole logical sectors).
     Create {
         path: PathBuf,
         /// Virtual size, e.g. 512M, 20G, 1T.
@@ -43,9 +51,22 @@ enum VhdCommand {
             conflicts_with = "parent"
         )]
         kind: Kind,
-        /// Block size of a dynamic disk (a power of two; default 2M).
+        /// Block size: a power of two. VHD: default 2M. VHDX: 1M to 256M, default
+        /// 32M as Hyper-V (2M for a differencing disk). Smaller VHDX blocks are
+        /// better for differencing disks and small scattered writes (less space
+        /// allocated per write, smaller files); larger ones for big sequential
+        /// data (fewer metadata updates).
         #[arg(long, value_parser = crate::size::disk_bytes)]
         block_size: Option<u64>,
+        /// File format (default: by extension, .vhdx/.avhdx for VHDX).
+        #[arg(long, value_enum)]
+        format: Option<FileFormat>,
+        /// VHDX logical sector size: 512 or 4096 (a differencing disk takes its parent's).
+        #[arg(long, default_value_t = 512, value_parser = sector_size)]
+        logical_sector_size: u32,
+        /// VHDX physical sector size: 512 or 4096.
+        #[arg(long, default_value_t = 4096, value_parser = sector_size)]
+        physical_sector_size: u32,
         /// Make a differencing disk on this parent (same size as the parent).
         #[arg(long)]
         parent: Option<PathBuf>,
@@ -80,21 +101,23 @@ enum VhdCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Copy a disk or a whole chain into a new file: raw (.raw, .img, ...) or VHD
-    /// (.vhd: dynamic unless --type fixed). Zero ranges stay unallocated.
+    /// Copy a disk or a whole chain into a new file: raw (.raw, .img, ...), VHD
+    /// (.vhd) or VHDX (.vhdx), dynamic unless --type fixed. Zero ranges stay
+    /// unallocated.
     Convert {
         src: PathBuf,
         dst: PathBuf,
         #[arg(long = "type", value_enum)]
         kind: Option<Kind>,
     },
-    /// Drop the all-zero blocks of a dynamic VHD and shrink its file.
+    /// Drop the all-zero blocks of a dynamic VHD or VHDX and shrink its file.
     Compact {
         path: PathBuf,
         #[arg(long)]
         json: bool,
     },
-    /// Grow a VHD (shrinking is refused, as Hyper-V refuses it for VHD).
+    /// Grow a VHD or VHDX, or shrink a VHDX down to its last block in use (as
+    /// Hyper-V allows; a VHD never shrinks).
     Resize {
         path: PathBuf,
         /// New virtual size, e.g. 40G (rounded up to a CHS-exact size unless --exact-size).
@@ -126,10 +149,54 @@ pub fn run(args: VhdArgs) -> anyhow::Result<ExitCode> {
             size,
             kind,
             block_size,
+            format,
+            logical_sector_size,
+            physical_sector_size,
             parent,
             exact_size,
             json,
         } => {
+            let vhdx = match format {
+                Some(f) => f == FileFormat::Vhdx,
+                None => matches!(
+                    path.extension()
+                        .and_then(|e| e.to_str())
+                        .map(str::to_ascii_lowercase)
+                        .as_deref(),
+                    Some("vhdx" | "avhdx")
+                ),
+            };
+            if vhdx {
+                use vhd::vhdx::create::{NewVhdx, VhdxOptions};
+                let kind = match (parent, size, kind) {
+                    (Some(parent), _, _) => NewVhdx::Differencing { parent },
+                    (None, Some(size), Kind::Fixed) => NewVhdx::Fixed { size },
+                    (None, Some(size), Kind::Dynamic) => NewVhdx::Dynamic { size },
+                    (None, None, _) => {
+                        anyhow::bail!("give --size (or --parent for a differencing disk)")
+                    }
+                };
+                let mut opts = VhdxOptions::new(kind);
+                opts.block_size = block_size
+                    .map(|b| {
+                        u32::try_from(b)
+                            .ok()
+                            .filter(|b| b.is_power_of_two() && (1 << 20..=256 << 20).contains(b))
+                            .with_context(|| {
+                                format!("--block-size {b} is not a power of two from 1M to 256M")
+                            })
+                    })
+                    .transpose()?;
+                opts.logical_sector_size = logical_sector_size;
+                opts.physical_sector_size = physical_sector_size;
+                let created = vhd::vhdx::create::create(&path, &opts, &mut vhd::NoProgress)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&created)?);
+                } else {
+                    println!("created {} ({} bytes)", path.display(), created.size);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let block_size = match block_size {
                 None => DEFAULT_BLOCK_SIZE,
                 Some(b) => u32::try_from(b)
@@ -215,10 +282,16 @@ pub fn run(args: VhdArgs) -> anyhow::Result<ExitCode> {
         }
         VhdCommand::Convert { src, dst, kind } => {
             use vhd::ops::convert::{convert, Target};
-            let target = match kind {
-                None => Target::for_path(&dst),
-                Some(Kind::Fixed) => Target::VhdFixed,
-                Some(Kind::Dynamic) => Target::VhdDynamic,
+            let vhdx = matches!(
+                Target::for_path(&dst),
+                Target::VhdxDynamic | Target::VhdxFixed
+            );
+            let target = match (kind, vhdx) {
+                (None, _) => Target::for_path(&dst),
+                (Some(Kind::Fixed), false) => Target::VhdFixed,
+                (Some(Kind::Dynamic), false) => Target::VhdDynamic,
+                (Some(Kind::Fixed), true) => Target::VhdxFixed,
+                (Some(Kind::Dynamic), true) => Target::VhdxDynamic,
             };
             let mut bar = crate::progress_bar::ProgressBar::new("converting");
             convert(&src, &dst, target, &mut bar)?;
@@ -303,6 +376,15 @@ fn print_info(i: &info::DiskInfo) {
     if let Some(b) = i.block_size {
         println!("block size:      {b} bytes");
     }
+    if let (Some(l), Some(p)) = (i.logical_sector_size, i.physical_sector_size) {
+        println!("sector size:     {l} bytes logical, {p} bytes physical");
+    }
+    if let Some(g) = &i.data_write_guid {
+        println!("data write guid: {g}");
+    }
+    if let Some(l) = &i.log_needs_replay {
+        println!("log:             needs replay: {l}");
+    }
     if let Some(c) = &i.creator {
         println!("creator:         {c:?}");
     }
@@ -328,5 +410,13 @@ fn print_info(i: &info::DiskInfo) {
         for c in &i.chain {
             println!("  {}", c.display());
         }
+    }
+}
+
+fn sector_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" | "4k" | "4K" => Ok(4096),
+        _ => Err(format!("{s} is not a sector size: give 512 or 4096")),
     }
 }

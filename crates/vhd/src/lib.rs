@@ -73,7 +73,7 @@ pub(crate) fn is_vhd_name(path: &Path) -> bool {
     )
 }
 
-fn is_vhdx_name(path: &Path) -> bool {
+pub(crate) fn is_vhdx_name(path: &Path) -> bool {
     matches!(
         path.extension()
             .and_then(|e| e.to_str())
@@ -115,7 +115,15 @@ fn open_with(
                 )?))
             }
         }
-        Format::Vhdx => open_vhdx(path, read_only),
+        Format::Vhdx => {
+            if read_only && !seen.is_empty() {
+                vhdx::chain::open_vhdx_parent(path, seen)
+            } else {
+                Ok(Box::new(vhdx::chain::open_chain_on(
+                    storage, path, read_only, seen,
+                )?))
+            }
+        }
         Format::Raw if is_vhd_name(path) => {
             // Named VHD but no footer anywhere: say what is wrong with the end.
             Err(vhd1::VhdImage::open_layer(path, true).err().unwrap_or(Error::Vhd(
@@ -134,29 +142,23 @@ fn open_with(
     }
 }
 
-/// The dispatch point for VHDX files: `open` sends every file with the
-/// "vhdxfile" signature here. The VHDX engine replaces this body with a call
-/// to its opener (e.g. `vhdx::open(path, read_only)`).
-fn open_vhdx(path: &Path, _read_only: bool) -> Result<Box<dyn Disk>> {
-    Err(vhd1::Error::Invalid {
-        path: path.to_path_buf(),
-        what: "VHDX files are not supported by this version yet; convert it to VHD with a tool that reads VHDX (e.g. qemu-img convert -O vpc)".into(),
-    }
-    .into())
-}
-
 /// Opens a parent in a chain: read-only, shared lock, with its own ancestors.
 pub(crate) fn open_parent(path: &Path, seen: &mut HashSet<PathBuf>) -> Result<Box<dyn Disk>> {
     open_with(&HostStorage, path, true, seen)
 }
 
 /// The identity a disk file presents to its differencing children: a VHD's
-/// unique ID. `None` when the format has none to check (raw).
+/// unique ID, a VHDX's DataWriteGuid (in its on-disk byte order). `None` when
+/// the format has none to check (raw).
 pub fn parent_identity(path: &Path) -> Result<Option<[u8; 16]>> {
     match detect_format(path)? {
         Format::Vhd => {
             let img = vhd1::VhdImage::inspect(path)?;
             Ok(Some(img.footer().unique_id))
+        }
+        Format::Vhdx => {
+            let img = vhdx::VhdxImage::inspect(path)?;
+            Ok(Some(img.header()?.data_write_guid.to_bytes_le()))
         }
         _ => Ok(None),
     }

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::vhd1::footer::{Footer, FOOTER_SIZE};
 use crate::vhd1::{chain, DiskType, VhdImage};
+use crate::vhdx::VhdxImage;
 use crate::{Format, Result};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -34,7 +35,12 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
         path: path.to_path_buf(),
         problems: Vec::new(),
     };
-    if crate::detect_format(path)? != Format::Vhd && !crate::is_vhd_name(path) {
+    let format = crate::detect_format(path)?;
+    if format == Format::Vhdx || (format == Format::Raw && crate::is_vhdx_name(path)) {
+        check_vhdx(path, repair, &mut report)?;
+        return Ok(report);
+    }
+    if format != Format::Vhd && !crate::is_vhd_name(path) {
         return Ok(report);
     }
     let opened = if repair {
@@ -104,6 +110,51 @@ fn check_footer_copy(img: &mut VhdImage, repair: bool, report: &mut CheckReport)
             what,
             repaired: repair,
         });
+    }
+    Ok(())
+}
+
+/// A VHDX: the structure must open (headers, region table, metadata, BAT, a
+/// log that replays), the chain must resolve and link. A log that needs
+/// replay is a problem that `repair` fixes by replaying it into the file.
+fn check_vhdx(path: &Path, repair: bool, report: &mut CheckReport) -> Result<()> {
+    let img = match VhdxImage::inspect(path) {
+        Ok(img) => img,
+        Err(e) => {
+            report.problems.push(Problem {
+                what: e.to_string(),
+                repaired: false,
+            });
+            return Ok(());
+        }
+    };
+    if let Some(log) = img.log_found() {
+        let what = format!(
+            "{}: the log holds {} entries (up to sequence {}) not yet applied to the file, as after a crash",
+            path.display(),
+            log.entries,
+            log.head_sequence
+        );
+        let repaired = if repair {
+            drop(img);
+            // A writable open replays the log into the file.
+            VhdxImage::open_layer(path, false)?.close()?;
+            true
+        } else {
+            false
+        };
+        report.problems.push(Problem { what, repaired });
+    } else {
+        drop(img);
+    }
+    let img = VhdxImage::inspect(path)?;
+    if img.is_differencing() {
+        if let Err(e) = crate::vhdx::chain::open_chain(path, true) {
+            report.problems.push(Problem {
+                what: e.to_string(),
+                repaired: false,
+            });
+        }
     }
     Ok(())
 }

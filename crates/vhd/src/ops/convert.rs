@@ -15,13 +15,18 @@ pub enum Target {
     Raw,
     VhdFixed,
     VhdDynamic,
+    VhdxFixed,
+    VhdxDynamic,
 }
 
 impl Target {
-    /// The default for a destination path: a dynamic VHD for `.vhd`/`.avhd`, raw otherwise.
+    /// The default for a destination path: a dynamic VHD for `.vhd`/`.avhd`, a
+    /// dynamic VHDX for `.vhdx`/`.avhdx`, raw otherwise.
     pub fn for_path(path: &Path) -> Self {
         if crate::is_vhd_name(path) {
             Target::VhdDynamic
+        } else if crate::is_vhdx_name(path) {
+            Target::VhdxDynamic
         } else {
             Target::Raw
         }
@@ -33,7 +38,17 @@ impl Target {
 pub fn convert(src: &Path, dst: &Path, target: Target, progress: &mut dyn Progress) -> Result<()> {
     let source = crate::open(src, true)?;
     let size = source.size();
-    if target != Target::Raw && size % 512 != 0 {
+    let sector = u64::from(source.logical_sector_size());
+    if matches!(target, Target::VhdxFixed | Target::VhdxDynamic) && size % sector != 0 {
+        return Err(crate::vhd1::Error::Invalid {
+            path: src.to_path_buf(),
+            what: format!(
+                "{size} bytes is not a whole number of {sector}-byte sectors; a VHDX cannot hold it exactly"
+            ),
+        }
+        .into());
+    }
+    if matches!(target, Target::VhdFixed | Target::VhdDynamic) && size % 512 != 0 {
         return Err(crate::vhd1::Error::Invalid {
             path: src.to_path_buf(),
             what: format!(
@@ -74,6 +89,18 @@ pub fn convert(src: &Path, dst: &Path, target: Target, progress: &mut dyn Progre
                 },
                 &mut crate::NoProgress,
             )?;
+        }
+        Target::VhdxFixed | Target::VhdxDynamic => {
+            use crate::vhdx::create::{NewVhdx, VhdxOptions};
+            let kind = if target == Target::VhdxFixed {
+                NewVhdx::Fixed { size }
+            } else {
+                NewVhdx::Dynamic { size }
+            };
+            let mut opts = VhdxOptions::new(kind);
+            opts.logical_sector_size = source.logical_sector_size();
+            opts.physical_sector_size = source.physical_sector_size();
+            crate::vhdx::create::create(dst, &opts, &mut crate::NoProgress)?;
         }
     }
     let result = copy(source.as_ref(), dst, target, progress);

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::vhd1::{self, chain, format_guid, DiskType, Geometry, VhdImage};
+use crate::vhdx::{self, image::VhdxType, VhdxImage};
 use crate::{Error, Format, Result};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -36,6 +37,13 @@ pub struct DiskInfo {
     pub parent: Option<ParentInfo>,
     /// The chain from this file down to its base, as far as it resolves.
     pub chain: Vec<PathBuf>,
+    /// VHDX: logical and physical sector sizes.
+    pub logical_sector_size: Option<u32>,
+    pub physical_sector_size: Option<u32>,
+    /// VHDX: the DataWriteGuid that differencing children link to.
+    pub data_write_guid: Option<String>,
+    /// VHDX: a log that needs replay (it is replayed at the next writable open).
+    pub log_needs_replay: Option<String>,
 }
 
 fn open_unlocked(path: &Path) -> Result<VhdImage> {
@@ -51,6 +59,10 @@ pub fn info(path: &Path) -> Result<DiskInfo> {
         .len();
     match crate::detect_format(path)? {
         Format::Vhd => vhd_info(path, file_size),
+        Format::Vhdx => vhdx_info(path, file_size),
+        Format::Raw if crate::is_vhdx_name(path) => Err(VhdxImage::inspect(path)
+            .err()
+            .unwrap_or_else(|| not_vhd(path))),
         Format::Raw if crate::is_vhd_name(path) => {
             Err(open_unlocked(path).err().unwrap_or_else(|| not_vhd(path)))
         }
@@ -68,6 +80,10 @@ pub fn info(path: &Path) -> Result<DiskInfo> {
             allocated_bytes: file_size,
             parent: None,
             chain: vec![path.to_path_buf()],
+            logical_sector_size: None,
+            physical_sector_size: None,
+            data_write_guid: None,
+            log_needs_replay: None,
         }),
     }
 }
@@ -136,5 +152,79 @@ fn vhd_info(path: &Path, file_size: u64) -> Result<DiskInfo> {
         allocated_bytes: img.allocated_bytes(),
         parent,
         chain: chain_paths,
+        logical_sector_size: None,
+        physical_sector_size: None,
+        data_write_guid: None,
+        log_needs_replay: None,
+    })
+}
+
+fn vhdx_info(path: &Path, file_size: u64) -> Result<DiskInfo> {
+    let img = VhdxImage::inspect(path)?;
+    let m = img.metadata();
+    let mut chain_paths = vec![path.to_path_buf()];
+    let parent = match &m.parent_locator {
+        Some(loc) if m.has_parent => {
+            let (resolved_path, problem) = match vhdx::chain::resolve_parent(&img) {
+                Ok(p) => match vhdx::chain::check_linkage(&img, &p) {
+                    Ok(()) => {
+                        if let Ok(pi) = info(&p) {
+                            chain_paths.extend(pi.chain);
+                        }
+                        (Some(p), None)
+                    }
+                    Err(e) => (Some(p), Some(e.to_string())),
+                },
+                Err(e) => (None, Some(e.to_string())),
+            };
+            Some(ParentInfo {
+                name: loc
+                    .get(vhdx::chain::RELATIVE_PATH)
+                    .or(loc.get(vhdx::chain::ABSOLUTE_WIN32_PATH))
+                    .unwrap_or_default()
+                    .to_string(),
+                locators: loc
+                    .entries
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect(),
+                expected_unique_id: loc
+                    .get(vhdx::chain::PARENT_LINKAGE)
+                    .unwrap_or_default()
+                    .to_string(),
+                resolved_path,
+                problem,
+            })
+        }
+        _ => None,
+    };
+    let disk_type = match img.disk_type() {
+        VhdxType::Fixed => DiskType::Fixed,
+        VhdxType::Dynamic => DiskType::Dynamic,
+        VhdxType::Differencing => DiskType::Differencing,
+    };
+    Ok(DiskInfo {
+        path: path.to_path_buf(),
+        format: Format::Vhdx,
+        disk_type: Some(disk_type),
+        virtual_size: m.virtual_disk_size,
+        geometry_size: None,
+        file_size,
+        geometry: None,
+        block_size: Some(u64::from(m.block_size)),
+        creator: Some(img.creator().to_string()),
+        unique_id: Some(m.virtual_disk_id.hyphenated().to_string()),
+        allocated_bytes: img.allocated_bytes(),
+        parent,
+        chain: chain_paths,
+        logical_sector_size: Some(m.logical_sector_size),
+        physical_sector_size: Some(m.physical_sector_size),
+        data_write_guid: Some(vhdx::braced(&img.header()?.data_write_guid)),
+        log_needs_replay: img.log_found().map(|l| {
+            format!(
+                "{} log entries up to sequence {} (replayed in memory for reading)",
+                l.entries, l.head_sequence
+            )
+        }),
     })
 }

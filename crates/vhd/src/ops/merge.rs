@@ -7,12 +7,19 @@
 //! the chain through the child reads identically at every moment: a crash or a
 //! cancel mid-way leaves a chain that reads as before. Only when the target has
 //! been flushed are the merged-away files removed, child first.
+//!
+//! Ranges a layer records as zeros (a VHDX ZERO block) are zeroed in the
+//! target. Merging a VHDX child into a VHDX follows MS-VHDX 2.6.1.2: the
+//! target's virtual-disk metadata (IsVirtualDisk items: virtual disk ID,
+//! sector sizes, size) becomes the child's; a child grown past its parent
+//! grows the target first.
 
 use std::path::{Path, PathBuf};
 
 use crate::backing::{parent_dir, HostStorage, Storage};
 use crate::progress::Progress;
 use crate::vhd1::{chain, DiskType, VhdImage};
+use crate::vhdx::VhdxImage;
 use crate::{Allocation, Disk, Error, Result};
 
 /// Largest single copy.
@@ -48,15 +55,15 @@ fn plan(child: &Path, into: Option<&Path>) -> Result<(Vec<PathBuf>, PathBuf)> {
     let mut layers = vec![child.to_path_buf()];
     loop {
         let current = layers.last().cloned().unwrap_or_default();
-        let img = VhdImage::inspect(&current)?;
-        if img.footer().disk_type != DiskType::Differencing {
+        let img = Layer::inspect(&current)?;
+        if !img.is_differencing() {
             let what = match into {
                 Some(t) => format!("{} is not an ancestor of {}", t.display(), child.display()),
                 None => "is not a differencing disk: there is nothing to merge it into".into(),
             };
             return Err(invalid(if into.is_some() { child } else { &current }, what));
         }
-        let parent = chain::resolve_parent(&img)?;
+        let parent = img.parent()?;
         if into.is_none_or(|t| same_file(t, &parent)) {
             return Ok((layers, parent));
         }
@@ -95,18 +102,43 @@ pub fn merge_on(
     drop(crate::open(child, true)?);
     let (layers, target_path) = plan(child, into)?;
     // The merged-away layers are locked exclusively: no VM or tool may use them.
-    let handles: Vec<VhdImage> = layers
+    let mut handles: Vec<Layer> = layers
         .iter()
-        .map(|p| VhdImage::open_layer_on(storage, p, false))
+        .map(|p| Layer::open(storage, p))
         .collect::<Result<_>>()?;
-    let target = crate::open_on(storage, &target_path, false)?;
-    let total: u64 = handles.iter().map(VhdImage::allocated_bytes).sum();
+    let mut target = Target::open(storage, &target_path)?;
+    if let (Target::Vhdx(t), Some(Layer::Vhdx(above))) = (&target, handles.last_mut()) {
+        // MS-VHDX 2.6.2.6.3: the target's new DataWriteGuid goes into the
+        // child above it (parent_linkage2) before the target changes, so the
+        // chain links whichever GUID a crash leaves the target with.
+        let guid = uuid::Uuid::new_v4();
+        let mut loc = above.metadata().parent_locator.clone().unwrap_or_default();
+        loc.set(
+            crate::vhdx::chain::PARENT_LINKAGE2,
+            Some(crate::vhdx::braced(&guid)),
+        );
+        above.relink_parent(loc)?;
+        t.plan_data_write_guid(guid)?;
+    }
+    if let (Target::Vhdx(t), Some(Layer::Vhdx(c))) = (&mut target, handles.first()) {
+        if c.size() > t.size() {
+            let size = c.size();
+            t.resize(size)?;
+        }
+    }
+    let total: u64 = handles.iter().map(Layer::allocated_bytes).sum();
     let mut done = 0;
     for layer in handles.iter().rev() {
-        copy_allocated(layer, target.as_ref(), &mut done, total, progress)?;
+        copy_allocated(layer.disk(), target.disk(), &mut done, total, progress)?;
     }
-    target.flush()?;
-    drop(target);
+    target.disk().flush()?;
+    match (target, handles.first()) {
+        (Target::Vhdx(mut t), Some(Layer::Vhdx(c))) => {
+            t.adopt_virtual_disk_metadata(c.metadata())?;
+            t.close()?;
+        }
+        (t, _) => drop(t),
+    }
     drop(handles);
     for l in &layers {
         storage.remove(l)?;
@@ -120,9 +152,88 @@ pub fn merge_on(
     })
 }
 
-/// Copies the data `layer` itself holds into `target`.
+/// One layer of the chain, VHD or VHDX.
+enum Layer {
+    Vhd(VhdImage),
+    Vhdx(VhdxImage),
+}
+
+impl Layer {
+    fn inspect(path: &Path) -> Result<Self> {
+        Ok(match crate::detect_format(path)? {
+            crate::Format::Vhdx => Layer::Vhdx(VhdxImage::inspect(path)?),
+            _ => Layer::Vhd(VhdImage::inspect(path)?),
+        })
+    }
+
+    /// Opens a layer to be merged away, locked exclusively.
+    fn open(storage: &dyn Storage, path: &Path) -> Result<Self> {
+        Ok(match crate::detect_format(path)? {
+            crate::Format::Vhdx => Layer::Vhdx(VhdxImage::open_layer_on(storage, path, false)?),
+            _ => Layer::Vhd(VhdImage::open_layer_on(storage, path, false)?),
+        })
+    }
+
+    fn is_differencing(&self) -> bool {
+        match self {
+            Layer::Vhd(i) => i.footer().disk_type == DiskType::Differencing,
+            Layer::Vhdx(i) => i.is_differencing(),
+        }
+    }
+
+    fn parent(&self) -> Result<PathBuf> {
+        match self {
+            Layer::Vhd(i) => chain::resolve_parent(i),
+            Layer::Vhdx(i) => crate::vhdx::chain::resolve_parent(i),
+        }
+    }
+
+    fn disk(&self) -> &dyn Disk {
+        match self {
+            Layer::Vhd(i) => i,
+            Layer::Vhdx(i) => i,
+        }
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        match self {
+            Layer::Vhd(i) => i.allocated_bytes(),
+            Layer::Vhdx(i) => i.allocated_bytes(),
+        }
+    }
+}
+
+/// The disk merged into: a VHDX is kept as such for its metadata update.
+enum Target {
+    Any(Box<dyn Disk>),
+    Vhdx(Box<VhdxImage>),
+}
+
+impl Target {
+    fn open(storage: &dyn Storage, path: &Path) -> Result<Self> {
+        Ok(match crate::detect_format(path)? {
+            crate::Format::Vhdx => Target::Vhdx(Box::new(crate::vhdx::chain::open_chain_on(
+                storage,
+                path,
+                false,
+                &mut std::collections::HashSet::new(),
+            )?)),
+            _ => Target::Any(crate::open_on(storage, path, false)?),
+        })
+    }
+
+    fn disk(&self) -> &dyn Disk {
+        match self {
+            Target::Any(d) => d.as_ref(),
+            Target::Vhdx(i) => i.as_ref(),
+        }
+    }
+}
+
+/// Copies the data `layer` itself holds into `target`, and zeroes there what
+/// it records as zeros.
 fn copy_allocated(
-    layer: &VhdImage,
+    layer: &dyn Disk,
     target: &dyn Disk,
     done: &mut u64,
     total: u64,
@@ -133,6 +244,9 @@ fn copy_allocated(
     let mut off = 0;
     while off < size {
         let st = layer.block_status(off, (size - off).min(CHUNK))?;
+        if st.allocation == Allocation::Zero {
+            target.write_zeroes(off, st.len)?;
+        }
         if st.allocation == Allocation::Data {
             let b = &mut buf[..st.len as usize];
             layer.read_at(b, off)?;
@@ -143,7 +257,7 @@ fn copy_allocated(
                 return Err(Error::Cancelled {
                     what: format!(
                         "the chain of {} (it reads as before the merge)",
-                        layer.file_path().display()
+                        layer.path().unwrap_or(Path::new("")).display()
                     ),
                 });
             }

@@ -1,5 +1,6 @@
-//! `resize`: grows a VHD. Shrinking is refused, as Hyper-V refuses it for VHD
-//! (the data past the new end would be lost).
+//! `resize`: grows a VHD or VHDX. A VHD never shrinks, as Hyper-V refuses it
+//! for VHD; a VHDX shrinks down to its last block that holds data, as Hyper-V
+//! allows for VHDX (nothing but zeros is lost).
 
 use std::path::Path;
 
@@ -24,6 +25,9 @@ fn invalid(path: &Path, what: String) -> Error {
 /// Grows the VHD at `path` to at least `requested` bytes (rounded up to a
 /// CHS-exact size, as `create` does, unless `exact`).
 pub fn resize(path: &Path, requested: u64, exact: bool) -> Result<Resized> {
+    if crate::detect_format(path)? == crate::Format::Vhdx {
+        return resize_vhdx(&crate::HostStorage, path, requested);
+    }
     let mut img = VhdImage::open_layer(path, false)?;
     let old_size = img.footer().current_size;
     if exact && !requested.is_multiple_of(512) {
@@ -50,5 +54,36 @@ pub fn resize(path: &Path, requested: u64, exact: bool) -> Result<Resized> {
     if new_size != old_size {
         img.grow(new_size)?;
     }
+    Ok(Resized { old_size, new_size })
+}
+
+/// Resizes a VHDX to `requested` bytes (rounded up to a whole logical sector).
+pub fn resize_vhdx(storage: &dyn crate::Storage, path: &Path, requested: u64) -> Result<Resized> {
+    use crate::Disk;
+    let mut img = crate::vhdx::VhdxImage::open_layer_on(storage, path, false)?;
+    let old_size = img.size();
+    let ss = u64::from(img.metadata().logical_sector_size);
+    let new_size = requested.div_ceil(ss) * ss;
+    if new_size < old_size {
+        if img.is_differencing() {
+            return Err(invalid(
+                path,
+                "cannot shrink a differencing VHDX: its parent's data past the new end would show again if it grew; merge it first".into(),
+            ));
+        }
+        let min = img.min_size()?;
+        if new_size < min {
+            return Err(invalid(
+                path,
+                format!(
+                    "cannot shrink to {new_size} bytes: blocks up to {min} bytes hold data; a VHDX shrinks only down to its last block in use"
+                ),
+            ));
+        }
+    }
+    if new_size != old_size {
+        img.resize(new_size)?;
+    }
+    img.close()?;
     Ok(Resized { old_size, new_size })
 }

@@ -111,9 +111,13 @@ impl Geometry {
 /// exactly that many sectors, so that readers that go by geometry (QEMU, Virtual PC)
 /// and readers that go by the current-size field (Hyper-V) see the same disk.
 /// Disks at or beyond the largest geometry keep their size (every reader then
-/// takes the current-size field), rounded up to whole sectors.
+/// takes the current-size field), rounded up to whole sectors. Never less than
+/// `requested`: a size too close to `u64::MAX` to round is returned as it is
+/// (no VHD can hold it; `create` refuses it).
 pub fn chs_exact_size(requested: u64) -> u64 {
-    let mut candidate = requested.div_ceil(512) * 512;
+    let Some(mut candidate) = requested.checked_next_multiple_of(512) else {
+        return requested;
+    };
     for _ in 0..16 {
         let g = Geometry::for_size(candidate);
         if g.sectors() >= MAX_CHS_SECTORS || candidate / 512 >= MAX_CHS_SECTORS {
@@ -330,6 +334,17 @@ mod tests {
         assert_eq!((g.cylinders, g.heads, g.sectors_per_track), (120, 4, 17));
         // 127 GiB and beyond: the largest geometry.
         assert_eq!(Geometry::for_size(200 << 30).sectors(), MAX_CHS_SECTORS);
+    }
+
+    /// Found by fuzzing (fuzz/, target vhd_footer): rounding a size near
+    /// `u64::MAX` up to whole sectors wrapped to 0, so `create` made a 0-byte
+    /// disk for a huge requested size instead of refusing it.
+    #[test]
+    fn chs_exact_size_of_a_huge_size_is_never_smaller() {
+        for requested in [u64::MAX, u64::MAX - 511, u64::MAX - 512, 1 << 63] {
+            let size = chs_exact_size(requested);
+            assert!(size >= requested, "{requested} became {size}");
+        }
     }
 
     #[test]
