@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{direct_boot, ide, settings, Vm};
 use vhd::vhd1::create::{create, CreateOptions, NewDisk};
+use vhd::vhdx::create::{NewVhdx, VhdxOptions};
 use worker::control::WorkerState;
 
 const MIB: u64 = 1 << 20;
@@ -28,6 +29,13 @@ fn dynamic(path: &Path, size: u64) {
             block_size: 2 << 20,
         },
     );
+}
+
+fn vhdx(path: &Path, kind: NewVhdx, logical_sector_size: u32) {
+    let mut opts = VhdxOptions::new(kind);
+    opts.logical_sector_size = logical_sector_size;
+    opts.block_size = Some(2 << 20);
+    vhd::vhdx::create::create(path, &opts, &mut vhd::NoProgress).unwrap();
 }
 
 fn scsi(controller_number: u8, location: u8, path: &Path) -> vm_config::Drive {
@@ -58,7 +66,7 @@ const SCRIPT: &str = r#"
 pat() { i=0; while [ $i -lt 1000 ]; do printf '%s-PATTERN-%04d\n' "$1" $i; i=$((i+1)); done; }
 for d in /sys/block/vd*; do
     n=${d##*/}; s=$(cat $d/serial)
-    echo "SYN $s dev=$n sectors=$(cat $d/size) queues=$(ls $d/mq | wc -l) discard=$(cat $d/queue/discard_max_bytes) ro=$(cat $d/ro)"
+    echo "SYN $s dev=$n sectors=$(cat $d/size) lbs=$(cat $d/queue/logical_block_size) queues=$(ls $d/mq | wc -l) discard=$(cat $d/queue/discard_max_bytes) ro=$(cat $d/ro)"
     pat "$s" > /tmp/p
     dd if=/tmp/p of=/dev/$n bs=1M seek=1 conv=fsync 2>/dev/null || echo "WRITE-FAILED $s"
     dd if=/dev/zero bs=1M count=2 2>/dev/null | tr '\0' Z > /tmp/z
@@ -81,7 +89,7 @@ sync
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn guest_sees_8_synthetic_disks_on_2_scsi_controllers_and_2_ide_disks_and_its_writes_reach_the_files(
+async fn guest_sees_8_synthetic_disks_vhdx_and_vhd_on_2_scsi_controllers_and_2_ide_disks_and_its_writes_reach_the_files(
 ) {
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path();
@@ -98,9 +106,11 @@ async fn guest_sees_8_synthetic_disks_on_2_scsi_controllers_and_2_ide_disks_and_
     ];
     let mut drives = Vec::new();
     let mut synthetic: Vec<(String, PathBuf, u64)> = Vec::new();
-    // The first synthetic disk is a differencing child: its parent must not change.
-    let parent = dir.join("parent.vhd");
-    dynamic(&parent, 32 * MIB);
+    // The first synthetic disk is a VHDX differencing child (an .avhdx, as Hyper-V's
+    // checkpoints are): its parent must not change. The second is a dynamic VHDX
+    // with 4096-byte logical sectors; the rest are dynamic VHDs.
+    let parent = dir.join("parent.vhdx");
+    vhdx(&parent, NewVhdx::Dynamic { size: 32 * MIB }, 512);
     {
         let p = vhd::open(&parent, false).unwrap();
         p.write_at(&vec![0xAB; 4 * MIB as usize], 8 * MIB).unwrap();
@@ -108,18 +118,30 @@ async fn guest_sees_8_synthetic_disks_on_2_scsi_controllers_and_2_ide_disks_and_
     }
     let parent_before = std::fs::read(&parent).unwrap();
     for (i, (c, l)) in slots.iter().enumerate() {
-        let path = dir.join(format!("scsi{c}-{l}.vhd"));
         let size = (32 + i as u64) * MIB;
-        if i == 0 {
-            new_disk(
-                &path,
-                NewDisk::Differencing {
-                    parent: parent.clone(),
-                },
-            );
-        } else {
-            dynamic(&path, size);
-        }
+        let path = match i {
+            0 => {
+                let path = dir.join(format!("scsi{c}-{l}.avhdx"));
+                vhdx(
+                    &path,
+                    NewVhdx::Differencing {
+                        parent: parent.clone(),
+                    },
+                    512,
+                );
+                path
+            }
+            1 => {
+                let path = dir.join(format!("scsi{c}-{l}.vhdx"));
+                vhdx(&path, NewVhdx::Dynamic { size }, 4096);
+                path
+            }
+            _ => {
+                let path = dir.join(format!("scsi{c}-{l}.vhd"));
+                dynamic(&path, size);
+                path
+            }
+        };
         let size = if i == 0 { 32 * MIB } else { size };
         synthetic.push((format!("scsi{c}-{l}"), path.clone(), size));
         drives.push(scsi(*c, *l, &path));
@@ -150,12 +172,14 @@ async fn guest_sees_8_synthetic_disks_on_2_scsi_controllers_and_2_ide_disks_and_
         console.contains("VIRIDIAN-GUEST: command exited 0"),
         "{console}"
     );
-    for (name, _, size) in &synthetic {
+    for (i, (name, _, size)) in synthetic.iter().enumerate() {
         let line = console
             .lines()
             .find(|l| l.starts_with(&format!("SYN {name} ")))
             .unwrap_or_else(|| panic!("the guest did not see {name}:\n{console}"));
         assert!(line.contains(&format!("sectors={}", size / 512)), "{line}");
+        let lbs = if i == 1 { 4096 } else { 512 };
+        assert!(line.contains(&format!("lbs={lbs} ")), "{line}");
         // One virtqueue per vCPU, each served by its own thread.
         assert!(line.contains("queues=2"), "{line}");
         assert!(!line.contains("discard=0 "), "discard not offered: {line}");
