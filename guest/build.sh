@@ -9,8 +9,11 @@
 # The directory holds:
 #   vmlinuz         Debian's cloud kernel (linux-image-cloud-amd64's dependency)
 #   initramfs.img   busybox-static + guest/init + the virtio/ATA/SCSI modules (cpio, gzip)
-#   boot.vhd        a dynamic VHD that SeaBIOS boots from IDE 0:0: MBR, one FAT partition,
-#                   syslinux, the kernel and the initramfs (console on the first serial port)
+#   boot.vhd        a dynamic VHD that boots under both firmwares: MBR, one FAT partition
+#                   with syslinux, the kernel and the initramfs for SeaBIOS (generation 1,
+#                   IDE 0:0), and EFI/BOOT/BOOTX64.EFI for OVMF (generation 2, SCSI): a
+#                   unified kernel image (systemd's EFI stub + kernel + initramfs + command
+#                   line). Console on the first serial port either way.
 #   boot-fixed.vhd  the same disk as a fixed VHD
 #   boot.raw        the same disk as a raw image
 #   cmdline         the kernel command line boot.vhd uses, for direct kernel boot
@@ -33,6 +36,7 @@ need mkfs.vfat dosfstools
 need mcopy mtools
 need syslinux syslinux
 need qemu-img qemu-utils
+need objcopy binutils
 need apt-get apt
 [ -f /usr/lib/syslinux/mbr/mbr.bin ] || die "/usr/lib/syslinux/mbr/mbr.bin is missing; run scripts/setup.sh first (it installs syslinux-common)"
 
@@ -50,8 +54,10 @@ fi
 kernel_ver="$(apt-cache show --no-all-versions "$kernel_pkg" | sed -n 's/^Version: //p' | head -1)"
 busybox_ver="$(dpkg-query -W -f='${Version}' busybox-static)"
 syslinux_ver="$(dpkg-query -W -f='${Version}' syslinux)"
+stub_ver="$(apt-cache show --no-all-versions systemd-boot-efi 2>/dev/null | sed -n 's/^Version: //p' | head -1)"
+[ -n "$stub_ver" ] || die "apt-cache knows no systemd-boot-efi (the EFI stub for the UEFI boot image)"
 builder_hash="$(cat "$here/build.sh" "$here/init" | sha256sum | cut -c1-12)"
-versions="kernel=$kernel_pkg $kernel_ver busybox-static=$busybox_ver syslinux=$syslinux_ver builder=$builder_hash"
+versions="kernel=$kernel_pkg $kernel_ver busybox-static=$busybox_ver syslinux=$syslinux_ver systemd-boot-efi=$stub_ver builder=$builder_hash"
 key="$(echo "$versions" | sha256sum | cut -c1-16)"
 out="$cache_root/$key"
 
@@ -71,6 +77,12 @@ mkdir -p "$work/deb" "$work/kernel"
 (cd "$work/deb" && apt-get download "$kernel_pkg=$kernel_ver" </dev/null >/dev/null 2>&1) ||
     die "apt-get download $kernel_pkg=$kernel_ver failed; check the network"
 dpkg-deb -x "$work"/deb/*.deb "$work/kernel"
+mkdir -p "$work/stubdeb" "$work/stub"
+(cd "$work/stubdeb" && apt-get download "systemd-boot-efi=$stub_ver" </dev/null >/dev/null 2>&1) ||
+    die "apt-get download systemd-boot-efi=$stub_ver failed; check the network"
+dpkg-deb -x "$work"/stubdeb/*.deb "$work/stub"
+efi_stub="$work/stub/usr/lib/systemd/boot/efi/linuxx64.efi.stub"
+[ -f "$efi_stub" ] || die "systemd-boot-efi has no linuxx64.efi.stub"
 kver="${kernel_pkg#linux-image-}"
 moddir="$work/kernel/lib/modules/$kver"
 [ -d "$moddir" ] || die "$kernel_pkg has no lib/modules/$kver"
@@ -126,7 +138,18 @@ LABEL viridian
   INITRD /initrd.img
   APPEND $cmdline
 EOF
+# The UEFI boot program: a unified kernel image, so OVMF needs no boot loader config.
+printf '%s' "$cmdline" > "$work/uki-cmdline"
+echo 'NAME="Viridian test guest"' > "$work/uki-osrel"
+objcopy \
+    --add-section .osrel="$work/uki-osrel" --change-section-vma .osrel=0x20000 \
+    --add-section .cmdline="$work/uki-cmdline" --change-section-vma .cmdline=0x30000 \
+    --add-section .linux="$work/vmlinuz" --change-section-vma .linux=0x2000000 \
+    --add-section .initrd="$work/initramfs.img" --change-section-vma .initrd=0x3000000 \
+    "$efi_stub" "$work/BOOTX64.EFI"
 export MTOOLS_SKIP_CHECK=1
+mmd -i "$fs" ::/EFI ::/EFI/BOOT
+mcopy -i "$fs" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
 mcopy -i "$fs" "$work/vmlinuz" ::/vmlinuz
 mcopy -i "$fs" "$work/initramfs.img" ::/initrd.img
 mcopy -i "$fs" "$work/syslinux.cfg" ::/syslinux.cfg
@@ -149,7 +172,8 @@ qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$disk" "$work
 qemu-img convert -f raw -O vpc -o subformat=fixed,force_size=on "$disk" "$work/boot-fixed.vhd"
 
 echo "$versions" > "$work/versions.tmp"
-rm -rf "$work/deb" "$work/kernel" "$work/rootfs" "$work/syslinux.cfg"
+rm -rf "$work/deb" "$work/kernel" "$work/rootfs" "$work/syslinux.cfg" "$work/stubdeb" "$work/stub" \
+    "$work/BOOTX64.EFI" "$work/uki-cmdline" "$work/uki-osrel"
 mv "$work/versions.tmp" "$work/versions"
 # Publish atomically: a concurrent builder that loses the race just discards its copy.
 if mv -T "$work" "$out" 2>/dev/null; then

@@ -158,13 +158,7 @@ pub fn run(args: VhdArgs) -> anyhow::Result<ExitCode> {
         } => {
             let vhdx = match format {
                 Some(f) => f == FileFormat::Vhdx,
-                None => matches!(
-                    path.extension()
-                        .and_then(|e| e.to_str())
-                        .map(str::to_ascii_lowercase)
-                        .as_deref(),
-                    Some("vhdx" | "avhdx")
-                ),
+                None => vhd::is_vhdx_name(&path),
             };
             if vhdx {
                 use vhd::vhdx::create::{NewVhdx, VhdxOptions};

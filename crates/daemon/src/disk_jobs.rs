@@ -161,13 +161,25 @@ pub async fn submit(
                 }
             };
             let p = path.clone();
-            let run: EngineOp = Box::new(move |progress| {
-                let opts = CreateOptions {
-                    kind,
-                    exact_size: false,
-                };
-                create(&p, &opts, progress).map(|_| ())
-            });
+            let run: EngineOp = if vhd::is_vhdx_name(&path) {
+                use vhd::vhdx::create::{NewVhdx, VhdxOptions};
+                let mut opts = VhdxOptions::new(match kind {
+                    NewDisk::Fixed { size } => NewVhdx::Fixed { size },
+                    NewDisk::Dynamic { size, .. } => NewVhdx::Dynamic { size },
+                    NewDisk::Differencing { parent } => NewVhdx::Differencing { parent },
+                });
+                // VHDX has its own default (32 MiB, as Hyper-V).
+                opts.block_size = r.block_size_bytes;
+                Box::new(move |progress| vhd::vhdx::create::create(&p, &opts, progress).map(|_| ()))
+            } else {
+                Box::new(move |progress| {
+                    let opts = CreateOptions {
+                        kind,
+                        exact_size: false,
+                    };
+                    create(&p, &opts, progress).map(|_| ())
+                })
+            };
             (None, path, Some(run))
         }
         "merge" => {

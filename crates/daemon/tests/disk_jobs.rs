@@ -95,3 +95,40 @@ fn a_relative_path_creates_the_disk_in_the_data_dirs_virtual_hard_disks_folder()
     assert_eq!(job["state"], "Completed", "{job}");
     assert!(d.data.join("Virtual Hard Disks").join("web.vhd").is_file());
 }
+
+#[test]
+fn vhdx_names_create_vhdx_disks_and_their_chains_merge_as_jobs() {
+    let d = Daemon::start(&[]);
+    let dir = d.dir.path();
+    let base = dir.join("base.vhdx");
+    let child = dir.join("base_1.avhdx");
+    let job = run(
+        &d,
+        "create",
+        json!({"path": base, "kind": "dynamic", "size_bytes": 64 << 20}),
+    );
+    assert_eq!(job["state"], "Completed", "{job}");
+    assert_eq!(&std::fs::read(&base).unwrap()[..8], b"vhdxfile");
+    let job = run(
+        &d,
+        "create",
+        json!({"path": child, "kind": "differencing", "parent": base}),
+    );
+    assert_eq!(job["state"], "Completed", "{job}");
+    assert_eq!(&std::fs::read(&child).unwrap()[..8], b"vhdxfile");
+    {
+        let disk = vhd::open(&child, false).unwrap();
+        assert_eq!(disk.size(), 64 << 20);
+        disk.write_at(&[0x77; 8192], 3 << 20).unwrap();
+        disk.flush().unwrap();
+    }
+    let job = run(&d, "merge", json!({"path": child}));
+    assert_eq!(job["state"], "Completed", "{job}");
+    assert!(!child.exists());
+    let mut got = [0u8; 8192];
+    vhd::open(&base, true)
+        .unwrap()
+        .read_at(&mut got, 3 << 20)
+        .unwrap();
+    assert!(got.iter().all(|&b| b == 0x77));
+}

@@ -73,7 +73,9 @@ pub(crate) fn is_vhd_name(path: &Path) -> bool {
     )
 }
 
-pub(crate) fn is_vhdx_name(path: &Path) -> bool {
+/// Whether the file name says VHDX (`.vhdx`, `.avhdx`, any case): new files take
+/// their format from it.
+pub fn is_vhdx_name(path: &Path) -> bool {
     matches!(
         path.extension()
             .and_then(|e| e.to_str())

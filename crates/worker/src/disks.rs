@@ -2,7 +2,10 @@
 //!
 //! IDE hard disks and DVDs are exported by the engine's NBD server on one unix socket
 //! in the runtime folder (one export per drive, named `ide<controller>-<location>`);
-//! QEMU's PIIX IDE model reads them through its NBD client. Writable images are opened
+//! QEMU's PIIX IDE model reads them through its NBD client. Synthetic (SCSI-controller)
+//! disks each get a vhost-user-blk server on `scsi<controller>-<location>.sock`, which
+//! QEMU's `vhost-user-blk-pci` device connects to; the guest's virtqueues are served
+//! straight from the engine. Writable images are opened
 //! with an exclusive lock that the worker holds for the life of the VM, so a second VM
 //! (or a tool) cannot open them for writing meanwhile; the lock goes with the process.
 
@@ -23,8 +26,13 @@ pub enum DiskError {
     },
     #[error("the disk in slot {slot} is a pass-through host device ({device}), which the worker cannot serve yet; attach a VHD/VHDX instead")]
     PassThrough { slot: Slot, device: String },
-    #[error("the disk {} in slot {slot} is on a SCSI controller, and synthetic (vhost-user-blk) disks are not wired into the worker yet; attach it to an IDE controller for now", path.display())]
-    SyntheticUnavailable { slot: Slot, path: PathBuf },
+    #[error("cannot serve the synthetic disk {} in slot {slot}", path.display())]
+    Synthetic {
+        slot: Slot,
+        path: PathBuf,
+        #[source]
+        source: vhost_blk::Error,
+    },
     #[error("cannot serve the IDE disks over NBD on {}", socket.display())]
     Nbd {
         socket: PathBuf,
@@ -49,9 +57,23 @@ pub struct ServedIde {
     pub disk: Arc<dyn vhd::Disk>,
 }
 
+/// One synthetic disk as served to QEMU.
+pub struct ServedSynthetic {
+    pub slot: Slot,
+    pub path: PathBuf,
+    pub socket: PathBuf,
+    pub num_queues: u16,
+    pub disk: Arc<dyn vhd::Disk>,
+    server: vhost_blk::Server,
+}
+
+/// Most virtqueues a synthetic disk gets (one per vCPU up to this).
+pub const MAX_SYNTHETIC_QUEUES: u16 = 4;
+
 /// Every disk of the running VM, open and served.
 pub struct ServedDisks {
     pub ide: Vec<ServedIde>,
+    pub synthetic: Vec<ServedSynthetic>,
     nbd: Option<nbd_server::Server>,
 }
 
@@ -63,12 +85,18 @@ pub fn open_disk(path: &Path, read_only: bool) -> Result<Arc<dyn vhd::Disk>, vhd
 }
 
 impl ServedDisks {
-    /// Opens every drive of `settings` and starts serving the IDE ones on `nbd_socket`.
+    /// Opens every drive of `settings`, serves the IDE ones on `nbd_socket` and each
+    /// synthetic one on its own vhost-user socket in `runtime_dir`.
     pub async fn open_and_serve(
         settings: &VmSettings,
         nbd_socket: &Path,
+        runtime_dir: &Path,
     ) -> Result<Self, DiskError> {
         let mut ide = Vec::new();
+        let mut synthetic: Vec<ServedSynthetic> = Vec::new();
+        let num_queues = u16::try_from(settings.processor.count)
+            .unwrap_or(u16::MAX)
+            .clamp(1, MAX_SYNTHETIC_QUEUES);
         for drive in &settings.drives {
             let slot = drive.slot;
             let (path, dvd) = match &drive.media {
@@ -83,15 +111,38 @@ impl ServedDisks {
                     })
                 }
             };
-            if slot.controller == ControllerKind::Scsi {
-                return Err(DiskError::SyntheticUnavailable { slot, path });
-            }
             let read_only = dvd;
             let disk = open_disk(&path, read_only).map_err(|source| DiskError::Open {
                 slot,
                 path: path.clone(),
                 source: Box::new(source),
             })?;
+            if slot.controller == ControllerKind::Scsi {
+                let name = format!("scsi{}-{}", slot.controller_number, slot.location);
+                let socket = runtime_dir.join(format!("{name}.sock"));
+                let opts = vhost_blk::BlkOptions {
+                    num_queues,
+                    serial: name,
+                    ..Default::default()
+                };
+                let server =
+                    vhost_blk::Server::start(disk.clone(), &socket, opts).map_err(|source| {
+                        DiskError::Synthetic {
+                            slot,
+                            path: path.clone(),
+                            source,
+                        }
+                    })?;
+                synthetic.push(ServedSynthetic {
+                    slot,
+                    path,
+                    socket,
+                    num_queues,
+                    disk,
+                    server,
+                });
+                continue;
+            }
             ide.push(ServedIde {
                 slot,
                 export: format!("ide{}-{}", slot.controller_number, slot.location),
@@ -117,7 +168,11 @@ impl ServedDisks {
                 })?,
             )
         };
-        Ok(Self { ide, nbd })
+        Ok(Self {
+            ide,
+            synthetic,
+            nbd,
+        })
     }
 
     /// Stops serving and makes every write durable. Called after QEMU has exited.
@@ -125,13 +180,24 @@ impl ServedDisks {
         if let Some(nbd) = self.nbd {
             let _ = tokio::task::spawn_blocking(move || nbd.stop()).await;
         }
-        for d in &self.ide {
-            if !d.read_only {
-                d.disk.flush().map_err(|source| DiskError::Flush {
-                    path: d.path.clone(),
-                    source: Box::new(source),
-                })?;
+        let mut writable: Vec<(PathBuf, Arc<dyn vhd::Disk>)> = Vec::new();
+        for d in self.synthetic {
+            let server = d.server;
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || server.stop()).await {
+                tracing::warn!(error = %e, "stopping a synthetic disk's server");
             }
+            writable.push((d.path, d.disk));
+        }
+        for d in self.ide {
+            if !d.read_only {
+                writable.push((d.path, d.disk));
+            }
+        }
+        for (path, disk) in writable {
+            disk.flush().map_err(|source| DiskError::Flush {
+                path,
+                source: Box::new(source),
+            })?;
         }
         Ok(())
     }

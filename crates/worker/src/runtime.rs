@@ -16,7 +16,7 @@ use crate::control::{
     self, FailureKind, Request, Response, WorkerState, WorkerStatus, CONTROL_SOCKET,
 };
 use crate::disks::{self, ServedDisks};
-use crate::qemu::{DirectKernel, IdeDrive, IdeMedia, Platform, QemuConfig};
+use crate::qemu::{DirectKernel, IdeDrive, IdeMedia, Platform, QemuConfig, SyntheticDisk};
 use crate::spec::WorkerSpec;
 
 pub const QMP_SOCKET: &str = "qmp.sock";
@@ -223,7 +223,7 @@ async fn run_inner(
     if spec.settings.generation == 2 {
         ensure_uefi_vars(&spec.vm_dir)?;
     }
-    let served = ServedDisks::open_and_serve(&spec.settings, &rt.join(NBD_SOCKET)).await?;
+    let served = ServedDisks::open_and_serve(&spec.settings, &rt.join(NBD_SOCKET), &rt).await?;
     let sandbox = match spec.sandbox {
         Some(known) => known,
         None => sandbox_supported(&qemu_bin).await,
@@ -461,16 +461,27 @@ fn build_config(
             vm_config::BootEntry::Network { .. } => None,
         })
         .collect();
+    let default_boot = if settings.generation == 2 {
+        served
+            .synthetic
+            .iter()
+            .map(|d| d.slot)
+            .min_by_key(|s| (s.controller_number, s.location))
+    } else {
+        Some(vm_config::Slot {
+            controller: vm_config::ControllerKind::Ide,
+            controller_number: 0,
+            location: 0,
+        })
+    };
     let bootindex = |slot: vm_config::Slot| -> Option<u32> {
         if spec.direct_kernel.is_some() {
             // The kernel given to QEMU boots first (it takes boot index 0).
             None
         } else if boot_slots.is_empty() {
-            // Hyper-V's default: generation 1 boots IDE 0:0.
-            (slot.controller == vm_config::ControllerKind::Ide
-                && slot.controller_number == 0
-                && slot.location == 0)
-                .then_some(0)
+            // Hyper-V's defaults: generation 1 boots IDE 0:0, generation 2 the first
+            // SCSI disk.
+            (Some(slot) == default_boot).then_some(0)
         } else {
             boot_slots
                 .iter()
@@ -511,7 +522,17 @@ fn build_config(
         serial_socket: rt.join(SERIAL_SOCKET),
         sandbox,
         ide,
-        synthetic: vec![],
+        synthetic: served
+            .synthetic
+            .iter()
+            .map(|d| SyntheticDisk {
+                controller: d.slot.controller_number,
+                location: d.slot.location,
+                socket: d.socket.clone(),
+                num_queues: d.num_queues,
+                bootindex: bootindex(d.slot),
+            })
+            .collect(),
         nics: settings
             .network_adapters
             .iter()

@@ -178,15 +178,17 @@ impl Vm {
 
     /// Waits for the worker process to exit and returns the final status file.
     pub fn wait_exit(&mut self, timeout: Duration) -> WorkerStatus {
-        let child = self.worker.as_mut().expect("worker started");
         let start = Instant::now();
         loop {
+            let child = self.worker.as_mut().expect("worker started");
             if child.try_wait().unwrap().is_some() {
                 break;
             }
             assert!(
                 start.elapsed() < timeout,
-                "worker still running after {timeout:?}"
+                "worker still running after {timeout:?}\nconsole:\n{}\nworker log:\n{}",
+                self.console(),
+                self.worker_log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -1,0 +1,554 @@
+//! The vhost-user-blk device: turns virtqueue requests into `Disk` calls.
+//!
+//! Each queue is served by its own epoll thread (`queues_per_thread` gives one
+//! queue per thread) and has its own state, so queues never wait on each other;
+//! the `Disk` is shared and safe to use from several threads at once.
+//!
+//! I/O is synchronous inside `handle_event`, which holds the queue's vring lock
+//! from popping a request until its completion is in the used ring. The front
+//! end's GET_VRING_BASE takes that same lock (to mark the queue not ready) before
+//! it reads the ring position, so by the time it has the position no request is
+//! in flight: nothing completes after it, and save/migration see a quiet ring.
+//!
+//! Every byte written into guest memory goes through vm-memory with the
+//! `BitmapMmapRegion` bitmap, which marks the page dirty in the front end's log
+//! once it has sent SET_LOG_BASE (LOG_ALL with the LOG_SHMFD protocol feature).
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhd::Disk;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
+    GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::protocol::*;
+
+pub(crate) type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
+pub(crate) type Memory = GuestMemoryAtomic<GuestMemory>;
+type Vring = VringMutex<Memory>;
+type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemory>>;
+
+/// Largest piece of a request moved through the bounce buffer at a time.
+const CHUNK: usize = 1 << 20;
+/// Most segments accepted in one DISCARD or WRITE_ZEROES request.
+const MAX_SEGMENTS: u32 = 32;
+/// Most sectors in one DISCARD or WRITE_ZEROES segment (1 GiB).
+const MAX_SEGMENT_SECTORS: u32 = 1 << 21;
+
+/// How a synthetic disk is offered to the guest.
+#[derive(Debug, Clone)]
+pub struct BlkOptions {
+    /// Virtqueues, one epoll thread each (QEMU's `num-queues` must not exceed it).
+    pub num_queues: u16,
+    /// Largest ring size the front end may choose.
+    pub queue_size: u16,
+    /// The serial number the guest reads with GET_ID (at most 20 bytes are used).
+    pub serial: String,
+}
+
+impl Default for BlkOptions {
+    fn default() -> Self {
+        Self {
+            num_queues: 2,
+            queue_size: 256,
+            serial: String::new(),
+        }
+    }
+}
+
+/// One queue's scratch state, touched only by that queue's thread.
+struct QueueState {
+    buf: Vec<u8>,
+}
+
+/// The device for one front-end connection.
+pub(crate) struct BlkBackend {
+    disk: Arc<dyn Disk>,
+    opts: BlkOptions,
+    mem: Mutex<Memory>,
+    event_idx: AtomicBool,
+    /// Writeback cache enabled (the guest may turn it off through CONFIG_WCE; then
+    /// every write is flushed before it completes).
+    wce: AtomicBool,
+    queues: Vec<Mutex<QueueState>>,
+}
+
+/// What happened to one request: its status byte and how many bytes the device
+/// wrote into the guest's buffers (data and status).
+struct Completion {
+    status: u8,
+    data_written: u32,
+}
+
+impl Completion {
+    fn status(status: u8) -> Self {
+        Self {
+            status,
+            data_written: 0,
+        }
+    }
+}
+
+/// A request's buffers as the guest laid them out: device-readable pieces, then
+/// device-writable ones.
+struct Buffers {
+    readable: Vec<(GuestAddress, u32)>,
+    writable: Vec<(GuestAddress, u32)>,
+}
+
+impl Buffers {
+    fn total(pieces: &[(GuestAddress, u32)]) -> u64 {
+        pieces.iter().map(|(_, l)| u64::from(*l)).sum()
+    }
+
+    /// Visits the parts of `pieces` that cover bytes `skip..skip + len` of their
+    /// concatenation, in order.
+    fn walk(
+        pieces: &[(GuestAddress, u32)],
+        mut skip: u64,
+        mut len: usize,
+        mut f: impl FnMut(GuestAddress, usize, usize) -> Result<(), vm_memory::GuestMemoryError>,
+    ) -> Result<(), vm_memory::GuestMemoryError> {
+        let mut done = 0usize;
+        for (addr, plen) in pieces {
+            let plen = u64::from(*plen);
+            if skip >= plen {
+                skip -= plen;
+                continue;
+            }
+            let take = (plen - skip).min(len as u64) as usize;
+            f(addr.unchecked_add(skip), done, take)?;
+            done += take;
+            len -= take;
+            skip = 0;
+            if len == 0 {
+                break;
+            }
+        }
+        if len != 0 {
+            return Err(vm_memory::GuestMemoryError::PartialBuffer {
+                expected: done + len,
+                completed: done,
+            });
+        }
+        Ok(())
+    }
+
+    fn gather(
+        &self,
+        mem: &GuestMemory,
+        skip: u64,
+        out: &mut [u8],
+    ) -> Result<(), vm_memory::GuestMemoryError> {
+        let len = out.len();
+        Self::walk(&self.readable, skip, len, |addr, at, n| {
+            mem.read_slice(&mut out[at..at + n], addr)
+        })
+    }
+
+    fn scatter(
+        &self,
+        mem: &GuestMemory,
+        skip: u64,
+        data: &[u8],
+    ) -> Result<(), vm_memory::GuestMemoryError> {
+        Self::walk(&self.writable, skip, data.len(), |addr, at, n| {
+            mem.write_slice(&data[at..at + n], addr)
+        })
+    }
+}
+
+impl BlkBackend {
+    pub(crate) fn new(disk: Arc<dyn Disk>, opts: BlkOptions) -> Self {
+        let queues = (0..opts.num_queues.max(1))
+            .map(|_| Mutex::new(QueueState { buf: Vec::new() }))
+            .collect();
+        Self {
+            disk,
+            opts,
+            mem: Mutex::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            event_idx: AtomicBool::new(false),
+            wce: AtomicBool::new(true),
+            queues,
+        }
+    }
+
+    fn config(&self) -> BlkConfig {
+        let logical = self.disk.logical_sector_size().max(512);
+        let physical = self.disk.physical_sector_size().max(logical);
+        BlkConfig {
+            capacity: self.disk.size() / SECTOR,
+            seg_max: u32::from(self.opts.queue_size).saturating_sub(2).max(1),
+            blk_size: logical,
+            physical_block_exp: (physical / logical).trailing_zeros() as u8,
+            wce: self.wce.load(Ordering::Relaxed),
+            num_queues: self.opts.num_queues.max(1),
+            max_discard_sectors: MAX_SEGMENT_SECTORS,
+            max_discard_seg: MAX_SEGMENTS,
+            discard_sector_alignment: logical / 512,
+            max_write_zeroes_sectors: MAX_SEGMENT_SECTORS,
+            max_write_zeroes_seg: MAX_SEGMENTS,
+            write_zeroes_may_unmap: true,
+        }
+    }
+
+    fn memory(&self) -> GuestMemoryLoadGuard<GuestMemory> {
+        self.mem.lock().unwrap_or_else(|p| p.into_inner()).memory()
+    }
+
+    /// Pops every available request, performs it and puts it in the used ring.
+    /// Returns whether anything completed.
+    fn process_queue(
+        &self,
+        vring: &mut vhost_user_backend::VringState<Memory>,
+        q: usize,
+    ) -> io::Result<bool> {
+        let mem = self.memory();
+        let chains: Vec<Chain> = match vring.get_queue_mut().iter(mem.clone()) {
+            Ok(iter) => iter.collect(),
+            // Not ready (being stopped or not yet set up): nothing to do.
+            Err(_) => return Ok(false),
+        };
+        if chains.is_empty() {
+            return Ok(false);
+        }
+        let mut state = self.queues[q % self.queues.len()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for chain in chains {
+            let head = chain.head_index();
+            let used = self.process_chain(&mem, chain, &mut state);
+            vring
+                .add_used(head, used)
+                .map_err(|e| io::Error::other(format!("adding to the used ring: {e}")))?;
+        }
+        let notify = if self.event_idx.load(Ordering::Relaxed) {
+            vring
+                .needs_notification()
+                .map_err(|e| io::Error::other(format!("checking for notification: {e}")))?
+        } else {
+            true
+        };
+        if notify {
+            vring.signal_used_queue()?;
+        }
+        Ok(true)
+    }
+
+    /// Performs one request; returns the used length for the ring. A request too
+    /// malformed to carry a status byte completes with length 0.
+    fn process_chain(&self, mem: &GuestMemory, chain: Chain, state: &mut QueueState) -> u32 {
+        let mut bufs = Buffers {
+            readable: Vec::new(),
+            writable: Vec::new(),
+        };
+        for desc in chain {
+            if desc.is_write_only() {
+                bufs.writable.push((desc.addr(), desc.len()));
+            } else if bufs.writable.is_empty() {
+                bufs.readable.push((desc.addr(), desc.len()));
+            } else {
+                // A readable buffer after a writable one breaks the virtio layout.
+                tracing::warn!("virtio-blk request with a readable buffer after a writable one");
+                return 0;
+            }
+        }
+        let writable = Buffers::total(&bufs.writable);
+        if writable == 0 {
+            tracing::warn!("virtio-blk request without a status byte");
+            return 0;
+        }
+        let status_at = writable - 1;
+        let done = self.perform(mem, &bufs, status_at, state);
+        if bufs.scatter(mem, status_at, &[done.status]).is_err() {
+            return 0;
+        }
+        done.data_written.saturating_add(1)
+    }
+
+    fn perform(
+        &self,
+        mem: &GuestMemory,
+        bufs: &Buffers,
+        data_in_len: u64,
+        state: &mut QueueState,
+    ) -> Completion {
+        let mut header = [0u8; REQUEST_HEADER_SIZE];
+        if bufs.gather(mem, 0, &mut header).is_err() {
+            return Completion::status(VIRTIO_BLK_S_IOERR);
+        }
+        let Some(header) = RequestHeader::parse(&header) else {
+            return Completion::status(VIRTIO_BLK_S_IOERR);
+        };
+        let data_out_len = Buffers::total(&bufs.readable) - REQUEST_HEADER_SIZE as u64;
+        let writable_disk = !self.disk.read_only();
+        let result = match header.request_type {
+            VIRTIO_BLK_T_IN => self.read(mem, bufs, header.sector, data_in_len, state),
+            VIRTIO_BLK_T_OUT if writable_disk => self
+                .write(mem, bufs, header.sector, data_out_len, state)
+                .and_then(|c| self.write_through(c)),
+            VIRTIO_BLK_T_FLUSH => self.disk.flush().map(|_| 0).map_err(log_io),
+            VIRTIO_BLK_T_GET_ID => {
+                let mut id = [0u8; ID_BYTES];
+                let serial = self.opts.serial.as_bytes();
+                let n = serial.len().min(ID_BYTES);
+                id[..n].copy_from_slice(&serial[..n]);
+                let len = (data_in_len as usize).min(ID_BYTES);
+                bufs.scatter(mem, 0, &id[..len])
+                    .map(|_| len as u32)
+                    .map_err(|_| VIRTIO_BLK_S_IOERR)
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if writable_disk => self
+                .ranges(mem, bufs, header.request_type, data_out_len)
+                .and_then(|c| self.write_through(c)),
+            VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                Err(VIRTIO_BLK_S_IOERR)
+            }
+            _ => Err(VIRTIO_BLK_S_UNSUPP),
+        };
+        match result {
+            Ok(data_written) => Completion {
+                status: VIRTIO_BLK_S_OK,
+                data_written,
+            },
+            Err(status) => Completion::status(status),
+        }
+    }
+
+    /// With the writeback cache off, a write completes only once it is durable.
+    fn write_through(&self, written: u32) -> Result<u32, u8> {
+        if !self.wce.load(Ordering::Relaxed) {
+            self.disk.flush().map_err(log_io)?;
+        }
+        Ok(written)
+    }
+
+    /// Byte offset of `sector` when `len` bytes from there fit on the disk.
+    fn range(&self, sector: u64, len: u64) -> Result<u64, u8> {
+        let offset = sector.checked_mul(SECTOR).ok_or(VIRTIO_BLK_S_IOERR)?;
+        let end = offset.checked_add(len).ok_or(VIRTIO_BLK_S_IOERR)?;
+        if end > self.disk.size() || !len.is_multiple_of(SECTOR) {
+            tracing::warn!(
+                sector,
+                len,
+                size = self.disk.size(),
+                "virtio-blk request out of range or not whole sectors"
+            );
+            return Err(VIRTIO_BLK_S_IOERR);
+        }
+        Ok(offset)
+    }
+
+    fn read(
+        &self,
+        mem: &GuestMemory,
+        bufs: &Buffers,
+        sector: u64,
+        len: u64,
+        state: &mut QueueState,
+    ) -> Result<u32, u8> {
+        let offset = self.range(sector, len)?;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            state.buf.resize(n.max(state.buf.len()), 0);
+            let buf = &mut state.buf[..n];
+            self.disk.read_at(buf, offset + done).map_err(log_io)?;
+            bufs.scatter(mem, done, buf)
+                .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+            done += n as u64;
+        }
+        u32::try_from(len).map_err(|_| VIRTIO_BLK_S_IOERR)
+    }
+
+    fn write(
+        &self,
+        mem: &GuestMemory,
+        bufs: &Buffers,
+        sector: u64,
+        len: u64,
+        state: &mut QueueState,
+    ) -> Result<u32, u8> {
+        let offset = self.range(sector, len)?;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            state.buf.resize(n.max(state.buf.len()), 0);
+            let buf = &mut state.buf[..n];
+            bufs.gather(mem, REQUEST_HEADER_SIZE as u64 + done, buf)
+                .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+            self.disk.write_at(buf, offset + done).map_err(log_io)?;
+            done += n as u64;
+        }
+        Ok(0)
+    }
+
+    fn ranges(&self, mem: &GuestMemory, bufs: &Buffers, kind: u32, len: u64) -> Result<u32, u8> {
+        if len > u64::from(MAX_SEGMENTS) * SEGMENT_SIZE as u64 {
+            return Err(VIRTIO_BLK_S_IOERR);
+        }
+        let mut raw = vec![0u8; len as usize];
+        bufs.gather(mem, REQUEST_HEADER_SIZE as u64, &mut raw)
+            .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+        let segments = Segment::parse_all(&raw).ok_or(VIRTIO_BLK_S_IOERR)?;
+        for s in &segments {
+            if s.num_sectors > MAX_SEGMENT_SECTORS || s.flags & !Segment::FLAG_UNMAP != 0 {
+                return Err(VIRTIO_BLK_S_UNSUPP);
+            }
+        }
+        for s in segments {
+            let bytes = u64::from(s.num_sectors) * SECTOR;
+            let offset = self.range(s.sector, bytes)?;
+            let r = if kind == VIRTIO_BLK_T_DISCARD {
+                self.disk.discard(offset, bytes)
+            } else {
+                self.disk.write_zeroes(offset, bytes)
+            };
+            r.map_err(log_io)?;
+        }
+        Ok(0)
+    }
+}
+
+fn log_io(e: vhd::Error) -> u8 {
+    tracing::error!(error = %e, "virtio-blk request failed");
+    VIRTIO_BLK_S_IOERR
+}
+
+fn bit(n: u32) -> u64 {
+    1u64 << n
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.opts.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_CONFIG_WCE)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_TOPOLOGY)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_MQ)
+            | bit(VHOST_F_LOG_ALL)
+            | bit(VHOST_USER_F_PROTOCOL_FEATURES);
+        if self.disk.read_only() {
+            f |= bit(VIRTIO_BLK_F_RO);
+        } else {
+            f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config().read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the writeback-cache byte is writable.
+        let start = offset as usize;
+        if start <= CONFIG_WCE_OFFSET && CONFIG_WCE_OFFSET < start + buf.len() {
+            let wce = buf[CONFIG_WCE_OFFSET - start] != 0;
+            if !wce {
+                // Turning the cache off makes what was written so far durable too.
+                self.disk
+                    .flush()
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+            }
+            self.wce.store(wce, Ordering::Relaxed);
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("virtio-blk config offset {offset} is read-only"),
+        ))
+    }
+
+    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        *self.mem.lock().unwrap_or_else(|p| p.into_inner()) = mem;
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without one the queue threads never leave their epoll loop, and dropping the
+        // daemon after a front end disconnects would wait for them forever.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+            .map_err(|e| tracing::error!(error = %e, "cannot create a queue thread's exit event"))
+            .ok()
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One queue per thread: true multiqueue.
+        (0..self.queues.len()).map(|q| 1u64 << q).collect()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!(
+                "unexpected epoll event {evset:?} on queue {device_event}"
+            )));
+        }
+        let q = usize::from(device_event);
+        let vring = vrings.get(q).ok_or_else(|| {
+            io::Error::other(format!("event for queue {q}, which does not exist"))
+        })?;
+        // Held until every popped request is complete: see the module comment.
+        let mut guard = vring.get_mut();
+        if self.event_idx.load(Ordering::Relaxed) {
+            loop {
+                guard
+                    .disable_notification()
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                self.process_queue(&mut guard, q)?;
+                if !guard
+                    .enable_notification()
+                    .map_err(|e| io::Error::other(e.to_string()))?
+                {
+                    break;
+                }
+            }
+        } else {
+            self.process_queue(&mut guard, q)?;
+        }
+        Ok(())
+    }
+}
