@@ -7,12 +7,22 @@
 use std::path::{Path, PathBuf};
 
 use vhd::vhd1::create::{create, CreateOptions, NewDisk};
-use vhd::vhd1::header::{encode_locator_path, DynamicHeader, Locator, PLATFORM_W2KU, PLATFORM_W2RU};
+use vhd::vhd1::header::{
+    encode_locator_path, DynamicHeader, Locator, PLATFORM_W2KU, PLATFORM_W2RU,
+};
 use vhd::{Disk, NoProgress};
 
 fn make(path: &Path, kind: NewDisk, writes: &[(u64, usize, u8)]) -> Vec<u8> {
     let _ = std::fs::remove_file(path);
-    create(path, &CreateOptions { kind, exact_size: true }, &mut NoProgress).expect("create");
+    create(
+        path,
+        &CreateOptions {
+            kind,
+            exact_size: true,
+        },
+        &mut NoProgress,
+    )
+    .expect("create");
     {
         let disk = vhd::open(path, false).expect("open");
         for &(at, len, byte) in writes {
@@ -32,23 +42,46 @@ fn save(target: &str, name: &str, bytes: &[u8]) {
 fn main() {
     let dir = std::env::temp_dir().join(format!("viridian-seeds-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let fixed = make(&dir.join("fixed.vhd"), NewDisk::Fixed { size: 8192 }, &[(512, 1024, 0xab)]);
+    let fixed = make(
+        &dir.join("fixed.vhd"),
+        NewDisk::Fixed { size: 8192 },
+        &[(512, 1024, 0xab)],
+    );
     let dynamic = make(
         &dir.join("dynamic.vhd"),
-        NewDisk::Dynamic { size: 64 << 10, block_size: 4096 },
+        NewDisk::Dynamic {
+            size: 64 << 10,
+            block_size: 4096,
+        },
         &[(0, 4096, 1), (5 * 4096 + 512, 1000, 2), (60 << 10, 4096, 3)],
     );
     let small_blocks = make(
         &dir.join("small.vhd"),
-        NewDisk::Dynamic { size: 16 << 10, block_size: 512 },
+        NewDisk::Dynamic {
+            size: 16 << 10,
+            block_size: 512,
+        },
         &[(512, 512, 4), (4096, 1536, 5)],
     );
     let parent = dir.join("parent.vhd");
-    make(&parent, NewDisk::Dynamic { size: 64 << 10, block_size: 4096 }, &[(0, 8192, 6)]);
+    make(
+        &parent,
+        NewDisk::Dynamic {
+            size: 64 << 10,
+            block_size: 4096,
+        },
+        &[(0, 8192, 6)],
+    );
     let child = make(
         &dir.join("child.avhd"),
-        NewDisk::Differencing { parent: parent.clone() },
-        &[(100, 300, 7), (4096 * 3, 4096, 8), (4096 * 7 + 1024, 513, 9)],
+        NewDisk::Differencing {
+            parent: parent.clone(),
+        },
+        &[
+            (100, 300, 7),
+            (4096 * 3, 4096, 8),
+            (4096 * 7 + 1024, 513, 9),
+        ],
     );
 
     for (name, img) in [
@@ -76,8 +109,18 @@ fn main() {
     // Locator seeds: the locator data follows the header in the target's
     // layout, at file offset 2048 (see fuzz_targets/vhd_locator.rs).
     for (name, relative, absolute, parent_name) in [
-        ("windows", ".\\parent.vhd", "C:\\VMs\\Disks\\parent.vhd", "parent.vhd"),
-        ("unix", "../base/parent.vhd", "/var/lib/viridian/parent.vhd", "/var/lib/viridian/parent.vhd"),
+        (
+            "windows",
+            ".\\parent.vhd",
+            "C:\\VMs\\Disks\\parent.vhd",
+            "parent.vhd",
+        ),
+        (
+            "unix",
+            "../base/parent.vhd",
+            "/var/lib/viridian/parent.vhd",
+            "/var/lib/viridian/parent.vhd",
+        ),
     ] {
         let rel = encode_locator_path(relative);
         let abs = encode_locator_path(absolute);

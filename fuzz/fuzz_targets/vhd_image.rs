@@ -34,7 +34,10 @@ fn exercise(disk: &dyn Disk) -> Option<(u64, Vec<u8>)> {
             let _ = disk.read_at(&mut buf[..len as usize], off);
         }
     }
-    assert!(disk.read_at(&mut buf[..1], size).is_err(), "read past the end");
+    assert!(
+        disk.read_at(&mut buf[..1], size).is_err(),
+        "read past the end"
+    );
     // Walk the allocation from start to end in at most 64 runs.
     let mut off = 0;
     for _ in 0..64 {
@@ -44,7 +47,10 @@ fn exercise(disk: &dyn Disk) -> Option<(u64, Vec<u8>)> {
         let Ok(st) = disk.block_status(off, size - off) else {
             break;
         };
-        assert!(st.len > 0 && st.len <= size - off, "{st:?} at {off} of {size}");
+        assert!(
+            st.len > 0 && st.len <= size - off,
+            "{st:?} at {off} of {size}"
+        );
         off += st.len;
     }
     if disk.read_only() || size < 512 {
@@ -58,7 +64,8 @@ fn exercise(disk: &dyn Disk) -> Option<(u64, Vec<u8>)> {
         return None;
     }
     let mut back = vec![0u8; len as usize];
-    disk.read_at(&mut back, at).expect("a flushed write reads back");
+    disk.read_at(&mut back, at)
+        .expect("a flushed write reads back");
     assert_eq!(back, pattern, "flushed write at {at} reads back different");
     let _ = disk.write_zeroes(0, size.min(1024));
     let _ = disk.discard(size.saturating_sub(1024), size.min(1024));
@@ -94,7 +101,11 @@ fuzz_target!(|data: &[u8]| {
         img.read_at(&mut back, at).expect("reads after reopen");
         assert_eq!(back, pattern, "flushed write at {at} lost after reopen");
         let st = img.block_status(at, pattern.len() as u64).expect("status");
-        assert_ne!(st.allocation, Allocation::Unallocated, "written range unallocated");
+        assert_ne!(
+            st.allocation,
+            Allocation::Unallocated,
+            "written range unallocated"
+        );
     }
     let _ = std::fs::remove_file(path);
 });

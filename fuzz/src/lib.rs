@@ -68,7 +68,10 @@ impl BackingFile for MemFile {
         if len > MAX_FILE {
             return Err(full());
         }
-        self.bytes.lock().expect("not poisoned").resize(len as usize, 0);
+        self.bytes
+            .lock()
+            .expect("not poisoned")
+            .resize(len as usize, 0);
         Ok(())
     }
 
