@@ -625,7 +625,12 @@ fn merge_node(
                     Child::Node(g) => t.node(g).and_then(|n| disk_in(&n.disks, x.slot)),
                     Child::Current => disk_in(&t.current_disks, x.slot),
                 })
-                .filter(|g| parent_of(g).is_some_and(|p| same(&p, &l)) || !g.exists())
+                // Already re-pointed at X before a crash counts too (the merge
+                // below gives X a new identity, so they are re-pointed again), and
+                // so does one whose link a crash mid-merge left unresolvable.
+                .filter(|g| {
+                    g.exists() && parent_of(g).is_none_or(|p| same(&p, &l) || same(&p, &x.path))
+                })
                 .collect(),
         };
         hook("merge")?;
@@ -719,4 +724,198 @@ pub fn size_on_disk(path: &Path) -> u64 {
     std::fs::metadata(path)
         .map(|m| m.blocks() * 512)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod crash_tests {
+    //! A merge stopped at every step (as a crash of the daemon would stop it, with
+    //! everything written so far on disk) finishes when `settle` runs again, and the
+    //! disks read as they should: the current state and every remaining checkpoint.
+    use std::cell::RefCell;
+
+    use vm_config::{ControllerKind, Drive, MemorySettings, ProcessorSettings};
+
+    use super::*;
+
+    const SIZE: u64 = 4 << 20;
+
+    fn settings(disks: &[PathBuf]) -> VmSettings {
+        VmSettings {
+            id: Uuid::new_v4(),
+            name: "crash".into(),
+            generation: 2,
+            processor: ProcessorSettings::with_count(1),
+            memory: MemorySettings { startup_mib: 128 },
+            drives: disks
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Drive {
+                    slot: Slot {
+                        controller: ControllerKind::Scsi,
+                        controller_number: 0,
+                        location: i as u8,
+                    },
+                    media: DriveMedia::HardDisk {
+                        path: p.to_string_lossy().into_owned(),
+                    },
+                })
+                .collect(),
+            network_adapters: vec![],
+            boot_order: vec![],
+            notes: String::new(),
+        }
+    }
+
+    fn paths(s: &VmSettings) -> Vec<PathBuf> {
+        s.drives
+            .iter()
+            .filter_map(|d| d.media.host_path().map(PathBuf::from))
+            .collect()
+    }
+
+    fn write(s: &VmSettings, step: u8) {
+        for p in paths(s) {
+            let d = vhd::open(&p, false).unwrap();
+            d.write_at(&vec![step; 300_000], u64::from(step) * 100_000)
+                .unwrap();
+            d.flush().unwrap();
+        }
+    }
+
+    fn hash(p: &Path) -> Vec<u8> {
+        let d = vhd::open(p, true).unwrap();
+        let mut buf = vec![0u8; d.size() as usize];
+        d.read_at(&mut buf, 0).unwrap();
+        buf
+    }
+
+    /// Builds A → B → now with data written between, in a fresh VM folder.
+    fn build(root: &Path) -> (PathBuf, VmSettings) {
+        let vm_dir = root.join("vm");
+        std::fs::create_dir_all(&vm_dir).unwrap();
+        let vhd_base = root.join("base.vhd");
+        let vhdx_base = root.join("base.vhdx");
+        use vhd::vhd1::create::{CreateOptions, NewDisk};
+        vhd::vhd1::create::create(
+            &vhd_base,
+            &CreateOptions {
+                kind: NewDisk::Dynamic {
+                    size: SIZE,
+                    block_size: 1 << 20,
+                },
+                exact_size: true,
+            },
+            &mut vhd::NoProgress,
+        )
+        .unwrap();
+        use vhd::vhdx::create::{NewVhdx, VhdxOptions};
+        let mut o = VhdxOptions::new(NewVhdx::Dynamic { size: SIZE });
+        o.block_size = Some(1 << 20);
+        vhd::vhdx::create::create(&vhdx_base, &o, &mut vhd::NoProgress).unwrap();
+        let mut s = settings(&[vhd_base, vhdx_base]);
+        write(&s, 1);
+        s = create(&vm_dir, &s, Some("A".into()), None, 50)
+            .unwrap()
+            .settings;
+        write(&s, 2);
+        s = create(&vm_dir, &s, Some("B".into()), None, 50)
+            .unwrap()
+            .settings;
+        write(&s, 3);
+        (vm_dir, s)
+    }
+
+    /// Deletes `victim`, stops the merge at step `stop_at`, then settles fully.
+    /// Returns whether the stop was reached (false: the merge has fewer steps).
+    fn run(victim: &str, stop_at: usize) -> bool {
+        let root = tempfile::tempdir().unwrap();
+        let (vm_dir, s) = build(root.path());
+        let current = RefCell::new(s);
+        let want_now: Vec<Vec<u8>> = paths(&current.borrow()).iter().map(|p| hash(p)).collect();
+        let t = load(&vm_dir).unwrap();
+        let keep = if victim == "A" { "B" } else { "A" };
+        let kept = t.visible().find(|n| n.name == keep).unwrap().clone();
+        let want_kept: Vec<Vec<u8>> = kept.disks.iter().map(|d| hash(&d.path)).collect();
+        delete(&vm_dir, victim, false).unwrap();
+        let mut write_current = |slot: Slot, old: &Path, new: &Path| {
+            for d in current
+                .borrow_mut()
+                .drives
+                .iter_mut()
+                .filter(|d| d.slot == slot)
+            {
+                if let DriveMedia::HardDisk { path } = &mut d.media {
+                    if Path::new(path.as_str()) == old {
+                        *path = new.to_string_lossy().into_owned();
+                    }
+                }
+            }
+            Ok(())
+        };
+        let mut steps = 0;
+        let mut hook = |_: &str| {
+            steps += 1;
+            if steps == stop_at {
+                return Err(ApiError::internal("crash"));
+            }
+            Ok(())
+        };
+        let first = settle(
+            &vm_dir,
+            Current::Idle,
+            &mut write_current,
+            &mut |_| {},
+            &mut vhd::NoProgress,
+            &mut hook,
+        );
+        let stopped = first.is_err();
+        // "Restart": repair vm.json from the tree, then settle to the end.
+        if let Some(fixed) = reconcile(&vm_dir, &current.borrow()).unwrap() {
+            *current.borrow_mut() = fixed;
+        }
+        settle(
+            &vm_dir,
+            Current::Idle,
+            &mut write_current,
+            &mut |_| {},
+            &mut vhd::NoProgress,
+            &mut no_hook,
+        )
+        .unwrap();
+        let t = load(&vm_dir).unwrap();
+        assert!(t.nodes.iter().all(|n| !n.deleted), "stop {stop_at}: {t:?}");
+        let now: Vec<Vec<u8>> = paths(&current.borrow()).iter().map(|p| hash(p)).collect();
+        assert!(
+            now == want_now,
+            "stop {stop_at}: the current state reads differently"
+        );
+        let kept = t.node(kept.id).unwrap();
+        let kept_now: Vec<Vec<u8>> = kept.disks.iter().map(|d| hash(&d.path)).collect();
+        assert!(
+            kept_now == want_kept,
+            "stop {stop_at}: checkpoint {keep} reads differently"
+        );
+        for p in paths(&current.borrow()) {
+            assert!(vhd::ops::check::check(&p, false).unwrap().clean());
+        }
+        stopped
+    }
+
+    #[test]
+    fn a_merge_into_a_child_checkpoint_stopped_at_any_step_finishes_on_the_next_settle() {
+        let mut n = 1;
+        while run("A", n) {
+            n += 1;
+        }
+        assert!(n > 6, "the merge has only {n} steps");
+    }
+
+    #[test]
+    fn a_merge_into_the_current_state_stopped_at_any_step_finishes_on_the_next_settle() {
+        let mut n = 1;
+        while run("B", n) {
+            n += 1;
+        }
+        assert!(n > 6, "the merge has only {n} steps");
+    }
 }
