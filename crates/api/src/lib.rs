@@ -1,6 +1,7 @@
 //! The REST API's request and response types, shared by `viridiand` and `viridian`,
 //! and the OpenAPI document generated from them.
 
+pub mod checkpoints;
 pub mod disks;
 pub mod error;
 pub mod events;

@@ -5,7 +5,7 @@ use schemars::schema::Schema;
 use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
 
-use crate::{disks, error, events, host, jobs, vms};
+use crate::{checkpoints, disks, error, events, host, jobs, vms};
 use vm_config::{Drive, NetworkAdapter, ProcessorSettings, VmSettings};
 
 type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
@@ -272,6 +272,54 @@ pub fn routes() -> Vec<Route> {
             "post",
             "/v1/vms/{vm}/restart",
             "Reset the VM (job)",
+            None,
+            202,
+            Some(s::<jobs::Job>),
+        ),
+        r(
+            "get",
+            "/v1/vms/{vm}/checkpoints",
+            "The checkpoint tree: checkpoints, the current state's place, pending merges",
+            None,
+            200,
+            Some(s::<checkpoints::CheckpointTree>),
+        ),
+        r(
+            "post",
+            "/v1/vms/{vm}/checkpoints",
+            "Take a checkpoint; the job's affected elements name it (job)",
+            Some(s::<checkpoints::CreateCheckpointRequest>),
+            202,
+            Some(s::<jobs::Job>),
+        ),
+        r(
+            "patch",
+            "/v1/vms/{vm}/checkpoints/{checkpoint}",
+            "Rename a checkpoint",
+            Some(s::<checkpoints::RenameCheckpointRequest>),
+            200,
+            Some(s::<checkpoints::Checkpoint>),
+        ),
+        r(
+            "post",
+            "/v1/vms/{vm}/checkpoints/{checkpoint}/apply",
+            "Apply a checkpoint (VM Off or Saved; else InvalidState) (job)",
+            None,
+            202,
+            Some(s::<jobs::Job>),
+        ),
+        r(
+            "delete",
+            "/v1/vms/{vm}/checkpoints/{checkpoint}",
+            "Delete a checkpoint; its disks merge into its only descendant, or wait (job)",
+            None,
+            202,
+            Some(s::<jobs::Job>),
+        ),
+        r(
+            "delete",
+            "/v1/vms/{vm}/checkpoints/{checkpoint}/subtree",
+            "Delete a checkpoint and every checkpoint below it (job)",
             None,
             202,
             Some(s::<jobs::Job>),

@@ -36,6 +36,9 @@ pub struct Vm {
     pub runtime: VmRuntime,
     /// Why the VM is Damaged, when it is.
     pub damaged_reason: Option<String>,
+    /// Deleted checkpoints whose disks wait to be merged, or are being merged now.
+    #[serde(default)]
+    pub pending_merges: Vec<crate::checkpoints::PendingMerge>,
 }
 
 /// What is running now. Only `state` is present while the VM is off.

@@ -84,14 +84,26 @@ pub fn start(
     path: &str,
     body: &impl Serialize,
 ) -> Result<(), Failure> {
-    let (job, _) = client.call::<Job>(Method::POST, path, Some(body))?;
+    start_job(client, conn, Method::POST, path, Some(body)).map(drop)
+}
+
+/// Sends a request that answers 202 with a job; then waits for it unless
+/// `--no-wait`. Returns the job as it ended (or as it started, with `--no-wait`).
+pub fn start_job(
+    client: &Client,
+    conn: &Connection,
+    method: Method,
+    path: &str,
+    body: Option<&impl Serialize>,
+) -> Result<Job, Failure> {
+    let (job, _) = client.call::<Job>(method, path, body)?;
     if conn.no_wait {
         if conn.json {
             output::print_json(&job);
         } else {
             println!("{}", job.id);
         }
-        return Ok(());
+        return Ok(job);
     }
     let done = job_wait::follow(client, &job.id.to_string(), None, conn.json)?;
     if conn.json {
@@ -99,5 +111,6 @@ pub fn start(
     } else if done.state == api::jobs::JobStateName::Completed {
         println!("{}: completed", done.description);
     }
-    job_wait::outcome(&done)
+    job_wait::outcome(&done)?;
+    Ok(done)
 }

@@ -1,6 +1,7 @@
 //! `viridian`: the command-line tool. `viridian vhd ...` works on disk files
 //! directly, with no daemon; every other command talks to `viridiand`.
 
+mod checkpoint_cmd;
 mod client;
 mod connection;
 mod disk_cmd;
@@ -41,6 +42,11 @@ enum Command {
         #[command(subcommand)]
         cmd: vm_cmd::VmCmd,
     },
+    /// Checkpoints of a VM: create, list, rename, apply, delete.
+    Checkpoint {
+        #[command(subcommand)]
+        cmd: checkpoint_cmd::CheckpointCmd,
+    },
     /// Jobs (long operations run by viridiand).
     Job {
         #[command(subcommand)]
@@ -78,6 +84,7 @@ fn main() -> ExitCode {
         }
         Command::Vm { cmd } => vm_cmd::run(cmd, &conn),
         Command::Job { cmd } => job_cmd::run(cmd, &conn),
+        Command::Checkpoint { cmd } => checkpoint_cmd::run(cmd, &conn),
         Command::Disk { cmd } => disk_cmd::run(cmd, &conn),
         Command::Host => host(&conn),
         Command::Completions { shell } => {

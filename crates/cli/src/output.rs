@@ -85,6 +85,16 @@ pub fn vm_details(vm: &Vm) {
     if let Some(reason) = &r.reason {
         println!("  reason:      {reason}");
     }
+    for m in &vm.pending_merges {
+        let pct = m
+            .percent_complete
+            .map(|p| format!(" {p} %"))
+            .unwrap_or_default();
+        println!(
+            "  merge:       {:?}{pct} deleted checkpoint {:?} ({}): {}",
+            m.state, m.name, m.id, m.reason
+        );
+    }
 }
 
 pub fn job_table(jobs: &[Job]) {

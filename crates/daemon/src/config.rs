@@ -34,4 +34,7 @@ pub struct DaemonConfig {
     /// virtualization, else TCG), kvm, or tcg.
     #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
     pub accel: String,
+    /// Most checkpoints a VM may have.
+    #[arg(long, default_value_t = crate::checkpoints::DEFAULT_LIMIT)]
+    pub checkpoint_limit: usize,
 }

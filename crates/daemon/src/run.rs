@@ -22,6 +22,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), String> {
     let supervisor = crate::vms::workers::install(&mut svc, &config)?;
     let svc = Arc::new(svc);
     crate::vms::workers::attach_and_reattach(&supervisor, &svc).await;
+    crate::checkpoints::resume_at_start(&svc);
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let unix = crate::http::bind_unix(&config.socket).map_err(|e| error_chain(&e))?;

@@ -31,6 +31,8 @@ pub struct Service {
     pub workers: Option<Arc<dyn WorkerControl>>,
     /// The bearer token TCP requests must carry.
     pub token: Option<String>,
+    /// Checkpoint work in flight per VM.
+    pub checkpoints: Arc<crate::checkpoints::Checkpoints>,
 }
 
 impl Service {
@@ -67,6 +69,7 @@ impl Service {
             runtime: RuntimeTable::default(),
             workers: None,
             token,
+            checkpoints: Arc::default(),
         })
     }
 
@@ -101,6 +104,9 @@ impl Service {
             settings: entry.settings.clone(),
             runtime: self.state_of(entry),
             damaged_reason: entry.damaged.clone(),
+            pending_merges: crate::checkpoints::tree::load(&entry.dir)
+                .map(|t| crate::checkpoints::pending_merges(self, entry.id, &entry.dir, &t))
+                .unwrap_or_default(),
         }
     }
 

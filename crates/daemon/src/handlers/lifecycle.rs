@@ -117,6 +117,15 @@ pub async fn action(svc: &Arc<Service>, key: &str, action: &str, body: Incoming)
         let Some(settings) = entry.settings.clone() else {
             return Err(damaged_unreadable(entry));
         };
+        if action == "start" && svc.checkpoints.is_busy(entry.id) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "VM {} cannot start while a checkpoint operation or merge runs on its disks; wait for its job (`viridian job list`)",
+                    entry.name()
+                ),
+            ));
+        }
         if let Some(state) = claim(action) {
             svc.runtime.set(entry.id, VmRuntime::with_state(state));
         }

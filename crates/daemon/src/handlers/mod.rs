@@ -1,5 +1,6 @@
 //! Request handlers, one module per resource.
 
+pub mod checkpoints;
 pub mod disks;
 pub mod jobs;
 pub mod lifecycle;

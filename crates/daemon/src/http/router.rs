@@ -8,7 +8,7 @@ use hyper::{Method, Request, Response};
 use tokio::sync::watch;
 
 use crate::error::ApiError;
-use crate::handlers::{disks, jobs, lifecycle, vms};
+use crate::handlers::{checkpoints, disks, jobs, lifecycle, vms};
 use crate::http::body::{self, json, Body};
 use crate::http::sse;
 use crate::service::Service;
@@ -140,6 +140,21 @@ async fn route(
         (&M::POST, ["v1", "vms", vm, "network-adapters"]) => vms::add_adapter(svc, vm, body).await,
         (&M::DELETE, ["v1", "vms", vm, "network-adapters", mac]) => {
             vms::remove_adapter(svc, vm, mac)
+        }
+
+        (&M::GET, ["v1", "vms", vm, "checkpoints"]) => checkpoints::list(svc, vm),
+        (&M::POST, ["v1", "vms", vm, "checkpoints"]) => checkpoints::create(svc, vm, body).await,
+        (&M::PATCH, ["v1", "vms", vm, "checkpoints", cp]) => {
+            checkpoints::rename(svc, vm, cp, body).await
+        }
+        (&M::DELETE, ["v1", "vms", vm, "checkpoints", cp]) => {
+            checkpoints::delete(svc, vm, cp, false)
+        }
+        (&M::DELETE, ["v1", "vms", vm, "checkpoints", cp, "subtree"]) => {
+            checkpoints::delete(svc, vm, cp, true)
+        }
+        (&M::POST, ["v1", "vms", vm, "checkpoints", cp, "apply"]) => {
+            checkpoints::apply(svc, vm, cp)
         }
 
         (&M::GET, ["v1", "vms", vm, "console", "log"]) => lifecycle::console_log(svc, vm),

@@ -228,6 +228,7 @@ impl Store {
             path: settings_path.clone(),
             source,
         })?;
+        let _ = std::fs::remove_file(dir.join(crate::checkpoints::tree::TREE_FILE));
         for sub in ["Snapshots", "runtime"] {
             let p = dir.join(sub);
             if p.exists() {

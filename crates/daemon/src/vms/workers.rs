@@ -139,7 +139,15 @@ impl WorkerSupervisor {
 
     fn report(&self, id: Uuid, runtime: VmRuntime) {
         if let Some(svc) = self.service.get().and_then(Weak::upgrade) {
+            let stopped = matches!(
+                runtime.state,
+                VmState::Off | VmState::Saved | VmState::Critical
+            );
             svc.set_runtime(id, runtime);
+            // Merges that waited for the VM's disks to be free can run now.
+            if stopped {
+                crate::checkpoints::settle_in_background(&svc, id);
+            }
         }
     }
 

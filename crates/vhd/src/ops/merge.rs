@@ -87,6 +87,18 @@ pub fn merge(
     merge_on(&HostStorage, child, into, progress)
 }
 
+/// Like [`merge`], but leaves the merged-away files in place (`removed` is empty):
+/// for a caller that must first re-point the merged layer's own children at the
+/// target (a checkpoint tree) and removes the layers itself afterwards. Running
+/// it again after a crash copies the same data again: it is idempotent.
+pub fn merge_keeping_layers(
+    child: &Path,
+    into: &Path,
+    progress: &mut dyn Progress,
+) -> Result<MergeResult> {
+    merge_impl(&HostStorage, child, Some(into), false, progress)
+}
+
 /// [`merge`] on the given storage.
 ///
 /// A crash while the merged-away files are being removed (the last step) can
@@ -96,6 +108,16 @@ pub fn merge_on(
     storage: &dyn Storage,
     child: &Path,
     into: Option<&Path>,
+    progress: &mut dyn Progress,
+) -> Result<MergeResult> {
+    merge_impl(storage, child, into, true, progress)
+}
+
+fn merge_impl(
+    storage: &dyn Storage,
+    child: &Path,
+    into: Option<&Path>,
+    remove_layers: bool,
     progress: &mut dyn Progress,
 ) -> Result<MergeResult> {
     // The whole chain must open cleanly (IDs, locators) before anything changes.
@@ -140,6 +162,14 @@ pub fn merge_on(
         (t, _) => drop(t),
     }
     drop(handles);
+    if !remove_layers {
+        progress.update(total, total);
+        return Ok(MergeResult {
+            into: target_path,
+            removed: Vec::new(),
+            bytes_merged: done,
+        });
+    }
     for l in &layers {
         storage.remove(l)?;
     }

@@ -1,0 +1,661 @@
+//! Checkpoints (Hyper-V's snapshots): the tree in each VM's folder
+//! ([`tree`]), the file work ([`ops`]), and here the orchestration as jobs: one
+//! checkpoint operation per VM at a time, VM state checks, the worker for a
+//! running VM, and the merges deleted checkpoints wait for, resumed at daemon start
+//! and whenever a VM stops.
+
+pub mod ops;
+pub mod tree;
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use api::checkpoints::{
+    Checkpoint, CheckpointDisk, CheckpointTree, CreateCheckpointRequest, MergeState, PendingMerge,
+};
+use api::vms::{VmRuntime, VmState};
+use api::ErrorCode;
+use jobs::{AffectedElement, JobContext, JobError, JobSnapshot, JobSpec};
+use uuid::Uuid;
+use vm_config::{DriveMedia, Slot, VmSettings};
+
+use crate::error::ApiError;
+use crate::service::{damaged_unreadable, find, Service};
+use crate::vms::runtime::StopMode;
+use crate::vms::store::error_chain;
+use ops::{Current, SAVED_STATE_FILE};
+
+pub const DEFAULT_LIMIT: usize = 50;
+
+/// Per-VM bookkeeping of checkpoint work in flight.
+#[derive(Default)]
+pub struct Checkpoints {
+    /// VMs with a checkpoint job queued or running: they may not start meanwhile.
+    busy: Mutex<HashMap<Uuid, usize>>,
+    /// One checkpoint operation per VM at a time.
+    locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    /// Merges running now: deleted node → (job, percent).
+    running: Mutex<HashMap<Uuid, (Uuid, u8)>>,
+    /// VMs whose background merge job is queued or running.
+    settling: Mutex<HashSet<Uuid>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Checkpoints {
+    pub fn is_busy(&self, vm: Uuid) -> bool {
+        lock(&self.busy).get(&vm).is_some_and(|n| *n > 0)
+    }
+
+    fn claim(self: &Arc<Self>, vm: Uuid) -> BusyGuard {
+        *lock(&self.busy).entry(vm).or_default() += 1;
+        BusyGuard {
+            owner: self.clone(),
+            vm,
+        }
+    }
+
+    fn vm_lock(&self, vm: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.locks).entry(vm).or_default().clone()
+    }
+}
+
+struct BusyGuard {
+    owner: Arc<Checkpoints>,
+    vm: Uuid,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        let mut busy = lock(&self.owner.busy);
+        if let Some(n) = busy.get_mut(&self.vm) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                busy.remove(&self.vm);
+            }
+        }
+    }
+}
+
+fn to_job_error(e: ApiError) -> JobError {
+    let code = serde_json::to_value(e.code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "Failed".into());
+    JobError::failed(code, e.message)
+}
+
+struct Target {
+    id: Uuid,
+    name: String,
+    settings: VmSettings,
+    dir: PathBuf,
+    state: VmState,
+}
+
+fn target(svc: &Service, key: &str) -> Result<Target, ApiError> {
+    let store = svc.store();
+    let entry = find(&store, key)?;
+    let Some(settings) = entry.settings.clone() else {
+        return Err(damaged_unreadable(entry));
+    };
+    Ok(Target {
+        id: entry.id,
+        name: entry.name(),
+        settings,
+        dir: entry.dir.clone(),
+        state: svc.state_of(entry).state,
+    })
+}
+
+fn invalid_state(name: &str, state: VmState, what: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::InvalidState,
+        format!("cannot {what} while VM {name} is {state:?}"),
+    )
+    .with_details(serde_json::json!({ "state": state }))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, JobError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(to_job_error),
+        Err(e) => Err(JobError::failed(
+            "Internal",
+            format!("a checkpoint operation failed unexpectedly: {e}"),
+        )),
+    }
+}
+
+/// Writes new settings for VM `id` (any state: only checkpoint code calls this).
+fn write_settings(svc: &Service, settings: VmSettings) -> Result<(), ApiError> {
+    let mut store = svc.store();
+    store
+        .save(settings)
+        .map_err(|e| ApiError::internal(error_chain(&e)))?;
+    Ok(())
+}
+
+/// Re-points the drive in `slot` from `old` to `new` in `vm.json`.
+fn repoint_current(
+    svc: &Service,
+    id: Uuid,
+    slot: Slot,
+    old: &Path,
+    new: &Path,
+) -> Result<(), ApiError> {
+    let mut store = svc.store();
+    let Some(mut settings) = store.get(id).and_then(|e| e.settings.clone()) else {
+        return Ok(());
+    };
+    let mut changed = false;
+    for d in settings.drives.iter_mut().filter(|d| d.slot == slot) {
+        if let DriveMedia::HardDisk { path } = &mut d.media {
+            if Path::new(path.as_str()) == old {
+                *path = new.to_string_lossy().into_owned();
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        store
+            .save(settings)
+            .map_err(|e| ApiError::internal(error_chain(&e)))?;
+    }
+    Ok(())
+}
+
+fn current_mode(svc: &Service, id: Uuid) -> Current {
+    match svc.runtime.get(id).state {
+        VmState::Off | VmState::Saved | VmState::Critical => Current::Idle,
+        _ => Current::Running,
+    }
+}
+
+/// Runs every merge VM `id` waits for that its state allows, reporting to `ctx`.
+async fn settle(
+    svc: &Arc<Service>,
+    id: Uuid,
+    dir: PathBuf,
+    ctx: Option<JobContext>,
+) -> Result<usize, JobError> {
+    let mode = current_mode(svc, id);
+    let svc2 = svc.clone();
+    blocking(move || {
+        let job = ctx.as_ref().map(|c| c.id()).unwrap_or_default();
+        let running = &svc2.checkpoints.running;
+        let merging: Cell<Option<Uuid>> = Cell::new(None);
+        let mut write =
+            |slot: Slot, old: &Path, new: &Path| repoint_current(&svc2, id, slot, old, new);
+        let mut on_work = |w: &ops::Work| {
+            if let Some(prev) = merging.replace(Some(w.node)) {
+                lock(running).remove(&prev);
+            }
+            lock(running).insert(w.node, (job, 0));
+        };
+        let mut progress = |done: u64, total: u64| {
+            if let Some(c) = &ctx {
+                c.set_progress(done, total);
+            }
+            if let Some(node) = merging.get() {
+                let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as u8;
+                lock(running).insert(node, (job, pct));
+            }
+            true
+        };
+        let mut hook = |step: &str| {
+            tracing::debug!(vm = %id, step, "checkpoint merge step");
+            Ok(())
+        };
+        let done = ops::settle(
+            &dir,
+            mode,
+            &mut write,
+            &mut on_work,
+            &mut progress,
+            &mut hook,
+        );
+        if let Some(node) = merging.get() {
+            lock(running).remove(&node);
+        }
+        done.map(|w| w.len())
+    })
+    .await
+}
+
+/// Starts a background merge job for VM `id` when a deleted checkpoint waits for
+/// one its state now allows (after a stop, at daemon start). At most one per VM.
+pub fn settle_in_background(svc: &Arc<Service>, id: Uuid) {
+    let Some(dir) = svc.store().get(id).map(|e| e.dir.clone()) else {
+        return;
+    };
+    let Ok(t) = tree::load(&dir) else {
+        return;
+    };
+    let Some(work) = ops::next_work(&t, current_mode(svc, id)) else {
+        return;
+    };
+    if !lock(&svc.checkpoints.settling).insert(id) {
+        return;
+    }
+    let name = t
+        .node(work.node)
+        .map(|n| n.name.clone())
+        .unwrap_or_default();
+    let spec = JobSpec {
+        job_type: "MergeCheckpoint".into(),
+        description: format!("Merge the disks of deleted checkpoint {name:?}"),
+        cancellable: false,
+        affected: vec![
+            AffectedElement::new("vm", id.to_string()),
+            AffectedElement::new("checkpoint", work.node.to_string()),
+        ],
+    };
+    let svc2 = svc.clone();
+    let guard = svc.checkpoints.clone().claim(id);
+    svc.jobs.submit(spec, move |ctx| async move {
+        let _guard = guard;
+        let vm_lock = svc2.checkpoints.vm_lock(id);
+        let _held = vm_lock.lock().await;
+        let r = settle(&svc2, id, dir, Some(ctx)).await;
+        lock(&svc2.checkpoints.settling).remove(&id);
+        r.map(drop)
+    });
+}
+
+/// At daemon start: repairs `vm.json` after a crash mid-operation and resumes the
+/// merges deleted checkpoints wait for.
+pub fn resume_at_start(svc: &Arc<Service>) {
+    let vms: Vec<(Uuid, PathBuf, Option<VmSettings>)> = svc
+        .store()
+        .entries()
+        .map(|e| (e.id, e.dir.clone(), e.settings.clone()))
+        .collect();
+    for (id, dir, settings) in vms {
+        if !tree::tree_path(&dir).exists() {
+            continue;
+        }
+        if let (Some(s), Current::Idle) = (settings, current_mode(svc, id)) {
+            match ops::reconcile(&dir, &s) {
+                Ok(Some(fixed)) => {
+                    if let Err(e) = write_settings(svc, fixed) {
+                        tracing::error!(vm = %id, error = %e.message, "cannot repair vm.json from the checkpoint tree");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(vm = %id, error = %e.message, "cannot read the checkpoint tree")
+                }
+            }
+        }
+        settle_in_background(svc, id);
+    }
+}
+
+fn affected(vm: Uuid) -> Vec<AffectedElement> {
+    vec![AffectedElement::new("vm", vm.to_string())]
+}
+
+/// `POST /v1/vms/{vm}/checkpoints`
+pub fn submit_create(
+    svc: &Arc<Service>,
+    key: &str,
+    req: CreateCheckpointRequest,
+) -> Result<JobSnapshot, ApiError> {
+    let vm = target(svc, key)?;
+    if !matches!(
+        vm.state,
+        VmState::Off | VmState::Saved | VmState::Running | VmState::Paused
+    ) {
+        return Err(invalid_state(&vm.name, vm.state, "take a checkpoint"));
+    }
+    // The quick checks answer at once; the job checks again under the VM's lock.
+    let t = ops::load(&vm.dir)?;
+    if let Some(n) = &req.name {
+        ops::check_name(&t, n, None)?;
+    }
+    let count = t.visible().count();
+    if count >= svc.config.checkpoint_limit {
+        return Err(ApiError::new(
+            ErrorCode::InvalidState,
+            format!(
+                "VM {} already has {count} checkpoints, the most allowed (viridiand --checkpoint-limit {}); delete one first",
+                vm.name, svc.config.checkpoint_limit
+            ),
+        ));
+    }
+    let spec = JobSpec {
+        job_type: "CreateCheckpoint".into(),
+        description: format!("Take a checkpoint of VM {}", vm.name),
+        cancellable: false,
+        affected: affected(vm.id),
+    };
+    let svc2 = svc.clone();
+    let guard = svc.checkpoints.clone().claim(vm.id);
+    Ok(svc.jobs.submit(spec, move |ctx| async move {
+        let _guard = guard;
+        let vm_lock = svc2.checkpoints.vm_lock(vm.id);
+        let _held = vm_lock.lock().await;
+        create_job(&svc2, vm.id, req.name, ctx).await
+    }))
+}
+
+async fn create_job(
+    svc: &Arc<Service>,
+    id: Uuid,
+    name: Option<String>,
+    ctx: JobContext,
+) -> Result<(), JobError> {
+    let vm = target(svc, &id.to_string()).map_err(to_job_error)?;
+    let limit = svc.config.checkpoint_limit;
+    match vm.state {
+        VmState::Off | VmState::Saved => {
+            let saved = vm.dir.join(SAVED_STATE_FILE);
+            let memory = (vm.state == VmState::Saved && saved.exists()).then_some(saved);
+            let (dir, settings) = (vm.dir.clone(), vm.settings.clone());
+            let created = blocking(move || {
+                let c = ops::create(&dir, &settings, name, memory.as_deref(), limit)?;
+                Ok(c)
+            })
+            .await?;
+            ctx.add_affected(AffectedElement::new(
+                "checkpoint",
+                created.node.id.to_string(),
+            ));
+            write_settings(svc, created.settings).map_err(to_job_error)?;
+            Ok(())
+        }
+        VmState::Running | VmState::Paused => {
+            let Some(workers) = svc.workers.clone() else {
+                return Err(JobError::failed(
+                    "InvalidState",
+                    "this viridiand runs no VMs",
+                ));
+            };
+            // Pause, save memory and device state, switch disks, resume. The worker
+            // exits in between (QEMU cannot reopen its disks in place yet).
+            let started = Instant::now();
+            svc.set_runtime(id, VmRuntime::with_state(VmState::Saving));
+            workers.stop(id, StopMode::Save, ctx.clone()).await?;
+            let saved = vm.dir.join(SAVED_STATE_FILE);
+            let (dir, settings) = (vm.dir.clone(), vm.settings.clone());
+            let memory = saved.clone();
+            let created =
+                blocking(move || ops::create(&dir, &settings, name, Some(&memory), limit)).await;
+            let created = match created {
+                Ok(c) => c,
+                Err(e) => {
+                    // Resume on the old disks: the VM keeps running as before.
+                    let _ = workers
+                        .start(vm.settings.clone(), vm.dir.clone(), ctx.clone())
+                        .await;
+                    return Err(e);
+                }
+            };
+            ctx.add_affected(AffectedElement::new(
+                "checkpoint",
+                created.node.id.to_string(),
+            ));
+            let new_settings = created.settings.clone();
+            write_settings(svc, created.settings).map_err(to_job_error)?;
+            svc.set_runtime(id, VmRuntime::with_state(VmState::Starting));
+            workers
+                .start(new_settings, vm.dir.clone(), ctx.clone())
+                .await?;
+            let downtime = started.elapsed();
+            ctx.add_affected(AffectedElement::new(
+                "guest-downtime-ms",
+                downtime.as_millis().to_string(),
+            ));
+            tracing::info!(vm = %id, downtime_ms = downtime.as_millis() as u64, "checkpoint of a running VM taken");
+            Ok(())
+        }
+        state => Err(to_job_error(invalid_state(
+            &vm.name,
+            state,
+            "take a checkpoint",
+        ))),
+    }
+}
+
+/// `POST /v1/vms/{vm}/checkpoints/{checkpoint}/apply`
+pub fn submit_apply(svc: &Arc<Service>, key: &str, cp: &str) -> Result<JobSnapshot, ApiError> {
+    let vm = target(svc, key)?;
+    if !matches!(vm.state, VmState::Off | VmState::Saved) {
+        return Err(invalid_state(
+            &vm.name,
+            vm.state,
+            "apply a checkpoint (turn the VM off or save it first)",
+        ));
+    }
+    let t = ops::load(&vm.dir)?;
+    let node = ops::find(&t, cp)?.clone();
+    let spec = JobSpec {
+        job_type: "ApplyCheckpoint".into(),
+        description: format!("Apply checkpoint {:?} to VM {}", node.name, vm.name),
+        cancellable: false,
+        affected: vec![
+            AffectedElement::new("vm", vm.id.to_string()),
+            AffectedElement::new("checkpoint", node.id.to_string()),
+        ],
+    };
+    let svc2 = svc.clone();
+    let guard = svc.checkpoints.clone().claim(vm.id);
+    let cp = node.id.to_string();
+    Ok(svc.jobs.submit(spec, move |ctx| async move {
+        let _guard = guard;
+        let vm_lock = svc2.checkpoints.vm_lock(vm.id);
+        let _held = vm_lock.lock().await;
+        let vm = target(&svc2, &vm.id.to_string()).map_err(to_job_error)?;
+        if !matches!(vm.state, VmState::Off | VmState::Saved) {
+            return Err(to_job_error(invalid_state(
+                &vm.name,
+                vm.state,
+                "apply a checkpoint",
+            )));
+        }
+        let (dir, settings) = (vm.dir.clone(), vm.settings.clone());
+        let applied = blocking(move || ops::apply(&dir, &settings, &cp)).await?;
+        ctx.set_percent(30);
+        write_settings(&svc2, applied.settings).map_err(to_job_error)?;
+        let saved = vm.dir.join(SAVED_STATE_FILE);
+        let state = match &applied.memory_state {
+            Some(m) => {
+                let (m, saved) = (m.clone(), saved.clone());
+                blocking(move || {
+                    restore_state(&m, &saved).map_err(|e| {
+                        ApiError::internal(format!(
+                            "cannot restore the memory state {}: {e}",
+                            m.display()
+                        ))
+                    })
+                })
+                .await?;
+                VmState::Saved
+            }
+            None => {
+                if let Err(e) = std::fs::remove_file(&saved) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        return Err(JobError::failed(
+                            "Internal",
+                            format!(
+                                "cannot remove the VM's saved state {}: {e}",
+                                saved.display()
+                            ),
+                        ));
+                    }
+                }
+                VmState::Off
+            }
+        };
+        svc2.set_runtime(vm.id, VmRuntime::with_state(state));
+        ops::remove_files(&applied.discard);
+        ctx.set_percent(50);
+        settle(&svc2, vm.id, vm.dir.clone(), Some(ctx))
+            .await
+            .map(drop)
+    }))
+}
+
+fn restore_state(from: &Path, to: &Path) -> std::io::Result<()> {
+    let tmp = to.with_extension("restoring");
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(from, &tmp).is_err() {
+        std::fs::copy(from, &tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+    }
+    std::fs::rename(&tmp, to)?;
+    std::fs::File::open(to.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
+/// `DELETE /v1/vms/{vm}/checkpoints/{checkpoint}[/subtree]`
+pub fn submit_delete(
+    svc: &Arc<Service>,
+    key: &str,
+    cp: &str,
+    subtree: bool,
+) -> Result<JobSnapshot, ApiError> {
+    let vm = target(svc, key)?;
+    let t = ops::load(&vm.dir)?;
+    let node = ops::find(&t, cp)?.clone();
+    let spec = JobSpec {
+        job_type: if subtree {
+            "DeleteCheckpointSubtree".into()
+        } else {
+            "DeleteCheckpoint".into()
+        },
+        description: format!(
+            "Delete checkpoint {:?}{} of VM {}",
+            node.name,
+            if subtree { " and its subtree" } else { "" },
+            vm.name
+        ),
+        cancellable: false,
+        affected: vec![
+            AffectedElement::new("vm", vm.id.to_string()),
+            AffectedElement::new("checkpoint", node.id.to_string()),
+        ],
+    };
+    let svc2 = svc.clone();
+    let guard = svc.checkpoints.clone().claim(vm.id);
+    let cp = node.id.to_string();
+    Ok(svc.jobs.submit(spec, move |ctx| async move {
+        let _guard = guard;
+        let vm_lock = svc2.checkpoints.vm_lock(vm.id);
+        let _held = vm_lock.lock().await;
+        let dir = vm.dir.clone();
+        blocking(move || ops::delete(&dir, &cp, subtree)).await?;
+        ctx.set_percent(5);
+        settle(&svc2, vm.id, vm.dir.clone(), Some(ctx))
+            .await
+            .map(drop)
+    }))
+}
+
+/// `PATCH /v1/vms/{vm}/checkpoints/{checkpoint}`
+pub async fn rename(
+    svc: &Arc<Service>,
+    key: &str,
+    cp: &str,
+    name: &str,
+) -> Result<Checkpoint, ApiError> {
+    let vm = target(svc, key)?;
+    let vm_lock = svc.checkpoints.vm_lock(vm.id);
+    let _held = vm_lock.lock().await;
+    let node = ops::rename(&vm.dir, cp, name)?;
+    let t = ops::load(&vm.dir)?;
+    Ok(view(&vm.dir, &t, &t.node(node.id).cloned().unwrap_or(node)))
+}
+
+fn disks_view(disks: &[tree::NodeDisk]) -> Vec<CheckpointDisk> {
+    disks
+        .iter()
+        .map(|d| CheckpointDisk {
+            slot: d.slot,
+            path: d.path.to_string_lossy().into_owned(),
+            size_on_disk_bytes: ops::size_on_disk(&d.path),
+        })
+        .collect()
+}
+
+fn view(vm_dir: &Path, t: &tree::Tree, n: &tree::Node) -> Checkpoint {
+    // Children through deleted nodes: what a user sees as the next checkpoints.
+    let mut children = Vec::new();
+    let mut stack = vec![n.id];
+    while let Some(cur) = stack.pop() {
+        for c in t.nodes.iter().filter(|c| c.parent == Some(cur)) {
+            if c.deleted {
+                stack.push(c.id);
+            } else {
+                children.push(c.id);
+            }
+        }
+    }
+    let disks = disks_view(&n.disks);
+    let dir = tree::node_dir(vm_dir, n.id);
+    let own: u64 = [tree::SETTINGS_FILE, SAVED_STATE_FILE]
+        .iter()
+        .map(|f| ops::size_on_disk(&dir.join(f)))
+        .sum();
+    Checkpoint {
+        id: n.id,
+        name: n.name.clone(),
+        parent: t.visible_at_or_above(n.parent),
+        children,
+        created: crate::convert::rfc3339(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(n.created_ms),
+        ),
+        has_memory_state: n.memory_state,
+        size_on_disk_bytes: own + disks.iter().map(|d| d.size_on_disk_bytes).sum::<u64>(),
+        disks,
+        is_current_parent: t.visible_at_or_above(t.current_parent) == Some(n.id),
+    }
+}
+
+/// The merges a VM waits for or runs now.
+pub fn pending_merges(svc: &Service, id: Uuid, vm_dir: &Path, t: &tree::Tree) -> Vec<PendingMerge> {
+    let running = lock(&svc.checkpoints.running).clone();
+    let mode = current_mode(svc, id);
+    t.nodes
+        .iter()
+        .filter(|n| n.deleted)
+        .map(|n| {
+            let run = running.get(&n.id);
+            PendingMerge {
+                id: n.id,
+                name: n.name.clone(),
+                state: if run.is_some() {
+                    MergeState::Running
+                } else {
+                    MergeState::Pending
+                },
+                reason: match run {
+                    Some(_) => "merging now".into(),
+                    None => ops::waiting_reason(t, n.id, mode),
+                },
+                job: run.map(|r| r.0),
+                percent_complete: run.map(|r| r.1),
+                disks: disks_view(&n.disks),
+            }
+        })
+        .filter(|_| vm_dir.exists())
+        .collect()
+}
+
+/// `GET /v1/vms/{vm}/checkpoints`
+pub fn list(svc: &Arc<Service>, key: &str) -> Result<CheckpointTree, ApiError> {
+    let vm = target(svc, key)?;
+    let t = ops::load(&vm.dir)?;
+    Ok(CheckpointTree {
+        checkpoints: t.visible().map(|n| view(&vm.dir, &t, n)).collect(),
+        current_parent: t.visible_at_or_above(t.current_parent),
+        pending_merges: pending_merges(svc, vm.id, &vm.dir, &t),
+        limit: svc.config.checkpoint_limit,
+    })
+}

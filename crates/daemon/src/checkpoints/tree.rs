@@ -1,0 +1,293 @@
+//! `checkpoints.json` in a VM's folder: the checkpoint tree, versioned, written
+//! atomically. Each checkpoint's own files (settings copy, memory state, the
+//! differencing disks made when it was taken or applied) live in
+//! `Snapshots/<checkpoint-id>/`.
+//!
+//! A deleted checkpoint whose disks could not be merged yet stays in the tree with
+//! `deleted: true`: that flag is the durable merge intent. It is written before a
+//! merge starts, and every step of the merge can run again after a crash.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use vm_config::Slot;
+
+/// The schema version this build writes. Older versions are upgraded on load.
+pub const SCHEMA_VERSION: u32 = 1;
+pub const TREE_FILE: &str = "checkpoints.json";
+pub const SNAPSHOTS_FOLDER: &str = "Snapshots";
+pub const SETTINGS_FILE: &str = "settings.json";
+
+/// A disk of a tree node: the file holding the disk in `slot` as it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeDisk {
+    pub slot: Slot,
+    pub path: PathBuf,
+}
+
+/// A checkpoint, or a deleted one whose disks wait to be merged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub id: Uuid,
+    pub name: String,
+    pub parent: Option<Uuid>,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// The frozen disks: read-only parents of the layers above them.
+    pub disks: Vec<NodeDisk>,
+    /// `Snapshots/<id>/saved-state.bin` holds memory and device state.
+    #[serde(default)]
+    pub memory_state: bool,
+    /// Deleted: settings and memory state are gone; the disks wait to be merged.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tree {
+    /// The node the VM's current state descends from directly.
+    pub current_parent: Option<Uuid>,
+    /// The current state's disks as of the last tree change: lets a start after a
+    /// crash between writing this file and `vm.json` repair `vm.json`.
+    #[serde(default)]
+    pub current_disks: Vec<NodeDisk>,
+    /// In creation order.
+    #[serde(default)]
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TreeFile {
+    schema_version: u32,
+    #[serde(flatten)]
+    tree: Tree,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("cannot read the checkpoint tree {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the checkpoint tree {path} is not valid: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("the checkpoint tree {path} has schema_version {found}, newer than this Viridian understands (up to {SCHEMA_VERSION}); upgrade Viridian")]
+    TooNew { path: PathBuf, found: u64 },
+    #[error("cannot write the checkpoint tree {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub fn tree_path(vm_dir: &Path) -> PathBuf {
+    vm_dir.join(TREE_FILE)
+}
+
+pub fn node_dir(vm_dir: &Path, id: Uuid) -> PathBuf {
+    vm_dir.join(SNAPSHOTS_FOLDER).join(id.to_string())
+}
+
+/// Reads the tree of the VM in `vm_dir`; an absent file is an empty tree.
+pub fn load(vm_dir: &Path) -> Result<Tree, TreeError> {
+    let path = tree_path(vm_dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Tree::default()),
+        Err(source) => return Err(TreeError::Read { path, source }),
+    };
+    let parse = |reason: String| TreeError::Parse {
+        path: path.clone(),
+        reason,
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| parse(e.to_string()))?;
+    let version = value
+        .get("schema_version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| parse("it has no numeric schema_version".into()))?;
+    if version > SCHEMA_VERSION as u64 {
+        return Err(TreeError::TooNew {
+            path: path.clone(),
+            found: version,
+        });
+    }
+    // Version 1 is the first; later versions add upgrade steps here, oldest first.
+    let file: TreeFile = serde_json::from_value(value).map_err(|e| parse(e.to_string()))?;
+    file.tree.check().map_err(parse)?;
+    Ok(file.tree)
+}
+
+/// Writes the tree atomically (temp file, fsync, rename, fsync of the folder).
+pub fn save(vm_dir: &Path, tree: &Tree) -> Result<(), TreeError> {
+    let path = tree_path(vm_dir);
+    let file = TreeFile {
+        schema_version: SCHEMA_VERSION,
+        tree: tree.clone(),
+    };
+    let write = |source| TreeError::Write {
+        path: path.clone(),
+        source,
+    };
+    let mut bytes =
+        serde_json::to_vec_pretty(&file).map_err(|e| write(std::io::Error::other(e)))?;
+    bytes.push(b'\n');
+    vm_config::file::write_atomic(&path, &bytes).map_err(write)
+}
+
+impl Tree {
+    /// Every parent named exists, and no node is its own ancestor.
+    fn check(&self) -> Result<(), String> {
+        for n in &self.nodes {
+            let mut seen = 0;
+            let mut cur = n.parent;
+            while let Some(p) = cur {
+                let Some(parent) = self.node(p) else {
+                    return Err(format!(
+                        "checkpoint {} names a parent {p} that is not in the tree",
+                        n.id
+                    ));
+                };
+                seen += 1;
+                if seen > self.nodes.len() {
+                    return Err(format!("checkpoint {} is its own ancestor", n.id));
+                }
+                cur = parent.parent;
+            }
+        }
+        if let Some(p) = self.current_parent {
+            if self.node(p).is_none() {
+                return Err(format!("the current state's parent {p} is not in the tree"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, id: Uuid) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    pub fn node_mut(&mut self, id: Uuid) -> Option<&mut Node> {
+        self.nodes.iter_mut().find(|n| n.id == id)
+    }
+
+    /// Direct children: the nodes whose parent is `id`, and the current state
+    /// (`Child::Current`) when it descends from `id`.
+    pub fn children(&self, id: Uuid) -> Vec<Child> {
+        let mut out: Vec<Child> = self
+            .nodes
+            .iter()
+            .filter(|n| n.parent == Some(id))
+            .map(|n| Child::Node(n.id))
+            .collect();
+        if self.current_parent == Some(id) {
+            out.push(Child::Current);
+        }
+        out
+    }
+
+    /// `id` and every node below it.
+    pub fn subtree(&self, id: Uuid) -> Vec<Uuid> {
+        let mut out = vec![id];
+        let mut i = 0;
+        while i < out.len() {
+            let cur = out[i];
+            out.extend(
+                self.nodes
+                    .iter()
+                    .filter(|n| n.parent == Some(cur))
+                    .map(|n| n.id),
+            );
+            i += 1;
+        }
+        out
+    }
+
+    /// The nearest visible (not deleted) node at or above `id`.
+    pub fn visible_at_or_above(&self, mut id: Option<Uuid>) -> Option<Uuid> {
+        while let Some(i) = id {
+            let n = self.node(i)?;
+            if !n.deleted {
+                return Some(i);
+            }
+            id = n.parent;
+        }
+        None
+    }
+
+    pub fn visible(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(|n| !n.deleted)
+    }
+
+    /// Whether any node's disk or the current state's disk is `path`.
+    pub fn uses(&self, path: &Path) -> bool {
+        self.nodes
+            .iter()
+            .flat_map(|n| &n.disks)
+            .chain(&self.current_disks)
+            .any(|d| d.path == path)
+    }
+}
+
+/// A direct descendant in the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Child {
+    Node(Uuid),
+    Current,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tree_round_trips_and_an_absent_file_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Tree::default());
+        let a = Uuid::new_v4();
+        let tree = Tree {
+            current_parent: Some(a),
+            current_disks: vec![],
+            nodes: vec![Node {
+                id: a,
+                name: "A".into(),
+                parent: None,
+                created_ms: 1,
+                disks: vec![],
+                memory_state: false,
+                deleted: false,
+            }],
+        };
+        save(dir.path(), &tree).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), tree);
+        let text = std::fs::read_to_string(tree_path(dir.path())).unwrap();
+        assert!(text.contains("\"schema_version\": 1"));
+    }
+
+    #[test]
+    fn a_newer_schema_or_a_dangling_parent_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(tree_path(dir.path()), r#"{"schema_version": 9}"#).unwrap();
+        assert!(matches!(
+            load(dir.path()),
+            Err(TreeError::TooNew { found: 9, .. })
+        ));
+        std::fs::write(
+            tree_path(dir.path()),
+            format!(
+                r#"{{"schema_version": 1, "current_parent": "{}"}}"#,
+                Uuid::new_v4()
+            ),
+        )
+        .unwrap();
+        assert!(matches!(load(dir.path()), Err(TreeError::Parse { .. })));
+    }
+}
