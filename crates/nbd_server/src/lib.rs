@@ -100,8 +100,12 @@ pub struct Server {
     /// The listening socket, shared with the acceptor thread.
     listener: Arc<UnixListener>,
     stopping: Arc<AtomicBool>,
-    acceptor: Option<std::thread::JoinHandle<()>>,
+    /// Ends with the connections still open when the server stopped.
+    acceptor: Option<std::thread::JoinHandle<Vec<Connection>>>,
 }
+
+/// A connection's thread and a handle on its socket (to end it at stop).
+type Connection = (std::thread::JoinHandle<()>, UnixStream);
 
 impl Server {
     /// Listens on `socket` and serves `exports` (name, disk) until [`Server::stop`].
@@ -114,22 +118,38 @@ impl Server {
         let acceptor = std::thread::Builder::new()
             .name("nbd-accept".into())
             .spawn(move || {
+                let mut open: Vec<Connection> = Vec::new();
                 for stream in listening.incoming() {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
                     let Ok(stream) = stream else { continue };
+                    let Ok(handle) = stream.try_clone() else {
+                        continue;
+                    };
                     let exports = exports.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("nbd-conn".into())
-                        .spawn(move || {
-                            if let Err(e) = serve(stream, &exports) {
-                                if e.kind() != io::ErrorKind::UnexpectedEof {
-                                    tracing::warn!("NBD connection ended with an error: {e}");
+                    let thread =
+                        std::thread::Builder::new()
+                            .name("nbd-conn".into())
+                            .spawn(move || {
+                                let closer = stream.try_clone();
+                                if let Err(e) = serve(stream, &exports) {
+                                    if e.kind() != io::ErrorKind::UnexpectedEof {
+                                        tracing::warn!("NBD connection ended with an error: {e}");
+                                    }
                                 }
-                            }
-                        });
+                                // The acceptor holds a copy of the socket: closing ours
+                                // alone would not show the client the end.
+                                if let Ok(c) = closer {
+                                    let _ = c.shutdown(std::net::Shutdown::Both);
+                                }
+                            });
+                    open.retain(|(t, _)| !t.is_finished());
+                    if let Ok(thread) = thread {
+                        open.push((thread, handle));
+                    }
                 }
+                open
             })?;
         Ok(Self {
             socket: socket.to_path_buf(),
@@ -144,9 +164,10 @@ impl Server {
         &self.socket
     }
 
-    /// Stops accepting connections and removes the socket. Connections already
-    /// open are served until their clients disconnect. Blocks briefly: call it from
-    /// a blocking context.
+    /// Stops accepting connections, ends the open ones (a request in progress
+    /// completes or fails; its client sees the connection close), waits for their
+    /// threads, and removes the socket. Blocks briefly: call it from a blocking
+    /// context.
     pub fn stop(mut self) {
         self.shut_down();
     }
@@ -163,7 +184,12 @@ impl Server {
             libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR);
         }
         if let Some(a) = self.acceptor.take() {
-            let _ = a.join();
+            // End the connections still open and wait for their threads: once stop
+            // returns, nothing here holds a disk (its lock can be taken again).
+            for (thread, socket) in a.join().unwrap_or_default() {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+                let _ = thread.join();
+            }
         }
         let _ = std::fs::remove_file(&self.socket);
     }
