@@ -21,7 +21,10 @@ use direct::{DirectStorage, PlainDisk};
 use workload::Pattern;
 
 #[derive(Parser)]
-#[command(name = "vhd-bench", about = "Storage engine benchmarks (engine vs raw file)")]
+#[command(
+    name = "vhd-bench",
+    about = "Storage engine benchmarks (engine vs raw file)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
