@@ -1,6 +1,7 @@
 //! `viridiand`, Viridian's management service: VM definitions in folders, jobs,
 //! the REST API on a unix socket (and optionally TCP with TLS and a token).
 
+pub mod admission;
 pub mod config;
 pub mod convert;
 pub mod disk_jobs;

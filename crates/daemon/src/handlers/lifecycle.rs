@@ -117,6 +117,9 @@ pub async fn action(svc: &Arc<Service>, key: &str, action: &str, body: Incoming)
         let Some(settings) = entry.settings.clone() else {
             return Err(damaged_unreadable(entry));
         };
+        if action == "start" {
+            svc.admit(&store, &settings, &format!("start VM {}", entry.name()))?;
+        }
         if let Some(state) = claim(action) {
             svc.runtime.set(entry.id, VmRuntime::with_state(state));
         }

@@ -118,7 +118,7 @@ async fn route(
     let body = req.into_body();
     use Method as M;
     match (&m, segs.as_slice()) {
-        (&M::GET, ["v1", "host"]) => Ok(json(200, &svc.host)),
+        (&M::GET, ["v1", "host"]) => Ok(json(200, &svc.host_info())),
         (&M::GET, ["v1", "openapi.json"]) => Ok(json(200, &api::openapi::document())),
         (&M::GET, ["v1", "events"]) => Ok(sse::events(svc, shutdown)),
 

@@ -49,6 +49,12 @@ pub trait WorkerControl: Send + Sync + 'static {
     fn pause(&self, id: Uuid, paused: bool) -> BoxFuture<Result<(), JobError>>;
     /// Resets the VM (the reset button).
     fn restart(&self, id: Uuid) -> BoxFuture<Result<(), JobError>>;
+    /// Applies new reserve, limit and weight to a running VM (same count).
+    fn set_processor(
+        &self,
+        id: Uuid,
+        processor: vm_config::ProcessorSettings,
+    ) -> BoxFuture<Result<(), JobError>>;
     /// Live figures (uptime, load, memory) for a running VM.
     fn live(&self, id: Uuid) -> Option<VmRuntime>;
     /// Called once at daemon start with every readable VM: finds workers still running

@@ -50,6 +50,8 @@ pub struct WorkerSupervisor {
     /// Decided once at daemon start and handed to every worker (no probe per start).
     decision: Mutex<Option<worker::accel::AccelDecision>>,
     sandbox: OnceLock<bool>,
+    /// Where VMs' cgroups go (detected at start); `None`: limits are not enforced.
+    pub cgroup: Option<cgroups::Hierarchy>,
     runs: std::sync::atomic::AtomicU64,
     watched: Mutex<HashMap<Uuid, Watched>>,
 }
@@ -120,8 +122,9 @@ fn refused(e: ClientError) -> JobError {
 }
 
 impl WorkerSupervisor {
-    pub fn new(accel: AccelChoice) -> Arc<Self> {
+    pub fn new(accel: AccelChoice, cgroup: Option<cgroups::Hierarchy>) -> Arc<Self> {
         Arc::new(Self {
+            cgroup,
             service: OnceLock::new(),
             worker_binary: find_worker_binary(),
             accel,
@@ -272,6 +275,16 @@ impl WorkerSupervisor {
         let Some(w) = w else {
             return;
         };
+        // A worker that was killed could not remove the VM's cgroup; its QEMU died
+        // with it, so the group is empty (or about to be).
+        if let Some(h) = &self.cgroup {
+            let group = h.vm_group(&id.to_string());
+            if group.exists() {
+                if let Err(e) = group.remove() {
+                    tracing::warn!(vm = %id, "cannot remove the VM's cgroup {}: {e}", group.path().display());
+                }
+            }
+        }
         let status = control::read_status_file(&w.runtime_dir).ok();
         let runtime = match status {
             Some(s) if s.state.is_final() => to_runtime(&s),
@@ -351,6 +364,7 @@ impl WorkerSupervisor {
             direct_kernel: None,
             console_log_limit: worker::console::DEFAULT_LOG_LIMIT,
             qemu: None,
+            cgroup: self.cgroup.clone(),
         };
         let spec_path = rt.join("spec.json");
         let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| fail("writing its spec", &e))?;
@@ -539,6 +553,19 @@ impl WorkerControl for Arc<WorkerSupervisor> {
         Box::pin(async move { this.call(id, Request::Restart).await.map(drop) })
     }
 
+    fn set_processor(
+        &self,
+        id: Uuid,
+        processor: vm_config::ProcessorSettings,
+    ) -> BoxFuture<Result<(), JobError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            this.call(id, Request::SetProcessor { processor })
+                .await
+                .map(drop)
+        })
+    }
+
     fn live(&self, id: Uuid) -> Option<VmRuntime> {
         self.lock()
             .get(&id)
@@ -608,7 +635,24 @@ pub fn install(
     let decision = worker::accel::decide(accel, &host)?;
     svc.host.accelerator.kind = decision.accel.as_str().to_string();
     svc.host.accelerator.reason = decision.reason.clone();
-    let supervisor = WorkerSupervisor::new(accel);
+    let cgroup = match cgroups::Hierarchy::detect() {
+        Ok(h) => {
+            tracing::info!(hierarchy = %h.describe(), "VM processor limits and weights are enforced through cgroups");
+            svc.host.processor_control = format!(
+                "{}; each VM's worker and QEMU run in {}",
+                h.describe(),
+                h.vm_group("<id>").path().display()
+            );
+            Some(h)
+        }
+        Err(e) => {
+            tracing::warn!("VM processor limits and weights are not enforced: {e}");
+            svc.host.processor_control =
+                format!("none: processor limits and weights are not enforced ({e})");
+            None
+        }
+    };
+    let supervisor = WorkerSupervisor::new(accel, cgroup);
     *supervisor
         .decision
         .lock()
