@@ -33,7 +33,6 @@ impl Demand {
             memory_mib: s.memory.startup_mib,
         }
     }
-
 }
 
 impl std::ops::Add for Demand {

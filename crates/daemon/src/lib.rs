@@ -10,6 +10,7 @@ pub mod events;
 pub mod handlers;
 pub mod host;
 pub mod http;
+pub mod metering;
 pub mod run;
 pub mod service;
 pub mod tls;

@@ -95,6 +95,7 @@ fn reserve_admits_four_half_cpu_vms_on_two_processors_and_refuses_the_fifth() {
     );
     assert_eq!(r.body["details"]["reserved_processor_percent"], 200);
     assert_eq!(d.get("/v1/vms/r4").body["runtime"]["state"], "Off");
+    assert_eq!(d.get("/v1/vms/r4/measure").code(), "InvalidState");
 
     // Raising a running VM's reserve past the capacity is refused the same way and
     // changes nothing; lowering it frees room for the fifth.
@@ -143,6 +144,72 @@ fn reserve_admits_four_half_cpu_vms_on_two_processors_and_refuses_the_fifth() {
         Some(&json!({"count": 2}).to_string()),
     );
     assert_eq!(r.code(), "InvalidState", "{}", r.raw);
+
+    // Metering: runtime, measure and /v1/metrics agree with the cgroup and /proc.
+    std::thread::sleep(Duration::from_secs(2));
+    let vm = d.get("/v1/vms/r1").body;
+    let rt = &vm["runtime"];
+    assert!(
+        rt["processor"]["per_vcpu_percent"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1),
+        "{vm}"
+    );
+    assert!(
+        rt["processor"]["window_seconds"].as_f64().unwrap() >= 0.9,
+        "{vm}"
+    );
+    assert_eq!(rt["processor_settings"]["limit_percent"], 30, "{vm}");
+    let pid = rt["worker_pid"].as_u64().unwrap();
+    let r = d.get("/v1/vms/r1/measure");
+    assert_eq!(r.status, 200, "{}", r.raw);
+    let m = r.body;
+    assert_eq!(
+        m["average_per_vcpu_percent"].as_array().unwrap().len(),
+        1,
+        "{m}"
+    );
+    assert!(m["uptime_seconds"].as_f64().unwrap() > 1.0, "{m}");
+    if let Ok(h) = cgroups::Hierarchy::detect() {
+        let g = h.vm_group(&id);
+        let actual = g.usage().unwrap().as_secs_f64();
+        let metered = m["processor_seconds"].as_f64().unwrap();
+        // The meter is at most one poll (0.5 s) old; the VM idles in its firmware.
+        assert!(
+            metered <= actual && actual - metered <= actual * 0.05 + 0.05,
+            "metered {metered} s vs cgroup {actual} s"
+        );
+        let qemu = g
+            .processes()
+            .unwrap()
+            .into_iter()
+            .find(|p| u64::from(*p) != pid)
+            .expect("QEMU is in the group");
+        let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
+        let rss_mib = worker::meter::parse_vm_rss(&status).unwrap() as f64 / 1048576.0;
+        let metered = m["memory_in_use_mib"].as_f64().unwrap();
+        assert!(
+            (metered - rss_mib).abs() <= rss_mib * 0.05 + 1.0,
+            "metered {metered} MiB vs /proc {rss_mib} MiB"
+        );
+    }
+    let r = d.get("/v1/metrics");
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains("text/plain"), "{}", r.headers);
+    for i in 0..5 {
+        assert!(
+            r.raw
+                .contains(&format!("viridian_vm_cpu_seconds_total{{vm=\"r{i}\"")),
+            "{}",
+            r.raw
+        );
+    }
+    assert!(
+        r.raw
+            .contains("viridian_vm_processor_limit_percent{vm=\"r1\""),
+        "{}",
+        r.raw
+    );
 
     for i in 0..5 {
         let r = d.post(&format!("/v1/vms/r{i}/stop"), json!({}));

@@ -54,6 +54,9 @@ pub struct WorkerStatus {
     /// When the guest started running (seconds since the Unix epoch).
     #[serde(default)]
     pub running_since: Option<u64>,
+    /// The same in milliseconds (for averages since start).
+    #[serde(default)]
+    pub running_since_ms: Option<u64>,
     /// The processor settings in force (count, and the limit and weight the cgroup
     /// enforces; they change live with `set_processor`).
     #[serde(default)]

@@ -109,6 +109,7 @@ impl Shared {
             s.reason = reason;
             if state == WorkerState::Running && s.running_since.is_none() {
                 s.running_since = Some(now_unix());
+                s.running_since_ms = Some(crate::meter::now_unix_ms());
             }
         });
         if let Err(e) = control::write_status_file(&self.spec.runtime_dir, &self.status.borrow()) {
@@ -166,6 +167,7 @@ pub async fn run(spec: WorkerSpec) -> Result<WorkerStatus, WorkerError> {
         qemu_pid: None,
         accel: None,
         running_since: None,
+        running_since_ms: None,
         processor: Some(spec.settings.processor),
         cgroup: None,
         meter: None,

@@ -3,4 +3,5 @@
 pub mod disks;
 pub mod jobs;
 pub mod lifecycle;
+pub mod metrics;
 pub mod vms;

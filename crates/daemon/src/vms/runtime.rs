@@ -57,6 +57,17 @@ pub trait WorkerControl: Send + Sync + 'static {
     ) -> BoxFuture<Result<(), JobError>>;
     /// Live figures (uptime, load, memory) for a running VM.
     fn live(&self, id: Uuid) -> Option<VmRuntime>;
+    /// Averages since a running VM started.
+    fn measure(&self, id: Uuid) -> Option<api::vms::VmMeasurement>;
+    /// The latest counters of every running VM: id, name, processor settings in force.
+    fn metrics(
+        &self,
+    ) -> Vec<(
+        Uuid,
+        String,
+        vm_config::ProcessorSettings,
+        worker::meter::Meter,
+    )>;
     /// Called once at daemon start with every readable VM: finds workers still running
     /// from before a restart and re-attaches to them, returning their runtime.
     fn reattach(&self, vms: Vec<(VmSettings, PathBuf)>) -> BoxFuture<Vec<(Uuid, VmRuntime)>>;

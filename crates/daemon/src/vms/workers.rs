@@ -40,6 +40,17 @@ struct Watched {
     vm_dir: PathBuf,
     name: String,
     status: Option<WorkerStatus>,
+    /// The counters sampled with each status poll.
+    history: crate::metering::History,
+}
+
+impl Watched {
+    fn record(&mut self, status: &WorkerStatus) {
+        if let Some(m) = &status.meter {
+            self.history.push(m.clone());
+        }
+        self.status = Some(status.clone());
+    }
 }
 
 /// Starts, controls and watches VM workers.
@@ -177,7 +188,7 @@ impl WorkerSupervisor {
 
     fn update(&self, id: Uuid, status: &WorkerStatus) {
         if let Some(w) = self.lock().get_mut(&id) {
-            w.status = Some(status.clone());
+            w.record(status);
         }
         self.report(id, to_runtime(status));
     }
@@ -236,7 +247,7 @@ impl WorkerSupervisor {
                             if changed {
                                 this.update(id, &status);
                             } else if let Some(w) = this.lock().get_mut(&id) {
-                                w.status = Some(status);
+                                w.record(&status);
                             }
                             true
                         }
@@ -385,6 +396,7 @@ impl WorkerSupervisor {
                 vm_dir: vm_dir.clone(),
                 name: vm.name.clone(),
                 status: None,
+                history: Default::default(),
             },
         );
         self.report(id, VmRuntime::with_state(VmState::Starting));
@@ -567,10 +579,57 @@ impl WorkerControl for Arc<WorkerSupervisor> {
     }
 
     fn live(&self, id: Uuid) -> Option<VmRuntime> {
+        let watched = self.lock();
+        let w = watched.get(&id)?;
+        let status = w.status.as_ref()?;
+        let mut rt = to_runtime(status);
+        if !status.state.is_final() {
+            rt.processor_settings = status.processor;
+            let count = status.processor.map_or(1, |p| p.count);
+            rt.processor = w.history.processor_use(count);
+            rt.processor_load_percent = rt
+                .processor
+                .as_ref()
+                .map(|p| p.total_percent.round().clamp(0.0, 100.0) as u8);
+            rt.memory_in_use_mib = w.history.latest().map(|m| m.memory_bytes / (1024 * 1024));
+        }
+        Some(rt)
+    }
+
+    fn measure(&self, id: Uuid) -> Option<api::vms::VmMeasurement> {
+        let watched = self.lock();
+        let w = watched.get(&id)?;
+        let status = w.status.as_ref()?;
+        let started = status
+            .running_since_ms
+            .or(status.running_since.map(|s| s * 1000))?;
+        let count = status.processor.map_or(1, |p| p.count);
+        crate::metering::measurement(id, &w.name, count, started, &w.history)
+    }
+
+    fn metrics(
+        &self,
+    ) -> Vec<(
+        Uuid,
+        String,
+        vm_config::ProcessorSettings,
+        worker::meter::Meter,
+    )> {
         self.lock()
-            .get(&id)
-            .and_then(|w| w.status.as_ref())
-            .map(to_runtime)
+            .iter()
+            .filter_map(|(id, w)| {
+                let status = w.status.as_ref()?;
+                if status.state.is_final() {
+                    return None;
+                }
+                Some((
+                    *id,
+                    w.name.clone(),
+                    status.processor?,
+                    w.history.latest()?.clone(),
+                ))
+            })
+            .collect()
     }
 
     fn reattach(&self, vms: Vec<(VmSettings, PathBuf)>) -> BoxFuture<Vec<(Uuid, VmRuntime)>> {
@@ -593,6 +652,7 @@ impl WorkerControl for Arc<WorkerSupervisor> {
                             vm_dir: vm_dir.clone(),
                             name: vm.name.clone(),
                             status: Some(status.clone()),
+                            history: Default::default(),
                         },
                     );
                     found.push((vm.id, to_runtime(&status)));
