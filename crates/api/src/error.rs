@@ -29,6 +29,9 @@ pub enum ErrorCode {
     JobExpired,
     /// The VM is damaged; repair or remove it first.
     Damaged,
+    /// Starting the VM or the change would reserve more processor or memory than
+    /// the host has; `details` holds the numbers.
+    InsufficientResources,
     /// The service failed in a way that is not the caller's fault; see its log.
     Internal,
 }
@@ -41,7 +44,8 @@ impl ErrorCode {
             ErrorCode::InvalidState
             | ErrorCode::AlreadyExists
             | ErrorCode::InUse
-            | ErrorCode::Damaged => 409,
+            | ErrorCode::Damaged
+            | ErrorCode::InsufficientResources => 409,
             ErrorCode::InvalidParameter => 422,
             ErrorCode::MalformedRequest => 400,
             ErrorCode::Unauthorized => 401,
@@ -65,6 +69,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "MethodNotAllowed",
             ErrorCode::JobExpired => "JobExpired",
             ErrorCode::Damaged => "Damaged",
+            ErrorCode::InsufficientResources => "InsufficientResources",
             ErrorCode::Internal => "Internal",
         }
     }

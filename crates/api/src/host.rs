@@ -12,6 +12,34 @@ pub struct HostInfo {
     pub accelerator: AcceleratorInfo,
     pub limits: HostLimitsInfo,
     pub data_dir: String,
+    /// How processor limits and weights are enforced: the cgroup hierarchy and where
+    /// VMs' groups go, or why they are not enforced.
+    #[serde(default)]
+    pub processor_control: String,
+    /// What admission control counts: capacity, and what running VMs hold now.
+    pub resources: HostResources,
+}
+
+/// Admission control's figures. A start (or a live change of the reserve) that would
+/// take `processor_reserved_percent` above `processor_capacity_percent`, or
+/// `memory_assigned_mib` above `memory_capacity_mib`, fails with `InsufficientResources`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HostResources {
+    /// Logical processors admission control counts (the host's, unless configured).
+    pub logical_processors: u32,
+    /// Processor capacity kept for the host, in % of one logical processor.
+    pub host_reserve_percent: u32,
+    /// logical_processors × 100 − host_reserve_percent.
+    pub processor_capacity_percent: u64,
+    /// Sum over running VMs of count × reserve %.
+    pub processor_reserved_percent: u64,
+    pub memory_total_mib: u64,
+    /// Memory kept for the host.
+    pub memory_headroom_mib: u64,
+    /// memory_total_mib − memory_headroom_mib.
+    pub memory_capacity_mib: u64,
+    /// Sum of running VMs' memory.
+    pub memory_assigned_mib: u64,
 }
 
 /// Which accelerator VMs run under, and why.

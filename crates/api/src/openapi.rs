@@ -59,6 +59,22 @@ pub fn routes() -> Vec<Route> {
         r("get", "/v1/openapi.json", "This document", None, 200, None),
         r(
             "get",
+            "/v1/metrics",
+            "Every running VM's counters, in Prometheus text format",
+            None,
+            200,
+            None,
+        ),
+        r(
+            "get",
+            "/v1/vms/{vm}/measure",
+            "Averages since the VM started (Measure-VM)",
+            None,
+            200,
+            Some(s::<vms::VmMeasurement>),
+        ),
+        r(
+            "get",
             "/v1/vms",
             "List VMs, damaged ones included",
             None,

@@ -53,6 +53,15 @@ pub struct VmRuntime {
     pub memory_assigned_mib: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_pid: Option<u32>,
+    /// Processor use over the last seconds (Hyper-V's live counters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processor: Option<ProcessorUse>,
+    /// Memory QEMU holds now (resident: guest memory touched plus its own), MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_in_use_mib: Option<u64>,
+    /// The processor settings in force now (they change live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processor_settings: Option<ProcessorSettings>,
     /// Why the VM is Critical, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -66,9 +75,44 @@ impl VmRuntime {
             processor_load_percent: None,
             memory_assigned_mib: None,
             worker_pid: None,
+            processor: None,
+            memory_in_use_mib: None,
+            processor_settings: None,
             reason: None,
         }
     }
+}
+
+/// A running VM's processor use over a window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ProcessorUse {
+    /// Use of all its virtual processors together, % of its count (100: all busy).
+    pub total_percent: f64,
+    /// Each virtual processor's use, % of one host processor, in vCPU order.
+    pub per_vcpu_percent: Vec<f64>,
+    /// Everything in the VM's cgroup (vCPUs, QEMU's other threads, the worker), % of
+    /// one host processor.
+    pub host_processor_percent: f64,
+    /// The window these figures cover, seconds.
+    pub window_seconds: f64,
+}
+
+/// `GET /v1/vms/{vm}/measure`: averages since the VM started (Hyper-V's Measure-VM).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VmMeasurement {
+    pub id: Uuid,
+    pub name: String,
+    pub uptime_seconds: f64,
+    /// Processor time used since start by everything in the VM's cgroup, seconds.
+    pub processor_seconds: f64,
+    /// Average use of all its virtual processors together, % of its count.
+    pub average_processor_percent: f64,
+    /// Average use of each virtual processor, % of one host processor.
+    pub average_per_vcpu_percent: Vec<f64>,
+    /// Average resident memory while the daemon watched it, MiB.
+    pub average_memory_mib: u64,
+    pub memory_in_use_mib: u64,
+    pub processor_count: u32,
 }
 
 /// One line of `GET /v1/vms`.

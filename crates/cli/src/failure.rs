@@ -5,7 +5,7 @@
 //! 4 NotFound · 5 invalid request (InvalidParameter, MalformedRequest, PayloadTooLarge) ·
 //! 6 InvalidState, Damaged or JobExpired · 7 AlreadyExists · 8 InUse · 9 Unauthorized ·
 //! 10 the job failed (Exception or Killed) · 11 the job was cancelled (Terminated) ·
-//! 12 waiting timed out while the job still runs.
+//! 12 waiting timed out while the job still runs · 13 InsufficientResources.
 
 use api::{ErrorBody, ErrorCode};
 
@@ -49,6 +49,7 @@ impl Failure {
                 ErrorCode::AlreadyExists => 7,
                 ErrorCode::InUse => 8,
                 ErrorCode::Unauthorized => 9,
+                ErrorCode::InsufficientResources => 13,
                 ErrorCode::MethodNotAllowed | ErrorCode::Internal => 1,
             },
             Failure::JobFailed {

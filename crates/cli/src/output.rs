@@ -76,8 +76,30 @@ pub fn vm_details(vm: &Vm) {
     if let Some(u) = r.uptime_seconds {
         println!("  uptime:      {u} s");
     }
-    if let Some(p) = r.processor_load_percent {
+    if let Some(p) = &r.processor {
+        let per: Vec<String> = p
+            .per_vcpu_percent
+            .iter()
+            .map(|v| format!("{v:.1}"))
+            .collect();
+        println!(
+            "  processor:   {:.1} % of its vCPUs (each: {} %; {:.1} % of a host CPU in all, last {:.1} s)",
+            p.total_percent,
+            per.join(" / "),
+            p.host_processor_percent,
+            p.window_seconds
+        );
+    } else if let Some(p) = r.processor_load_percent {
         println!("  cpu load:    {p} %");
+    }
+    if let Some(m) = r.memory_in_use_mib {
+        println!("  memory used: {m} MiB");
+    }
+    if let Some(p) = &r.processor_settings {
+        println!(
+            "  in force:    reserve {} %, limit {} %, weight {}",
+            p.reserve_percent, p.limit_percent, p.relative_weight
+        );
     }
     if let Some(m) = r.memory_assigned_mib {
         println!("  memory:      {}", human(m << 20));

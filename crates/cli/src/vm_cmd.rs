@@ -103,6 +103,9 @@ pub enum VmCmd {
     Resume { vm: String },
     /// Reset a VM (the reset button).
     Restart { vm: String },
+    /// A running VM's averages since it started: processor per vCPU and in total,
+    /// memory (Hyper-V's Measure-VM).
+    Measure { vm: String },
     /// Attach to a VM's serial console (detach with Ctrl-]), or print its log with --log.
     Console {
         vm: String,
@@ -114,9 +117,15 @@ pub enum VmCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum ProcessorCmd {
-    /// Change count, reserve, limit or weight.
+    /// Change count, reserve, limit or weight; of a running VM reserve, limit and
+    /// weight change live.
     Set {
-        vm: String,
+        /// The VM (or --all).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        vm: Option<String>,
+        /// Every VM on the host (each is reported; the others still change when one fails).
+        #[arg(long)]
+        all: bool,
         #[arg(long)]
         count: Option<u32>,
         /// Percent reserved, 0-100.
@@ -273,6 +282,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
             cmd:
                 ProcessorCmd::Set {
                     vm,
+                    all,
                     count,
                     reserve,
                     limit,
@@ -285,14 +295,65 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                 limit_percent: limit,
                 relative_weight: weight,
             };
-            let path = format!("{}/processor", vm_path(&vm));
-            let (p, _) = client.call::<ProcessorSettings>(Method::PATCH, &path, Some(&req))?;
+            let names: Vec<String> = match vm {
+                Some(vm) if !all => vec![vm],
+                _ => client
+                    .get::<api::vms::VmList>("/v1/vms")?
+                    .vms
+                    .into_iter()
+                    .filter(|v| v.damaged_reason.is_none())
+                    .map(|v| v.id.to_string())
+                    .collect(),
+            };
+            let mut failed = None;
+            let mut done = Vec::new();
+            for vm in &names {
+                let path = format!("{}/processor", vm_path(vm));
+                match client.call::<ProcessorSettings>(Method::PATCH, &path, Some(&req)) {
+                    Ok((p, _)) => {
+                        if !conn.json {
+                            println!(
+                                "{vm}: {} processors, reserve {} %, limit {} %, weight {}",
+                                p.count, p.reserve_percent, p.limit_percent, p.relative_weight
+                            );
+                        }
+                        done.push(serde_json::json!({"vm": vm, "processor": p}));
+                    }
+                    Err(e) if all => {
+                        eprintln!("{vm}: {e}");
+                        done.push(serde_json::json!({"vm": vm, "error": e.to_json()}));
+                        failed = Some(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             if conn.json {
-                output::print_json(&p);
+                if all {
+                    output::print_json(&done);
+                } else if let Some(p) = done.first().map(|d| &d["processor"]) {
+                    output::print_json(p);
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
+        VmCmd::Measure { vm } => {
+            let m: api::vms::VmMeasurement = client.get(&format!("{}/measure", vm_path(&vm)))?;
+            if conn.json {
+                output::print_json(&m);
             } else {
+                println!("{} ({}), up {:.0} s", m.name, m.id, m.uptime_seconds);
                 println!(
-                    "{vm}: {} processors, reserve {} %, limit {} %, weight {}",
-                    p.count, p.reserve_percent, p.limit_percent, p.relative_weight
+                    "  processor:   {:.1} % of its {} vCPUs on average ({:.1} s of processor time)",
+                    m.average_processor_percent, m.processor_count, m.processor_seconds
+                );
+                for (i, p) in m.average_per_vcpu_percent.iter().enumerate() {
+                    println!("  vCPU {i}:      {p:.1} %");
+                }
+                println!(
+                    "  memory:      {} MiB on average, {} MiB now",
+                    m.average_memory_mib, m.memory_in_use_mib
                 );
             }
         }

@@ -37,4 +37,14 @@ pub struct DaemonConfig {
     /// Most checkpoints a VM may have.
     #[arg(long, default_value_t = crate::checkpoints::DEFAULT_LIMIT)]
     pub checkpoint_limit: usize,
+    /// Logical processors admission control counts (default: the host's).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub host_processors: Option<u32>,
+    /// Processor capacity kept for the host, in % of one logical processor: running
+    /// VMs may reserve at most logical processors × 100 minus this.
+    #[arg(long, default_value_t = 0, value_name = "PERCENT")]
+    pub host_reserve_percent: u32,
+    /// Memory kept for the host: running VMs may hold at most the host's memory minus this.
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    pub memory_headroom_mib: u64,
 }

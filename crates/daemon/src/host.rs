@@ -29,6 +29,17 @@ pub fn limits() -> HostLimits {
     }
 }
 
+/// What admission control counts against: the host's (or the configured) logical
+/// processors and memory, less what is kept for the host.
+pub fn capacity(config: &DaemonConfig, limits: &HostLimits) -> crate::admission::Capacity {
+    crate::admission::Capacity {
+        logical_processors: config.host_processors.unwrap_or(limits.max_processors),
+        host_reserve_percent: config.host_reserve_percent,
+        memory_total_mib: limits.max_memory_mib,
+        memory_headroom_mib: config.memory_headroom_mib,
+    }
+}
+
 pub fn accelerator() -> AcceleratorInfo {
     let kvm_device = std::fs::OpenOptions::new()
         .read(true)
@@ -86,5 +97,7 @@ pub fn info(config: &DaemonConfig, limits: &HostLimits) -> HostInfo {
             job_limit: config.job_limit as u64,
         },
         data_dir: config.data_dir.display().to_string(),
+        processor_control: "none: this viridiand runs no VMs".into(),
+        resources: capacity(config, limits).report(Default::default()),
     }
 }

@@ -1,6 +1,7 @@
 //! `viridiand`, Viridian's management service: VM definitions in folders, jobs,
 //! the REST API on a unix socket (and optionally TCP with TLS and a token).
 
+pub mod admission;
 pub mod checkpoints;
 pub mod config;
 pub mod convert;
@@ -10,6 +11,7 @@ pub mod events;
 pub mod handlers;
 pub mod host;
 pub mod http;
+pub mod metering;
 pub mod run;
 pub mod service;
 pub mod tls;

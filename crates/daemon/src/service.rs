@@ -12,6 +12,7 @@ use jobs::{EventSink, JobEngine, JobEngineConfig};
 use uuid::Uuid;
 use vm_config::{validate, HostLimits, VmSettings};
 
+use crate::admission::{Capacity, Demand};
 use crate::config::DaemonConfig;
 use crate::convert;
 use crate::error::ApiError;
@@ -23,6 +24,7 @@ pub struct Service {
     pub config: DaemonConfig,
     pub limits: HostLimits,
     pub host: HostInfo,
+    pub capacity: Capacity,
     pub store: Mutex<Store>,
     pub jobs: JobEngine,
     pub events: Arc<EventBus>,
@@ -43,6 +45,7 @@ impl Service {
     ) -> Result<Service, crate::vms::store::StoreError> {
         let limits = crate::host::limits();
         let host = crate::host::info(&config, &limits);
+        let capacity = crate::host::capacity(&config, &limits);
         let store = Store::open(&config.data_dir)?;
         let events = Arc::new(EventBus::default());
         let sink_events = events.clone();
@@ -63,6 +66,7 @@ impl Service {
             config,
             limits,
             host,
+            capacity,
             store: Mutex::new(store),
             jobs,
             events,
@@ -71,6 +75,40 @@ impl Service {
             token,
             checkpoints: Arc::default(),
         })
+    }
+
+    /// `GET /v1/host`: the fixed facts and what running VMs hold now.
+    pub fn host_info(&self) -> HostInfo {
+        let store = self.store();
+        let mut host = self.host.clone();
+        host.resources = self.capacity.report(self.running_demand(&store, None));
+        host
+    }
+
+    /// What the VMs that run (or are starting or stopping) hold, except VM `except`.
+    pub fn running_demand(&self, store: &Store, except: Option<Uuid>) -> Demand {
+        store
+            .entries()
+            .filter(|e| Some(e.id) != except)
+            .filter(|e| {
+                matches!(
+                    self.runtime.get(e.id).state,
+                    VmState::Starting
+                        | VmState::Running
+                        | VmState::Paused
+                        | VmState::Saving
+                        | VmState::Stopping
+                )
+            })
+            .filter_map(|e| e.settings.as_ref().map(Demand::of))
+            .fold(Demand::default(), |a, b| a + b)
+    }
+
+    /// Admission control for VM `settings` about to run (or to run with these
+    /// settings): fails with `InsufficientResources` naming the numbers.
+    pub fn admit(&self, store: &Store, settings: &VmSettings, what: &str) -> Result<(), ApiError> {
+        let running = self.running_demand(store, Some(settings.id));
+        self.capacity.admit(what, running, Demand::of(settings))
     }
 
     pub fn store(&self) -> MutexGuard<'_, Store> {
@@ -176,6 +214,80 @@ impl Service {
             vm: self.summary(entry),
         });
         Ok((out, self.vm_view(entry)))
+    }
+
+    /// Changes the reserve, limit and weight of a running (or paused) VM: checks the
+    /// rules and admission control (when the reserve grows), writes `vm.json`, then
+    /// has the worker apply them to the VM's cgroup. When the worker cannot, the
+    /// settings file is put back and nothing has changed.
+    pub async fn update_processor_live(
+        &self,
+        key: &str,
+        change: impl FnOnce(&mut vm_config::ProcessorSettings),
+    ) -> Result<vm_config::ProcessorSettings, ApiError> {
+        let Some(workers) = self.workers.clone() else {
+            return Err(ApiError::new(
+                ErrorCode::InvalidState,
+                "this viridiand runs no VMs (started without the worker integration)",
+            ));
+        };
+        let (id, old, new) = {
+            let mut store = self.store();
+            let entry = find(&store, key)?;
+            let Some(old) = entry.settings.clone() else {
+                return Err(damaged_unreadable(entry));
+            };
+            let state = self.runtime.get(entry.id).state;
+            if !matches!(state, VmState::Running | VmState::Paused) {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidState,
+                    format!("VM {} is {state:?}; change its processor settings when it is Off or Running", old.name),
+                ));
+            }
+            let mut new = old.clone();
+            change(&mut new.processor);
+            if new.processor.count != old.processor.count {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "VM {} runs with {} virtual processors; the count changes only while it is off                          (reserve, limit and weight change live)",
+                        old.name, old.processor.count
+                    ),
+                ));
+            }
+            validate::validate(&new, &self.limits)?;
+            if new.processor.reserve_percent > old.processor.reserve_percent {
+                self.admit(
+                    &store,
+                    &new,
+                    &format!(
+                        "raise the processor reserve of running VM {} to {} %",
+                        old.name, new.processor.reserve_percent
+                    ),
+                )?;
+            }
+            let entry = store
+                .save(new.clone())
+                .map_err(|e| ApiError::internal(error_chain(&e)))?;
+            self.events.publish(EventBody::Vm {
+                vm: self.summary(entry),
+            });
+            (entry.id, old, new)
+        };
+        if let Err(e) = workers.set_processor(id, new.processor).await {
+            if let Err(back) = self.store().save(old) {
+                tracing::error!(vm = %id, "cannot restore the settings after a failed live change: {}", error_chain(&back));
+            }
+            return Err(match e {
+                jobs::JobError::Failed { code, description } if code == "InvalidState" => {
+                    ApiError::new(ErrorCode::InvalidState, description)
+                }
+                jobs::JobError::Failed { description, .. } => ApiError::internal(description),
+                jobs::JobError::Cancelled => ApiError::internal("the change was cancelled"),
+            });
+        }
+        tracing::info!(vm = %id, limit = new.processor.limit_percent, weight = new.processor.relative_weight, reserve = new.processor.reserve_percent, "processor settings changed live");
+        Ok(new.processor)
     }
 
     /// Replaces a VM's settings outright: the repair path for a damaged VM.

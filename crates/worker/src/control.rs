@@ -54,6 +54,19 @@ pub struct WorkerStatus {
     /// When the guest started running (seconds since the Unix epoch).
     #[serde(default)]
     pub running_since: Option<u64>,
+    /// The same in milliseconds (for averages since start).
+    #[serde(default)]
+    pub running_since_ms: Option<u64>,
+    /// The processor settings in force (count, and the limit and weight the cgroup
+    /// enforces; they change live with `set_processor`).
+    #[serde(default)]
+    pub processor: Option<vm_config::ProcessorSettings>,
+    /// The VM's cgroup, when it runs in one.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// Counters sampled for this answer (`status` answers only; never in the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meter: Option<crate::meter::Meter>,
 }
 
 /// A request on the control socket.
@@ -75,6 +88,11 @@ pub enum Request {
     Restart,
     /// Turn this connection into the serial console: raw bytes both ways.
     Console,
+    /// Apply new reserve, limit and weight to the running VM's cgroup. The count
+    /// cannot change while the VM runs.
+    SetProcessor {
+        processor: vm_config::ProcessorSettings,
+    },
 }
 
 /// Why a request failed, for the daemon to map onto API error codes.

@@ -12,6 +12,7 @@ pub mod accel;
 pub mod console;
 pub mod control;
 pub mod disks;
+pub mod meter;
 pub mod qemu;
 pub mod runtime;
 pub mod spec;

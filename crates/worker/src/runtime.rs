@@ -63,6 +63,8 @@ pub enum WorkerError {
     Restore { path: PathBuf, detail: String },
     #[error("the UEFI firmware file {} is missing; generation 2 VMs need Debian's ovmf package (scripts/setup.sh installs it)", path.display())]
     Firmware { path: PathBuf },
+    #[error("cannot put the VM into its cgroup")]
+    Cgroup(#[from] cgroups::CgroupError),
     #[error("the serial console log in {} cannot be written", path.display())]
     ConsoleLog {
         path: PathBuf,
@@ -89,6 +91,11 @@ struct Shared {
     op: tokio::sync::Mutex<()>,
     serial_out: broadcast::Sender<Vec<u8>>,
     serial_in: mpsc::Sender<Vec<u8>>,
+    /// The VM's cgroup (worker and QEMU), when it runs in one.
+    group: Option<cgroups::Group>,
+    /// QEMU's pid and its vCPU threads, in vCPU index order.
+    qemu_pid: u32,
+    vcpu_threads: Vec<u32>,
 }
 
 impl Shared {
@@ -102,6 +109,7 @@ impl Shared {
             s.reason = reason;
             if state == WorkerState::Running && s.running_since.is_none() {
                 s.running_since = Some(now_unix());
+                s.running_since_ms = Some(crate::meter::now_unix_ms());
             }
         });
         if let Err(e) = control::write_status_file(&self.spec.runtime_dir, &self.status.borrow()) {
@@ -159,9 +167,21 @@ pub async fn run(spec: WorkerSpec) -> Result<WorkerStatus, WorkerError> {
         qemu_pid: None,
         accel: None,
         running_since: None,
+        running_since_ms: None,
+        processor: Some(spec.settings.processor),
+        cgroup: None,
+        meter: None,
     };
     control::write_status_file(&runtime_dir, &status).map_err(runtime_err(&runtime_dir))?;
-    match run_inner(spec, &mut status).await {
+    let group = spec
+        .cgroup
+        .as_ref()
+        .map(|h| h.vm_group(&spec.settings.id.to_string()));
+    let result = run_inner(spec, &mut status, group.clone()).await;
+    if let Some(group) = group {
+        leave_cgroup(&group);
+    }
+    match result {
         Ok(final_status) => Ok(final_status),
         Err(e) => {
             status.state = WorkerState::Critical;
@@ -184,9 +204,73 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// The cgroup settings for `p`.
+pub fn cpu_control(p: &vm_config::ProcessorSettings) -> cgroups::CpuControl {
+    cgroups::CpuControl {
+        count: p.count,
+        limit_percent: p.limit_percent,
+        weight: p.relative_weight,
+    }
+}
+
+/// Creates the VM's group, sets it and moves this worker into it (QEMU, started
+/// later, inherits it).
+fn enter_cgroup(
+    group: &cgroups::Group,
+    p: &vm_config::ProcessorSettings,
+) -> Result<(), WorkerError> {
+    group.create()?;
+    group.set_cpu(cpu_control(p))?;
+    group.add_process(std::process::id())?;
+    tracing::info!(cgroup = %group.path().display(), limit = p.limit_percent, weight = p.relative_weight, "VM placed in its cgroup");
+    Ok(())
+}
+
+/// Moves this worker out of the VM's group and removes the group (QEMU has exited).
+fn leave_cgroup(group: &cgroups::Group) {
+    if !group.exists() {
+        return;
+    }
+    if let Err(e) = group.release_process(std::process::id()) {
+        tracing::warn!("cannot leave the VM's cgroup: {}", error_chain(&e));
+    }
+    // The kernel may take a moment to forget exited members.
+    for _ in 0..50 {
+        match group.remove() {
+            Ok(()) => return,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    if let Err(e) = group.remove() {
+        tracing::warn!("cannot remove the VM's cgroup: {}", error_chain(&e));
+    }
+}
+
+/// QEMU's vCPU threads, in vCPU index order (`query-cpus-fast`).
+async fn vcpu_threads(qmp: &qmp::Client) -> Vec<u32> {
+    let Ok(answer) = qmp.execute("query-cpus-fast", None).await else {
+        return Vec::new();
+    };
+    let mut cpus: Vec<(u64, u32)> = answer
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| {
+                    let index = c.get("cpu-index")?.as_u64()?;
+                    let tid = u32::try_from(c.get("thread-id")?.as_u64()?).ok()?;
+                    Some((index, tid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    cpus.sort_unstable();
+    cpus.into_iter().map(|(_, tid)| tid).collect()
+}
+
 async fn run_inner(
     spec: WorkerSpec,
     status: &mut WorkerStatus,
+    group: Option<cgroups::Group>,
 ) -> Result<WorkerStatus, WorkerError> {
     let rt = spec.runtime_dir.clone();
     for name in [
@@ -231,6 +315,11 @@ async fn run_inner(
     let config = build_config(&spec, &decision, &served, sandbox);
     let args = config.to_args();
     tracing::info!(?args, "starting QEMU");
+
+    if let Some(group) = &group {
+        enter_cgroup(group, &spec.settings.processor)?;
+        status.cgroup = Some(group.path());
+    }
 
     let log_path = rt.join(QEMU_LOG);
     let log = std::fs::File::create(&log_path).map_err(runtime_err(&rt))?;
@@ -290,6 +379,7 @@ async fn run_inner(
         }
     };
     let mut events = qmp_client.events();
+    let vcpus = vcpu_threads(&qmp_client).await;
 
     let serial = UnixStream::connect(rt.join(SERIAL_SOCKET))
         .await
@@ -321,6 +411,9 @@ async fn run_inner(
         op: tokio::sync::Mutex::new(()),
         serial_out,
         serial_in,
+        group,
+        qemu_pid: status.qemu_pid.unwrap_or(0),
+        vcpu_threads: vcpus,
     });
 
     if spec.resume {
@@ -798,9 +891,11 @@ fn failed(what: &str, e: &dyn std::error::Error) -> Response {
 
 async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
     if request == Request::Status {
-        return Response::Ok {
-            status: shared.status.borrow().clone(),
-        };
+        let mut status = shared.status.borrow().clone();
+        if !status.state.is_final() {
+            status.meter = Some(sample(shared));
+        }
+        return Response::Ok { status };
     }
     let _op = shared.op.lock().await;
     let state = shared.state();
@@ -809,6 +904,7 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
     };
     match request {
         Request::Status | Request::Console => ok(shared),
+        Request::SetProcessor { processor } => set_processor(shared, processor),
         Request::Pause => {
             if state != WorkerState::Running {
                 return invalid(shared, "pause", "");
@@ -1003,4 +1099,62 @@ async fn save(shared: &Shared) -> Result<(), String> {
     }
     tracing::info!(bytes = written, file = %target.display(), "VM state saved");
     Ok(())
+}
+
+/// Samples the VM's counters now.
+fn sample(shared: &Shared) -> crate::meter::Meter {
+    use crate::meter;
+    let pid = shared.qemu_pid;
+    let cpu_ns = shared
+        .group
+        .as_ref()
+        .and_then(|g| g.usage().ok())
+        .map(|d| d.as_nanos() as u64)
+        .or_else(|| meter::process_cpu_ns(pid))
+        .unwrap_or(0);
+    meter::Meter {
+        at_unix_ms: meter::now_unix_ms(),
+        cpu_ns,
+        vcpu_ns: shared
+            .vcpu_threads
+            .iter()
+            .map(|tid| meter::thread_cpu_ns(pid, *tid).unwrap_or(0))
+            .collect(),
+        memory_bytes: meter::process_rss_bytes(pid).unwrap_or(0),
+    }
+}
+
+/// Applies a new limit and weight (and records the reserve) on the running VM.
+fn set_processor(shared: &Shared, processor: vm_config::ProcessorSettings) -> Response {
+    let current = shared.status.borrow().processor;
+    if let Some(current) = current {
+        if current.count != processor.count {
+            return Response::Error {
+                kind: FailureKind::InvalidState,
+                message: format!(
+                    "VM {} runs with {} virtual processors; the count changes only while it is off",
+                    shared.name(),
+                    current.count
+                ),
+            };
+        }
+    }
+    if let Some(group) = &shared.group {
+        if let Err(e) = group.set_cpu(cpu_control(&processor)) {
+            return failed("setting the VM's cgroup failed", &e);
+        }
+    }
+    shared.status.send_modify(|s| s.processor = Some(processor));
+    if let Err(e) = control::write_status_file(&shared.spec.runtime_dir, &shared.status.borrow()) {
+        tracing::warn!("cannot write the status file: {e}");
+    }
+    tracing::info!(
+        limit = processor.limit_percent,
+        weight = processor.relative_weight,
+        reserve = processor.reserve_percent,
+        "processor settings changed"
+    );
+    Response::Ok {
+        status: shared.status.borrow().clone(),
+    }
 }

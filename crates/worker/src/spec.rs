@@ -52,6 +52,11 @@ pub struct WorkerSpec {
     /// QEMU binary; `qemu-system-x86_64` from PATH when absent.
     #[serde(default)]
     pub qemu: Option<PathBuf>,
+    /// The cgroup hierarchy the daemon found: the worker puts itself and QEMU in the
+    /// VM's group there (`vm-<id>`) and enforces the processor limit and weight.
+    /// Absent: no cgroup, nothing enforced.
+    #[serde(default)]
+    pub cgroup: Option<cgroups::Hierarchy>,
 }
 
 fn default_console_log_limit() -> u64 {

@@ -126,6 +126,9 @@ pub async fn action(svc: &Arc<Service>, key: &str, action: &str, body: Incoming)
                 ),
             ));
         }
+        if action == "start" {
+            svc.admit(&store, &settings, &format!("start VM {}", entry.name()))?;
+        }
         if let Some(state) = claim(action) {
             svc.runtime.set(entry.id, VmRuntime::with_state(state));
         }

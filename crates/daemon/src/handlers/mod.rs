@@ -4,4 +4,5 @@ pub mod checkpoints;
 pub mod disks;
 pub mod jobs;
 pub mod lifecycle;
+pub mod metrics;
 pub mod vms;

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use api::vms::VmState;
 use api::vms::{
     AddDriveRequest, AddNetworkAdapterRequest, CreateVmRequest, DriveList, NetworkAdapterList,
     UpdateDriveRequest, UpdateProcessorRequest, UpdateVmRequest, VmList,
@@ -104,12 +105,25 @@ pub fn processor(svc: &Arc<Service>, key: &str) -> Answer {
 
 pub async fn update_processor(svc: &Arc<Service>, key: &str, body: Incoming) -> Answer {
     let req: UpdateProcessorRequest = read_json(body).await?;
-    let (_, vm) = svc.update_vm(key, |s| {
-        let p = &mut s.processor;
+    let apply = move |p: &mut ProcessorSettings| {
         p.count = req.count.unwrap_or(p.count);
         p.reserve_percent = req.reserve_percent.unwrap_or(p.reserve_percent);
         p.limit_percent = req.limit_percent.unwrap_or(p.limit_percent);
         p.relative_weight = req.relative_weight.unwrap_or(p.relative_weight);
+    };
+    let running = {
+        let store = svc.store();
+        let entry = find(&store, key)?;
+        matches!(
+            svc.runtime.get(entry.id).state,
+            VmState::Running | VmState::Paused
+        )
+    };
+    if running {
+        return Ok(json(200, &svc.update_processor_live(key, apply).await?));
+    }
+    let (_, vm) = svc.update_vm(key, |s| {
+        apply(&mut s.processor);
         Ok(())
     })?;
     let processor = vm.settings.map(|s| s.processor);

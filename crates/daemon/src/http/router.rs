@@ -8,7 +8,7 @@ use hyper::{Method, Request, Response};
 use tokio::sync::watch;
 
 use crate::error::ApiError;
-use crate::handlers::{checkpoints, disks, jobs, lifecycle, vms};
+use crate::handlers::{checkpoints, disks, jobs, lifecycle, metrics, vms};
 use crate::http::body::{self, json, Body};
 use crate::http::sse;
 use crate::service::Service;
@@ -118,7 +118,9 @@ async fn route(
     let body = req.into_body();
     use Method as M;
     match (&m, segs.as_slice()) {
-        (&M::GET, ["v1", "host"]) => Ok(json(200, &svc.host)),
+        (&M::GET, ["v1", "host"]) => Ok(json(200, &svc.host_info())),
+        (&M::GET, ["v1", "metrics"]) => metrics::metrics(svc),
+        (&M::GET, ["v1", "vms", vm, "measure"]) => metrics::measure(svc, vm),
         (&M::GET, ["v1", "openapi.json"]) => Ok(json(200, &api::openapi::document())),
         (&M::GET, ["v1", "events"]) => Ok(sse::events(svc, shutdown)),
 

@@ -49,8 +49,25 @@ pub trait WorkerControl: Send + Sync + 'static {
     fn pause(&self, id: Uuid, paused: bool) -> BoxFuture<Result<(), JobError>>;
     /// Resets the VM (the reset button).
     fn restart(&self, id: Uuid) -> BoxFuture<Result<(), JobError>>;
+    /// Applies new reserve, limit and weight to a running VM (same count).
+    fn set_processor(
+        &self,
+        id: Uuid,
+        processor: vm_config::ProcessorSettings,
+    ) -> BoxFuture<Result<(), JobError>>;
     /// Live figures (uptime, load, memory) for a running VM.
     fn live(&self, id: Uuid) -> Option<VmRuntime>;
+    /// Averages since a running VM started.
+    fn measure(&self, id: Uuid) -> Option<api::vms::VmMeasurement>;
+    /// The latest counters of every running VM: id, name, processor settings in force.
+    fn metrics(
+        &self,
+    ) -> Vec<(
+        Uuid,
+        String,
+        vm_config::ProcessorSettings,
+        worker::meter::Meter,
+    )>;
     /// Called once at daemon start with every readable VM: finds workers still running
     /// from before a restart and re-attaches to them, returning their runtime.
     fn reattach(&self, vms: Vec<(VmSettings, PathBuf)>) -> BoxFuture<Vec<(Uuid, VmRuntime)>>;

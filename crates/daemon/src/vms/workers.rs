@@ -40,6 +40,17 @@ struct Watched {
     vm_dir: PathBuf,
     name: String,
     status: Option<WorkerStatus>,
+    /// The counters sampled with each status poll.
+    history: crate::metering::History,
+}
+
+impl Watched {
+    fn record(&mut self, status: &WorkerStatus) {
+        if let Some(m) = &status.meter {
+            self.history.push(m.clone());
+        }
+        self.status = Some(status.clone());
+    }
 }
 
 /// Starts, controls and watches VM workers.
@@ -50,6 +61,8 @@ pub struct WorkerSupervisor {
     /// Decided once at daemon start and handed to every worker (no probe per start).
     decision: Mutex<Option<worker::accel::AccelDecision>>,
     sandbox: OnceLock<bool>,
+    /// Where VMs' cgroups go (detected at start); `None`: limits are not enforced.
+    pub cgroup: Option<cgroups::Hierarchy>,
     runs: std::sync::atomic::AtomicU64,
     watched: Mutex<HashMap<Uuid, Watched>>,
 }
@@ -120,8 +133,9 @@ fn refused(e: ClientError) -> JobError {
 }
 
 impl WorkerSupervisor {
-    pub fn new(accel: AccelChoice) -> Arc<Self> {
+    pub fn new(accel: AccelChoice, cgroup: Option<cgroups::Hierarchy>) -> Arc<Self> {
         Arc::new(Self {
+            cgroup,
             service: OnceLock::new(),
             worker_binary: find_worker_binary(),
             accel,
@@ -182,7 +196,7 @@ impl WorkerSupervisor {
 
     fn update(&self, id: Uuid, status: &WorkerStatus) {
         if let Some(w) = self.lock().get_mut(&id) {
-            w.status = Some(status.clone());
+            w.record(status);
         }
         self.report(id, to_runtime(status));
     }
@@ -241,7 +255,7 @@ impl WorkerSupervisor {
                             if changed {
                                 this.update(id, &status);
                             } else if let Some(w) = this.lock().get_mut(&id) {
-                                w.status = Some(status);
+                                w.record(&status);
                             }
                             true
                         }
@@ -280,6 +294,16 @@ impl WorkerSupervisor {
         let Some(w) = w else {
             return;
         };
+        // A worker that was killed could not remove the VM's cgroup; its QEMU died
+        // with it, so the group is empty (or about to be).
+        if let Some(h) = &self.cgroup {
+            let group = h.vm_group(&id.to_string());
+            if group.exists() {
+                if let Err(e) = group.remove() {
+                    tracing::warn!(vm = %id, "cannot remove the VM's cgroup {}: {e}", group.path().display());
+                }
+            }
+        }
         let status = control::read_status_file(&w.runtime_dir).ok();
         let runtime = match status {
             Some(s) if s.state.is_final() => to_runtime(&s),
@@ -359,6 +383,7 @@ impl WorkerSupervisor {
             direct_kernel: None,
             console_log_limit: worker::console::DEFAULT_LOG_LIMIT,
             qemu: None,
+            cgroup: self.cgroup.clone(),
         };
         let spec_path = rt.join("spec.json");
         let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| fail("writing its spec", &e))?;
@@ -379,6 +404,7 @@ impl WorkerSupervisor {
                 vm_dir: vm_dir.clone(),
                 name: vm.name.clone(),
                 status: None,
+                history: Default::default(),
             },
         );
         self.report(id, VmRuntime::with_state(VmState::Starting));
@@ -547,11 +573,71 @@ impl WorkerControl for Arc<WorkerSupervisor> {
         Box::pin(async move { this.call(id, Request::Restart).await.map(drop) })
     }
 
+    fn set_processor(
+        &self,
+        id: Uuid,
+        processor: vm_config::ProcessorSettings,
+    ) -> BoxFuture<Result<(), JobError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            this.call(id, Request::SetProcessor { processor })
+                .await
+                .map(drop)
+        })
+    }
+
     fn live(&self, id: Uuid) -> Option<VmRuntime> {
+        let watched = self.lock();
+        let w = watched.get(&id)?;
+        let status = w.status.as_ref()?;
+        let mut rt = to_runtime(status);
+        if !status.state.is_final() {
+            rt.processor_settings = status.processor;
+            let count = status.processor.map_or(1, |p| p.count);
+            rt.processor = w.history.processor_use(count);
+            rt.processor_load_percent = rt
+                .processor
+                .as_ref()
+                .map(|p| p.total_percent.round().clamp(0.0, 100.0) as u8);
+            rt.memory_in_use_mib = w.history.latest().map(|m| m.memory_bytes / (1024 * 1024));
+        }
+        Some(rt)
+    }
+
+    fn measure(&self, id: Uuid) -> Option<api::vms::VmMeasurement> {
+        let watched = self.lock();
+        let w = watched.get(&id)?;
+        let status = w.status.as_ref()?;
+        let started = status
+            .running_since_ms
+            .or(status.running_since.map(|s| s * 1000))?;
+        let count = status.processor.map_or(1, |p| p.count);
+        crate::metering::measurement(id, &w.name, count, started, &w.history)
+    }
+
+    fn metrics(
+        &self,
+    ) -> Vec<(
+        Uuid,
+        String,
+        vm_config::ProcessorSettings,
+        worker::meter::Meter,
+    )> {
         self.lock()
-            .get(&id)
-            .and_then(|w| w.status.as_ref())
-            .map(to_runtime)
+            .iter()
+            .filter_map(|(id, w)| {
+                let status = w.status.as_ref()?;
+                if status.state.is_final() {
+                    return None;
+                }
+                Some((
+                    *id,
+                    w.name.clone(),
+                    status.processor?,
+                    w.history.latest()?.clone(),
+                ))
+            })
+            .collect()
     }
 
     fn reattach(&self, vms: Vec<(VmSettings, PathBuf)>) -> BoxFuture<Vec<(Uuid, VmRuntime)>> {
@@ -574,6 +660,7 @@ impl WorkerControl for Arc<WorkerSupervisor> {
                             vm_dir: vm_dir.clone(),
                             name: vm.name.clone(),
                             status: Some(status.clone()),
+                            history: Default::default(),
                         },
                     );
                     found.push((vm.id, to_runtime(&status)));
@@ -616,7 +703,24 @@ pub fn install(
     let decision = worker::accel::decide(accel, &host)?;
     svc.host.accelerator.kind = decision.accel.as_str().to_string();
     svc.host.accelerator.reason = decision.reason.clone();
-    let supervisor = WorkerSupervisor::new(accel);
+    let cgroup = match cgroups::Hierarchy::detect() {
+        Ok(h) => {
+            tracing::info!(hierarchy = %h.describe(), "VM processor limits and weights are enforced through cgroups");
+            svc.host.processor_control = format!(
+                "{}; each VM's worker and QEMU run in {}",
+                h.describe(),
+                h.vm_group("<id>").path().display()
+            );
+            Some(h)
+        }
+        Err(e) => {
+            tracing::warn!("VM processor limits and weights are not enforced: {e}");
+            svc.host.processor_control =
+                format!("none: processor limits and weights are not enforced ({e})");
+            None
+        }
+    };
+    let supervisor = WorkerSupervisor::new(accel, cgroup);
     *supervisor
         .decision
         .lock()

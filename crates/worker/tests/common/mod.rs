@@ -109,6 +109,7 @@ impl Vm {
             direct_kernel: direct,
             console_log_limit: 1 << 20,
             qemu: None,
+            cgroup: None,
         };
         Self {
             dir,

@@ -1,0 +1,298 @@
+//! Live metering: the worker's raw counters (see `worker::meter`) turned into rates
+//! for `runtime`, averages for `GET /v1/vms/{vm}/measure`, and Prometheus text for
+//! `GET /v1/metrics`.
+
+use std::collections::VecDeque;
+use std::fmt::Write;
+
+use api::vms::{ProcessorUse, VmMeasurement};
+use uuid::Uuid;
+use worker::meter::Meter;
+
+/// How far back the live figures look (at least `MIN_WINDOW_MS` when samples allow).
+const WINDOW_MS: u64 = 3_000;
+const MIN_WINDOW_MS: u64 = 900;
+
+/// The samples of one VM's run that the daemon keeps.
+#[derive(Debug, Default, Clone)]
+pub struct History {
+    samples: VecDeque<Meter>,
+    /// Memory × time since the first sample, for the average (MiB·ms).
+    memory_mib_ms: f64,
+    first_ms: Option<u64>,
+}
+
+impl History {
+    pub fn push(&mut self, m: Meter) {
+        if let Some(last) = self.samples.back() {
+            if m.at_unix_ms <= last.at_unix_ms {
+                return;
+            }
+            let dt = (m.at_unix_ms - last.at_unix_ms) as f64;
+            self.memory_mib_ms += mib(last.memory_bytes) as f64 * dt;
+        } else {
+            self.first_ms = Some(m.at_unix_ms);
+        }
+        self.samples.push_back(m);
+        while self.samples.len() > 2
+            && self.samples[1].at_unix_ms + WINDOW_MS
+                <= self.samples.back().map_or(0, |b| b.at_unix_ms)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    pub fn latest(&self) -> Option<&Meter> {
+        self.samples.back()
+    }
+
+    /// Processor use between the oldest kept sample and the latest.
+    pub fn processor_use(&self, count: u32) -> Option<ProcessorUse> {
+        let (a, b) = (self.samples.front()?, self.samples.back()?);
+        if b.at_unix_ms < a.at_unix_ms + MIN_WINDOW_MS {
+            return None;
+        }
+        Some(rates(a, b, count))
+    }
+
+    /// The average resident memory while watched, MiB.
+    pub fn average_memory_mib(&self) -> Option<u64> {
+        let first = self.first_ms?;
+        let last = self.samples.back()?;
+        let span = last.at_unix_ms.saturating_sub(first);
+        if span == 0 {
+            return Some(mib(last.memory_bytes));
+        }
+        Some((self.memory_mib_ms / span as f64).round() as u64)
+    }
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes / (1024 * 1024)
+}
+
+fn pct(ns: u64, ms: u64) -> f64 {
+    if ms == 0 {
+        return 0.0;
+    }
+    round1(ns as f64 / (ms as f64 * 1e4))
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// Rates between two samples.
+pub fn rates(a: &Meter, b: &Meter, count: u32) -> ProcessorUse {
+    let ms = b.at_unix_ms.saturating_sub(a.at_unix_ms);
+    let per_vcpu: Vec<f64> = b
+        .vcpu_ns
+        .iter()
+        .zip(a.vcpu_ns.iter().chain(std::iter::repeat(&0)))
+        .map(|(y, x)| pct(y.saturating_sub(*x), ms))
+        .collect();
+    let vcpu_sum: f64 = per_vcpu.iter().sum();
+    ProcessorUse {
+        total_percent: round1(vcpu_sum / f64::from(count.max(1))),
+        per_vcpu_percent: per_vcpu,
+        host_processor_percent: pct(b.cpu_ns.saturating_sub(a.cpu_ns), ms),
+        window_seconds: ms as f64 / 1000.0,
+    }
+}
+
+/// Averages since start from the latest counters and the time the VM began running.
+pub fn measurement(
+    id: Uuid,
+    name: &str,
+    count: u32,
+    started_unix_ms: u64,
+    history: &History,
+) -> Option<VmMeasurement> {
+    let m = history.latest()?;
+    let ms = m.at_unix_ms.saturating_sub(started_unix_ms);
+    let per_vcpu: Vec<f64> = m.vcpu_ns.iter().map(|ns| pct(*ns, ms)).collect();
+    let sum: f64 = per_vcpu.iter().sum();
+    Some(VmMeasurement {
+        id,
+        name: name.to_string(),
+        uptime_seconds: ms as f64 / 1000.0,
+        processor_seconds: m.cpu_ns as f64 / 1e9,
+        average_processor_percent: round1(sum / f64::from(count.max(1))),
+        average_per_vcpu_percent: per_vcpu,
+        average_memory_mib: history.average_memory_mib().unwrap_or(0),
+        memory_in_use_mib: mib(m.memory_bytes),
+        processor_count: count,
+    })
+}
+
+/// One running VM as `/v1/metrics` shows it.
+pub struct MetricsRow<'a> {
+    pub id: Uuid,
+    pub name: &'a str,
+    pub processor: vm_config::ProcessorSettings,
+    pub meter: &'a Meter,
+}
+
+/// Prometheus text exposition format (version 0.0.4).
+pub fn prometheus(rows: &[MetricsRow<'_>]) -> String {
+    let mut out = String::new();
+    let labels = |r: &MetricsRow<'_>| format!("vm=\"{}\",id=\"{}\"", escape(r.name), r.id);
+    let mut family =
+        |name: &str, kind: &str, help: &str, values: &mut dyn Iterator<Item = String>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for v in values {
+                let _ = writeln!(out, "{name}{v}");
+            }
+        };
+    family(
+        "viridian_vm_cpu_seconds_total",
+        "counter",
+        "Processor time used by the VM's worker and QEMU (its cgroup).",
+        &mut rows
+            .iter()
+            .map(|r| format!("{{{}}} {}", labels(r), r.meter.cpu_ns as f64 / 1e9)),
+    );
+    family(
+        "viridian_vm_vcpu_seconds_total",
+        "counter",
+        "Processor time used by each virtual processor's thread.",
+        &mut rows.iter().flat_map(|r| {
+            r.meter
+                .vcpu_ns
+                .iter()
+                .enumerate()
+                .map(move |(i, ns)| format!("{{{},vcpu=\"{i}\"}} {}", labels(r), *ns as f64 / 1e9))
+        }),
+    );
+    family(
+        "viridian_vm_memory_bytes",
+        "gauge",
+        "Resident memory of the VM's QEMU.",
+        &mut rows
+            .iter()
+            .map(|r| format!("{{{}}} {}", labels(r), r.meter.memory_bytes)),
+    );
+    family(
+        "viridian_vm_processor_count",
+        "gauge",
+        "Virtual processors.",
+        &mut rows
+            .iter()
+            .map(|r| format!("{{{}}} {}", labels(r), r.processor.count)),
+    );
+    family(
+        "viridian_vm_processor_limit_percent",
+        "gauge",
+        "Processor limit, % of one logical processor per virtual processor.",
+        &mut rows
+            .iter()
+            .map(|r| format!("{{{}}} {}", labels(r), r.processor.limit_percent)),
+    );
+    family(
+        "viridian_vm_processor_reserve_percent",
+        "gauge",
+        "Processor reserve, % of one logical processor per virtual processor.",
+        &mut rows
+            .iter()
+            .map(|r| format!("{{{}}} {}", labels(r), r.processor.reserve_percent)),
+    );
+    family(
+        "viridian_vm_processor_weight",
+        "gauge",
+        "Relative processor weight (1-10000).",
+        &mut rows
+            .iter()
+            .map(|r| format!("{{{}}} {}", labels(r), r.processor.relative_weight)),
+    );
+    out
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(at: u64, cpu_ms: u64, vcpus: &[u64], mem_mib: u64) -> Meter {
+        Meter {
+            at_unix_ms: at,
+            cpu_ns: cpu_ms * 1_000_000,
+            vcpu_ns: vcpus.iter().map(|ms| ms * 1_000_000).collect(),
+            memory_bytes: mem_mib * 1024 * 1024,
+        }
+    }
+
+    #[test]
+    fn rates_are_per_vcpu_of_one_host_cpu_and_total_of_the_count() {
+        let u = rates(&m(0, 0, &[0, 0], 0), &m(2000, 1100, &[500, 500], 0), 2);
+        assert_eq!(u.per_vcpu_percent, vec![25.0, 25.0]);
+        assert_eq!(u.total_percent, 25.0);
+        assert_eq!(u.host_processor_percent, 55.0);
+        assert_eq!(u.window_seconds, 2.0);
+    }
+
+    #[test]
+    fn history_keeps_a_window_and_averages_memory_over_time() {
+        let mut h = History::default();
+        assert!(h.processor_use(1).is_none());
+        h.push(m(0, 0, &[0], 100));
+        h.push(m(500, 100, &[100], 100));
+        assert!(
+            h.processor_use(1).is_none(),
+            "a window under 0.9 s is too short"
+        );
+        h.push(m(1000, 200, &[200], 300));
+        assert_eq!(h.processor_use(1).unwrap().total_percent, 20.0);
+        for t in 1..20 {
+            h.push(m(1000 + t * 500, 200, &[200], 300));
+        }
+        let u = h.processor_use(1).unwrap();
+        assert!(u.window_seconds <= 3.5, "{u:?}");
+        assert_eq!(u.total_percent, 0.0);
+        // 1 s at 100 MiB, 9.5 s at 300 MiB.
+        assert_eq!(
+            h.average_memory_mib(),
+            Some((100.0 * 1000.0 + 300.0 * 9500.0) as u64 / 10_500)
+        );
+        // An old sample arriving late is ignored.
+        h.push(m(10, 0, &[0], 0));
+        assert_eq!(h.latest().unwrap().at_unix_ms, 10_500);
+    }
+
+    #[test]
+    fn measurement_averages_since_start() {
+        let mut h = History::default();
+        h.push(m(10_000, 4000, &[2000, 1000], 256));
+        let r = measurement(Uuid::nil(), "web", 2, 0, &h).unwrap();
+        assert_eq!(r.average_per_vcpu_percent, vec![20.0, 10.0]);
+        assert_eq!(r.average_processor_percent, 15.0);
+        assert_eq!(r.processor_seconds, 4.0);
+        assert_eq!(r.memory_in_use_mib, 256);
+    }
+
+    #[test]
+    fn prometheus_text_has_help_type_and_labelled_samples() {
+        let meter = m(0, 1500, &[1000], 64);
+        let text = prometheus(&[MetricsRow {
+            id: Uuid::nil(),
+            name: "we\"b",
+            processor: vm_config::ProcessorSettings::with_count(1),
+            meter: &meter,
+        }]);
+        assert!(
+            text.contains("# TYPE viridian_vm_cpu_seconds_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"viridian_vm_cpu_seconds_total{vm="we\"b",id="00000000-0000-0000-0000-000000000000"} 1.5"#),
+            "{text}"
+        );
+        assert!(text.contains(r#",vcpu="0"} 1"#), "{text}");
+        assert!(text.contains("viridian_vm_memory_bytes{"), "{text}");
+        assert!(text.contains("viridian_vm_processor_weight{"), "{text}");
+    }
+}
