@@ -38,7 +38,9 @@ impl FileIdentifier {
     pub fn serialize(&self) -> Vec<u8> {
         let mut b = vec![0u8; FILE_ID_SIZE];
         b[..8].copy_from_slice(FILE_ID_SIGNATURE);
-        for (i, u) in self.creator.encode_utf16().take(255).enumerate() {
+        // 256 units fill the field: a creator read without a terminating
+        // zero is written back whole.
+        for (i, u) in self.creator.encode_utf16().take(256).enumerate() {
             b[8 + 2 * i..10 + 2 * i].copy_from_slice(&u.to_le_bytes());
         }
         b
@@ -205,6 +207,21 @@ mod tests {
         assert_eq!(current(&bad, &Ok(b)), Ok(1));
         assert_eq!(current(&Ok(a), &bad), Ok(0));
         assert!(current(&bad, &bad).is_err());
+    }
+
+    /// A creator filling all 512 bytes, with no terminating zero, lost its
+    /// last character when written back (vhdx_header target).
+    #[test]
+    fn file_identifier_with_a_full_creator_round_trips() {
+        let mut b = vec![0u8; FILE_ID_SIZE];
+        b[..8].copy_from_slice(FILE_ID_SIGNATURE);
+        for u in b[8..].chunks_exact_mut(2) {
+            u.copy_from_slice(&0x0101u16.to_le_bytes());
+        }
+        let id = FileIdentifier::parse(&b).unwrap();
+        assert_eq!(id.creator.encode_utf16().count(), 256);
+        assert_eq!(id.serialize(), b);
+        assert_eq!(FileIdentifier::parse(&id.serialize()).unwrap(), id);
     }
 
     #[test]
