@@ -114,6 +114,15 @@ impl Header {
                 ),
             ));
         }
+        if h.log_offset.checked_add(u64::from(h.log_length)).is_none() {
+            return Err(field(
+                "header",
+                format!(
+                    "log at offset {} with length {} ends past the largest file offset",
+                    h.log_offset, h.log_length
+                ),
+            ));
+        }
         if h.log_length == 0 && !h.log_guid.is_nil() {
             return Err(field("header", "a log to replay but a log length of 0"));
         }
@@ -192,6 +201,18 @@ mod tests {
         b[0] = b'x';
         assert!(matches!(Header::parse(&b), Err(Fault::Signature { .. })));
         assert!(matches!(Header::parse(&b[..10]), Err(Fault::Short { .. })));
+    }
+
+    /// A log ending past 2^64 (found by review): the open computed the
+    /// log's end with an overflowing add when the log was empty.
+    #[test]
+    fn header_whose_log_ends_past_the_largest_offset_is_refused() {
+        let mut h = sample();
+        h.log_offset = u64::MAX - (MIB - 1);
+        let err = Header::parse(&h.serialize()).unwrap_err();
+        assert!(err.to_string().contains("ends past"), "{err}");
+        h.log_offset = u64::MAX - (2 * MIB - 1);
+        assert_eq!(Header::parse(&h.serialize()).unwrap(), h);
     }
 
     #[test]
