@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use vhd::{BackingFile, Storage};
 
+pub mod vhdx_input;
+
 /// Writes that would grow the file past this fail like a full disk, so an
 /// image with 256 MiB blocks costs an error path, not the fuzzer's memory.
 pub const MAX_FILE: u64 = 16 << 20;
@@ -19,8 +21,12 @@ pub struct MemFile {
 
 impl MemFile {
     pub fn new(bytes: &[u8]) -> Arc<Self> {
+        Self::from_vec(bytes.to_vec())
+    }
+
+    pub fn from_vec(bytes: Vec<u8>) -> Arc<Self> {
         Arc::new(MemFile {
-            bytes: Mutex::new(bytes.to_vec()),
+            bytes: Mutex::new(bytes),
         })
     }
 
@@ -89,6 +95,12 @@ impl MemStorage {
     pub fn new(bytes: &[u8]) -> Self {
         MemStorage {
             file: MemFile::new(bytes),
+        }
+    }
+
+    pub fn from_vec(bytes: Vec<u8>) -> Self {
+        MemStorage {
+            file: MemFile::from_vec(bytes),
         }
     }
 }

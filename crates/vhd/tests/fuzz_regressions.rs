@@ -122,3 +122,63 @@ fn locator_claiming_past_the_end_does_not_block_allocation() {
     disk.read_at(&mut b, 8 * 4096).unwrap();
     assert_eq!(b, [9u8; 4096]);
 }
+
+// VHDX (vhdx_* targets).
+
+fn vhdx_dynamic(path: &Path) -> Vec<u8> {
+    use vhd::vhdx::create::{create, NewVhdx, VhdxOptions};
+    let opts = VhdxOptions {
+        block_size: Some(1 << 20),
+        ..VhdxOptions::new(NewVhdx::Dynamic { size: 4 << 20 })
+    };
+    create(path, &opts, &mut NoProgress).unwrap();
+    {
+        let disk = vhd::open(path, false).unwrap();
+        disk.write_at(&[7u8; 4096], 4096).unwrap();
+        disk.flush().unwrap();
+    }
+    std::fs::read(path).unwrap()
+}
+
+/// Offset of the BAT and of the metadata region of a file the engine made.
+fn vhdx_regions(bytes: &[u8]) -> (usize, usize) {
+    use vhd::vhdx::region::{RegionTable, BAT_GUID, METADATA_GUID, TABLE_OFFSETS};
+    let at = TABLE_OFFSETS[0] as usize;
+    let t = RegionTable::parse(&bytes[at..]).unwrap();
+    (
+        t.find(&BAT_GUID).unwrap().file_offset as usize,
+        t.find(&METADATA_GUID).unwrap().file_offset as usize,
+    )
+}
+
+/// A BAT entry placing block 1 on the metadata region, the BAT or the log:
+/// the first write to the block overwrote that structure, so the file the
+/// engine had just written and flushed no longer opened (vhdx_image target).
+/// Now refused at open, naming what the block lies over.
+#[test]
+fn vhdx_block_over_metadata_bat_or_log_is_refused_at_open() {
+    use vhd::vhdx::bat::{BatEntry, PAYLOAD_BLOCK_FULLY_PRESENT};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhdx");
+    let clean = vhdx_dynamic(&path);
+    let (bat, meta) = vhdx_regions(&clean);
+    for (offset, what) in [
+        (meta as u64, "metadata region"),
+        (bat as u64, "BAT"),
+        (1 << 20, "log"),
+    ] {
+        let mut bad = clean.clone();
+        let e = BatEntry::new(PAYLOAD_BLOCK_FULLY_PRESENT, offset).raw();
+        bad[bat + 8..bat + 16].copy_from_slice(&e.to_le_bytes());
+        let err = open_error(&path, &bad);
+        assert!(
+            err.contains("BAT entry 1") && err.contains(what),
+            "{what}: {err}"
+        );
+    }
+    std::fs::write(&path, &clean).unwrap();
+    let disk = vhd::open(&path, true).unwrap();
+    let mut b = [0u8; 4096];
+    disk.read_at(&mut b, 4096).unwrap();
+    assert_eq!(b, [7u8; 4096]);
+}

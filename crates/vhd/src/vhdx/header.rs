@@ -38,7 +38,9 @@ impl FileIdentifier {
     pub fn serialize(&self) -> Vec<u8> {
         let mut b = vec![0u8; FILE_ID_SIZE];
         b[..8].copy_from_slice(FILE_ID_SIGNATURE);
-        for (i, u) in self.creator.encode_utf16().take(255).enumerate() {
+        // 256 units fill the field: a creator read without a terminating
+        // zero is written back whole.
+        for (i, u) in self.creator.encode_utf16().take(256).enumerate() {
             b[8 + 2 * i..10 + 2 * i].copy_from_slice(&u.to_le_bytes());
         }
         b
@@ -108,6 +110,15 @@ impl Header {
                 "header",
                 format!(
                     "log at offset {} with length {} is not 1 MiB aligned past the header section",
+                    h.log_offset, h.log_length
+                ),
+            ));
+        }
+        if h.log_offset.checked_add(u64::from(h.log_length)).is_none() {
+            return Err(field(
+                "header",
+                format!(
+                    "log at offset {} with length {} ends past the largest file offset",
                     h.log_offset, h.log_length
                 ),
             ));
@@ -192,6 +203,18 @@ mod tests {
         assert!(matches!(Header::parse(&b[..10]), Err(Fault::Short { .. })));
     }
 
+    /// A log ending past 2^64 (found by review): the open computed the
+    /// log's end with an overflowing add when the log was empty.
+    #[test]
+    fn header_whose_log_ends_past_the_largest_offset_is_refused() {
+        let mut h = sample();
+        h.log_offset = u64::MAX - (MIB - 1);
+        let err = Header::parse(&h.serialize()).unwrap_err();
+        assert!(err.to_string().contains("ends past"), "{err}");
+        h.log_offset = u64::MAX - (2 * MIB - 1);
+        assert_eq!(Header::parse(&h.serialize()).unwrap(), h);
+    }
+
     #[test]
     fn current_header_is_the_valid_one_with_the_higher_sequence() {
         let mut a = sample();
@@ -205,6 +228,21 @@ mod tests {
         assert_eq!(current(&bad, &Ok(b)), Ok(1));
         assert_eq!(current(&Ok(a), &bad), Ok(0));
         assert!(current(&bad, &bad).is_err());
+    }
+
+    /// A creator filling all 512 bytes, with no terminating zero, lost its
+    /// last character when written back (vhdx_header target).
+    #[test]
+    fn file_identifier_with_a_full_creator_round_trips() {
+        let mut b = vec![0u8; FILE_ID_SIZE];
+        b[..8].copy_from_slice(FILE_ID_SIGNATURE);
+        for u in b[8..].chunks_exact_mut(2) {
+            u.copy_from_slice(&0x0101u16.to_le_bytes());
+        }
+        let id = FileIdentifier::parse(&b).unwrap();
+        assert_eq!(id.creator.encode_utf16().count(), 256);
+        assert_eq!(id.serialize(), b);
+        assert_eq!(FileIdentifier::parse(&id.serialize()).unwrap(), id);
     }
 
     #[test]

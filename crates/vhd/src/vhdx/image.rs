@@ -339,7 +339,17 @@ impl VhdxImage {
         let mut raw = vec![0u8; (entries * 8) as usize];
         read_meta(&mut raw, bat_region.file_offset)?;
         let bat = bat::parse(&raw);
-        let end = Self::validate_bat(path, &layout, &bat, file_len)?;
+        // What a block must not lie over: the log and every region.
+        let mut taken = vec![(hdr.log_offset, u64::from(hdr.log_length), "log".to_string())];
+        for r in &regions.entries {
+            let what = match r.guid {
+                region::BAT_GUID => "BAT".to_string(),
+                region::METADATA_GUID => "metadata region".to_string(),
+                g => format!("region {g}"),
+            };
+            taken.push((r.file_offset, u64::from(r.length), what));
+        }
+        let end = Self::validate_bat(path, &layout, &bat, file_len, &taken)?;
         let log_end = hdr.log_offset + u64::from(hdr.log_length);
         let end = [
             end,
@@ -467,9 +477,17 @@ impl VhdxImage {
         write_headers(file, path, s, h)
     }
 
-    /// Checks every allocated block and bitmap lies within the file; returns
-    /// the end of the last one.
-    fn validate_bat(path: &Path, layout: &Layout, bat: &[u64], file_len: u64) -> Result<u64> {
+    /// Checks every allocated block and bitmap lies within the file, past the
+    /// header section and clear of the `taken` ranges (offset, length, what):
+    /// a write to a block over the log, the BAT or the metadata would destroy
+    /// them. Returns the end of the last one.
+    fn validate_bat(
+        path: &Path,
+        layout: &Layout,
+        bat: &[u64],
+        file_len: u64,
+        taken: &[(u64, u64, String)],
+    ) -> Result<u64> {
         let cr = layout.chunk_ratio();
         let mut end = 0u64;
         for (i, &raw) in bat.iter().enumerate() {
@@ -537,6 +555,20 @@ impl VhdxImage {
                     index: i,
                     offset,
                     end: file_len,
+                }
+                .into());
+            }
+            // `block_end` is within the file, so no sum here overflows.
+            let end_here = offset + size;
+            if let Some((_, _, what)) = taken
+                .iter()
+                .find(|(at, len, _)| offset < at.saturating_add(*len) && *at < end_here)
+            {
+                return Err(VhdxError::BatEntryOverlaps {
+                    path: path.into(),
+                    index: i,
+                    offset,
+                    what: what.clone(),
                 }
                 .into());
             }

@@ -148,8 +148,19 @@ impl ParentLocator {
             String::from_utf16(&units).map_err(|_| field(WHAT, "a string is not valid UTF-16"))
         };
         let mut entries = Vec::with_capacity(count);
+        // What the locator takes written back (strings one after another):
+        // strings may share bytes here, but written out they must still fit
+        // in an item, or a metadata rewrite would build gigabytes.
+        let mut serialized = 20 + 12 * count as u64;
         for i in 0..count {
             let at = 20 + 12 * i;
+            serialized += u64::from(u16_at(b, at + 8)) + u64::from(u16_at(b, at + 10));
+            if serialized > MIB {
+                return Err(field(
+                    WHAT,
+                    format!("its strings add up to more than {MIB} bytes, the largest item"),
+                ));
+            }
             let key = text(u32_at(b, at), u16_at(b, at + 8))?;
             let value = text(u32_at(b, at + 4), u16_at(b, at + 10))?;
             if entries.iter().any(|(k, _): &(String, String)| *k == key) {
@@ -466,6 +477,35 @@ mod tests {
         b[32 + 16..32 + 20].copy_from_slice(&(2 * MIB as u32).to_le_bytes());
         assert!(Metadata::parse(&b).is_err());
         assert!(Metadata::parse(&b[..100]).is_err());
+    }
+
+    /// Entries sharing one long value string: 40 × 32 KiB written back, from
+    /// a 33 KiB item. Up to 65535 entries × 64 KiB would have been built by a
+    /// metadata rewrite (found by review while writing the vhdx_metadata target).
+    #[test]
+    fn parent_locator_whose_strings_add_up_past_an_item_is_refused() {
+        let locator = |count: usize| {
+            let value_at = 20 + 12 * count + 2 * count;
+            let mut b = vec![0u8; value_at + 32768];
+            b[18..20].copy_from_slice(&(count as u16).to_le_bytes());
+            for i in 0..count {
+                let (at, key_at) = (20 + 12 * i, 20 + 12 * count + 2 * i);
+                b[key_at..key_at + 2].copy_from_slice(&(0x41 + i as u16).to_le_bytes());
+                b[at..at + 4].copy_from_slice(&(key_at as u32).to_le_bytes());
+                b[at + 4..at + 8].copy_from_slice(&(value_at as u32).to_le_bytes());
+                b[at + 8..at + 10].copy_from_slice(&2u16.to_le_bytes());
+                b[at + 10..at + 12].copy_from_slice(&32768u16.to_le_bytes());
+            }
+            for u in b[value_at..].chunks_exact_mut(2) {
+                u.copy_from_slice(&0x61u16.to_le_bytes());
+            }
+            b
+        };
+        let err = ParentLocator::parse(&locator(40)).unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
+        let pl = ParentLocator::parse(&locator(20)).unwrap();
+        assert!(pl.serialize().len() as u64 <= MIB);
+        assert_eq!(ParentLocator::parse(&pl.serialize()).unwrap(), pl);
     }
 
     #[test]

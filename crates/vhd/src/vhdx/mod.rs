@@ -173,6 +173,14 @@ pub enum Error {
         end: u64,
     },
 
+    #[error("{path}: BAT entry {index} places a block at byte {offset}, over the {what}; the file is corrupt")]
+    BatEntryOverlaps {
+        path: PathBuf,
+        index: u64,
+        offset: u64,
+        what: String,
+    },
+
     #[error("{path}: the log needs replay (LogGuid {log_guid}) but holds no valid, complete log sequence; the file is corrupt")]
     LogNoValidSequence { path: PathBuf, log_guid: String },
 
