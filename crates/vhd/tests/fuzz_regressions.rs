@@ -84,3 +84,41 @@ fn bat_over_the_header_is_refused_at_open() {
         "{err}"
     );
 }
+
+/// A differencing disk whose absolute locator claims more bytes than the file
+/// holds: the first block allocated past the end "overlapped" it, so the file
+/// the engine had just written and flushed no longer opened (vhd_image
+/// target). Blocks are checked against the footer copy, header and BAT only.
+#[test]
+fn locator_claiming_past_the_end_does_not_block_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("p.vhd");
+    dynamic(&parent);
+    let child = dir.path().join("c.avhd");
+    let opts = CreateOptions {
+        kind: NewDisk::Differencing {
+            parent: parent.clone(),
+        },
+        exact_size: true,
+    };
+    create(&child, &opts, &mut NoProgress).unwrap();
+    let mut bytes = std::fs::read(&child).unwrap();
+    let mut header = DynamicHeader::parse(bytes[512..1536].try_into().unwrap()).unwrap();
+    let loc = header
+        .locators
+        .iter_mut()
+        .find(|l| l.platform_code == vhd::vhd1::header::PLATFORM_W2KU)
+        .expect("an absolute locator");
+    loc.data_length = 1 << 20;
+    bytes[512..1536].copy_from_slice(&header.serialize());
+    std::fs::write(&child, &bytes).unwrap();
+    {
+        let disk = vhd::open(&child, false).expect("opens");
+        disk.write_at(&[9u8; 4096], 8 * 4096).unwrap();
+        disk.flush().unwrap();
+    }
+    let disk = vhd::open(&child, true).expect("the written file opens again");
+    let mut b = [0u8; 4096];
+    disk.read_at(&mut b, 8 * 4096).unwrap();
+    assert_eq!(b, [9u8; 4096]);
+}

@@ -5,7 +5,11 @@
 #     with qemu-system-x86_64 started by hand on the raw image (QEMU's own IDE + file);
 #  2. in-guest sequential 1 MiB O_DIRECT read and write on an IDE disk: ours (PIIX IDE
 #     over the worker's NBD server) versus QEMU's own IDE on the raw file;
-#  3. the worker's resident memory while its VM runs (QEMU and guest RAM excluded).
+#  3. the worker's resident memory while its VM runs (QEMU and guest RAM excluded);
+#  4. in-guest sequential 1 MiB O_DIRECT read and write on a synthetic disk: ours
+#     (virtio-blk over the worker's vhost-user-blk backend, fixed VHD) versus
+#     qemu-storage-daemon's vhost-user-blk export of a raw file, versus QEMU's own
+#     virtio-blk on the raw file (both QEMU peers through the host page cache, as ours).
 # Usage: crates/worker/bench/runtime.sh [ROUNDS]   (builds release binaries first)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -61,7 +65,7 @@ v vm disk add bench "$tmp/boot.vhd" --controller ide --number 0 --location 0
 field() { "$bin/viridian" vm show bench --json </dev/null | /usr/bin/python3 -c "import json,sys; v=json.load(sys.stdin); print($1)"; }
 id="$(field 'v["id"]')"
 log="$tmp/data/vms/$id/runtime/console.log"
-ours=(); byhand=()
+ours=(); byhand=(); bynbd=()
 for r in $(seq 1 "$rounds"); do
     rm -f "$log" "$log.1"
     start=$(now_ms)
@@ -76,13 +80,29 @@ for r in $(seq 1 "$rounds"); do
     qpid=$!
     byhand+=("$(wait_for "$out" "VIRIDIAN-GUEST: booted" "$start")")
     kill "$qpid"; wait "$qpid" 2>/dev/null || true
+    # The same disk path by hand: QEMU's IDE over NBD, served by qemu-nbd.
+    out="$tmp/bynbd.log"
+    rm -f "$out" "$tmp/qnbd.sock"
+    qemu-nbd -f raw -k "$tmp/qnbd.sock" -x boot --persistent "$tmp/boot.raw" </dev/null &
+    npid=$!
+    while [ ! -S "$tmp/qnbd.sock" ]; do sleep 0.01; done
+    start=$(now_ms)
+    qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M \
+        -blockdev driver=nbd,node-name=d0,server.type=unix,server.path="$tmp/qnbd.sock",export=boot \
+        -device ide-hd,drive=d0,bus=ide.0,unit=0,bootindex=0 -serial file:"$out" </dev/null &
+    qpid=$!
+    bynbd+=("$(wait_for "$out" "VIRIDIAN-GUEST: booted" "$start")")
+    kill "$qpid"; wait "$qpid" 2>/dev/null || true
+    kill "$npid"; wait "$npid" 2>/dev/null || true
 done
 m_ours=$(printf '%s\n' "${ours[@]}" | median)
 m_hand=$(printf '%s\n' "${byhand[@]}" | median)
+m_nbd=$(printf '%s\n' "${bynbd[@]}" | median)
 echo "start to first marker, ms (rounds: $rounds)"
-echo "  viridian vm start (API, worker, NBD): ${ours[*]}  median $m_ours"
-echo "  qemu-system-x86_64 by hand (file):    ${byhand[*]}  median $m_hand"
-echo "  overhead (median): $((m_ours - m_hand)) ms"
+echo "  viridian vm start (API, worker, NBD):       ${ours[*]}  median $m_ours"
+echo "  qemu-system-x86_64 by hand (file):          ${byhand[*]}  median $m_hand"
+echo "  qemu-system-x86_64 by hand (IDE on qemu-nbd): ${bynbd[*]}  median $m_nbd"
+echo "  overhead vs file (median): $((m_ours - m_hand)) ms; vs the same NBD disk path: $((m_ours - m_nbd)) ms"
 
 # --- 1b. the worker alone, direct kernel boot (no disks, no daemon) --------------
 mkdir -p "$tmp/direct"
@@ -119,7 +139,7 @@ echo "  overhead (median): $((m_wk - m_dk)) ms"
 # --- 2 + 3. in-guest IDE throughput and worker memory --------------------------
 truncate -s 600M "$tmp/data-ours.raw"
 truncate -s 600M "$tmp/data-qemu.raw"
-script='dev=""; for d in /sys/block/sd*; do [ "$(cat $d/size)" = 1228800 ] && dev=/dev/${d##*/}; done
+script='dev=""; for d in /sys/block/sd* /sys/block/vd*; do [ "$(cat $d/size 2>/dev/null)" = 1228800 ] && dev=/dev/${d##*/}; done
 cs() { t=$(cut -d" " -f1 /proc/uptime); echo "${t%.*}${t#*.}"; }
 for i in 1 2; do
   t0=$(cs); dd if=/dev/zero of=$dev bs=1M count=512 oflag=direct 2>/dev/null; t1=$(cs)
@@ -150,3 +170,36 @@ qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M -no-
     -serial file:"$out" </dev/null
 echo "  QEMU's own IDE on the raw file:                          $(grep -a BENCH "$out" | tr -d '\r' | awk '{print $2"="$4}' | xargs)"
 echo "worker resident memory while the VM runs: $((rss_kib / 1024)) MiB ($rss_kib KiB)"
+
+# --- 4. in-guest synthetic disk throughput ---------------------------------------
+v vm disk remove bench --controller ide --number 1 --location 0
+v vm disk add bench "$tmp/data.vhd" --controller scsi --number 0 --location 0
+rm -f "$log" "$log.1"
+v vm start bench
+wait_for "$log" "VIRIDIAN-GUEST: poweroff" "$(now_ms)" >/dev/null
+echo "in-guest sequential 1 MiB O_DIRECT on a synthetic disk, 512 MiB, two passes (MB/s)"
+echo "  ours (virtio-blk over the worker's vhost-user-blk, fixed VHD):   $(grep -a BENCH "$log" | tr -d '\r' | awk '{print $2"="$4}' | xargs)"
+rm -f "$tmp/qsd.sock"
+qemu-storage-daemon \
+    --blockdev driver=file,node-name=f0,filename="$tmp/data-qemu.raw",cache.direct=off \
+    --blockdev driver=raw,node-name=d0,file=f0 \
+    --export type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path="$tmp/qsd.sock",writable=on,num-queues=1 \
+    </dev/null >"$tmp/qsd.log" 2>&1 &
+qsd_pid=$!
+while [ ! -S "$tmp/qsd.sock" ]; do sleep 0.01; done
+out="$tmp/qsd-guest.log"
+qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc,memory-backend=m0 -m 256M -no-reboot \
+    -object memory-backend-memfd,id=m0,size=256M,share=on \
+    -drive file="$tmp/boot.raw",format=raw,if=ide,index=0 \
+    -drive file="$tmp/cfg.raw",format=raw,if=ide,index=1 \
+    -chardev socket,id=q0,path="$tmp/qsd.sock" -device vhost-user-blk-pci,chardev=q0,num-queues=1 \
+    -serial file:"$out" </dev/null
+kill "$qsd_pid"; wait "$qsd_pid" 2>/dev/null || true
+echo "  qemu-storage-daemon vhost-user-blk on the raw file:              $(grep -a BENCH "$out" | tr -d '\r' | awk '{print $2"="$4}' | xargs)"
+out="$tmp/virtio-guest.log"
+qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M -no-reboot \
+    -drive file="$tmp/boot.raw",format=raw,if=ide,index=0 \
+    -drive file="$tmp/cfg.raw",format=raw,if=ide,index=1 \
+    -drive file="$tmp/data-qemu.raw",format=raw,if=none,id=v0,cache=writeback -device virtio-blk-pci,drive=v0 \
+    -serial file:"$out" </dev/null
+echo "  QEMU's own virtio-blk on the raw file:                           $(grep -a BENCH "$out" | tr -d '\r' | awk '{print $2"="$4}' | xargs)"

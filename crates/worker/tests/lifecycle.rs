@@ -230,7 +230,7 @@ async fn console_attaches_to_the_guest_shell_and_restart_reboots_the_guest() {
     let direct = worker::spec::DirectKernelSpec {
         kernel: g.join("vmlinuz"),
         initrd: Some(g.join("initramfs.img")),
-        cmdline: "console=ttyS0 panic=-1 quiet".into(),
+        cmdline: "console=ttyS0 panic=-1 quiet no_timer_check".into(),
     };
     let mut vm = Vm::new(settings("shell", vec![]), Some(direct));
     vm.start();

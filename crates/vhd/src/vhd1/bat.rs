@@ -19,7 +19,7 @@ pub fn bitmap_bytes(block_size: u64) -> u64 {
 /// The name of the first of `regions` (file offset, length, name) that the
 /// file range `[start, start + len)` overlaps. A block's bitmap and data must
 /// not overlap the file's metadata (the footer copy, the dynamic header, the
-/// BAT, the parent locators): writes to the block would overwrite it.
+/// BAT): writes to the block would overwrite it.
 pub fn overlap<'a>(start: u64, len: u64, regions: &[(u64, u64, &'a str)]) -> Option<&'a str> {
     let end = start.saturating_add(len);
     regions

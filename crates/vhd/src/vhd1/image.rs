@@ -68,6 +68,9 @@ pub(super) struct Sparse {
     pub(super) block_size: u64,
     /// Bytes of a block's sector bitmap, rounded up to whole sectors.
     pub(super) bitmap_size: u64,
+    /// Most bitmaps kept in memory; clean ones beyond it are dropped and read again
+    /// when needed, so a huge disk does not cost its whole bitmap area in memory.
+    pub(super) bitmap_cache_entries: usize,
     pub(super) meta: RwLock<Meta>,
     /// Serializes flushes, so an older metadata snapshot never lands after a newer one.
     flush_lock: Mutex<()>,
@@ -81,8 +84,43 @@ pub(super) struct Meta {
     dirty_bat: BTreeSet<u32>,
     /// Blocks whose bitmap changed since the last flush.
     dirty_bitmaps: BTreeSet<u32>,
+    /// Bitmaps a flush has taken but not yet written: the file does not have them
+    /// yet, so they must stay cached.
+    flushing_bitmaps: BTreeSet<u32>,
     /// Offset of the trailing footer: where the next block goes.
     pub(super) end: u64,
+}
+
+/// Memory the cached sector bitmaps of one image may take (about 16,384 bitmaps
+/// of 2 MiB blocks: 32 GiB of partly written data).
+pub(super) const BITMAP_CACHE_BYTES: u64 = 8 << 20;
+
+pub(super) fn bitmap_cache_entries(bitmap_size: u64) -> usize {
+    (BITMAP_CACHE_BYTES / bitmap_size.max(1)).max(64) as usize
+}
+
+impl Meta {
+    /// Drops clean cached bitmaps (never `keep`, never one not yet flushed) until
+    /// a quarter of the room is free again.
+    fn trim_bitmaps(&mut self, limit: usize, keep: u32) {
+        if self.bitmaps.len() <= limit {
+            return;
+        }
+        let target = limit - limit / 4;
+        let excess = self.bitmaps.len() - target;
+        let victims: Vec<u32> = self
+            .bitmaps
+            .keys()
+            .copied()
+            .filter(|b| {
+                *b != keep && !self.dirty_bitmaps.contains(b) && !self.flushing_bitmaps.contains(b)
+            })
+            .take(excess)
+            .collect();
+        for b in victims {
+            self.bitmaps.remove(&b);
+        }
+    }
 }
 
 /// Metadata writes one flush makes, taken from the cache under its lock.
@@ -161,18 +199,14 @@ fn validate_bat(
     let needed = footer.current_size.div_ceil(block_size) as usize;
     // Block data found over these (by fuzzing) made every write to the block
     // overwrite the header or the BAT, destroying the image.
-    let mut metadata = vec![
+    let metadata = [
         (0, FOOTER_SIZE as u64, "the footer copy"),
         (footer.data_offset, HEADER_SIZE as u64, "the dynamic header"),
         (header.table_offset, entries.len() as u64 * 4, "the BAT"),
     ];
-    for loc in header.locators.iter().filter(|l| l.platform_code != 0) {
-        metadata.push((
-            loc.data_offset,
-            u64::from(loc.data_length),
-            "a parent locator",
-        ));
-    }
+    // Not the parent locators: their claimed lengths are not bounded by the
+    // data, so a check against them could refuse a file the engine itself
+    // had just written (new blocks go past the end, where such a locator reaches).
     if let Some(what) = bat::overlap(metadata[2].0, metadata[2].1, &metadata[..2]) {
         return Err(VhdError::Invalid {
             path: path.into(),
@@ -326,11 +360,13 @@ impl VhdImage {
             header,
             block_size,
             bitmap_size: bitmap_bytes(block_size),
+            bitmap_cache_entries: bitmap_cache_entries(bitmap_bytes(block_size)),
             meta: RwLock::new(Meta {
                 bat: entries,
                 bitmaps: HashMap::new(),
                 dirty_bat: BTreeSet::new(),
                 dirty_bitmaps: BTreeSet::new(),
+                flushing_bitmaps: BTreeSet::new(),
                 end: data_end,
             }),
             flush_lock: Mutex::new(()),
@@ -455,10 +491,9 @@ impl VhdImage {
         )?;
         let loaded = Bitmap::from_bytes(bytes, sp.block_size / SECTOR);
         let mut meta = sp.meta.write().map_err(|_| self.lock_err())?;
-        Ok(Some((
-            entry,
-            meta.bitmaps.entry(block).or_insert(loaded).clone(),
-        )))
+        let bitmap = meta.bitmaps.entry(block).or_insert(loaded).clone();
+        meta.trim_bitmaps(sp.bitmap_cache_entries, block);
+        Ok(Some((entry, bitmap)))
     }
 
     /// Reads from the parent, or zeros where there is none or it is smaller.
@@ -539,6 +574,7 @@ impl VhdImage {
         };
         self.write_file(&bitmap.bytes(sp.bitmap_size), start)?;
         meta.bitmaps.insert(block, bitmap);
+        meta.trim_bitmaps(sp.bitmap_cache_entries, block);
         meta.bat[block as usize] = entry;
         meta.dirty_bat.insert(block);
         meta.end = new_end;
@@ -578,10 +614,21 @@ impl VhdImage {
                 return Ok(());
             }
             meta.bitmaps.insert(block, Bitmap::Full);
-        } else if let Some(slot) = meta.bitmaps.get_mut(&block) {
-            slot.mark(first, count, sectors);
+        } else {
+            loop {
+                if let Some(slot) = meta.bitmaps.get_mut(&block) {
+                    slot.mark(first, count, sectors);
+                    break;
+                }
+                // Dropped from the cache since the lookup above. It was clean, so the
+                // file holds its latest state: read it again (never mark a stale copy).
+                drop(meta);
+                self.lookup(sp, block)?;
+                meta = sp.meta.write().map_err(|_| self.lock_err())?;
+            }
         }
         meta.dirty_bitmaps.insert(block);
+        meta.trim_bitmaps(sp.bitmap_cache_entries, block);
         Ok(())
     }
 
@@ -627,6 +674,7 @@ impl VhdImage {
         let bitmap_blocks: Vec<u32> = std::mem::take(&mut meta.dirty_bitmaps)
             .into_iter()
             .collect();
+        meta.flushing_bitmaps.extend(bitmap_blocks.iter().copied());
         for &b in &bitmap_blocks {
             if let Some(bm) = meta.bitmaps.get(&b) {
                 let at = u64::from(meta.bat[b as usize]) * SECTOR;
@@ -665,11 +713,16 @@ impl VhdImage {
             }
             self.sync()
         });
-        if result.is_err() {
-            // Not durable: write them again at the next flush.
-            if let Ok(mut meta) = sp.meta.write() {
+        if let Ok(mut meta) = sp.meta.write() {
+            for b in &snap.bitmap_blocks {
+                meta.flushing_bitmaps.remove(b);
+            }
+            if result.is_err() {
+                // Not durable: write them again at the next flush.
                 meta.dirty_bat.extend(snap.bat_blocks);
                 meta.dirty_bitmaps.extend(snap.bitmap_blocks);
+            } else {
+                meta.trim_bitmaps(sp.bitmap_cache_entries, u32::MAX);
             }
         }
         result
@@ -806,5 +859,94 @@ impl Drop for VhdImage {
             // reported to whoever flushed last.
             let _ = self.flush();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vhd1::chain::open_chain;
+    use crate::vhd1::create::{create, CreateOptions, NewDisk};
+    use crate::NoProgress;
+
+    const BLOCK: u64 = 64 << 10;
+    const BLOCKS: u64 = 200;
+
+    /// Sector `s` of block `b` written by the child holds this byte.
+    fn byte(b: u64, s: u64) -> u8 {
+        (1 + (b * 7 + s) % 250) as u8
+    }
+
+    #[test]
+    fn a_bitmap_cache_much_smaller_than_the_disk_keeps_every_partial_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dir.path().join("p.vhd");
+        let child = dir.path().join("c.vhd");
+        let new = |path: &Path, kind| {
+            create(
+                path,
+                &CreateOptions {
+                    kind,
+                    exact_size: true,
+                },
+                &mut NoProgress,
+            )
+            .unwrap();
+        };
+        new(
+            &parent,
+            NewDisk::Dynamic {
+                size: BLOCK * BLOCKS,
+                block_size: BLOCK as u32,
+            },
+        );
+        {
+            let p = open_chain(&parent, false).unwrap();
+            p.write_at(&vec![0xEE; (BLOCK * BLOCKS) as usize], 0)
+                .unwrap();
+            p.flush().unwrap();
+        }
+        new(
+            &child,
+            NewDisk::Differencing {
+                parent: parent.clone(),
+            },
+        );
+        let mut img = open_chain(&child, false).unwrap();
+        img.sparse.as_mut().unwrap().bitmap_cache_entries = 8;
+        // Two sectors of every block, in three passes with flushes between, so that
+        // clean bitmaps are dropped and read back while others are being marked.
+        for pass in 0..3u64 {
+            for b in 0..BLOCKS {
+                let s = pass * 2;
+                let data: Vec<u8> = (0..2).flat_map(|i| vec![byte(b, s + i); 512]).collect();
+                img.write_at(&data, b * BLOCK + s * 512).unwrap();
+            }
+            img.flush().unwrap();
+            let cached = img
+                .sparse
+                .as_ref()
+                .unwrap()
+                .meta
+                .read()
+                .unwrap()
+                .bitmaps
+                .len();
+            assert!(cached <= 8, "{cached} bitmaps cached");
+        }
+        let check = |img: &VhdImage| {
+            let mut buf = vec![0u8; BLOCK as usize];
+            for b in 0..BLOCKS {
+                img.read_at(&mut buf, b * BLOCK).unwrap();
+                for s in 0..BLOCK / 512 {
+                    let want = if s < 6 { byte(b, s) } else { 0xEE };
+                    let got = &buf[(s * 512) as usize..((s + 1) * 512) as usize];
+                    assert!(got.iter().all(|x| *x == want), "block {b} sector {s}");
+                }
+            }
+        };
+        check(&img);
+        drop(img);
+        check(&open_chain(&child, true).unwrap());
     }
 }

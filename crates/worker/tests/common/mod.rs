@@ -80,7 +80,7 @@ pub fn direct_boot(script: &str, extra: &str) -> DirectKernelSpec {
         kernel: g.join("vmlinuz"),
         initrd: Some(g.join("initramfs.img")),
         cmdline: format!(
-            "console=ttyS0 panic=-1 quiet viridian.cmd={} {extra}",
+            "console=ttyS0 panic=-1 quiet no_timer_check viridian.cmd={} {extra}",
             String::from_utf8(encoded).unwrap()
         ),
     }
