@@ -227,7 +227,8 @@ fn shutdown_of_a_guest_that_ignores_acpi_fails_with_timeout_and_the_vm_keeps_run
 
 /// The worker used to exit as soon as QEMU had, before the answer to the stop that
 /// ended it was written, so a turn-off job sometimes failed with "closed the
-/// connection before answering" (found by the checkpoint guest test).
+/// connection before answering" (found by the checkpoint guest test). It is a race:
+/// six rounds passed once against the old worker too, so this guards only loosely.
 #[test]
 fn every_turn_off_and_save_job_gets_the_workers_answer() {
     ensure_worker_binary();
