@@ -96,6 +96,10 @@ struct Shared {
     /// QEMU's pid and its vCPU threads, in vCPU index order.
     qemu_pid: u32,
     vcpu_threads: Vec<u32>,
+    /// Held (shared) by every control request from its start until its answer is
+    /// written; the worker takes it exclusively before it exits, so the answer to
+    /// a stop or save that ended the VM reaches the daemon.
+    answering: tokio::sync::RwLock<()>,
 }
 
 impl Shared {
@@ -414,6 +418,7 @@ async fn run_inner(
         group,
         qemu_pid: status.qemu_pid.unwrap_or(0),
         vcpu_threads: vcpus,
+        answering: tokio::sync::RwLock::new(()),
     });
 
     if spec.resume {
@@ -522,6 +527,13 @@ async fn run_inner(
         ),
     };
     shared.set_state(state, reason);
+    // Let the requests that waited for this end (stop, save, shutdown) answer first.
+    if tokio::time::timeout(Duration::from_secs(5), shared.answering.write())
+        .await
+        .is_err()
+    {
+        tracing::warn!("a control request was still unanswered 5 s after the VM ended");
+    }
     for name in [CONTROL_SOCKET, QMP_SOCKET, SERIAL_SOCKET, NBD_SOCKET] {
         let _ = std::fs::remove_file(rt.join(name));
     }
@@ -811,7 +823,14 @@ async fn serve_control(shared: Arc<Shared>, stream: UnixStream) {
                 attach_console(&shared, lines.into_inner(), write).await;
                 return;
             }
-            Ok(request) => handle(&shared, request).await,
+            Ok(request) => {
+                let _answering = shared.answering.read().await;
+                let response = handle(&shared, request).await;
+                if write_response(&mut write, &response).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             Err(e) => Response::Error {
                 kind: FailureKind::Failed,
                 message: format!("the worker does not understand this request ({e}): {line}"),

@@ -199,18 +199,21 @@ async fn settle(
             }
             lock(running).insert(w.node, (job, 0));
         };
+        let stall = StallAt::from_env();
         let mut progress = |done: u64, total: u64| {
             if let Some(c) = &ctx {
                 c.set_progress(done, total);
             }
+            let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as u8;
             if let Some(node) = merging.get() {
-                let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as u8;
                 lock(running).insert(node, (job, pct));
             }
+            stall.at_copy(pct);
             true
         };
         let mut hook = |step: &str| {
             tracing::debug!(vm = %id, step, "checkpoint merge step");
+            stall.at_step(step);
             Ok(())
         };
         let done = ops::settle(
@@ -227,6 +230,43 @@ async fn settle(
         done.map(|w| w.len())
     })
     .await
+}
+
+/// The crash tests' seam: `VIRIDIAN_TEST_STALL_MERGE_AT=<step>` (a merge step:
+/// `merge`, `reparent`, `repoint`, `remove-layer`, `forget`, `remove-disk`) or
+/// `copy-<percent>` makes a merge stop for good at that point, after logging
+/// "merge stalled", so a test can kill the daemon there. Unset, it does nothing.
+struct StallAt(Option<String>);
+
+impl StallAt {
+    const VAR: &'static str = "VIRIDIAN_TEST_STALL_MERGE_AT";
+
+    fn from_env() -> Self {
+        StallAt(std::env::var(Self::VAR).ok().filter(|s| !s.is_empty()))
+    }
+
+    fn at_step(&self, step: &str) {
+        if self.0.as_deref() == Some(step) {
+            Self::forever(step);
+        }
+    }
+
+    fn at_copy(&self, percent: u8) {
+        let at = self.0.as_deref().and_then(|s| s.strip_prefix("copy-"));
+        if at
+            .and_then(|p| p.parse::<u8>().ok())
+            .is_some_and(|p| percent >= p)
+        {
+            Self::forever(&format!("copy at {percent} %"));
+        }
+    }
+
+    fn forever(at: &str) -> ! {
+        tracing::warn!(at, var = Self::VAR, "merge stalled for a crash test");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
 }
 
 /// Starts a background merge job for VM `id` when a deleted checkpoint waits for

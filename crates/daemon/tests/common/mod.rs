@@ -2,6 +2,8 @@
 //! HTTP/1.1 to it (so tests can also send what a well-behaved client never would).
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -16,6 +18,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub child: Option<Child>,
     extra: Vec<String>,
+    /// Extra environment for every `launch` from now on.
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Reply {
@@ -49,6 +53,7 @@ impl Daemon {
             socket,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         };
         d.launch();
         d
@@ -63,6 +68,7 @@ impl Daemon {
             .arg(&self.socket)
             .args(&self.extra)
             .env("VIRIDIAN_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -79,8 +85,16 @@ impl Daemon {
         }
     }
 
+    /// The log of the current launch (each launch starts a new one).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("viridiand.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: the daemon gets no chance to finish anything.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// Sends SIGTERM and waits for a clean exit.

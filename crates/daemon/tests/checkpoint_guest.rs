@@ -1,0 +1,266 @@
+//! Checkpoints of a running guest, end to end through a real `viridiand`, real workers
+//! and QEMU (TCG here): the test guest counts, printing `count N` on its console and
+//! writing N to its data disk every ~0.3 s. A checkpoint of the running VM keeps its
+//! memory; apply on a running VM is refused and changes nothing; applied to the
+//! stopped VM, the checkpoint resumes the guest where it was (the counter continues
+//! from the checkpoint's value, without a boot) and the data disk reads as then.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::guest::{
+    config_disk, ensure_worker_binary, guest_dir, state, vm, wait_console, wait_state,
+    KillWorkersOnDrop,
+};
+use common::{wait_job, Daemon};
+use serde_json::{json, Value};
+
+/// Counts forever: writes `count N` (one sector, flushed) to the data disk (the only
+/// virtio disk, /dev/vda), then prints it.
+const COUNTER: &str = "n=0\n\
+    while true; do\n\
+    n=$((n+1))\n\
+    echo \"count $n\" | dd of=/dev/vda bs=512 count=1 conv=notrunc,sync,fsync 2>/dev/null\n\
+    echo \"count $n\"\n\
+    sleep 0.3\n\
+    done\n";
+
+const DATA_SIZE: u64 = 8 << 20;
+
+/// Posts `body` to `path`, expects 202 and waits (generously: the host is loaded)
+/// until the job ends.
+fn run_job(d: &Daemon, path: &str, body: Value) -> Value {
+    let r = d.post(path, body);
+    assert_eq!(r.status, 202, "{path}: {}", r.raw);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let job = wait_job(d, &id);
+        if matches!(
+            job["state"].as_str(),
+            Some("Completed" | "Exception" | "Terminated" | "Killed")
+        ) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} did not finish: {job}");
+    }
+}
+
+fn console(d: &Daemon, name: &str) -> String {
+    let r = d.get(&format!("/v1/vms/{name}/console/log"));
+    assert_eq!(r.status, 200, "{}", r.raw);
+    r.raw
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Every `count N` line on the console, in order.
+fn counts(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("count "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// Waits until the guest has printed a count of at least `at_least`; returns the last.
+fn wait_count(d: &Daemon, name: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let text = console(d, name);
+        if let Some(&last) = counts(&text).last() {
+            if last >= at_least {
+                return last;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never counted to {at_least}:\n{text}\ndaemon log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The value the guest last wrote to the data disk, read through the engine.
+fn disk_count(path: &Path) -> u64 {
+    let disk = vhd::open(path, true).unwrap();
+    let mut sector = [0u8; 512];
+    disk.read_at(&mut sector, 0).unwrap();
+    let text = String::from_utf8_lossy(&sector);
+    let line = text.trim_end_matches('\0').trim();
+    line.strip_prefix("count ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the data disk {} holds no count: {line:?}", path.display()))
+}
+
+fn data_disk(d: &Daemon, name: &str) -> PathBuf {
+    let v = vm(d, name);
+    v["settings"]["drives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["slot"]["controller"] == "scsi" || x["controller"] == "scsi")
+        .map(|x| PathBuf::from(x["media"]["path"].as_str().unwrap()))
+        .expect("the VM has its data disk")
+}
+
+fn affected<'a>(job: &'a Value, kind: &str) -> Option<&'a str> {
+    job["affected_elements"]
+        .as_array()?
+        .iter()
+        .find(|a| a["kind"] == kind)
+        .and_then(|a| a["id"].as_str())
+}
+
+#[test]
+fn checkpoint_of_a_running_guest_resumes_its_memory_and_disks_when_applied() {
+    ensure_worker_binary();
+    let guest = guest_dir();
+    let mut d = Daemon::start(&[]);
+    let _cleanup = KillWorkersOnDrop(d.data.clone());
+    let name = "counter";
+    let boot = d.dir.path().join("boot.vhd");
+    std::fs::copy(guest.join("boot-fixed.vhd"), &boot).unwrap();
+    let cfg = config_disk(d.dir.path(), COUNTER);
+    let data = d.dir.path().join("data.vhd");
+    {
+        use vhd::vhd1::create::{create, CreateOptions, NewDisk};
+        let o = CreateOptions {
+            kind: NewDisk::Dynamic {
+                size: DATA_SIZE,
+                block_size: 1 << 20,
+            },
+            exact_size: true,
+        };
+        create(&data, &o, &mut vhd::NoProgress).unwrap();
+    }
+    let r = d.post(
+        "/v1/vms",
+        json!({"name": name, "generation": 1, "processor_count": 1, "memory_mib": 192}),
+    );
+    assert_eq!(r.status, 201, "{}", r.raw);
+    for (controller, location, path) in [("ide", 0, &boot), ("ide", 1, &cfg), ("scsi", 0, &data)] {
+        let r = d.post(
+            &format!("/v1/vms/{name}/drives"),
+            json!({"controller": controller, "controller_number": 0, "location": location,
+                   "media": {"type": "hard_disk", "path": path.display().to_string()}}),
+        );
+        assert_eq!(r.status, 201, "{}", r.raw);
+    }
+    let job = run_job(&d, &format!("/v1/vms/{name}/start"), json!({}));
+    assert_eq!(job["state"], "Completed", "start: {job}");
+    wait_console(&d, name, "VIRIDIAN-GUEST: running command");
+    let before_checkpoint = wait_count(&d, name, 5);
+
+    // Checkpoint the running VM: it completes, names the checkpoint and the downtime,
+    // and the VM runs again, on new layers.
+    let job = run_job(
+        &d,
+        &format!("/v1/vms/{name}/checkpoints"),
+        json!({"name": "counting"}),
+    );
+    assert_eq!(job["state"], "Completed", "{job}\n{}", d.log());
+    let cp = affected(&job, "checkpoint").expect("the job names the checkpoint");
+    let downtime: u64 = affected(&job, "guest-downtime-ms")
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no guest-downtime-ms in {job}"));
+    assert!(downtime > 0, "{job}");
+    wait_state(&d, name, "Running");
+    let tree = d.get(&format!("/v1/vms/{name}/checkpoints")).body;
+    assert_eq!(tree["checkpoints"][0]["id"], cp, "{tree}");
+    assert_eq!(tree["checkpoints"][0]["has_memory_state"], true, "{tree}");
+    let layer = data_disk(&d, name);
+    assert_ne!(layer, data, "the running VM continues on a new layer");
+
+    // It counts on, well past the checkpoint.
+    let later = wait_count(&d, name, before_checkpoint + 15);
+
+    // Apply on the running VM: InvalidState, and nothing changed.
+    let tree_before = d.get(&format!("/v1/vms/{name}/checkpoints")).body;
+    let settings_before = vm(&d, name)["settings"].clone();
+    let r = d.post(&format!("/v1/vms/{name}/checkpoints/{cp}/apply"), json!({}));
+    assert_eq!((r.status, r.code()), (409, "InvalidState"), "{}", r.raw);
+    assert_eq!(state(&d, name), "Running");
+    assert_eq!(
+        d.get(&format!("/v1/vms/{name}/checkpoints")).body,
+        tree_before
+    );
+    assert_eq!(vm(&d, name)["settings"], settings_before);
+    assert!(
+        wait_count(&d, name, later + 2) > later,
+        "the guest still counts"
+    );
+
+    // Turn it off: its disk holds a count past the checkpoint's.
+    let job = run_job(&d, &format!("/v1/vms/{name}/stop"), json!({}));
+    assert_eq!(job["state"], "Completed", "stop: {job}");
+    wait_state(&d, name, "Off");
+    let at_stop = disk_count(&data_disk(&d, name));
+    assert!(at_stop >= later, "disk {at_stop}, console {later}");
+    let printed_before_apply = counts(&console(&d, name));
+
+    // Apply: the VM is Saved, and its data disk reads as at the checkpoint: the count
+    // the guest had printed when the checkpoint began, or the one it was writing.
+    let job = run_job(
+        &d,
+        &format!("/v1/vms/{name}/checkpoints/{cp}/apply"),
+        json!({}),
+    );
+    assert_eq!(job["state"], "Completed", "apply: {job}");
+    wait_state(&d, name, "Saved");
+    let at_checkpoint = disk_count(&data_disk(&d, name));
+    assert!(
+        (before_checkpoint..before_checkpoint + 15).contains(&at_checkpoint),
+        "the data disk reads {at_checkpoint}; the checkpoint was taken after count {before_checkpoint} and well before {later}"
+    );
+    assert!(at_checkpoint < at_stop);
+
+    // Start: the guest resumes from the checkpoint's memory. Its next count follows
+    // the checkpoint's (not 1: no boot), and it boots only once in the whole log.
+    let job = run_job(&d, &format!("/v1/vms/{name}/start"), json!({}));
+    assert_eq!(job["state"], "Completed", "start: {job}");
+    wait_state(&d, name, "Running");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (text, resumed) = loop {
+        let text = console(&d, name);
+        let all = counts(&text);
+        if all.len() > printed_before_apply.len() + 3 {
+            break (text, all[printed_before_apply.len()..].to_vec());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resumed guest does not count:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        resumed[0] == at_checkpoint || resumed[0] == at_checkpoint + 1,
+        "after the apply the guest counts {resumed:?}; the checkpoint's disk holds {at_checkpoint}\n{text}"
+    );
+    assert!(resumed.windows(2).all(|w| w[1] == w[0] + 1), "{resumed:?}");
+    assert_eq!(
+        text.matches("VIRIDIAN-GUEST: booted").count(),
+        1,
+        "the guest booted again:\n{text}"
+    );
+    // Before the apply the counts only went up: the checkpoint's own save and start
+    // resumed the same memory.
+    assert!(
+        printed_before_apply.windows(2).all(|w| w[1] > w[0]),
+        "{printed_before_apply:?}"
+    );
+
+    // Its writes go on into the applied layer; the checkpoint's disk keeps its value.
+    let job = run_job(&d, &format!("/v1/vms/{name}/stop"), json!({}));
+    assert_eq!(job["state"], "Completed", "stop: {job}");
+    wait_state(&d, name, "Off");
+    let now = data_disk(&d, name);
+    assert!(disk_count(&now) >= *resumed.last().unwrap());
+    // The checkpoint froze the data disk the VM had then: the base file.
+    assert_eq!(disk_count(&data), at_checkpoint);
+    d.stop();
+}
