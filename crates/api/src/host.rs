@@ -18,6 +18,39 @@ pub struct HostInfo {
     pub processor_control: String,
     /// What admission control counts: capacity, and what running VMs hold now.
     pub resources: HostResources,
+    /// Processor settings every new VM starts with (`PATCH /v1/host` changes them).
+    pub new_vm_defaults: NewVmDefaults,
+}
+
+/// Processor reserve, limit and weight a new VM gets unless it says otherwise; kept
+/// in `<data-dir>/host.json`. Changing them leaves existing VMs as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NewVmDefaults {
+    pub reserve_percent: u8,
+    pub limit_percent: u8,
+    pub relative_weight: u32,
+}
+
+impl Default for NewVmDefaults {
+    fn default() -> Self {
+        NewVmDefaults {
+            reserve_percent: 0,
+            limit_percent: 100,
+            relative_weight: 100,
+        }
+    }
+}
+
+/// `PATCH /v1/host`: fields present are changed, others kept.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateHostRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_reserve_percent: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_limit_percent: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_relative_weight: Option<u32>,
 }
 
 /// Admission control's figures. A start (or a live change of the reserve) that would

@@ -56,6 +56,14 @@ pub fn routes() -> Vec<Route> {
             200,
             Some(s::<host::HostInfo>),
         ),
+        r(
+            "patch",
+            "/v1/host",
+            "Change the processor defaults for new VMs",
+            Some(s::<host::UpdateHostRequest>),
+            200,
+            Some(s::<host::HostInfo>),
+        ),
         r("get", "/v1/openapi.json", "This document", None, 200, None),
         r(
             "get",

@@ -57,8 +57,12 @@ enum Command {
         #[command(subcommand)]
         cmd: disk_cmd::DiskCmd,
     },
-    /// The host: version, build, accelerator and limits.
-    Host,
+    /// The host: version, build, accelerator, limits, processor control and what
+    /// running VMs reserve; `host set` changes the defaults for new VMs.
+    Host {
+        #[command(subcommand)]
+        cmd: Option<HostCmd>,
+    },
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -86,7 +90,22 @@ fn main() -> ExitCode {
         Command::Job { cmd } => job_cmd::run(cmd, &conn),
         Command::Checkpoint { cmd } => checkpoint_cmd::run(cmd, &conn),
         Command::Disk { cmd } => disk_cmd::run(cmd, &conn),
-        Command::Host => host(&conn),
+        Command::Host { cmd: None } => host(&conn),
+        Command::Host {
+            cmd:
+                Some(HostCmd::Set {
+                    default_reserve,
+                    default_limit,
+                    default_weight,
+                }),
+        } => host_set(
+            &conn,
+            api::host::UpdateHostRequest {
+                default_reserve_percent: default_reserve,
+                default_limit_percent: default_limit,
+                default_relative_weight: default_weight,
+            },
+        ),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -110,11 +129,44 @@ fn main() -> ExitCode {
     }
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum HostCmd {
+    /// Processor settings every new VM gets (existing VMs keep theirs; use
+    /// `viridian vm processor set --all` for them).
+    Set {
+        /// Percent of one logical processor reserved per virtual processor, 0-100.
+        #[arg(long)]
+        default_reserve: Option<u8>,
+        /// Percent limit per virtual processor, 0-100.
+        #[arg(long)]
+        default_limit: Option<u8>,
+        /// Relative weight, 1-10000.
+        #[arg(long)]
+        default_weight: Option<u32>,
+    },
+}
+
+fn host_set(
+    conn: &connection::Connection,
+    req: api::host::UpdateHostRequest,
+) -> Result<(), failure::Failure> {
+    let (info, _) =
+        conn.client()?
+            .call::<api::host::HostInfo>(hyper::Method::PATCH, "/v1/host", Some(&req))?;
+    print_host(conn, &info);
+    Ok(())
+}
+
 fn host(conn: &connection::Connection) -> Result<(), failure::Failure> {
     let info: api::host::HostInfo = conn.client()?.get("/v1/host")?;
+    print_host(conn, &info);
+    Ok(())
+}
+
+fn print_host(conn: &connection::Connection, info: &api::host::HostInfo) {
     if conn.json {
         output::print_json(&info);
-        return Ok(());
+        return;
     }
     println!("viridian {} ({})", info.version, info.build);
     println!(
@@ -135,5 +187,22 @@ fn host(conn: &connection::Connection) -> Result<(), failure::Failure> {
         "jobs:        kept {} s after finishing, at most {} finished",
         l.job_retention_seconds, l.job_limit
     );
-    Ok(())
+    let r = &info.resources;
+    println!("processors:  {}", info.processor_control);
+    println!(
+        "             running VMs reserve {} % of {} % ({} logical processors × 100 % − {} % host reserve)",
+        r.processor_reserved_percent,
+        r.processor_capacity_percent,
+        r.logical_processors,
+        r.host_reserve_percent
+    );
+    println!(
+        "memory:      running VMs hold {} MiB of {} MiB ({} MiB − {} MiB headroom)",
+        r.memory_assigned_mib, r.memory_capacity_mib, r.memory_total_mib, r.memory_headroom_mib
+    );
+    let d = &info.new_vm_defaults;
+    println!(
+        "new VMs:     reserve {} %, limit {} %, weight {}",
+        d.reserve_percent, d.limit_percent, d.relative_weight
+    );
 }

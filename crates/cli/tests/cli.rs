@@ -378,3 +378,42 @@ fn remote_host_over_tls_with_token_and_refused_without() {
         .unwrap();
     assert_eq!(code(&out), 2, "--host without --token is a usage error");
 }
+
+#[test]
+fn host_defaults_reach_new_vms_only_and_processor_set_all_changes_every_vm() {
+    let d = Daemon::start();
+    d.json(&["vm", "create", "before", "--cpus", "1", "--memory", "64M"]);
+    let host = d.json(&[
+        "host",
+        "set",
+        "--default-reserve",
+        "20",
+        "--default-weight",
+        "300",
+    ]);
+    assert_eq!(host["new_vm_defaults"]["reserve_percent"], 20, "{host}");
+    assert_eq!(host["new_vm_defaults"]["limit_percent"], 100, "{host}");
+    let out = d.cli(&["host", "set", "--default-weight", "0"]);
+    assert_eq!(code(&out), 5, "{}", String::from_utf8_lossy(&out.stderr));
+    let vm = d.json(&["vm", "create", "after", "--cpus", "1", "--memory", "64M"]);
+    assert_eq!(vm["settings"]["processor"]["reserve_percent"], 20, "{vm}");
+    assert_eq!(vm["settings"]["processor"]["relative_weight"], 300, "{vm}");
+    // Existing VMs keep theirs.
+    let before = d.json(&["vm", "show", "before"]);
+    assert_eq!(before["settings"]["processor"]["reserve_percent"], 0);
+
+    let all = d.json(&["vm", "processor", "set", "--all", "--limit", "60"]);
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
+    for name in ["before", "after"] {
+        let vm = d.json(&["vm", "show", name]);
+        assert_eq!(vm["settings"]["processor"]["limit_percent"], 60, "{vm}");
+    }
+    let text = d.cli(&["host"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("new VMs:     reserve 20 %, limit 100 %, weight 300"),
+        "{text}"
+    );
+    assert!(text.contains("running VMs reserve 0 %"), "{text}");
+    assert!(d.dir.path().join("data/host.json").exists());
+}

@@ -99,5 +99,6 @@ pub fn info(config: &DaemonConfig, limits: &HostLimits) -> HostInfo {
         data_dir: config.data_dir.display().to_string(),
         processor_control: "none: this viridiand runs no VMs".into(),
         resources: capacity(config, limits).report(Default::default()),
+        new_vm_defaults: Default::default(),
     }
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod handlers;
 pub mod host;
+pub mod host_settings;
 pub mod http;
 pub mod metering;
 pub mod run;

@@ -253,11 +253,8 @@ mod tests {
         let u = h.processor_use(1).unwrap();
         assert!(u.window_seconds <= 3.5, "{u:?}");
         assert_eq!(u.total_percent, 0.0);
-        // 1 s at 100 MiB, 9.5 s at 300 MiB.
-        assert_eq!(
-            h.average_memory_mib(),
-            Some((100.0 * 1000.0 + 300.0 * 9500.0) as u64 / 10_500)
-        );
+        // 1 s at 100 MiB, 9.5 s at 300 MiB: (100 × 1000 + 300 × 9500) / 10500 = 280.95.
+        assert_eq!(h.average_memory_mib(), Some(281));
         // An old sample arriving late is ignored.
         h.push(m(10, 0, &[0], 0));
         assert_eq!(h.latest().unwrap().at_unix_ms, 10_500);

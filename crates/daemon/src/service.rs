@@ -25,6 +25,8 @@ pub struct Service {
     pub limits: HostLimits,
     pub host: HostInfo,
     pub capacity: Capacity,
+    /// Processor defaults for new VMs (`<data-dir>/host.json`).
+    pub new_vm_defaults: Mutex<api::host::NewVmDefaults>,
     pub store: Mutex<Store>,
     pub jobs: JobEngine,
     pub events: Arc<EventBus>,
@@ -47,6 +49,10 @@ impl Service {
         let host = crate::host::info(&config, &limits);
         let capacity = crate::host::capacity(&config, &limits);
         let store = Store::open(&config.data_dir)?;
+        let new_vm_defaults = crate::host_settings::load(&config.data_dir).unwrap_or_else(|e| {
+            tracing::warn!("{e}; new VMs get the built-in processor defaults");
+            Default::default()
+        });
         let events = Arc::new(EventBus::default());
         let sink_events = events.clone();
         let sink: EventSink = Arc::new(move |s| {
@@ -67,6 +73,7 @@ impl Service {
             limits,
             host,
             capacity,
+            new_vm_defaults: Mutex::new(new_vm_defaults),
             store: Mutex::new(store),
             jobs,
             events,
@@ -82,7 +89,46 @@ impl Service {
         let store = self.store();
         let mut host = self.host.clone();
         host.resources = self.capacity.report(self.running_demand(&store, None));
+        host.new_vm_defaults = self.defaults();
         host
+    }
+
+    pub fn defaults(&self) -> api::host::NewVmDefaults {
+        *self
+            .new_vm_defaults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `PATCH /v1/host`: checks and saves new processor defaults for new VMs.
+    pub fn update_host(&self, req: &api::host::UpdateHostRequest) -> Result<HostInfo, ApiError> {
+        {
+            let mut d = self
+                .new_vm_defaults
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let mut new = *d;
+            new.reserve_percent = req.default_reserve_percent.unwrap_or(new.reserve_percent);
+            new.limit_percent = req.default_limit_percent.unwrap_or(new.limit_percent);
+            new.relative_weight = req.default_relative_weight.unwrap_or(new.relative_weight);
+            if new.reserve_percent > 100 {
+                return Err(vm_config::ConfigError::ProcessorReserve(new.reserve_percent).into());
+            }
+            if new.limit_percent > 100 {
+                return Err(vm_config::ConfigError::ProcessorLimit(new.limit_percent).into());
+            }
+            if !(1..=10_000).contains(&new.relative_weight) {
+                return Err(vm_config::ConfigError::ProcessorWeight(new.relative_weight).into());
+            }
+            crate::host_settings::save(&self.config.data_dir, new).map_err(|e| {
+                ApiError::internal(format!(
+                    "cannot write {}: {e}",
+                    crate::host_settings::path(&self.config.data_dir).display()
+                ))
+            })?;
+            *d = new;
+        }
+        Ok(self.host_info())
     }
 
     /// What the VMs that run (or are starting or stopping) hold, except VM `except`.

@@ -35,7 +35,15 @@ pub async fn create(svc: &Arc<Service>, body: Incoming) -> Answer {
         id: Uuid::new_v4(),
         name: req.name,
         generation: req.generation,
-        processor: ProcessorSettings::with_count(req.processor_count),
+        processor: {
+            let d = svc.defaults();
+            ProcessorSettings {
+                reserve_percent: d.reserve_percent,
+                limit_percent: d.limit_percent,
+                relative_weight: d.relative_weight,
+                ..ProcessorSettings::with_count(req.processor_count)
+            }
+        },
         memory: MemorySettings {
             startup_mib: req.memory_mib,
         },

@@ -119,6 +119,10 @@ async fn route(
     use Method as M;
     match (&m, segs.as_slice()) {
         (&M::GET, ["v1", "host"]) => Ok(json(200, &svc.host_info())),
+        (&M::PATCH, ["v1", "host"]) => {
+            let req: api::host::UpdateHostRequest = crate::http::body::read_json(body).await?;
+            Ok(json(200, &svc.update_host(&req)?))
+        }
         (&M::GET, ["v1", "metrics"]) => metrics::metrics(svc),
         (&M::GET, ["v1", "vms", vm, "measure"]) => metrics::measure(svc, vm),
         (&M::GET, ["v1", "openapi.json"]) => Ok(json(200, &api::openapi::document())),
