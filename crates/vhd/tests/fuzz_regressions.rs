@@ -182,3 +182,37 @@ fn vhdx_block_over_metadata_bat_or_log_is_refused_at_open() {
     disk.read_at(&mut b, 4096).unwrap();
     assert_eq!(b, [7u8; 4096]);
 }
+
+/// An optional region this version does not know, lying past the end of the
+/// file: new blocks went to the file's end, over that region, and with blocks
+/// now checked against every region the file no longer opened. New blocks go
+/// past every region.
+#[test]
+fn vhdx_new_block_goes_past_an_unknown_region_beyond_the_end() {
+    use vhd::vhdx::region::{RegionEntry, RegionTable, TABLE_OFFSETS, TABLE_SIZE};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhdx");
+    let mut bytes = vhdx_dynamic(&path);
+    let at = TABLE_OFFSETS[0] as usize;
+    let mut table = RegionTable::parse(&bytes[at..]).unwrap();
+    let past_end = bytes.len() as u64;
+    table.entries.push(RegionEntry {
+        guid: uuid::Uuid::from_u128(0x5eed),
+        file_offset: past_end,
+        length: 1 << 20,
+        required: false,
+    });
+    for at in TABLE_OFFSETS {
+        bytes[at as usize..at as usize + TABLE_SIZE].copy_from_slice(&table.serialize());
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    {
+        let disk = vhd::open(&path, false).unwrap();
+        disk.write_at(&[9u8; 4096], 3 << 20).unwrap();
+        disk.flush().unwrap();
+    }
+    let disk = vhd::open(&path, true).expect("the written file opens again");
+    let mut b = [0u8; 4096];
+    disk.read_at(&mut b, 3 << 20).unwrap();
+    assert_eq!(b, [9u8; 4096]);
+}

@@ -351,16 +351,13 @@ impl VhdxImage {
         }
         let end = Self::validate_bat(path, &layout, &bat, file_len, &taken)?;
         let log_end = hdr.log_offset + u64::from(hdr.log_length);
-        let end = [
-            end,
-            file_len.div_ceil(MIB) * MIB,
-            log_end,
-            bat_region.end(),
-            meta_region.end(),
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(MIB);
+        // New blocks go past every block and structure, regions we do not
+        // know included (a block over one would be refused at the next open).
+        let end = [end, file_len.div_ceil(MIB) * MIB, log_end]
+            .into_iter()
+            .chain(regions.entries.iter().map(RegionEntry::end))
+            .max()
+            .unwrap_or(MIB);
         session.header = hdr;
         Ok(VhdxImage {
             file,
