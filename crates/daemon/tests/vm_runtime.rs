@@ -86,6 +86,19 @@ fn running_vm_survives_daemon_restart_and_a_killed_worker_makes_it_critical_unti
         assert!(Instant::now() < deadline, "the worker is still alive");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Its cgroup goes too (the daemon removes it once QEMU has followed the worker).
+    if let Ok(h) = cgroups::Hierarchy::detect() {
+        let id = critical["id"].as_str().unwrap();
+        let group = h.vm_group(id);
+        while group.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} is still there",
+                group.path().display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 
     // The next start works, and turning off ends in Off.
     {

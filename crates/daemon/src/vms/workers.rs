@@ -279,7 +279,28 @@ impl WorkerSupervisor {
                 let _ = c.wait().await;
             }
             this.finish(id, run);
+            this.remove_stale_cgroup(id).await;
         });
+    }
+
+    /// A worker that was killed could not remove the VM's cgroup; its QEMU dies with
+    /// it a moment later, and then the group can go. Stops when the VM starts again
+    /// (its new worker creates and owns the group).
+    async fn remove_stale_cgroup(&self, id: Uuid) {
+        let Some(h) = &self.cgroup else {
+            return;
+        };
+        let group = h.vm_group(&id.to_string());
+        for _ in 0..100 {
+            if !group.exists() || self.lock().contains_key(&id) {
+                return;
+            }
+            match group.remove() {
+                Ok(()) => return,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        tracing::warn!(vm = %id, "cannot remove the VM's cgroup {}", group.path().display());
     }
 
     /// Records the final state of run `run` of VM `id`, whose worker has gone.
@@ -294,16 +315,6 @@ impl WorkerSupervisor {
         let Some(w) = w else {
             return;
         };
-        // A worker that was killed could not remove the VM's cgroup; its QEMU died
-        // with it, so the group is empty (or about to be).
-        if let Some(h) = &self.cgroup {
-            let group = h.vm_group(&id.to_string());
-            if group.exists() {
-                if let Err(e) = group.remove() {
-                    tracing::warn!(vm = %id, "cannot remove the VM's cgroup {}: {e}", group.path().display());
-                }
-            }
-        }
         let status = control::read_status_file(&w.runtime_dir).ok();
         let runtime = match status {
             Some(s) if s.state.is_final() => to_runtime(&s),
