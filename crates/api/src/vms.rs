@@ -238,6 +238,9 @@ pub struct AddNetworkAdapterRequest {
     /// A fresh address is generated unless given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// The slot on the guest's root PCI bus; the first free of 16–30 unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_slot: Option<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -63,7 +63,12 @@ pub fn vm_details(vm: &Vm) {
                 println!("  drive {:<10} {what}", d.slot.to_string());
             }
             for a in &s.network_adapters {
-                println!("  network:     {:?} {}", a.kind, a.mac);
+                match a.pci_slot {
+                    Some(slot) => {
+                        println!("  network:     {:?} {} (PCI slot {slot})", a.kind, a.mac)
+                    }
+                    None => println!("  network:     {:?} {}", a.kind, a.mac),
+                }
             }
             if !s.notes.is_empty() {
                 println!("  notes:       {}", s.notes);

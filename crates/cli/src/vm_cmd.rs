@@ -207,6 +207,9 @@ pub enum NicCmd {
         legacy: bool,
         #[arg(long)]
         mac: Option<String>,
+        /// Slot on the guest's root PCI bus (default: the first free of 16-30).
+        #[arg(long)]
+        pci_slot: Option<u8>,
     },
     /// Remove the adapter with this MAC address.
     Remove { vm: String, mac: String },
@@ -433,20 +436,35 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
             add_drive(&client, conn, &vm, slot, DriveMedia::Dvd { iso })?;
         }
         VmCmd::Nic {
-            cmd: NicCmd::Add { vm, legacy, mac },
+            cmd:
+                NicCmd::Add {
+                    vm,
+                    legacy,
+                    mac,
+                    pci_slot,
+                },
         } => {
             let kind = Some(if legacy {
                 AdapterKind::Legacy
             } else {
                 AdapterKind::Synthetic
             });
-            let req = AddNetworkAdapterRequest { kind, mac };
+            let req = AddNetworkAdapterRequest {
+                kind,
+                mac,
+                pci_slot,
+            };
             let path = format!("{}/network-adapters", vm_path(&vm));
             let (a, _) = client.call::<NetworkAdapter>(Method::POST, &path, Some(&req))?;
             if conn.json {
                 output::print_json(&a);
             } else {
-                println!("added {:?} network adapter {} to {vm}", a.kind, a.mac);
+                println!(
+                    "added {:?} network adapter {} to {vm} in PCI slot {}",
+                    a.kind,
+                    a.mac,
+                    a.pci_slot.map_or("?".into(), |s| s.to_string())
+                );
             }
         }
         VmCmd::Start { vm } => crate::vm_lifecycle::action(conn, &vm, "start")?,

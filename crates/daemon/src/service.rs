@@ -218,8 +218,9 @@ impl Service {
     }
 
     /// Creates a VM from complete settings, checking every rule.
-    pub fn create_vm(&self, settings: VmSettings) -> Result<Vm, ApiError> {
+    pub fn create_vm(&self, mut settings: VmSettings) -> Result<Vm, ApiError> {
         let mut store = self.store();
+        vm_config::devices::assign_identity(&mut settings, None);
         self.check_new_settings(&store, &settings, None)?;
         let entry = store
             .save(settings)
@@ -252,6 +253,7 @@ impl Service {
                 old.id
             )));
         }
+        vm_config::devices::assign_identity(&mut new, Some(&old));
         self.check_new_settings(&store, &new, Some(&old))?;
         let entry = store
             .save(new)
@@ -337,9 +339,10 @@ impl Service {
     }
 
     /// Replaces a VM's settings outright: the repair path for a damaged VM.
-    pub fn replace_settings(&self, key: &str, settings: VmSettings) -> Result<Vm, ApiError> {
+    pub fn replace_settings(&self, key: &str, mut settings: VmSettings) -> Result<Vm, ApiError> {
         let mut store = self.store();
         let entry = find(&store, key)?;
+        vm_config::devices::assign_identity(&mut settings, entry.settings.as_ref());
         if settings.id != entry.id {
             return Err(ApiError::invalid(format!(
                 "the settings carry id {}, but the VM's id is {}; keep the id",

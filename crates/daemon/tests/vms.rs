@@ -33,7 +33,7 @@ fn vm_create_show_update_delete_round_trip() {
         &std::fs::read(d.data.join("vms").join(&id).join("vm.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(on_disk["schema_version"], 1);
+    assert_eq!(on_disk["schema_version"], vm_config::file::SCHEMA_VERSION);
     assert_eq!(on_disk["settings"]["notes"], "front end");
 
     assert_eq!(d.req("DELETE", "/v1/vms/web02", None).status, 204);

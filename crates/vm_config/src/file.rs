@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 use crate::VmSettings;
 
 /// The schema version this build writes. Older versions are upgraded on load.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// - 1: the first.
+/// - 2: network adapters carry a device id and their PCI slot (see [`crate::devices`]).
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,9 +64,13 @@ pub fn load(path: &Path) -> Result<VmSettings, FileError> {
             found: version,
         });
     }
-    // Version 1 is the first; later versions add upgrade steps here, oldest first.
     let file: VmFile = serde_json::from_value(value).map_err(|e| parse(e.to_string()))?;
-    Ok(file.settings)
+    let mut settings = file.settings;
+    // Upgrade steps, oldest first.
+    if version < 2 {
+        crate::devices::upgrade_schema1(&mut settings);
+    }
+    Ok(settings)
 }
 
 /// Writes `vm.json` atomically: temp file, fsync, rename, fsync of the directory.

@@ -1,5 +1,6 @@
 //! VM settings: the types, the rules they must follow, and `vm.json` on disk.
 
+pub mod devices;
 pub mod file;
 mod settings;
 pub mod validate;

@@ -159,12 +159,25 @@ impl DriveMedia {
 }
 
 /// A network adapter (the switch it connects to comes later).
+///
+/// The guest knows an adapter by its MAC address and by where it sits on the PCI
+/// bus; change either and a guest OS sees a new adapter (Windows keeps the old one
+/// as a "phantom" with its IP settings). Both are fixed when the adapter is added
+/// and kept through checkpoints, export and import (unless a new id is asked for).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkAdapter {
+    /// The adapter's device identity. Assigned when absent (schema 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Uuid>,
     pub kind: AdapterKind,
     /// MAC address as six colon-separated hex bytes, e.g. `52:54:00:12:34:56`.
     pub mac: String,
+    /// The slot on the root PCI bus where the guest finds the adapter. Assigned
+    /// when absent: the first free of 16–30 (schema 2); upgraded VMs keep the slot
+    /// their adapters had before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_slot: Option<u8>,
 }
 
 /// Synthetic (virtio, fast) or legacy (emulated, boots PXE on generation 1).

@@ -152,6 +152,8 @@ fn generation_rules_for_dvd_ide_and_legacy_adapters() {
     assert!(matches!(check(&s), Err(ConfigError::IdeInGeneration2(_))));
     let mut s = vm(2);
     s.network_adapters = vec![NetworkAdapter {
+        id: None,
+        pci_slot: None,
         kind: AdapterKind::Legacy,
         mac: random_mac(),
     }];
@@ -210,6 +212,8 @@ fn missing_files_and_relative_paths_are_rejected() {
 fn bad_and_duplicate_macs_are_rejected() {
     let mut s = vm(1);
     s.network_adapters = vec![NetworkAdapter {
+        id: None,
+        pci_slot: None,
         kind: AdapterKind::Synthetic,
         mac: "01:00:00:00:00:01".into(),
     }];
@@ -217,10 +221,14 @@ fn bad_and_duplicate_macs_are_rejected() {
     let mac = random_mac();
     s.network_adapters = vec![
         NetworkAdapter {
+            id: None,
+            pci_slot: None,
             kind: AdapterKind::Synthetic,
             mac: mac.clone(),
         },
         NetworkAdapter {
+            id: None,
+            pci_slot: None,
             kind: AdapterKind::Legacy,
             mac: mac.to_uppercase(),
         },
@@ -235,11 +243,14 @@ fn vm_json_round_trips_with_schema_version_and_rejects_newer() {
     let s = vm(2);
     file::save(&path, &s).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    assert!(text.contains("\"schema_version\": 1"));
+    assert!(text.contains(&format!("\"schema_version\": {}", file::SCHEMA_VERSION)));
     assert_eq!(file::load(&path).unwrap(), s);
     std::fs::write(
         &path,
-        text.replace("\"schema_version\": 1", "\"schema_version\": 99"),
+        text.replace(
+            &format!("\"schema_version\": {}", file::SCHEMA_VERSION),
+            "\"schema_version\": 99",
+        ),
     )
     .unwrap();
     assert!(matches!(

@@ -95,6 +95,17 @@ pub enum ConfigError {
     },
     #[error("the disk {path} is already attached to {owner}; a disk can be attached to one drive of one VM only")]
     DiskInUse { path: String, owner: String },
+    #[error("PCI slot {slot} cannot hold a network adapter of a generation {generation} VM; use {first} to {last}, or leave it out to get a free one")]
+    AdapterSlotInvalid {
+        slot: u8,
+        generation: u8,
+        first: u8,
+        last: u8,
+    },
+    #[error("two network adapters are in PCI slot {0}; each adapter needs its own slot")]
+    AdapterSlotTaken(u8),
+    #[error("two network adapters have the id {0}; each adapter needs its own id")]
+    AdapterIdTaken(uuid::Uuid),
     #[error("the boot order names {0}, which this VM does not have")]
     BootEntryUnknown(String),
     #[error("the notes are {0} characters long; at most {MAX_NOTES_CHARS} are allowed")]
@@ -109,6 +120,8 @@ impl ConfigError {
             ConfigError::SlotTaken(_)
                 | ConfigError::DiskInUse { .. }
                 | ConfigError::MacInUse { .. }
+                | ConfigError::AdapterSlotTaken(_)
+                | ConfigError::AdapterIdTaken(_)
         )
     }
 }
@@ -322,7 +335,28 @@ fn validate_adapters(s: &VmSettings) -> Result<(), ConfigError> {
             max: MAX_SYNTHETIC_ADAPTERS,
         });
     }
+    let usable = crate::devices::usable_slots(s.generation);
+    let mut slots = HashSet::new();
+    let mut ids = HashSet::new();
     for a in &s.network_adapters {
+        if let Some(slot) = a.pci_slot {
+            if !usable.contains(&slot) {
+                return Err(ConfigError::AdapterSlotInvalid {
+                    slot,
+                    generation: s.generation,
+                    first: *usable.start(),
+                    last: *usable.end(),
+                });
+            }
+            if !slots.insert(slot) {
+                return Err(ConfigError::AdapterSlotTaken(slot));
+            }
+        }
+        if let Some(id) = a.id {
+            if !ids.insert(id) {
+                return Err(ConfigError::AdapterIdTaken(id));
+            }
+        }
         let mac = canonical_mac(&a.mac)?;
         if !macs.insert(mac.clone()) {
             return Err(ConfigError::MacInUse {

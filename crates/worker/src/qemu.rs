@@ -84,6 +84,9 @@ pub struct Nic {
     /// Synthetic (virtio-net) or legacy (an emulated Intel e1000).
     pub legacy: bool,
     pub mac: String,
+    /// Its slot on the root PCI bus, so the guest finds it where it was last time
+    /// (see `vm_config::devices`); `None` lets QEMU choose.
+    pub pci_slot: Option<u8>,
 }
 
 /// PCI slots per bridge that synthetic disks use (a `pci-bridge` without SHPC has 32).
@@ -219,6 +222,21 @@ impl QemuConfig {
             a.opt("-device", dev);
         }
 
+        // Adapters first: their slots are fixed, and QEMU then gives the bridges
+        // below the first free slots, as it did before adapters had fixed slots.
+        for (i, nic) in self.nics.iter().enumerate() {
+            let model = if nic.legacy {
+                "e1000"
+            } else {
+                "virtio-net-pci"
+            };
+            let mut dev = format!("{model},mac={},id=nic{i}", escape(&nic.mac));
+            if let Some(slot) = nic.pci_slot {
+                dev.push_str(&format!(",addr=0x{slot:x}"));
+            }
+            a.opt("-device", dev);
+        }
+
         let mut bridges: Vec<(u8, u8)> = self
             .synthetic
             .iter()
@@ -255,18 +273,6 @@ impl QemuConfig {
                 dev.push_str(&format!(",bootindex={i}"));
             }
             a.opt("-device", dev);
-        }
-
-        for (i, nic) in self.nics.iter().enumerate() {
-            let model = if nic.legacy {
-                "e1000"
-            } else {
-                "virtio-net-pci"
-            };
-            a.opt(
-                "-device",
-                format!("{model},mac={},id=nic{i}", escape(&nic.mac)),
-            );
         }
 
         if let Some(sock) = &self.incoming {
@@ -465,16 +471,18 @@ mod tests {
             Nic {
                 legacy: false,
                 mac: "52:54:00:12:34:56".into(),
+                pci_slot: Some(0x10),
             },
             Nic {
                 legacy: true,
                 mac: "52:54:00:ab:cd:ef".into(),
+                pci_slot: None,
             },
         ];
         assert_eq!(
             values(&c.to_args(), "-device"),
             [
-                "virtio-net-pci,mac=52:54:00:12:34:56,id=nic0",
+                "virtio-net-pci,mac=52:54:00:12:34:56,id=nic0,addr=0x10",
                 "e1000,mac=52:54:00:ab:cd:ef,id=nic1",
             ]
         );

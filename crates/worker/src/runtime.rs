@@ -644,6 +644,7 @@ fn build_config(
             .map(|n| crate::qemu::Nic {
                 legacy: n.kind == vm_config::AdapterKind::Legacy,
                 mac: n.mac.clone(),
+                pci_slot: n.pci_slot,
             })
             .collect(),
         incoming: spec.resume.then(|| rt.join(INCOMING_SOCKET)),

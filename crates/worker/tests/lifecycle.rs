@@ -180,6 +180,8 @@ async fn generation2_boots_on_q35_with_ovmf_its_own_uefi_variable_store_and_its_
     s.generation = 2;
     // A synthetic adapter (unconnected until virtual switches exist): the guest sees it.
     s.network_adapters = vec![vm_config::NetworkAdapter {
+        id: None,
+        pci_slot: None,
         kind: vm_config::AdapterKind::Synthetic,
         mac: "52:54:00:00:be:ef".into(),
     }];

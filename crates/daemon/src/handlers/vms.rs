@@ -271,13 +271,20 @@ pub async fn add_adapter(svc: &Arc<Service>, key: &str, body: Incoming) -> Answe
         None => vm_config::random_mac(),
     };
     let adapter = NetworkAdapter {
+        id: None,
         kind: req.kind.unwrap_or(AdapterKind::Synthetic),
-        mac,
+        mac: mac.clone(),
+        pci_slot: req.pci_slot,
     };
-    let (adapter, _) = svc.update_vm(key, |s| {
-        s.network_adapters.push(adapter.clone());
-        Ok(adapter)
+    let (_, vm) = svc.update_vm(key, |s| {
+        s.network_adapters.push(adapter);
+        Ok(())
     })?;
+    // The adapter as written, with the id and slot it was given.
+    let adapter = vm
+        .settings
+        .and_then(|s| s.network_adapters.into_iter().find(|a| a.mac == mac))
+        .ok_or_else(|| ApiError::internal("the new adapter is missing from the saved settings"))?;
     Ok(json(201, &adapter))
 }
 
