@@ -32,6 +32,9 @@ pub enum ErrorCode {
     /// Starting the VM or the change would reserve more processor or memory than
     /// the host has; `details` holds the numbers.
     InsufficientResources,
+    /// An import cannot go ahead; `details` is the whole report (`ImportReport`)
+    /// with every problem found and what to do about each.
+    ImportIncompatible,
     /// The service failed in a way that is not the caller's fault; see its log.
     Internal,
 }
@@ -46,7 +49,7 @@ impl ErrorCode {
             | ErrorCode::InUse
             | ErrorCode::Damaged
             | ErrorCode::InsufficientResources => 409,
-            ErrorCode::InvalidParameter => 422,
+            ErrorCode::InvalidParameter | ErrorCode::ImportIncompatible => 422,
             ErrorCode::MalformedRequest => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::PayloadTooLarge => 413,
@@ -68,6 +71,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "PayloadTooLarge",
             ErrorCode::MethodNotAllowed => "MethodNotAllowed",
             ErrorCode::JobExpired => "JobExpired",
+            ErrorCode::ImportIncompatible => "ImportIncompatible",
             ErrorCode::Damaged => "Damaged",
             ErrorCode::InsufficientResources => "InsufficientResources",
             ErrorCode::Internal => "Internal",

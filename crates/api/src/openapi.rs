@@ -5,7 +5,7 @@ use schemars::schema::Schema;
 use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
 
-use crate::{checkpoints, disks, error, events, host, jobs, vms};
+use crate::{checkpoints, disks, error, events, host, jobs, transfer, vms};
 use vm_config::{Drive, NetworkAdapter, ProcessorSettings, VmSettings};
 
 type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
@@ -299,6 +299,30 @@ pub fn routes() -> Vec<Route> {
             None,
             202,
             Some(s::<jobs::Job>),
+        ),
+        r(
+            "post",
+            "/v1/vms/{vm}/export",
+            "Export the VM (Off, Saved or Running) with its checkpoints into destination/<name>/ (job)",
+            Some(s::<transfer::ExportRequest>),
+            202,
+            Some(s::<jobs::Job>),
+        ),
+        r(
+            "post",
+            "/v1/vms/import",
+            "Import an exported VM; every problem found is reported at once (ImportIncompatible, details: ImportReport) before anything changes (job)",
+            Some(s::<transfer::ImportRequest>),
+            202,
+            Some(s::<jobs::Job>),
+        ),
+        r(
+            "post",
+            "/v1/vms/import/check",
+            "The compatibility report of an import, changing nothing",
+            Some(s::<transfer::ImportRequest>),
+            200,
+            Some(s::<transfer::ImportReport>),
         ),
         r(
             "get",

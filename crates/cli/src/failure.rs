@@ -44,7 +44,8 @@ impl Failure {
                 ErrorCode::NotFound => 4,
                 ErrorCode::InvalidParameter
                 | ErrorCode::MalformedRequest
-                | ErrorCode::PayloadTooLarge => 5,
+                | ErrorCode::PayloadTooLarge
+                | ErrorCode::ImportIncompatible => 5,
                 ErrorCode::InvalidState | ErrorCode::Damaged | ErrorCode::JobExpired => 6,
                 ErrorCode::AlreadyExists => 7,
                 ErrorCode::InUse => 8,
@@ -83,5 +84,20 @@ impl Failure {
             Failure::Usage(_) => "Usage",
             Failure::Other(_) => "Error",
         }
+    }
+}
+
+impl Failure {
+    /// More lines to print under the error, where the daemon sent a report.
+    pub fn details_text(&self) -> Option<String> {
+        let Failure::Api(body) = self else {
+            return None;
+        };
+        if body.code != ErrorCode::ImportIncompatible {
+            return None;
+        }
+        let report: api::transfer::ImportReport =
+            serde_json::from_value(body.details.clone()?).ok()?;
+        Some(crate::transfer_cmd::report_text(&report))
     }
 }

@@ -11,6 +11,7 @@ mod job_wait;
 mod output;
 mod progress_bar;
 mod size;
+mod transfer_cmd;
 mod vhd_cmd;
 mod vhd_serve;
 mod vm_cmd;
@@ -123,6 +124,9 @@ fn main() -> ExitCode {
                 eprintln!("{}", failure.to_json());
             } else {
                 eprintln!("error: {failure}");
+                if let Some(more) = failure.details_text() {
+                    eprint!("{more}");
+                }
             }
             ExitCode::from(failure.exit_code())
         }

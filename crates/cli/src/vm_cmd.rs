@@ -84,6 +84,39 @@ pub enum VmCmd {
         #[command(subcommand)]
         cmd: NicCmd,
     },
+    /// Export a VM (Off, Saved or Running) with its checkpoints into DIR/<name>/,
+    /// a self-contained folder that can be copied anywhere and imported.
+    Export {
+        vm: String,
+        dir: String,
+        /// Only the current state, its disks flattened (no checkpoints).
+        #[arg(long, conflicts_with = "checkpoint")]
+        no_checkpoints: bool,
+        /// Only this checkpoint, as the VM's state, its disks flattened.
+        #[arg(long)]
+        checkpoint: Option<String>,
+    },
+    /// Import an exported VM. Everything is checked first: every problem is
+    /// reported at once and nothing changes.
+    Import {
+        /// The export folder (or the directory holding exactly one export).
+        dir: String,
+        /// Copy the files first: to DEST/<name>/, or without DEST into the data directory.
+        #[arg(long, value_name = "DEST", num_args = 0..=1, default_missing_value = "", conflicts_with = "register")]
+        copy: Option<String>,
+        /// Use the files where they are (the default).
+        #[arg(long)]
+        register: bool,
+        /// New VM id, new adapter ids and MAC addresses (to run beside the original).
+        #[arg(long)]
+        new_id: bool,
+        /// Import under another name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only print the compatibility report; import nothing.
+        #[arg(long)]
+        check: bool,
+    },
     /// Start a VM (or resume it from its saved state).
     Start { vm: String },
     /// Turn a VM off at once, like pulling the plug.
@@ -467,6 +500,29 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                 );
             }
         }
+        VmCmd::Export {
+            vm,
+            dir,
+            no_checkpoints,
+            checkpoint,
+        } => crate::transfer_cmd::export(conn, &vm, dir, no_checkpoints, checkpoint)?,
+        VmCmd::Import {
+            dir,
+            copy,
+            register: _,
+            new_id,
+            name,
+            check,
+        } => crate::transfer_cmd::import(
+            conn,
+            crate::transfer_cmd::ImportArgs {
+                dir,
+                copy,
+                new_id,
+                name,
+                check,
+            },
+        )?,
         VmCmd::Start { vm } => crate::vm_lifecycle::action(conn, &vm, "start")?,
         VmCmd::Stop { vm } => crate::vm_lifecycle::action(conn, &vm, "stop")?,
         VmCmd::Shutdown { vm, timeout } => crate::vm_lifecycle::shutdown(conn, &vm, timeout)?,

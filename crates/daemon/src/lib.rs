@@ -16,4 +16,5 @@ pub mod metering;
 pub mod run;
 pub mod service;
 pub mod tls;
+pub mod transfer;
 pub mod vms;

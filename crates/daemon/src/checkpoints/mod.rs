@@ -52,7 +52,8 @@ impl Checkpoints {
         lock(&self.busy).get(&vm).is_some_and(|n| *n > 0)
     }
 
-    fn claim(self: &Arc<Self>, vm: Uuid) -> BusyGuard {
+    /// Marks VM `vm` busy (it may not start) until the guard drops.
+    pub(crate) fn claim(self: &Arc<Self>, vm: Uuid) -> BusyGuard {
         *lock(&self.busy).entry(vm).or_default() += 1;
         BusyGuard {
             owner: self.clone(),
@@ -60,12 +61,13 @@ impl Checkpoints {
         }
     }
 
-    fn vm_lock(&self, vm: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+    /// The lock that serialises checkpoint work on VM `vm`.
+    pub(crate) fn vm_lock(&self, vm: Uuid) -> Arc<tokio::sync::Mutex<()>> {
         lock(&self.locks).entry(vm).or_default().clone()
     }
 }
 
-struct BusyGuard {
+pub(crate) struct BusyGuard {
     owner: Arc<Checkpoints>,
     vm: Uuid,
 }
@@ -382,16 +384,21 @@ pub fn submit_create(
         let _guard = guard;
         let vm_lock = svc2.checkpoints.vm_lock(vm.id);
         let _held = vm_lock.lock().await;
-        create_job(&svc2, vm.id, req.name, ctx).await
+        let node = take(&svc2, vm.id, req.name, ctx.clone()).await?;
+        ctx.add_affected(AffectedElement::new("checkpoint", node.to_string()));
+        Ok(())
     }))
 }
 
-async fn create_job(
+/// Takes a checkpoint of VM `id` in whatever state it is (a running VM is saved,
+/// switched to new layers and started again) and returns its id. The caller holds
+/// the VM's checkpoint lock.
+pub(crate) async fn take(
     svc: &Arc<Service>,
     id: Uuid,
     name: Option<String>,
     ctx: JobContext,
-) -> Result<(), JobError> {
+) -> Result<Uuid, JobError> {
     let vm = target(svc, &id.to_string()).map_err(to_job_error)?;
     let limit = svc.config.checkpoint_limit;
     match vm.state {
@@ -404,12 +411,8 @@ async fn create_job(
                 Ok(c)
             })
             .await?;
-            ctx.add_affected(AffectedElement::new(
-                "checkpoint",
-                created.node.id.to_string(),
-            ));
             write_settings(svc, created.settings).map_err(to_job_error)?;
-            Ok(())
+            Ok(created.node.id)
         }
         VmState::Running | VmState::Paused => {
             let Some(workers) = svc.workers.clone() else {
@@ -438,10 +441,7 @@ async fn create_job(
                     return Err(e);
                 }
             };
-            ctx.add_affected(AffectedElement::new(
-                "checkpoint",
-                created.node.id.to_string(),
-            ));
+            let node = created.node.id;
             let new_settings = created.settings.clone();
             write_settings(svc, created.settings).map_err(to_job_error)?;
             svc.set_runtime(id, VmRuntime::with_state(VmState::Starting));
@@ -454,7 +454,7 @@ async fn create_job(
                 downtime.as_millis().to_string(),
             ));
             tracing::info!(vm = %id, downtime_ms = downtime.as_millis() as u64, "checkpoint of a running VM taken");
-            Ok(())
+            Ok(node)
         }
         state => Err(to_job_error(invalid_state(
             &vm.name,

@@ -5,4 +5,5 @@ pub mod disks;
 pub mod jobs;
 pub mod lifecycle;
 pub mod metrics;
+pub mod transfer;
 pub mod vms;

@@ -8,7 +8,7 @@ use hyper::{Method, Request, Response};
 use tokio::sync::watch;
 
 use crate::error::ApiError;
-use crate::handlers::{checkpoints, disks, jobs, lifecycle, metrics, vms};
+use crate::handlers::{checkpoints, disks, jobs, lifecycle, metrics, transfer, vms};
 use crate::http::body::{self, json, Body};
 use crate::http::sse;
 use crate::service::Service;
@@ -128,6 +128,9 @@ async fn route(
         (&M::GET, ["v1", "openapi.json"]) => Ok(json(200, &api::openapi::document())),
         (&M::GET, ["v1", "events"]) => Ok(sse::events(svc, shutdown)),
 
+        (&M::POST, ["v1", "vms", "import"]) => transfer::import(svc, body).await,
+        (&M::POST, ["v1", "vms", "import", "check"]) => transfer::check_import(svc, body).await,
+        (&M::POST, ["v1", "vms", vm, "export"]) => transfer::export(svc, vm, body).await,
         (&M::GET, ["v1", "vms"]) => vms::list(svc),
         (&M::POST, ["v1", "vms"]) => vms::create(svc, body).await,
         (&M::GET, ["v1", "vms", vm]) => vms::get(svc, vm),
