@@ -531,6 +531,10 @@ mod tests {
             "HostInfo",
             "Event",
             "CreateDiskRequest",
+            "VmMeasurement",
+            "DriveUse",
+            "DriveMeasurement",
+            "DriveIoTotals",
         ] {
             assert!(schemas.contains_key(name), "schema {name} missing");
         }
