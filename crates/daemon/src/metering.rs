@@ -223,6 +223,9 @@ pub struct MetricsRow<'a> {
     pub meter: &'a Meter,
 }
 
+/// A per-drive counter family: name, help, and the counter it shows.
+type DiskFamily = (&'static str, &'static str, fn(&DriveMeter) -> u64);
+
 /// Prometheus text exposition format (version 0.0.4).
 pub fn prometheus(rows: &[MetricsRow<'_>]) -> String {
     let mut out = String::new();
@@ -294,7 +297,7 @@ pub fn prometheus(rows: &[MetricsRow<'_>]) -> String {
             .iter()
             .map(|r| format!("{{{}}} {}", labels(r), r.processor.relative_weight)),
     );
-    let disk_families: [(&str, &str, fn(&DriveMeter) -> u64); 7] = [
+    let disk_families: [DiskFamily; 7] = [
         (
             "viridian_vm_disk_read_bytes_total",
             "Bytes the guest read from the drive.",
