@@ -555,6 +555,10 @@ mod tests {
             "HostInfo",
             "Event",
             "CreateDiskRequest",
+            "VmMeasurement",
+            "DriveUse",
+            "DriveMeasurement",
+            "DriveIoTotals",
         ] {
             assert!(schemas.contains_key(name), "schema {name} missing");
         }

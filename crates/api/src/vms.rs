@@ -62,6 +62,10 @@ pub struct VmRuntime {
     /// The processor settings in force now (they change live).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processor_settings: Option<ProcessorSettings>,
+    /// Each served drive's I/O over the same window as `processor`, with its
+    /// totals since start (Hyper-V's live disk counters), IDE before SCSI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<DriveUse>,
     /// Why the VM is Critical, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -78,6 +82,7 @@ impl VmRuntime {
             processor: None,
             memory_in_use_mib: None,
             processor_settings: None,
+            drives: Vec::new(),
             reason: None,
         }
     }
@@ -97,6 +102,55 @@ pub struct ProcessorUse {
     pub window_seconds: f64,
 }
 
+/// One drive's I/O totals since the VM's worker began serving it: what the guest's
+/// completed requests moved, as the drive's server (NBD for IDE, vhost-user-blk for
+/// SCSI) counted them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DriveIoTotals {
+    pub read_bytes: u64,
+    /// Bytes of data written (write-zeroes requests move none and are not in it).
+    pub write_bytes: u64,
+    pub read_ops: u64,
+    pub write_ops: u64,
+    pub flush_ops: u64,
+    pub discard_ops: u64,
+    pub write_zeroes_ops: u64,
+    /// Reads and writes in units of 8 KiB: a transfer of up to 8 KiB counts one,
+    /// a larger one one per started 8 KiB (Hyper-V's normalized operations).
+    pub normalized_ops: u64,
+}
+
+/// A running VM's drive: its I/O rates over a window, and its totals.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DriveUse {
+    /// The drive's slot, e.g. `SCSI 0:1` or `IDE 0:0`.
+    pub drive: String,
+    /// The image file it serves.
+    pub path: String,
+    pub read_bytes_per_second: f64,
+    pub write_bytes_per_second: f64,
+    pub read_ops_per_second: f64,
+    pub write_ops_per_second: f64,
+    pub flush_ops_per_second: f64,
+    /// The window the rates cover, seconds (the same as the processor's).
+    pub window_seconds: f64,
+    pub totals: DriveIoTotals,
+}
+
+/// One drive's averages since the VM started (Measure-VM's disk figures, per drive).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DriveMeasurement {
+    pub drive: String,
+    pub path: String,
+    pub average_read_bytes_per_second: f64,
+    pub average_write_bytes_per_second: f64,
+    pub average_read_ops_per_second: f64,
+    pub average_write_ops_per_second: f64,
+    /// Average normalized operations (8 KiB units) per second, reads and writes.
+    pub average_normalized_iops: f64,
+    pub totals: DriveIoTotals,
+}
+
 /// `GET /v1/vms/{vm}/measure`: averages since the VM started (Hyper-V's Measure-VM).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct VmMeasurement {
@@ -113,6 +167,19 @@ pub struct VmMeasurement {
     pub average_memory_mib: u64,
     pub memory_in_use_mib: u64,
     pub processor_count: u32,
+    /// Bytes read from all drives since start (Hyper-V's AggregatedDiskDataRead).
+    #[serde(default)]
+    pub disk_data_read_bytes: u64,
+    /// Bytes written to all drives since start (AggregatedDiskDataWritten).
+    #[serde(default)]
+    pub disk_data_written_bytes: u64,
+    /// Normalized (8 KiB) operations per second on all drives, averaged since start
+    /// (AggregatedAverageNormalizedIOPS).
+    #[serde(default)]
+    pub average_normalized_iops: f64,
+    /// Each drive's averages and totals, IDE before SCSI.
+    #[serde(default)]
+    pub drives: Vec<DriveMeasurement>,
 }
 
 /// One line of `GET /v1/vms`.

@@ -1,7 +1,7 @@
 //! Printing: human tables by default, JSON with `--json`.
 
 use api::jobs::Job;
-use api::vms::{Vm, VmSummary};
+use api::vms::{DriveMeasurement, DriveUse, Vm, VmMeasurement, VmSummary};
 use serde::Serialize;
 
 use crate::size::human;
@@ -100,6 +100,11 @@ pub fn vm_details(vm: &Vm) {
     if let Some(m) = r.memory_in_use_mib {
         println!("  memory used: {m} MiB");
     }
+    for d in &r.drives {
+        for line in drive_use(d) {
+            println!("  {line}");
+        }
+    }
     if let Some(p) = &r.processor_settings {
         println!(
             "  in force:    reserve {} %, limit {} %, weight {}",
@@ -121,6 +126,91 @@ pub fn vm_details(vm: &Vm) {
             "  merge:       {:?}{pct} deleted checkpoint {:?} ({}): {}",
             m.state, m.name, m.id, m.reason
         );
+    }
+}
+
+/// A byte rate, e.g. `1.5 MiB/s`.
+fn rate(bytes_per_second: f64) -> String {
+    format!("{}/s", human(bytes_per_second.round().max(0.0) as u64))
+}
+
+/// A running drive's live figures: rates over the window, then totals.
+pub fn drive_use(d: &DriveUse) -> [String; 2] {
+    let t = &d.totals;
+    [
+        format!(
+            "drive {:<10} read {} ({:.1} ops/s), write {} ({:.1} ops/s), {:.1} flushes/s (last {:.1} s)  {}",
+            d.drive,
+            rate(d.read_bytes_per_second),
+            d.read_ops_per_second,
+            rate(d.write_bytes_per_second),
+            d.write_ops_per_second,
+            d.flush_ops_per_second,
+            d.window_seconds,
+            d.path
+        ),
+        format!(
+            "{:<16} in all: {} read in {} ops, {} written in {} ops, {} flushes",
+            "",
+            human(t.read_bytes),
+            t.read_ops,
+            human(t.write_bytes),
+            t.write_ops,
+            t.flush_ops
+        ),
+    ]
+}
+
+/// A drive's averages since the VM started, then totals.
+pub fn drive_measurement(d: &DriveMeasurement) -> [String; 2] {
+    let t = &d.totals;
+    [
+        format!(
+            "drive {:<10} read {} ({:.1} ops/s), write {} ({:.1} ops/s), {:.1} normalized IOPS on average  {}",
+            d.drive,
+            rate(d.average_read_bytes_per_second),
+            d.average_read_ops_per_second,
+            rate(d.average_write_bytes_per_second),
+            d.average_write_ops_per_second,
+            d.average_normalized_iops,
+            d.path
+        ),
+        format!(
+            "{:<16} in all: {} read in {} ops, {} written in {} ops, {} flushes",
+            "",
+            human(t.read_bytes),
+            t.read_ops,
+            human(t.write_bytes),
+            t.write_ops,
+            t.flush_ops
+        ),
+    ]
+}
+
+/// `viridian vm measure` in text.
+pub fn measurement(m: &VmMeasurement) {
+    println!("{} ({}), up {:.0} s", m.name, m.id, m.uptime_seconds);
+    println!(
+        "  processor:   {:.1} % of its {} vCPUs on average ({:.1} s of processor time)",
+        m.average_processor_percent, m.processor_count, m.processor_seconds
+    );
+    for (i, p) in m.average_per_vcpu_percent.iter().enumerate() {
+        println!("  vCPU {i}:      {p:.1} %");
+    }
+    println!(
+        "  memory:      {} MiB on average, {} MiB now",
+        m.average_memory_mib, m.memory_in_use_mib
+    );
+    println!(
+        "  disks:       {} read, {} written, {:.1} normalized IOPS on average (8 KiB units)",
+        human(m.disk_data_read_bytes),
+        human(m.disk_data_written_bytes),
+        m.average_normalized_iops
+    );
+    for d in &m.drives {
+        for line in drive_measurement(d) {
+            println!("  {line}");
+        }
     }
 }
 
@@ -162,5 +252,40 @@ pub fn job_details(j: &Job) {
     }
     for a in &j.affected_elements {
         println!("  affected:    {} {}", a.kind, a.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::vms::DriveIoTotals;
+
+    #[test]
+    fn drive_lines_show_rates_in_units_and_totals() {
+        let d = DriveUse {
+            drive: "SCSI 0:1".into(),
+            path: "/vms/a/data.vhdx".into(),
+            read_bytes_per_second: 0.0,
+            write_bytes_per_second: 1572864.0,
+            read_ops_per_second: 0.0,
+            write_ops_per_second: 24.0,
+            flush_ops_per_second: 0.5,
+            window_seconds: 3.0,
+            totals: DriveIoTotals {
+                write_bytes: 5 << 20,
+                write_ops: 80,
+                flush_ops: 2,
+                ..Default::default()
+            },
+        };
+        let [live, total] = drive_use(&d);
+        assert!(live.starts_with("drive SCSI 0:1"), "{live}");
+        assert!(live.contains("write 1.5 MiB/s (24.0 ops/s)"), "{live}");
+        assert!(live.contains("read 0 B/s (0.0 ops/s)"), "{live}");
+        assert!(live.ends_with("/vms/a/data.vhdx"), "{live}");
+        assert!(
+            total.contains("0 B read in 0 ops, 5 MiB written in 80 ops, 2 flushes"),
+            "{total}"
+        );
     }
 }

@@ -137,7 +137,8 @@ pub enum VmCmd {
     /// Reset a VM (the reset button).
     Restart { vm: String },
     /// A running VM's averages since it started: processor per vCPU and in total,
-    /// memory (Hyper-V's Measure-VM).
+    /// memory, and each drive's bytes and operations read and written (Hyper-V's
+    /// Measure-VM).
     Measure { vm: String },
     /// Attach to a VM's serial console (detach with Ctrl-]), or print its log with --log.
     Console {
@@ -379,18 +380,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
             if conn.json {
                 output::print_json(&m);
             } else {
-                println!("{} ({}), up {:.0} s", m.name, m.id, m.uptime_seconds);
-                println!(
-                    "  processor:   {:.1} % of its {} vCPUs on average ({:.1} s of processor time)",
-                    m.average_processor_percent, m.processor_count, m.processor_seconds
-                );
-                for (i, p) in m.average_per_vcpu_percent.iter().enumerate() {
-                    println!("  vCPU {i}:      {p:.1} %");
-                }
-                println!(
-                    "  memory:      {} MiB on average, {} MiB now",
-                    m.average_memory_mib, m.memory_in_use_mib
-                );
+                output::measurement(&m);
             }
         }
         VmCmd::Disk {

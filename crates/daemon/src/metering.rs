@@ -1,13 +1,13 @@
 //! Live metering: the worker's raw counters (see `worker::meter`) turned into rates
 //! for `runtime`, averages for `GET /v1/vms/{vm}/measure`, and Prometheus text for
-//! `GET /v1/metrics`.
+//! `GET /v1/metrics`: processor, memory, and each drive's bytes and operations.
 
 use std::collections::VecDeque;
 use std::fmt::Write;
 
-use api::vms::{ProcessorUse, VmMeasurement};
+use api::vms::{DriveIoTotals, DriveMeasurement, DriveUse, ProcessorUse, VmMeasurement};
 use uuid::Uuid;
-use worker::meter::Meter;
+use worker::meter::{DriveMeter, Meter};
 
 /// How far back the live figures look (at least `MIN_WINDOW_MS` when samples allow).
 const WINDOW_MS: u64 = 3_000;
@@ -55,6 +55,18 @@ impl History {
         Some(rates(a, b, count))
     }
 
+    /// Each drive's I/O over the same window as [`History::processor_use`], with
+    /// its totals; empty until that window is long enough.
+    pub fn drive_use(&self) -> Vec<DriveUse> {
+        let (Some(a), Some(b)) = (self.samples.front(), self.samples.back()) else {
+            return Vec::new();
+        };
+        if b.at_unix_ms < a.at_unix_ms + MIN_WINDOW_MS {
+            return Vec::new();
+        }
+        drive_rates(a, b)
+    }
+
     /// The average resident memory while watched, MiB.
     pub fn average_memory_mib(&self) -> Option<u64> {
         let first = self.first_ms?;
@@ -100,6 +112,62 @@ pub fn rates(a: &Meter, b: &Meter, count: u32) -> ProcessorUse {
     }
 }
 
+fn totals(d: &DriveMeter) -> DriveIoTotals {
+    let io = &d.io;
+    DriveIoTotals {
+        read_bytes: io.read_bytes,
+        write_bytes: io.write_bytes,
+        read_ops: io.read_ops,
+        write_ops: io.write_ops,
+        flush_ops: io.flush_ops,
+        discard_ops: io.discard_ops,
+        write_zeroes_ops: io.write_zeroes_ops,
+        normalized_ops: io.normalized_ops,
+    }
+}
+
+/// `n` per second over `ms` milliseconds, to 0.1.
+fn per_second(n: u64, ms: u64) -> f64 {
+    if ms == 0 {
+        return 0.0;
+    }
+    round1(n as f64 * 1000.0 / ms as f64)
+}
+
+/// Each drive's rates between two samples. A drive is matched by slot and image;
+/// one missing from the older sample (or whose counters went back, as after a
+/// worker restart) counts from zero.
+pub fn drive_rates(a: &Meter, b: &Meter) -> Vec<DriveUse> {
+    let ms = b.at_unix_ms.saturating_sub(a.at_unix_ms);
+    b.drives
+        .iter()
+        .map(|d| {
+            let before = a
+                .drives
+                .iter()
+                .find(|x| x.drive == d.drive && x.path == d.path)
+                .map(totals)
+                .unwrap_or_default();
+            let now = totals(d);
+            let delta = |f: fn(&DriveIoTotals) -> u64| {
+                let (x, y) = (f(&before), f(&now));
+                per_second(if y >= x { y - x } else { y }, ms)
+            };
+            DriveUse {
+                drive: d.drive.clone(),
+                path: d.path.clone(),
+                read_bytes_per_second: delta(|t| t.read_bytes),
+                write_bytes_per_second: delta(|t| t.write_bytes),
+                read_ops_per_second: delta(|t| t.read_ops),
+                write_ops_per_second: delta(|t| t.write_ops),
+                flush_ops_per_second: delta(|t| t.flush_ops),
+                window_seconds: ms as f64 / 1000.0,
+                totals: now,
+            }
+        })
+        .collect()
+}
+
 /// Averages since start from the latest counters and the time the VM began running.
 pub fn measurement(
     id: Uuid,
@@ -112,6 +180,24 @@ pub fn measurement(
     let ms = m.at_unix_ms.saturating_sub(started_unix_ms);
     let per_vcpu: Vec<f64> = m.vcpu_ns.iter().map(|ns| pct(*ns, ms)).collect();
     let sum: f64 = per_vcpu.iter().sum();
+    let drives: Vec<DriveMeasurement> = m
+        .drives
+        .iter()
+        .map(|d| {
+            let t = totals(d);
+            DriveMeasurement {
+                drive: d.drive.clone(),
+                path: d.path.clone(),
+                average_read_bytes_per_second: per_second(t.read_bytes, ms),
+                average_write_bytes_per_second: per_second(t.write_bytes, ms),
+                average_read_ops_per_second: per_second(t.read_ops, ms),
+                average_write_ops_per_second: per_second(t.write_ops, ms),
+                average_normalized_iops: per_second(t.normalized_ops, ms),
+                totals: t,
+            }
+        })
+        .collect();
+    let all = |f: fn(&DriveIoTotals) -> u64| drives.iter().map(|d| f(&d.totals)).sum::<u64>();
     Some(VmMeasurement {
         id,
         name: name.to_string(),
@@ -122,6 +208,10 @@ pub fn measurement(
         average_memory_mib: history.average_memory_mib().unwrap_or(0),
         memory_in_use_mib: mib(m.memory_bytes),
         processor_count: count,
+        disk_data_read_bytes: all(|t| t.read_bytes),
+        disk_data_written_bytes: all(|t| t.write_bytes),
+        average_normalized_iops: per_second(all(|t| t.normalized_ops), ms),
+        drives,
     })
 }
 
@@ -132,6 +222,9 @@ pub struct MetricsRow<'a> {
     pub processor: vm_config::ProcessorSettings,
     pub meter: &'a Meter,
 }
+
+/// A per-drive counter family: name, help, and the counter it shows.
+type DiskFamily = (&'static str, &'static str, fn(&DriveMeter) -> u64);
 
 /// Prometheus text exposition format (version 0.0.4).
 pub fn prometheus(rows: &[MetricsRow<'_>]) -> String {
@@ -204,6 +297,60 @@ pub fn prometheus(rows: &[MetricsRow<'_>]) -> String {
             .iter()
             .map(|r| format!("{{{}}} {}", labels(r), r.processor.relative_weight)),
     );
+    let disk_families: [DiskFamily; 7] = [
+        (
+            "viridian_vm_disk_read_bytes_total",
+            "Bytes the guest read from the drive.",
+            |d| d.io.read_bytes,
+        ),
+        (
+            "viridian_vm_disk_write_bytes_total",
+            "Bytes the guest wrote to the drive (write-zeroes requests not included).",
+            |d| d.io.write_bytes,
+        ),
+        (
+            "viridian_vm_disk_read_ops_total",
+            "Read requests the drive completed.",
+            |d| d.io.read_ops,
+        ),
+        (
+            "viridian_vm_disk_write_ops_total",
+            "Write requests the drive completed.",
+            |d| d.io.write_ops,
+        ),
+        (
+            "viridian_vm_disk_flush_ops_total",
+            "Flush requests the drive completed.",
+            |d| d.io.flush_ops,
+        ),
+        (
+            "viridian_vm_disk_discard_ops_total",
+            "Discard (trim) requests the drive completed.",
+            |d| d.io.discard_ops,
+        ),
+        (
+            "viridian_vm_disk_write_zeroes_ops_total",
+            "Write-zeroes requests the drive completed.",
+            |d| d.io.write_zeroes_ops,
+        ),
+    ];
+    for (name, help, value) in disk_families {
+        family(
+            name,
+            "counter",
+            help,
+            &mut rows.iter().flat_map(|r| {
+                r.meter.drives.iter().map(move |d| {
+                    format!(
+                        "{{{},drive=\"{}\"}} {}",
+                        labels(r),
+                        escape(&d.drive),
+                        value(d)
+                    )
+                })
+            }),
+        );
+    }
     out
 }
 
@@ -223,7 +370,87 @@ mod tests {
             cpu_ns: cpu_ms * 1_000_000,
             vcpu_ns: vcpus.iter().map(|ms| ms * 1_000_000).collect(),
             memory_bytes: mem_mib * 1024 * 1024,
+            drives: Vec::new(),
         }
+    }
+
+    fn drive(slot: &str, read: u64, written: u64, ops: u64) -> DriveMeter {
+        DriveMeter {
+            drive: slot.into(),
+            path: format!("/vms/{slot}.vhdx"),
+            io: worker::meter::DriveIo {
+                read_bytes: read,
+                write_bytes: written,
+                read_ops: ops,
+                write_ops: ops,
+                flush_ops: 1,
+                normalized_ops: 2 * ops,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn with_drives(mut m: Meter, drives: Vec<DriveMeter>) -> Meter {
+        m.drives = drives;
+        m
+    }
+
+    #[test]
+    fn drive_rates_cover_the_processor_window_and_keep_the_totals() {
+        let mut h = History::default();
+        h.push(with_drives(
+            m(0, 0, &[0], 0),
+            vec![drive("IDE 0:0", 1000, 0, 10)],
+        ));
+        assert!(h.drive_use().is_empty(), "no window yet");
+        h.push(with_drives(
+            m(2000, 0, &[0], 0),
+            vec![
+                drive("IDE 0:0", 1000 + (4 << 20), 0, 30),
+                drive("SCSI 0:1", 0, 8 << 20, 200),
+            ],
+        ));
+        let u = h.drive_use();
+        let p = h.processor_use(1).unwrap();
+        assert_eq!(u.len(), 2);
+        assert_eq!(u[0].drive, "IDE 0:0");
+        assert_eq!(u[0].window_seconds, p.window_seconds);
+        assert_eq!(u[0].read_bytes_per_second, (2u64 << 20) as f64);
+        assert_eq!(u[0].read_ops_per_second, 10.0);
+        assert_eq!(u[0].write_bytes_per_second, 0.0);
+        assert_eq!(u[0].totals.read_bytes, 1000 + (4 << 20));
+        // A drive absent from the older sample counts from zero.
+        assert_eq!(u[1].write_bytes_per_second, (4u64 << 20) as f64);
+        assert_eq!(u[1].write_ops_per_second, 100.0);
+        assert_eq!(u[1].totals.write_bytes, 8 << 20);
+    }
+
+    #[test]
+    fn measurement_gives_each_drive_its_averages_and_the_vm_its_aggregates() {
+        let mut h = History::default();
+        h.push(with_drives(
+            m(10_000, 0, &[0], 0),
+            vec![
+                drive("IDE 0:0", 10 << 20, 0, 50),
+                drive("SCSI 0:1", 0, 20 << 20, 100),
+            ],
+        ));
+        let r = measurement(Uuid::nil(), "web", 1, 0, &h).unwrap();
+        assert_eq!(r.drives.len(), 2);
+        assert_eq!(
+            r.drives[0].average_read_bytes_per_second,
+            (1u64 << 20) as f64
+        );
+        assert_eq!(r.drives[0].average_read_ops_per_second, 5.0);
+        assert_eq!(
+            r.drives[1].average_write_bytes_per_second,
+            (2u64 << 20) as f64
+        );
+        assert_eq!(r.drives[1].average_normalized_iops, 20.0);
+        assert_eq!(r.disk_data_read_bytes, 10 << 20);
+        assert_eq!(r.disk_data_written_bytes, 20 << 20);
+        // (100 + 200) normalized operations in 10 s.
+        assert_eq!(r.average_normalized_iops, 30.0);
     }
 
     #[test]
@@ -291,5 +518,54 @@ mod tests {
         assert!(text.contains(r#",vcpu="0"} 1"#), "{text}");
         assert!(text.contains("viridian_vm_memory_bytes{"), "{text}");
         assert!(text.contains("viridian_vm_processor_weight{"), "{text}");
+    }
+
+    #[test]
+    fn prometheus_disk_series_are_counters_labelled_by_drive_with_one_help_and_type() {
+        let a = with_drives(m(0, 0, &[0], 0), vec![drive("IDE 0:0", 512, 0, 1)]);
+        let b = with_drives(
+            m(0, 0, &[0], 0),
+            vec![drive("IDE 0:0", 0, 0, 0), drive("SCSI 0:1", 0, 4096, 1)],
+        );
+        let row = |name, meter| MetricsRow {
+            id: Uuid::nil(),
+            name,
+            processor: vm_config::ProcessorSettings::with_count(1),
+            meter,
+        };
+        let text = prometheus(&[row("a", &a), row("b", &b)]);
+        assert_eq!(
+            text.matches("# TYPE viridian_vm_disk_write_bytes_total counter\n")
+                .count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# HELP viridian_vm_disk_read_bytes_total ")
+                .count(),
+            1
+        );
+        assert!(text.contains(r#"viridian_vm_disk_read_bytes_total{vm="a",id="00000000-0000-0000-0000-000000000000",drive="IDE 0:0"} 512"#), "{text}");
+        assert!(text.contains(r#"viridian_vm_disk_write_bytes_total{vm="b",id="00000000-0000-0000-0000-000000000000",drive="SCSI 0:1"} 4096"#), "{text}");
+        for family in [
+            "read_ops",
+            "write_ops",
+            "flush_ops",
+            "discard_ops",
+            "write_zeroes_ops",
+        ] {
+            let name = format!("viridian_vm_disk_{family}_total");
+            assert_eq!(
+                text.matches(&format!("\n{name}{{")).count(),
+                3,
+                "{name}: three drives in all\n{text}"
+            );
+        }
+        // Every sample line is `name{labels} number`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            assert!(series.ends_with('}'), "{line}");
+        }
     }
 }

@@ -20,6 +20,9 @@
 //! export EPERM, an unknown command or a flag the command does not take EINVAL;
 //! the connection stays usable after each. `tests/protocol.rs` checks all of
 //! this with a raw client, and FUA/FLUSH durability with the crash harness.
+//!
+//! Every export has its [`DriveCounters`] (bytes and operations of the requests
+//! that completed, over all its connections), read through [`Server::counters`].
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -28,6 +31,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+pub use drive_counters::{DriveCounters, DriveIo};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -92,13 +97,20 @@ const ENOSPC: u32 = 28;
 /// Largest request payload accepted (QEMU sends at most 32 MiB).
 const MAX_REQUEST: u32 = 32 << 20;
 
-type Exports = Arc<HashMap<String, Arc<dyn vhd::Disk>>>;
+/// One export: its disk and the counters of what its clients did.
+struct Export {
+    disk: Arc<dyn vhd::Disk>,
+    counters: Arc<DriveCounters>,
+}
+
+type Exports = Arc<HashMap<String, Export>>;
 
 /// A running NBD server on a unix socket.
 pub struct Server {
     socket: PathBuf,
     /// The listening socket, shared with the acceptor thread.
     listener: Arc<UnixListener>,
+    exports: Exports,
     stopping: Arc<AtomicBool>,
     /// Ends with the connections still open when the server stopped.
     acceptor: Option<std::thread::JoinHandle<Vec<Connection>>>,
@@ -111,7 +123,16 @@ impl Server {
     /// Listens on `socket` and serves `exports` (name, disk) until [`Server::stop`].
     pub fn start(socket: &Path, exports: Vec<(String, Arc<dyn vhd::Disk>)>) -> io::Result<Self> {
         let listener = Arc::new(UnixListener::bind(socket)?);
-        let exports: Exports = Arc::new(exports.into_iter().collect());
+        let exports: Exports = Arc::new(
+            exports
+                .into_iter()
+                .map(|(name, disk)| {
+                    let counters = Arc::new(DriveCounters::new());
+                    (name, Export { disk, counters })
+                })
+                .collect(),
+        );
+        let served = exports.clone();
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
         let listening = listener.clone();
@@ -154,6 +175,7 @@ impl Server {
         Ok(Self {
             socket: socket.to_path_buf(),
             listener,
+            exports: served,
             stopping,
             acceptor: Some(acceptor),
         })
@@ -162,6 +184,12 @@ impl Server {
     /// The socket the server listens on.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The counters of export `name` (totals since the server started, over all
+    /// its connections); `None` for a name it does not serve.
+    pub fn counters(&self, name: &str) -> Option<Arc<DriveCounters>> {
+        self.exports.get(name).map(|e| e.counters.clone())
     }
 
     /// Stops accepting connections, ends the open ones (a request in progress
@@ -236,7 +264,7 @@ fn option_reply(w: &mut impl Write, option: u32, kind: u32, data: &[u8]) -> io::
 }
 
 /// The export a client names; the empty name picks the only export when there is one.
-fn find_export<'a>(exports: &'a Exports, name: &str) -> Option<&'a Arc<dyn vhd::Disk>> {
+fn find_export<'a>(exports: &'a Exports, name: &str) -> Option<&'a Export> {
     exports.get(name).or_else(|| {
         if name.is_empty() && exports.len() == 1 {
             exports.values().next()
@@ -271,7 +299,7 @@ fn serve(mut s: UnixStream, exports: &Exports) -> io::Result<()> {
     }
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
 
-    let disk = loop {
+    let export = loop {
         if read_u64(&mut s)? != IHAVEOPT {
             return Err(protocol("option without the IHAVEOPT magic"));
         }
@@ -287,10 +315,11 @@ fn serve(mut s: UnixStream, exports: &Exports) -> io::Result<()> {
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let Some(disk) = find_export(exports, &name) else {
+                let Some(export) = find_export(exports, &name) else {
                     // The protocol has no error reply here: the only answer is to close.
                     return Err(protocol(format!("unknown export {name:?}")));
                 };
+                let disk = &export.disk;
                 let mut out = Vec::new();
                 out.extend_from_slice(&disk.size().to_be_bytes());
                 out.extend_from_slice(&transmission_flags(disk.as_ref()).to_be_bytes());
@@ -298,7 +327,7 @@ fn serve(mut s: UnixStream, exports: &Exports) -> io::Result<()> {
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 s.write_all(&out)?;
-                break disk.clone();
+                break export;
             }
             OPT_ABORT => {
                 option_reply(&mut s, option, REP_ACK, &[])?;
@@ -322,11 +351,12 @@ fn serve(mut s: UnixStream, exports: &Exports) -> io::Result<()> {
                     option_reply(&mut s, option, REP_ERR_INVALID, b"malformed option")?;
                     continue;
                 };
-                let Some(disk) = find_export(exports, &name) else {
+                let Some(export) = find_export(exports, &name) else {
                     let msg = format!("no export named {name:?}");
                     option_reply(&mut s, option, REP_ERR_UNKNOWN, msg.as_bytes())?;
                     continue;
                 };
+                let disk = &export.disk;
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&disk.size().to_be_bytes());
                 info.extend_from_slice(&transmission_flags(disk.as_ref()).to_be_bytes());
@@ -338,13 +368,13 @@ fn serve(mut s: UnixStream, exports: &Exports) -> io::Result<()> {
                 option_reply(&mut s, option, REP_INFO, &sizes)?;
                 option_reply(&mut s, option, REP_ACK, &[])?;
                 if option == OPT_GO {
-                    break disk.clone();
+                    break export;
                 }
             }
             _ => option_reply(&mut s, option, REP_ERR_UNSUP, &[])?,
         }
     };
-    transmit(s, disk.as_ref())
+    transmit(s, export.disk.as_ref(), &export.counters)
 }
 
 /// The NBD error for a failed command. proto.md: a write (or write-zeroes)
@@ -375,7 +405,7 @@ fn write_explicit_zeros(disk: &dyn vhd::Disk, offset: u64, len: u64) -> vhd::Res
     Ok(())
 }
 
-fn transmit(s: UnixStream, disk: &dyn vhd::Disk) -> io::Result<()> {
+fn transmit(s: UnixStream, disk: &dyn vhd::Disk, counters: &DriveCounters) -> io::Result<()> {
     let mut r = io::BufReader::with_capacity(256 * 1024, s.try_clone()?);
     let mut w = io::BufWriter::with_capacity(256 * 1024, s);
     let mut buf = Vec::new();
@@ -410,8 +440,12 @@ fn transmit(s: UnixStream, disk: &dyn vhd::Disk) -> io::Result<()> {
                 }
             })
         };
-        let code = |result: vhd::Result<()>, writes_data: bool| match result {
-            Ok(()) => 0,
+        // Counts the request when it succeeded, then gives its NBD error code.
+        let code = |result: vhd::Result<()>, writes_data: bool, count: &dyn Fn()| match result {
+            Ok(()) => {
+                count();
+                0
+            }
             Err(e) => errno(&e, writes_data),
         };
         if flags & !allowed_flags(kind) != 0 && kind != CMD_DISC {
@@ -431,6 +465,7 @@ fn transmit(s: UnixStream, disk: &dyn vhd::Disk) -> io::Result<()> {
                 buf.resize(len as usize, 0);
                 match disk.read_at(&mut buf, offset) {
                     Ok(()) => {
+                        counters.read(u64::from(len));
                         reply(&mut w, 0)?;
                         w.write_all(&buf)?;
                     }
@@ -440,16 +475,18 @@ fn transmit(s: UnixStream, disk: &dyn vhd::Disk) -> io::Result<()> {
             CMD_WRITE => {
                 buf.resize(len as usize, 0);
                 r.read_exact(&mut buf)?;
-                reply(&mut w, code(fua(disk.write_at(&buf, offset)), true))?;
-            }
-            CMD_FLUSH => {
-                reply(&mut w, code(disk.flush(), false))?;
-            }
-            CMD_TRIM => {
+                let result = fua(disk.write_at(&buf, offset));
                 reply(
                     &mut w,
-                    code(fua(disk.discard(offset, u64::from(len))), false),
+                    code(result, true, &|| counters.write(u64::from(len))),
                 )?;
+            }
+            CMD_FLUSH => {
+                reply(&mut w, code(disk.flush(), false, &|| counters.flush()))?;
+            }
+            CMD_TRIM => {
+                let result = fua(disk.discard(offset, u64::from(len)));
+                reply(&mut w, code(result, false, &|| counters.discard()))?;
             }
             CMD_WRITE_ZEROES => {
                 let result = if flags & CMD_FLAG_NO_HOLE != 0 {
@@ -457,7 +494,7 @@ fn transmit(s: UnixStream, disk: &dyn vhd::Disk) -> io::Result<()> {
                 } else {
                     fua(disk.write_zeroes(offset, u64::from(len)))
                 };
-                reply(&mut w, code(result, true))?;
+                reply(&mut w, code(result, true, &|| counters.write_zeroes()))?;
             }
             CMD_CACHE => reply(&mut w, 0)?,
             CMD_DISC => {

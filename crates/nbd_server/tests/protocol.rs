@@ -699,3 +699,42 @@ fn stop_returns_even_when_the_socket_file_is_already_gone() {
     c.expect_closed();
     vhd::open(&t.image, false).expect("the stopped server released the disk");
 }
+
+#[test]
+fn counters_add_exactly_the_bytes_and_operations_of_completed_requests_per_export() {
+    let size = 8 * MIB;
+    let t = serve_dynamic(size);
+    let d = t.server.counters("d").expect("export d has counters");
+    let ro = t.server.counters("ro").expect("export ro has counters");
+    assert!(t.server.counters("nope").is_none());
+    assert_eq!(d.snapshot(), nbd_server::DriveIo::default());
+    let (mut c, _, _) = Client::open(&t.sock, "d");
+    // A write of N bytes adds N, a read of N adds N, each one operation.
+    let n = 65536 + 512;
+    assert_eq!(c.write(0, 4096, &pattern(n, 1)), 0);
+    assert_eq!(c.write(CMD_FLAG_FUA, 0, &pattern(512, 2)), 0);
+    assert_eq!(c.read(4096, n as u32).unwrap(), pattern(n, 1));
+    assert_eq!(c.command(0, CMD_FLUSH, 0, 0), 0);
+    assert_eq!(c.command(0, CMD_TRIM, 0, 4096), 0);
+    assert_eq!(c.command(0, CMD_WRITE_ZEROES, MIB, 8192), 0);
+    // Failed requests add nothing.
+    assert_eq!(c.read(size, 512), Err(EINVAL));
+    assert_eq!(c.write(0, size - 512, &pattern(1024, 3)), ENOSPC);
+    // A second connection to the same export adds to the same counters.
+    let (mut c2, _, _) = Client::open(&t.sock, "d");
+    assert_eq!(c2.read(0, 4096).unwrap().len(), 4096);
+    let s = d.snapshot();
+    assert_eq!(s.write_bytes, n as u64 + 512);
+    assert_eq!(s.write_ops, 2);
+    assert_eq!(s.read_bytes, n as u64 + 4096);
+    assert_eq!(s.read_ops, 2);
+    assert_eq!(s.flush_ops, 1);
+    assert_eq!(s.discard_ops, 1);
+    assert_eq!(s.write_zeroes_ops, 1);
+    // 65 KiB + 512 B: 9 units of 8 KiB; 512 B and 4 KiB: one each; twice for the read.
+    assert_eq!(s.normalized_ops, 9 + 1 + 9 + 1);
+    // The other export took none of it.
+    assert_eq!(ro.snapshot(), nbd_server::DriveIo::default());
+    c.disconnect();
+    c2.disconnect();
+}

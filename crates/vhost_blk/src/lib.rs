@@ -4,6 +4,8 @@
 //! hands it the guest's memory and virtqueues; requests go straight from the
 //! rings to the storage engine (QEMU's block layer is not in the data path).
 //! See `backend` for the device and `protocol` for the virtio-blk wire formats.
+//! The disk's [`DriveCounters`] (bytes and operations of completed requests, over
+//! every front end it served) are read through [`Server::counters`].
 
 mod backend;
 pub mod protocol;
@@ -21,6 +23,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use backend::BlkBackend;
 pub use backend::BlkOptions;
+pub use drive_counters::{DriveCounters, DriveIo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -52,6 +55,7 @@ pub struct Server {
     stopping: Arc<AtomicBool>,
     current: Arc<Mutex<Option<ShutdownHandle>>>,
     thread: Option<JoinHandle<std::result::Result<(), String>>>,
+    counters: Arc<DriveCounters>,
 }
 
 impl Server {
@@ -62,6 +66,8 @@ impl Server {
             source,
         })?;
         let stopping = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(DriveCounters::new());
+        let counting = counters.clone();
         let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
         let name = format!(
             "vhost-blk-{}",
@@ -76,7 +82,7 @@ impl Server {
             .spawn(move || {
                 while !stop2.load(Ordering::Acquire) {
                     // A fresh device per connection: ring state never leaks between front ends.
-                    let backend = Arc::new(BlkBackend::new(disk.clone(), opts.clone()));
+                    let backend = Arc::new(BlkBackend::new(disk.clone(), opts.clone(), counting.clone()));
                     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
                     let mut daemon = VhostUserDaemon::new(name.clone(), backend, mem)
                         .map_err(|e| format!("creating the device: {e}"))?;
@@ -107,11 +113,17 @@ impl Server {
             stopping,
             current,
             thread: Some(thread),
+            counters,
         })
     }
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The disk's counters: totals since the server started, over every front end.
+    pub fn counters(&self) -> Arc<DriveCounters> {
+        self.counters.clone()
     }
 
     /// Disconnects the front end (if any), stops serving and removes the socket.

@@ -77,6 +77,18 @@ pub struct ServedDisks {
     nbd: Option<nbd_server::Server>,
 }
 
+fn metered(
+    slot: Slot,
+    path: &Path,
+    counters: Arc<drive_counters::DriveCounters>,
+) -> crate::meter::MeteredDrive {
+    crate::meter::MeteredDrive {
+        drive: slot.to_string(),
+        path: path.display().to_string(),
+        counters,
+    }
+}
+
 /// Opens a disk image through the engine: a VHD with its whole differencing
 /// chain, or a raw image (ISO). Writable opens lock the file exclusively, parents
 /// and read-only opens shared.
@@ -173,6 +185,29 @@ impl ServedDisks {
             synthetic,
             nbd,
         })
+    }
+
+    /// Every served drive with its server's counters, in slot order.
+    pub fn metered(&self) -> Vec<crate::meter::MeteredDrive> {
+        let mut drives: Vec<(Slot, crate::meter::MeteredDrive)> = Vec::new();
+        for d in &self.ide {
+            let counters = self.nbd.as_ref().and_then(|n| n.counters(&d.export));
+            if let Some(counters) = counters {
+                drives.push((d.slot, metered(d.slot, &d.path, counters)));
+            }
+        }
+        for d in &self.synthetic {
+            drives.push((d.slot, metered(d.slot, &d.path, d.server.counters())));
+        }
+        // IDE before SCSI, then by controller and location.
+        drives.sort_by_key(|(slot, _)| {
+            (
+                slot.controller == ControllerKind::Scsi,
+                slot.controller_number,
+                slot.location,
+            )
+        });
+        drives.into_iter().map(|(_, d)| d).collect()
     }
 
     /// Stops serving and makes every write durable. Called after QEMU has exited.

@@ -1,12 +1,16 @@
 //! Live metering of a running VM: processor time of the VM's cgroup and of each vCPU
-//! thread, and the memory QEMU holds. Raw counters; the daemon turns two samples into
+//! thread, the memory QEMU holds, and each drive's I/O as its server (NBD for IDE,
+//! vhost-user-blk for SCSI) counted it. Raw counters; the daemon turns two samples into
 //! rates (Hyper-V's live objects) and one sample plus the uptime into averages
 //! (Measure-VM).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+pub use drive_counters::DriveIo;
 
 /// One sample of a VM's counters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +24,39 @@ pub struct Meter {
     pub vcpu_ns: Vec<u64>,
     /// QEMU's resident memory (guest memory it touched plus its own), bytes.
     pub memory_bytes: u64,
+    /// Each served drive's I/O totals since the worker started serving it, in slot
+    /// order. Absent from the samples of workers older than disk metering.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<DriveMeter>,
+}
+
+/// One drive's I/O totals in a sample.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveMeter {
+    /// The drive's slot as shown to users, e.g. `SCSI 0:1` or `IDE 0:0`.
+    pub drive: String,
+    /// The image file the drive serves.
+    pub path: String,
+    #[serde(flatten)]
+    pub io: drive_counters::DriveIo,
+}
+
+/// A served drive and its server's live counters, read at each sample.
+#[derive(Debug, Clone)]
+pub struct MeteredDrive {
+    pub drive: String,
+    pub path: String,
+    pub counters: Arc<drive_counters::DriveCounters>,
+}
+
+impl MeteredDrive {
+    pub fn sample(&self) -> DriveMeter {
+        DriveMeter {
+            drive: self.drive.clone(),
+            path: self.path.clone(),
+            io: self.counters.snapshot(),
+        }
+    }
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -90,6 +127,34 @@ mod tests {
             parse_vm_rss("Name:\tqemu\nVmRSS:\t  204800 kB\nThreads: 5\n"),
             Some(204_800 * 1024)
         );
+    }
+
+    #[test]
+    fn drives_travel_flat_in_the_sample_and_old_samples_have_none() {
+        let counters = Arc::new(drive_counters::DriveCounters::new());
+        counters.write(4096);
+        let d = MeteredDrive {
+            drive: "SCSI 0:1".into(),
+            path: "/vms/a/data.vhdx".into(),
+            counters,
+        };
+        let m = Meter {
+            at_unix_ms: 1,
+            cpu_ns: 2,
+            vcpu_ns: vec![3],
+            memory_bytes: 4,
+            drives: vec![d.sample()],
+        };
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(json["drives"][0]["drive"], "SCSI 0:1");
+        assert_eq!(json["drives"][0]["write_bytes"], 4096);
+        assert_eq!(json["drives"][0]["write_ops"], 1);
+        assert_eq!(serde_json::from_value::<Meter>(json).unwrap(), m);
+        let old = r#"{"at_unix_ms":1,"cpu_ns":2,"vcpu_ns":[3],"memory_bytes":4}"#;
+        assert!(serde_json::from_str::<Meter>(old)
+            .unwrap()
+            .drives
+            .is_empty());
     }
 
     #[test]

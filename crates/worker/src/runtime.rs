@@ -96,6 +96,8 @@ struct Shared {
     /// QEMU's pid and its vCPU threads, in vCPU index order.
     qemu_pid: u32,
     vcpu_threads: Vec<u32>,
+    /// Every served drive's counters, for the meter.
+    drives: Vec<crate::meter::MeteredDrive>,
     /// Held (shared) by every control request from its start until its answer is
     /// written; the worker takes it exclusively before it exits, so the answer to
     /// a stop or save that ended the VM reaches the daemon.
@@ -418,6 +420,7 @@ async fn run_inner(
         group,
         qemu_pid: status.qemu_pid.unwrap_or(0),
         vcpu_threads: vcpus,
+        drives: served.metered(),
         answering: tokio::sync::RwLock::new(()),
     });
 
@@ -1141,6 +1144,7 @@ fn sample(shared: &Shared) -> crate::meter::Meter {
             .map(|tid| meter::thread_cpu_ns(pid, *tid).unwrap_or(0))
             .collect(),
         memory_bytes: meter::process_rss_bytes(pid).unwrap_or(0),
+        drives: shared.drives.iter().map(|d| d.sample()).collect(),
     }
 }
 

@@ -611,6 +611,7 @@ impl WorkerControl for Arc<WorkerSupervisor> {
                 .as_ref()
                 .map(|p| p.total_percent.round().clamp(0.0, 100.0) as u8);
             rt.memory_in_use_mib = w.history.latest().map(|m| m.memory_bytes / (1024 * 1024));
+            rt.drives = w.history.drive_use();
         }
         Some(rt)
     }
