@@ -90,7 +90,7 @@ cp "$work/kernel/boot/vmlinuz-$kver" "$work/vmlinuz"
 busybox depmod -b "$work/kernel" "$kver"
 
 # 2. The initramfs: busybox, /init, and the modules (with their dependencies).
-wanted="virtio_pci virtio_blk virtio_scsi ata_piix sd_mod sr_mod isofs button evdev"
+wanted="virtio_pci virtio_blk virtio_scsi virtio_net ata_piix sd_mod sr_mod isofs button evdev"
 rootfs="$work/rootfs"
 mkdir -p "$rootfs"/{bin,dev,proc,sys,tmp,mnt,etc,lib/modules/"$kver"}
 cp /bin/busybox "$rootfs/bin/busybox"
