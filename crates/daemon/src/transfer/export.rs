@@ -372,8 +372,20 @@ fn write_all(
         });
     }
 
-    // The copies' parent links point at their new neighbours.
-    for (child, parent) in &parents {
+    // The copies' parent links point at their new neighbours, bases first: a
+    // parent's own chain must already resolve inside the folder when its child is
+    // re-pointed at it.
+    fn depth<'a>(parents: &'a HashMap<PathBuf, PathBuf>, mut f: &'a PathBuf) -> usize {
+        let mut n = 0;
+        while let Some(p) = parents.get(f) {
+            f = p;
+            n += 1;
+        }
+        n
+    }
+    let mut links: Vec<(&PathBuf, &PathBuf)> = parents.iter().collect();
+    links.sort_by_key(|(child, _)| depth(&parents, child));
+    for (child, parent) in links {
         let (Some(c), Some(p)) = (map.get(child), map.get(parent)) else {
             continue;
         };

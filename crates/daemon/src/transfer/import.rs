@@ -726,7 +726,14 @@ fn carry_out_inner(
             )?;
         }
     }
-    // Parent links: relative and absolute locators for where the files are now.
+    // Parent links: relative and absolute locators for where the files are now,
+    // bases first (re-pointing opens the new parent's own chain).
+    let mut disks = disks;
+    disks.sort_by_cached_key(|f| {
+        package::inside(&plan.folder, &f.path)
+            .and_then(|p| vhd::ops::info::info(&p).ok())
+            .map_or(0, |i| i.chain.len())
+    });
     for f in &disks {
         let child = inside(root, &f.path)?;
         let source = inside(&plan.folder, &f.path)?;

@@ -99,10 +99,14 @@ pub fn submit_export(
             dest.display()
         )));
     }
-    if dest.starts_with(&dir) {
+    let vms_root = svc.config.data_dir.join("vms");
+    let canonical =
+        |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    if canonical(&dest).starts_with(canonical(&vms_root)) {
         return Err(ApiError::invalid(format!(
-            "the destination {} is inside the VM's own folder; export somewhere else",
-            dest.display()
+            "the destination {} is inside the data directory's VM folders ({}); export somewhere else",
+            dest.display(),
+            vms_root.display()
         )));
     }
     let folder = dest.join(&name);
