@@ -172,8 +172,8 @@ fn make_disk(path: &Path) {
 /// The guest's view of its adapter: (MAC, PCI address) from the last `nic` line.
 fn guest_nic(text: &str) -> Option<(String, String)> {
     text.lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("nic "))
-        .last()
+        .rev()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix("nic "))
         .and_then(|l| l.split_once(' '))
         .map(|(m, p)| (m.to_string(), p.trim().to_string()))
 }
