@@ -369,3 +369,24 @@ fn set_parent_reconnects_a_child_after_its_parent_moved_and_refuses_a_stranger()
     assert_eq!(info.chain.len(), 3);
     let _ = base;
 }
+
+#[test]
+fn layer_info_resolves_the_parent_without_walking_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, mid, top) = three_layer_chain(dir.path());
+    let deep = vhd::ops::info::info(&top).unwrap();
+    assert_eq!(deep.chain, [top.clone(), mid.clone(), base.clone()]);
+    let shallow = vhd::ops::info::layer_info(&top).unwrap();
+    assert_eq!(shallow.chain, [top.clone()]);
+    let parent = shallow.parent.expect("top has a parent");
+    assert_eq!(
+        std::fs::canonicalize(parent.resolved_path.unwrap()).unwrap(),
+        std::fs::canonicalize(&mid).unwrap()
+    );
+    assert!(parent.problem.is_none());
+    // A parent that is not the one the child was made from is reported, not followed.
+    std::fs::remove_file(&mid).unwrap();
+    std::fs::copy(&base, &mid).unwrap();
+    let shallow = vhd::ops::info::layer_info(&top).unwrap();
+    assert!(shallow.parent.unwrap().problem.is_some());
+}

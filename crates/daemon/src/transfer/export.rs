@@ -62,7 +62,13 @@ fn chain(path: &Path, parents: &mut HashMap<PathBuf, PathBuf>) -> Result<Vec<Pat
     let mut out = vec![path.clone()];
     let mut cur = path.clone();
     loop {
-        let info = vhd::ops::info::info(&cur).map_err(|e| disk_err(&cur, &e))?;
+        // Known from an earlier chain: follow it without reading the file again.
+        if let Some(next) = parents.get(&cur) {
+            cur = next.clone();
+            out.push(cur.clone());
+            continue;
+        }
+        let info = vhd::ops::info::layer_info(&cur).map_err(|e| disk_err(&cur, &e))?;
         let Some(parent) = info.parent else {
             return Ok(out);
         };

@@ -2,7 +2,7 @@
 //! every problem at once without changing anything; `carry_out` brings a clean
 //! one in (copying first, or registering the files where they are).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use api::transfer::{ImportMode, ImportProblem, ImportReport, ImportRequest};
@@ -314,6 +314,7 @@ fn inspect_into(
     }
     referenced.sort();
     referenced.dedup();
+    let mut whole = HashSet::new();
     for rel in &referenced {
         let Some(path) = package::inside(&folder, rel) else {
             p.add(
@@ -335,7 +336,7 @@ fn inspect_into(
             }
             continue;
         }
-        check_chain(&folder, &path, p);
+        check_chain(&folder, &path, p, &mut whole);
     }
 
     let settings = settings?;
@@ -488,10 +489,16 @@ fn inspect_into(
 }
 
 /// A disk of the export opens, and its parents are in the export and fit.
-fn check_chain(folder: &Path, path: &Path, p: &mut Problems) {
+fn check_chain(folder: &Path, path: &Path, p: &mut Problems, whole: &mut HashSet<PathBuf>) {
     let mut cur = path.to_path_buf();
+    let mut walked = Vec::new();
     for _ in 0..256 {
-        let info = match vhd::ops::info::info(&cur) {
+        if whole.contains(&cur) {
+            whole.extend(walked);
+            return;
+        }
+        walked.push(cur.clone());
+        let info = match vhd::ops::info::layer_info(&cur) {
             Ok(i) => i,
             Err(e) => {
                 p.add(
@@ -507,6 +514,8 @@ fn check_chain(folder: &Path, path: &Path, p: &mut Problems) {
             }
         };
         let Some(parent) = info.parent else {
+            // A base: everything walked down to it is whole.
+            whole.extend(walked);
             return;
         };
         let resolved = parent
@@ -729,19 +738,39 @@ fn carry_out_inner(
     // Parent links: relative and absolute locators for where the files are now,
     // bases first (re-pointing opens the new parent's own chain).
     let mut disks = disks;
-    disks.sort_by_cached_key(|f| {
-        package::inside(&plan.folder, &f.path)
-            .and_then(|p| vhd::ops::info::info(&p).ok())
-            .map_or(0, |i| i.chain.len())
-    });
+    let parent_of = |p: &Path| -> Option<PathBuf> {
+        let i = vhd::ops::info::layer_info(p).ok()?;
+        i.parent?
+            .resolved_path
+            .map(|r| std::fs::canonicalize(&r).unwrap_or(r))
+    };
+    let mut parents: HashMap<PathBuf, Option<PathBuf>> = HashMap::new();
+    for f in &disks {
+        if let Some(p) = package::inside(&plan.folder, &f.path) {
+            let p = std::fs::canonicalize(&p).unwrap_or(p);
+            let parent = parent_of(&p);
+            parents.insert(p, parent);
+        }
+    }
+    let depth = |f: &package::ManifestFile| {
+        let mut n = 0;
+        let mut cur =
+            package::inside(&plan.folder, &f.path).map(|p| std::fs::canonicalize(&p).unwrap_or(p));
+        while let Some(Some(next)) = cur.as_ref().and_then(|c| parents.get(c)) {
+            n += 1;
+            cur = Some(next.clone());
+            if n > 256 {
+                break;
+            }
+        }
+        n
+    };
+    disks.sort_by_cached_key(|f| depth(f));
     for f in &disks {
         let child = inside(root, &f.path)?;
         let source = inside(&plan.folder, &f.path)?;
-        let parent = vhd::ops::info::info(&source)
-            .ok()
-            .and_then(|i| i.parent)
-            .and_then(|p| p.resolved_path)
-            .map(|p| std::fs::canonicalize(&p).unwrap_or(p));
+        let canonical = std::fs::canonicalize(&source).unwrap_or_else(|_| source.clone());
+        let parent = parents.get(&canonical).cloned().flatten();
         if let Some(parent) = parent {
             let rel = parent.strip_prefix(&plan.folder).map_err(|_| {
                 ApiError::internal(format!(
