@@ -52,7 +52,7 @@ impl Checkpoints {
         lock(&self.busy).get(&vm).is_some_and(|n| *n > 0)
     }
 
-    fn claim(self: &Arc<Self>, vm: Uuid) -> BusyGuard {
+    pub(crate) fn claim(self: &Arc<Self>, vm: Uuid) -> BusyGuard {
         *lock(&self.busy).entry(vm).or_default() += 1;
         BusyGuard {
             owner: self.clone(),
@@ -60,12 +60,12 @@ impl Checkpoints {
         }
     }
 
-    fn vm_lock(&self, vm: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn vm_lock(&self, vm: Uuid) -> Arc<tokio::sync::Mutex<()>> {
         lock(&self.locks).entry(vm).or_default().clone()
     }
 }
 
-struct BusyGuard {
+pub(crate) struct BusyGuard {
     owner: Arc<Checkpoints>,
     vm: Uuid,
 }

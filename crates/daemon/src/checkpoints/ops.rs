@@ -23,7 +23,7 @@ use api::ErrorCode;
 use uuid::Uuid;
 use vm_config::{DriveMedia, Slot, VmSettings};
 
-use super::tree::{self, Child, Node, NodeDisk, Tree, SETTINGS_FILE, SNAPSHOTS_FOLDER};
+use super::tree::{self, Child, Node, NodeDisk, Tree, SETTINGS_FILE};
 use crate::error::ApiError;
 use crate::vms::store::error_chain;
 
@@ -259,9 +259,12 @@ pub fn create(
             )
         })?;
     }
+    let layer_dir = tree::layer_dir(vm_dir, &t, id);
+    std::fs::create_dir_all(&layer_dir)
+        .map_err(|e| io(format!("cannot create {}", layer_dir.display()), e))?;
     let mut layers = Vec::new();
     for d in &disks {
-        match new_layer(&dir, &d.path) {
+        match new_layer(&layer_dir, &d.path) {
             Ok(p) => layers.push(NodeDisk {
                 slot: d.slot,
                 path: p,
@@ -269,11 +272,13 @@ pub fn create(
             Err(e) => {
                 // Nothing refers to the folder yet: take it away again.
                 let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_dir_all(&layer_dir);
                 return Err(e);
             }
         }
     }
     sync_dir(&dir).map_err(|e| io(format!("cannot sync {}", dir.display()), e))?;
+    sync_dir(&layer_dir).map_err(|e| io(format!("cannot sync {}", layer_dir.display()), e))?;
     let node = Node {
         id,
         name,
@@ -310,9 +315,12 @@ pub fn apply(vm_dir: &Path, current: &VmSettings, key: &str) -> Result<Applied, 
     let dir = tree::node_dir(vm_dir, node.id);
     let saved = vm_config::file::load(&dir.join(SETTINGS_FILE))
         .map_err(|e| ApiError::new(ErrorCode::Damaged, error_chain(&e)))?;
+    let layer_dir = tree::layer_dir(vm_dir, &t, node.id);
+    std::fs::create_dir_all(&layer_dir)
+        .map_err(|e| io(format!("cannot create {}", layer_dir.display()), e))?;
     let mut layers = Vec::new();
     for d in &node.disks {
-        match new_layer(&dir, &d.path) {
+        match new_layer(&layer_dir, &d.path) {
             Ok(p) => layers.push(NodeDisk {
                 slot: d.slot,
                 path: p,
@@ -325,12 +333,11 @@ pub fn apply(vm_dir: &Path, current: &VmSettings, key: &str) -> Result<Applied, 
             }
         }
     }
-    let snapshots = vm_dir.join(SNAPSHOTS_FOLDER);
     let discard: Vec<PathBuf> = hard_disks(current)
         .unwrap_or_default()
         .into_iter()
         .map(|d| d.path)
-        .filter(|p| p.starts_with(&snapshots) && !used_by_nodes(&t, p))
+        .filter(|p| tree::owns_layer(vm_dir, &t, p) && !used_by_nodes(&t, p))
         .collect();
     t.current_parent = Some(node.id);
     t.current_disks = layers.clone();
@@ -520,7 +527,6 @@ fn remove_node(vm_dir: &Path, mut t: Tree, id: Uuid, hook: Hook<'_>) -> Result<(
         .node(id)
         .cloned()
         .ok_or_else(|| ApiError::internal("node vanished"))?;
-    let snapshots = vm_dir.join(SNAPSHOTS_FOLDER);
     for d in &node.disks {
         let used_elsewhere = t
             .nodes
@@ -529,7 +535,7 @@ fn remove_node(vm_dir: &Path, mut t: Tree, id: Uuid, hook: Hook<'_>) -> Result<(
             .flat_map(|n| &n.disks)
             .chain(&t.current_disks)
             .any(|o| o.path == d.path);
-        if d.path.starts_with(&snapshots) && !used_elsewhere {
+        if tree::owns_layer(vm_dir, &t, &d.path) && !used_elsewhere {
             hook("remove-disk")?;
             remove_files(std::slice::from_ref(&d.path));
         }
@@ -543,20 +549,25 @@ fn remove_node(vm_dir: &Path, mut t: Tree, id: Uuid, hook: Hook<'_>) -> Result<(
 
 /// Removes a forgotten node's folder unless a disk still in use lives there.
 fn remove_node_dir(vm_dir: &Path, t: &Tree, id: Uuid) {
-    let dir = tree::node_dir(vm_dir, id);
-    let in_use = t
-        .nodes
-        .iter()
-        .flat_map(|n| &n.disks)
-        .chain(&t.current_disks)
-        .any(|d| d.path.starts_with(&dir));
-    if in_use {
-        tracing::warn!(folder = %dir.display(), "a deleted checkpoint's folder still holds a disk in use; left in place");
-        return;
+    let mut dirs = vec![tree::node_dir(vm_dir, id)];
+    if t.layers_dir.is_some() {
+        dirs.push(tree::layer_dir(vm_dir, t, id));
     }
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(folder = %dir.display(), error = %e, "cannot remove a deleted checkpoint's folder");
+    for dir in dirs {
+        let in_use = t
+            .nodes
+            .iter()
+            .flat_map(|n| &n.disks)
+            .chain(&t.current_disks)
+            .any(|d| d.path.starts_with(&dir));
+        if in_use {
+            tracing::warn!(folder = %dir.display(), "a deleted checkpoint's folder still holds a disk in use; left in place");
+            continue;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(folder = %dir.display(), error = %e, "cannot remove a deleted checkpoint's folder");
+            }
         }
     }
 }
@@ -598,7 +609,6 @@ fn merge_node(
             "merge of a node without exactly one child",
         ));
     };
-    let snapshots = vm_dir.join(SNAPSHOTS_FOLDER);
     for x in &node.disks {
         let child_disks = match only {
             Child::Node(c) => t.node(c).map(|n| n.disks.clone()).unwrap_or_default(),
@@ -667,7 +677,7 @@ fn merge_node(
         if only == Child::Current {
             write_current(x.slot, &l, &x.path)?;
         }
-        if l.starts_with(&snapshots) {
+        if tree::owns_layer(vm_dir, &t, &l) {
             hook("remove-layer")?;
             remove_files(std::slice::from_ref(&l));
         }
@@ -696,7 +706,6 @@ pub fn reconcile(vm_dir: &Path, settings: &VmSettings) -> Result<Option<VmSettin
     if t.nodes.is_empty() {
         return Ok(None);
     }
-    let snapshots = vm_dir.join(SNAPSHOTS_FOLDER);
     let mut fixed = settings.clone();
     let mut changed = false;
     for d in &mut fixed.drives {
@@ -707,7 +716,7 @@ pub fn reconcile(vm_dir: &Path, settings: &VmSettings) -> Result<Option<VmSettin
             continue;
         };
         let stale = Path::new(path.as_str()) != want
-            && (Path::new(path.as_str()).starts_with(&snapshots)
+            && (tree::owns_layer(vm_dir, &t, Path::new(path.as_str()))
                 || used_by_nodes(&t, Path::new(path.as_str())));
         if stale {
             tracing::warn!(slot = %d.slot, from = %path, to = %want.display(), "vm.json names an older disk layer than the checkpoint tree; repaired");

@@ -58,6 +58,10 @@ pub struct Tree {
     /// In creation order.
     #[serde(default)]
     pub nodes: Vec<Node>,
+    /// Where the checkpoints' disk layers live when not in the VM's folder (after
+    /// `vm move-storage`): `<layers_dir>/<checkpoint-id>/`. Absent: `Snapshots/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_dir: Option<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -94,6 +98,21 @@ pub fn tree_path(vm_dir: &Path) -> PathBuf {
 
 pub fn node_dir(vm_dir: &Path, id: Uuid) -> PathBuf {
     vm_dir.join(SNAPSHOTS_FOLDER).join(id.to_string())
+}
+
+/// The folder holding checkpoint `id`'s disk layers.
+pub fn layer_dir(vm_dir: &Path, t: &Tree, id: Uuid) -> PathBuf {
+    match &t.layers_dir {
+        Some(d) => d.join(id.to_string()),
+        None => node_dir(vm_dir, id),
+    }
+}
+
+/// Whether `path` is a disk layer the checkpoint code made (and may delete): under
+/// the VM's `Snapshots/` or under the tree's `layers_dir`. Never a disk the user gave.
+pub fn owns_layer(vm_dir: &Path, t: &Tree, path: &Path) -> bool {
+    path.starts_with(vm_dir.join(SNAPSHOTS_FOLDER))
+        || t.layers_dir.as_ref().is_some_and(|d| path.starts_with(d))
 }
 
 /// Reads the tree of the VM in `vm_dir`; an absent file is an empty tree.
@@ -256,6 +275,7 @@ mod tests {
         let tree = Tree {
             current_parent: Some(a),
             current_disks: vec![],
+            layers_dir: None,
             nodes: vec![Node {
                 id: a,
                 name: "A".into(),
