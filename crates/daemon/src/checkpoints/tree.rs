@@ -110,9 +110,30 @@ pub fn layer_dir(vm_dir: &Path, t: &Tree, id: Uuid) -> PathBuf {
 
 /// Whether `path` is a disk layer the checkpoint code made (and may delete): under
 /// the VM's `Snapshots/` or under the tree's `layers_dir`. Never a disk the user gave.
+/// Paths resolved from relative parent locators (`a/b/../../x.vhd`) count where
+/// they lead.
 pub fn owns_layer(vm_dir: &Path, t: &Tree, path: &Path) -> bool {
-    path.starts_with(vm_dir.join(SNAPSHOTS_FOLDER))
-        || t.layers_dir.as_ref().is_some_and(|d| path.starts_with(d))
+    let path = lexical(path);
+    path.starts_with(lexical(&vm_dir.join(SNAPSHOTS_FOLDER)))
+        || t.layers_dir
+            .as_ref()
+            .is_some_and(|d| path.starts_with(lexical(d)))
+}
+
+/// `path` with `.` and `..` resolved without looking at the file system.
+fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Reads the tree of the VM in `vm_dir`; an absent file is an empty tree.

@@ -312,6 +312,10 @@ async fn run(
                     i
                 }
                 (Some(i), None) => i,
+                (None, Some(_)) if svc.store().get(id).is_none() => {
+                    // Another delete finished while this one waited: nothing left.
+                    return Ok(None);
+                }
                 (None, Some((force, delete_disks))) => {
                     let t = tree::load(&dir).unwrap_or_default();
                     plan_merges(
@@ -333,9 +337,12 @@ async fn run(
                 (None, None) => return Err(ApiError::internal("the delete intent vanished")),
             };
             stall.at("intent");
-            Ok(intent)
+            Ok(Some(intent))
         })
         .await?
+    };
+    let Some(intent) = intent else {
+        return Ok(());
     };
     // 2. Turn the VM off when asked.
     let state = svc.runtime.get(id).state;

@@ -16,11 +16,18 @@ pub fn canonical(p: &Path) -> PathBuf {
     p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// The chain under `leaf`, leaf first, when the whole chain opens (every parent
-/// present and linked by the right identity); `None` otherwise.
+/// The chain under `leaf`, leaf first (as given), when the whole chain opens
+/// (every parent present and linked by the right identity); `None` otherwise.
+/// The parents are canonical: a relative locator resolves through the child's
+/// folder (`Snapshots/<id>/../../x.vhd`), which may go away before the parent.
 pub fn whole_chain(leaf: &Path) -> Option<Vec<PathBuf>> {
     drop(vhd::open(leaf, true).ok()?);
-    Some(vhd::ops::info::info(leaf).ok()?.chain)
+    let chain = vhd::ops::info::info(leaf).ok()?.chain;
+    Some(
+        std::iter::once(leaf.to_path_buf())
+            .chain(chain.iter().skip(1).map(|p| canonical(p)))
+            .collect(),
+    )
 }
 
 /// The hard-disk paths the VM's settings name.
