@@ -180,7 +180,17 @@ fn events_arrive_in_order_with_consecutive_sequence_numbers() {
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
-        ["vm", "vm", "job", "job", "job", "job", "job", "vm_deleted", "job"]
+        [
+            "vm",
+            "vm",
+            "job",
+            "job",
+            "job",
+            "job",
+            "job",
+            "vm_deleted",
+            "job"
+        ]
     );
     let seqs: Vec<u64> = events
         .iter()

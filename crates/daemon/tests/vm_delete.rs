@@ -37,7 +37,12 @@ fn branched_vm(d: &Daemon, vm: &str) -> (Vec<PathBuf>, Vec<u64>) {
     for (i, p) in disks(d, vm).iter().enumerate() {
         write_noise(p, 20 + i as u64, 20 << 20, 2 << 20);
     }
-    run_job(d, "POST", &format!("/v1/vms/{vm}/checkpoints/A/apply"), None);
+    run_job(
+        d,
+        "POST",
+        &format!("/v1/vms/{vm}/checkpoints/A/apply"),
+        None,
+    );
     for (i, p) in disks(d, vm).iter().enumerate() {
         write_noise(p, 30 + i as u64, 6 << 20, 8 << 20);
     }
@@ -68,7 +73,12 @@ fn assert_fully_deleted(d: &Daemon, vm: &str, id: &str, bases: &[PathBuf], want:
     assert!(!d.data.join("vms").join(id).exists());
     for (b, w) in bases.iter().zip(want) {
         assert_eq!(chain(b), [b.clone()], "{} stands alone", b.display());
-        assert_eq!(content_hash(b), *w, "{} holds the current state", b.display());
+        assert_eq!(
+            content_hash(b),
+            *w,
+            "{} holds the current state",
+            b.display()
+        );
         assert!(vhd::ops::check::check(b, false).unwrap().clean());
     }
     let layers: Vec<PathBuf> = files_under(d.dir.path())
@@ -88,7 +98,10 @@ fn delete_merges_the_current_state_into_the_kept_disks_and_removes_everything_el
     assert!(affected(&job, "deleted-disk").is_empty(), "{job}");
     let kept = affected(&job, "kept-disk");
     assert_eq!(kept.len(), 2, "{job}");
-    assert!(kept.iter().all(|k| k.contains("--delete-disks")), "{kept:?}");
+    assert!(
+        kept.iter().all(|k| k.contains("--delete-disks")),
+        "{kept:?}"
+    );
     assert_fully_deleted(&d, "web", &id, &bases, &want);
 }
 
@@ -114,16 +127,27 @@ fn delete_disks_removes_the_vms_own_disks_but_keeps_one_another_vm_builds_on() {
     let r = d.req("DELETE", "/v1/vms/a?delete_disks=true", None);
     assert_eq!(r.status, 409, "{}", r.raw);
     assert_eq!(r.code(), "InUse", "{}", r.raw);
-    assert!(r.body["message"].as_str().unwrap().contains("VM b"), "{}", r.raw);
+    assert!(
+        r.body["message"].as_str().unwrap().contains("VM b"),
+        "{}",
+        r.raw
+    );
     assert_eq!(d.snapshot(), before, "a refused delete changes nothing");
     run_job(&d, "DELETE", "/v1/vms/a/checkpoints/cp", None);
 
     let want_b = content_hash(&child);
     let job = run_job(&d, "DELETE", "/v1/vms/a?delete_disks=true", None);
-    assert_eq!(affected(&job, "deleted-disk"), [own.to_string_lossy()], "{job}");
+    assert_eq!(
+        affected(&job, "deleted-disk"),
+        [own.to_string_lossy()],
+        "{job}"
+    );
     let kept = affected(&job, "kept-disk");
     assert_eq!(kept.len(), 1, "{job}");
-    assert!(kept[0].starts_with(&*shared.to_string_lossy()) && kept[0].contains("VM b"), "{kept:?}");
+    assert!(
+        kept[0].starts_with(&*shared.to_string_lossy()) && kept[0].contains("VM b"),
+        "{kept:?}"
+    );
     assert!(!own.exists());
     assert!(shared.exists());
     assert_eq!(content_hash(&child), want_b, "VM b's disk reads as before");
@@ -140,7 +164,11 @@ fn refused_deletes_change_nothing_and_a_saved_vm_needs_force() {
     // A saved VM: its state file is there when the daemon starts.
     let id = vm_id(&d, "s");
     d.stop();
-    std::fs::write(d.data.join("vms").join(&id).join("saved-state.bin"), b"state").unwrap();
+    std::fs::write(
+        d.data.join("vms").join(&id).join("saved-state.bin"),
+        b"state",
+    )
+    .unwrap();
     d.launch();
     assert_eq!(d.get("/v1/vms/s").body["runtime"]["state"], "Saved");
 
@@ -151,11 +179,19 @@ fn refused_deletes_change_nothing_and_a_saved_vm_needs_force() {
     assert_eq!((r.status, r.code()), (422, "InvalidParameter"), "{}", r.raw);
     let r = d.req("DELETE", "/v1/vms/s", None);
     assert_eq!((r.status, r.code()), (409, "InvalidState"), "{}", r.raw);
-    assert!(r.body["message"].as_str().unwrap().contains("--force"), "{}", r.raw);
+    assert!(
+        r.body["message"].as_str().unwrap().contains("--force"),
+        "{}",
+        r.raw
+    );
     assert_eq!(d.snapshot(), before, "refused deletes change nothing");
 
     let job = run_job(&d, "DELETE", "/v1/vms/s?force=true&delete_disks=true", None);
-    assert_eq!(affected(&job, "deleted-disk"), [base.to_string_lossy()], "{job}");
+    assert_eq!(
+        affected(&job, "deleted-disk"),
+        [base.to_string_lossy()],
+        "{job}"
+    );
     assert!(!d.data.join("vms").join(&id).exists());
     assert!(!base.exists());
 }
@@ -177,14 +213,23 @@ fn a_damaged_vm_is_deleted_cleanly() {
     let d = {
         let mut d = d;
         d.stop();
-        std::fs::write(d.data.join("vms").join(&garbled).join("vm.json"), b"{ not json").unwrap();
+        std::fs::write(
+            d.data.join("vms").join(&garbled).join("vm.json"),
+            b"{ not json",
+        )
+        .unwrap();
         d.launch();
         d
     };
     for (key, id) in [("lost", &lost), (garbled.as_str(), &garbled)] {
         let r = d.get(&format!("/v1/vms/{key}"));
         assert_eq!(r.body["runtime"]["state"], "Damaged", "{}", r.raw);
-        let job = run_job(&d, "DELETE", &format!("/v1/vms/{key}?delete_disks=true"), None);
+        let job = run_job(
+            &d,
+            "DELETE",
+            &format!("/v1/vms/{key}?delete_disks=true"),
+            None,
+        );
         assert_eq!(job["state"], "Completed");
         assert_eq!(d.get(&format!("/v1/vms/{id}")).status, 404);
         assert!(!d.data.join("vms").join(id).exists(), "{key}: folder left");
@@ -208,7 +253,10 @@ fn a_running_vm_is_deleted_only_with_force() {
     let pid = running["runtime"]["worker_pid"].as_u64().unwrap();
     let r = d.req("DELETE", "/v1/vms/runner", None);
     assert_eq!((r.status, r.code()), (409, "InvalidState"), "{}", r.raw);
-    let r = d.post("/v1/vms/runner/move-storage", json!({"destination": d.dir.path().join("x")}));
+    let r = d.post(
+        "/v1/vms/runner/move-storage",
+        json!({"destination": d.dir.path().join("x")}),
+    );
     assert_eq!((r.status, r.code()), (409, "InvalidState"), "{}", r.raw);
     assert_eq!(d.get("/v1/vms/runner").body["runtime"]["state"], "Running");
     run_job(&d, "DELETE", "/v1/vms/runner?force=true", None);
@@ -216,7 +264,10 @@ fn a_running_vm_is_deleted_only_with_force() {
     assert!(!d.data.join("vms").join(&id).exists());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while common::guest::process_alive(pid) {
-        assert!(std::time::Instant::now() < deadline, "the worker still runs");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker still runs"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
@@ -256,7 +307,12 @@ fn killed_mid_delete_at(step: &str, delete_disks: bool) {
         .unwrap()
         .to_string();
     let job = finish(&d, &resumed);
-    assert_eq!(job["state"], "Completed", "killed at {step}: {job}\n{}", d.log());
+    assert_eq!(
+        job["state"],
+        "Completed",
+        "killed at {step}: {job}\n{}",
+        d.log()
+    );
     if delete_disks {
         assert_eq!(d.get(&format!("/v1/vms/{id}")).status, 404);
         assert!(!d.data.join("vms").join(&id).exists());
@@ -305,7 +361,10 @@ fn a_second_delete_while_one_runs_finds_nothing_left_to_do() {
     assert_eq!(r1.status, 202, "{}", r1.raw);
     let r2 = d.req("DELETE", "/v1/vms/twice", None);
     assert!(r2.status == 202 || r2.status == 404, "{}", r2.raw);
-    assert_eq!(finish(&d, r1.body["id"].as_str().unwrap())["state"], "Completed");
+    assert_eq!(
+        finish(&d, r1.body["id"].as_str().unwrap())["state"],
+        "Completed"
+    );
     if r2.status == 202 {
         finish(&d, r2.body["id"].as_str().unwrap());
     }

@@ -402,7 +402,7 @@ fn copy_and_verify(
         }
         done += n;
         let pct = (done.min(total) * 100 / total) as u8;
-        ctx.set_percent(pct * 8 / 10);
+        ctx.set_percent((u16::from(pct) * 8 / 10) as u8);
         stall.at_copy(pct);
     }
     for m in &intent.files {
