@@ -238,7 +238,7 @@ fn a_damaged_vm_is_deleted_cleanly() {
 }
 
 #[test]
-fn a_running_vm_is_deleted_only_with_force() {
+fn a_running_vm_is_deleted_only_with_force_and_its_storage_moves_through_save_and_start() {
     common::guest::ensure_worker_binary();
     let d = Daemon::start(&[]);
     let _cleanup = common::guest::KillWorkersOnDrop(d.data.clone());
@@ -248,20 +248,42 @@ fn a_running_vm_is_deleted_only_with_force() {
     );
     assert_eq!(r.status, 201, "{}", r.raw);
     let id = r.body["id"].as_str().unwrap().to_string();
+    let data = d.dir.path().join("runner-data.vhdx");
+    make_base(&data);
+    write_noise(&data, 7, 0, 2 << 20);
+    let want = content_hash(&data);
+    let r = d.post(
+        "/v1/vms/runner/drives",
+        json!({"controller": "ide", "controller_number": 0, "location": 0,
+               "media": {"type": "hard_disk", "path": data}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.raw);
     run_job(&d, "POST", "/v1/vms/runner/start", Some(json!({})));
-    let running = common::guest::wait_state(&d, "runner", "Running");
-    let pid = running["runtime"]["worker_pid"].as_u64().unwrap();
+    common::guest::wait_state(&d, "runner", "Running");
     let r = d.req("DELETE", "/v1/vms/runner", None);
     assert_eq!((r.status, r.code()), (409, "InvalidState"), "{}", r.raw);
-    let r = d.post(
-        "/v1/vms/runner/move-storage",
-        json!({"destination": d.dir.path().join("x")}),
-    );
-    assert_eq!((r.status, r.code()), (409, "InvalidState"), "{}", r.raw);
     assert_eq!(d.get("/v1/vms/runner").body["runtime"]["state"], "Running");
+
+    // A running VM's storage moves offline: saved, moved, started again.
+    let dest = d.dir.path().join("elsewhere");
+    let job = run_job(
+        &d,
+        "POST",
+        "/v1/vms/runner/move-storage",
+        Some(json!({ "destination": dest })),
+    );
+    assert!(!affected(&job, "guest-downtime-ms").is_empty(), "{job}");
+    let running = common::guest::wait_state(&d, "runner", "Running");
+    let moved = dest.join("Virtual Hard Disks/runner-data.vhdx");
+    assert_eq!(disks(&d, "runner"), [moved.clone()]);
+    assert!(!data.exists());
+    let pid = running["runtime"]["worker_pid"].as_u64().unwrap();
+
     run_job(&d, "DELETE", "/v1/vms/runner?force=true", None);
     assert_eq!(d.get("/v1/vms/runner").status, 404);
     assert!(!d.data.join("vms").join(&id).exists());
+    assert!(moved.exists(), "the disk stays without --delete-disks");
+    assert_eq!(content_hash(&moved), want);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while common::guest::process_alive(pid) {
         assert!(

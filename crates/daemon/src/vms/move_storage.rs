@@ -22,16 +22,21 @@
 //!    from the mapping, then the sources are removed, then the intent. A crash
 //!    after the commit rolls forward at the next start.
 //!
-//! Offline: the VM must be Off or Saved (a saved VM's memory state names no disk
-//! file). A running VM is refused with InvalidState: save it first (online moves
-//! through the worker are not built yet).
+//! Offline: the files copy while no worker has them open. An Off or Saved VM stays
+//! so (a saved VM's memory state names no disk file). A Running or Paused VM is
+//! saved first, then moved, then started again from its saved state (and paused
+//! again if it was): the guest is stopped for the whole copy. An online move (the
+//! worker switching its disk servers to the copies while the guest runs) is not
+//! built yet.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use api::vms::VmState;
+use std::time::Instant;
+
+use api::vms::{VmRuntime, VmState};
 use api::ErrorCode;
 use jobs::{AffectedElement, JobContext, JobError, JobSnapshot, JobSpec};
 use serde::{Deserialize, Serialize};
@@ -39,6 +44,7 @@ use uuid::Uuid;
 use vm_config::{DriveMedia, VmSettings};
 
 use super::disk_owners::{canonical, used_by_others, vm_files, whole_chain};
+use super::runtime::StopMode;
 use super::store::{error_chain, DISKS_FOLDER};
 use super::test_seam::Stall;
 use crate::checkpoints::tree::{self, Tree, SNAPSHOTS_FOLDER};
@@ -189,11 +195,12 @@ pub fn submit(svc: &Arc<Service>, key: &str, destination: &str) -> Result<JobSna
             svc.state_of(entry).state,
         )
     };
-    if !matches!(state, VmState::Off | VmState::Saved) {
+    let running = matches!(state, VmState::Running | VmState::Paused);
+    if !matches!(state, VmState::Off | VmState::Saved) && !(running && svc.workers.is_some()) {
         return Err(ApiError::new(
             ErrorCode::InvalidState,
             format!(
-                "VM {name} is {state:?}; its storage moves while it is Off or Saved (save it, move, start it again)"
+                "VM {name} is {state:?}; its storage moves while it is Off, Saved, Running or Paused"
             ),
         )
         .with_details(serde_json::json!({ "state": state })));
@@ -215,8 +222,13 @@ pub fn submit(svc: &Arc<Service>, key: &str, destination: &str) -> Result<JobSna
     let spec = JobSpec {
         job_type: "MoveVmStorage".into(),
         description: format!(
-            "Move the storage of VM {name} to {} (offline: the VM stays Off or Saved)",
-            dest.display()
+            "Move the storage of VM {name} to {}{}",
+            dest.display(),
+            if running {
+                " (the running VM is saved, its storage moved, and started again from its saved state: the guest is stopped while the files copy)"
+            } else {
+                ""
+            }
         ),
         cancellable: true,
         affected: vec![AffectedElement::new("vm", id.to_string())],
@@ -227,14 +239,51 @@ pub fn submit(svc: &Arc<Service>, key: &str, destination: &str) -> Result<JobSna
         let _guard = guard;
         let vm_lock = svc2.checkpoints.vm_lock(id);
         let _held = vm_lock.lock().await;
-        let svc3 = svc2.clone();
-        match tokio::task::spawn_blocking(move || run(&svc3, id, &dir, &dest, &ctx)).await {
-            Ok(r) => r,
-            Err(e) => Err(JobError::failed(
-                "Internal",
-                format!("the move failed unexpectedly: {e}"),
-            )),
+        let state = svc2.runtime.get(id).state;
+        let workers = svc2.workers.clone();
+        let stopped = match (&workers, state) {
+            (Some(w), VmState::Running | VmState::Paused) => {
+                // Offline move of a running VM: save, move, start from the saved state.
+                svc2.set_runtime(id, VmRuntime::with_state(VmState::Saving));
+                w.stop(id, StopMode::Save, ctx.clone()).await?;
+                Some((w.clone(), state == VmState::Paused, Instant::now()))
+            }
+            (_, VmState::Off | VmState::Saved) => None,
+            (_, state) => {
+                return Err(JobError::failed(
+                    "InvalidState",
+                    format!("the VM became {state:?}; move its storage when it is Off, Saved, Running or Paused"),
+                ))
+            }
+        };
+        let (svc3, ctx3, dir3) = (svc2.clone(), ctx.clone(), dir.clone());
+        let moved =
+            match tokio::task::spawn_blocking(move || run(&svc3, id, &dir3, &dest, &ctx3)).await {
+                Ok(r) => r,
+                Err(e) => Err(JobError::failed(
+                    "Internal",
+                    format!("the move failed unexpectedly: {e}"),
+                )),
+            };
+        if let Some((w, paused, since)) = stopped {
+            // Back on whichever files the settings name now (the copies, or the
+            // source after a roll back).
+            let settings = svc2.store().get(id).and_then(|e| e.settings.clone());
+            if let Some(settings) = settings {
+                svc2.set_runtime(id, VmRuntime::with_state(VmState::Starting));
+                let started = w.start(settings, dir.clone(), ctx.clone()).await;
+                if started.is_ok() && paused {
+                    w.pause(id, true).await?;
+                }
+                ctx.add_affected(AffectedElement::new(
+                    "guest-downtime-ms",
+                    since.elapsed().as_millis().to_string(),
+                ));
+                moved.clone()?;
+                started?;
+            }
         }
+        moved
     }))
 }
 
