@@ -354,10 +354,8 @@ fn damaged_vm_folders_are_listed_repairable_and_removable_without_blocking_other
     // Remove the unreadable one.
     let r = d.req("DELETE", &format!("/v1/vms/{unreadable}"), None);
     assert_eq!(r.status, 202, "{}", r.raw);
-    assert_eq!(
-        common::wait_job(&d, r.body["id"].as_str().unwrap())["state"],
-        "Completed"
-    );
+    let job = common::wait_job(&d, r.body["id"].as_str().unwrap());
+    assert_eq!(job["state"], "Completed", "{job}");
     assert_eq!(d.get("/v1/vms").body["vms"].as_array().unwrap().len(), 3);
     assert_eq!(
         std::fs::read(vms.join(&good).join("vm.json")).unwrap(),

@@ -614,7 +614,12 @@ fn remove_phase(dir: &Path, removal: &Removal) -> Result<(), ApiError> {
         remove_file(d)?;
     }
     stall.at("remove-settings");
-    remove_file(&dir.join(SETTINGS_FILE))?;
+    let settings = dir.join(SETTINGS_FILE);
+    if settings.is_dir() {
+        // Damaged: a folder where the settings file belongs.
+        remove_dir_all(&settings)?;
+    }
+    remove_file(&settings)?;
     remove_file(&intent_path(dir))?;
     // The folder goes, but for kept disks inside it (`Virtual Hard Disks`).
     let keeps_inside = removal.kept.iter().any(|k| k.path.starts_with(dir));
