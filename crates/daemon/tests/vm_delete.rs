@@ -72,7 +72,12 @@ fn assert_fully_deleted(d: &Daemon, vm: &str, id: &str, bases: &[PathBuf], want:
     assert_eq!(d.get("/v1/vms").body["vms"], json!([]));
     assert!(!d.data.join("vms").join(id).exists());
     for (b, w) in bases.iter().zip(want) {
-        assert_eq!(chain(b), [b.clone()], "{} stands alone", b.display());
+        assert_eq!(
+            chain(b),
+            std::slice::from_ref(b),
+            "{} stands alone",
+            b.display()
+        );
         assert_eq!(
             content_hash(b),
             *w,
@@ -275,7 +280,7 @@ fn a_running_vm_is_deleted_only_with_force_and_its_storage_moves_through_save_an
     assert!(!affected(&job, "guest-downtime-ms").is_empty(), "{job}");
     let running = common::guest::wait_state(&d, "runner", "Running");
     let moved = dest.join("Virtual Hard Disks/runner-data.vhdx");
-    assert_eq!(disks(&d, "runner"), [moved.clone()]);
+    assert_eq!(disks(&d, "runner"), std::slice::from_ref(&moved));
     assert!(!data.exists());
     let pid = running["runtime"]["worker_pid"].as_u64().unwrap();
 

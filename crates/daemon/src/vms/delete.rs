@@ -304,7 +304,9 @@ async fn run(
             let intent = match (load_intent(&dir)?, request) {
                 (Some(mut i), Some((force, delete_disks))) => {
                     // A delete asked again after one failed: it may ask for more.
-                    if i.removal.is_none() && (force > i.force || delete_disks > i.delete_disks) {
+                    if i.removal.is_none()
+                        && ((force && !i.force) || (delete_disks && !i.delete_disks))
+                    {
                         i.force |= force;
                         i.delete_disks |= delete_disks;
                         save_intent(&dir, &i)?;

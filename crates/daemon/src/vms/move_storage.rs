@@ -196,7 +196,9 @@ pub fn submit(svc: &Arc<Service>, key: &str, destination: &str) -> Result<JobSna
         )
     };
     let running = matches!(state, VmState::Running | VmState::Paused);
-    if !matches!(state, VmState::Off | VmState::Saved) && !(running && svc.workers.is_some()) {
+    let movable =
+        matches!(state, VmState::Off | VmState::Saved) || (running && svc.workers.is_some());
+    if !movable {
         return Err(ApiError::new(
             ErrorCode::InvalidState,
             format!(
