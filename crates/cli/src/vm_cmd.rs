@@ -241,6 +241,7 @@ fn print_disk_outcome(conn: &Connection, job: &api::jobs::Job) {
         match a.kind.as_str() {
             "deleted-disk" => println!("  deleted {}", a.id),
             "kept-disk" => println!("  kept {}", a.id),
+            "unmerged-disk" => println!("  not merged {}", a.id),
             "disk" => println!("  now at {}", a.id),
             _ => {}
         }

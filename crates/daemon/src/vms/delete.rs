@@ -399,11 +399,16 @@ async fn run(
     for d in &removal.disks {
         ctx.add_affected(AffectedElement::new("deleted-disk", d.to_string_lossy()));
     }
-    for k in removal.kept.iter().chain(&removal.unmerged) {
-        ctx.add_affected(AffectedElement::new(
-            "kept-disk",
-            format!("{}: {}", k.path.display(), k.reason),
-        ));
+    for (kind, list) in [
+        ("kept-disk", &removal.kept),
+        ("unmerged-disk", &removal.unmerged),
+    ] {
+        for k in list {
+            ctx.add_affected(AffectedElement::new(
+                kind,
+                format!("{}: {}", k.path.display(), k.reason),
+            ));
+        }
     }
     tracing::info!(vm = %id, deleted = removal.disks.len(), kept = removal.kept.len(), "VM deleted");
     Ok(())
@@ -441,7 +446,7 @@ fn plan_merges(
             if tree::owns_layer(vm_dir, t, &leaf) {
                 unmerged.push(Kept {
                     path: leaf.clone(),
-                    reason: "not merged: its chain is missing a file or does not open".into(),
+                    reason: "not merged, its chain is missing a file or does not open; removed with the VM's checkpoint files".into(),
                 });
             }
             continue;
