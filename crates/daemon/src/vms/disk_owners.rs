@@ -90,3 +90,38 @@ pub fn used_by_others(svc: &Service, id: Uuid) -> HashMap<PathBuf, String> {
     }
     out
 }
+
+/// Why a drive's chain is broken (a parent missing or not the one the child was
+/// made from), for the first such drive; `None` when every chain resolves or a
+/// disk cannot be inspected at all (then the drive checks speak). Reads headers
+/// only, takes no locks: safe while a worker holds the disks.
+pub fn broken_chain(settings: &VmSettings) -> Option<String> {
+    for d in &settings.drives {
+        let DriveMedia::HardDisk { path } = &d.media else {
+            continue;
+        };
+        let mut cur = PathBuf::from(path);
+        for _ in 0..256 {
+            let Ok(info) = vhd::ops::info::info(&cur) else {
+                break;
+            };
+            let Some(parent) = info.parent else {
+                break;
+            };
+            if let Some(problem) = parent.problem {
+                return Some(format!(
+                    "the disk in {} ({path}) builds on a parent that is missing or does not match: {problem}; restore the parent or re-point the drive",
+                    d.slot
+                ));
+            }
+            let Some(next) = parent.resolved_path else {
+                return Some(format!(
+                    "the disk in {} ({path}) builds on {}, which is missing; restore it or re-point the drive",
+                    d.slot, parent.name
+                ));
+            };
+            cur = next;
+        }
+    }
+    None
+}

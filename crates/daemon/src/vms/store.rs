@@ -149,7 +149,8 @@ impl Store {
         }
         let mut reason = validate::check_files(settings)
             .err()
-            .map(|e| format!("{e}; re-point the drive or remove it"));
+            .map(|e| format!("{e}; re-point the drive or remove it"))
+            .or_else(|| crate::vms::disk_owners::broken_chain(settings));
         if reason.is_none() {
             if let Some(other) = self
                 .vms
