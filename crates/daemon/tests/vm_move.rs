@@ -296,3 +296,29 @@ fn daemon_killed_between_the_two_settings_files_finishes_the_move() {
 fn daemon_killed_before_removing_the_sources_finishes_the_move() {
     killed_mid_move_at("remove-sources", true);
 }
+
+#[test]
+fn cancelling_a_move_before_the_commit_leaves_everything_at_the_source() {
+    let mut d = Daemon::start(&[]);
+    vm_with_checkpoints(&d, "web");
+    let before = reads(&d, "web");
+    let sources = named_files(&d, "web");
+    let (_keep, dest) = destination(&d, "moved");
+    d.env = vec![("VIRIDIAN_TEST_STALL_MOVE_AT".into(), "copy-50".into())];
+    d.restart();
+    let r = d.post("/v1/vms/web/move-storage", json!({ "destination": dest }));
+    assert_eq!(r.status, 202, "{}", r.raw);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    wait_stalled(&d, "move stalled for a crash test", "copy-50");
+    let c = d.req("DELETE", &format!("/v1/jobs/{id}"), None);
+    assert!(c.status == 200 || c.status == 202, "{}", c.raw);
+    let job = common::disk_data::finish(&d, &id);
+    assert_eq!(job["state"], "Terminated", "{job}");
+    assert_eq!(named_files(&d, "web"), sources);
+    assert_eq!(reads(&d, "web"), before);
+    assert!(
+        !dest.exists(),
+        "the copies and the folder the move made are gone"
+    );
+    assert_eq!(d.get("/v1/vms/web").body["runtime"]["state"], "Off");
+}

@@ -53,8 +53,9 @@ use crate::service::{damaged_unreadable, find, Service};
 
 pub const INTENT_FILE: &str = "move-intent.json";
 const INTENT_VERSION: u32 = 1;
-/// `VIRIDIAN_TEST_STALL_MOVE_AT=<step>`: `copy-<percent>`, `relink`, `verify`,
-/// `commit` (just before), `committed` (just after), `settings`, `remove-sources`.
+/// `VIRIDIAN_TEST_STALL_MOVE_AT=<step>`: `copy-<percent>` (the job stays
+/// cancellable there), `relink`, `verify`, `commit` (just before), `committed`
+/// (just after), `settings`, `remove-sources`.
 pub const STALL_VAR: &str = "VIRIDIAN_TEST_STALL_MOVE_AT";
 const SAMPLE: u64 = 1 << 20;
 
@@ -454,7 +455,7 @@ fn copy_and_verify(
         done += n;
         let pct = (done.min(total) * 100 / total) as u8;
         ctx.set_percent((u16::from(pct) * 8 / 10) as u8);
-        stall.at_copy(pct);
+        stall.at_copy_unless(pct, || ctx.cancel_requested());
     }
     for m in &intent.files {
         if let Some(folder) = m.to.parent() {

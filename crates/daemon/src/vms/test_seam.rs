@@ -35,6 +35,21 @@ impl Stall {
         }
     }
 
+    /// Like [`Stall::at_copy`], but the wait ends when `cancelled` says so (a job
+    /// that can be cancelled stays cancellable while it waits).
+    pub fn at_copy_unless(&self, percent: u8, cancelled: impl Fn() -> bool) {
+        let at = self.at.as_deref().and_then(|s| s.strip_prefix("copy-"));
+        if at
+            .and_then(|p| p.parse::<u8>().ok())
+            .is_some_and(|p| percent >= p)
+        {
+            tracing::warn!(at = %format!("copy at {percent} %"), "{} stalled for a crash test", self.what);
+            while !cancelled() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+
     fn forever(&self, at: &str) -> ! {
         tracing::warn!(at, "{} stalled for a crash test", self.what);
         loop {
