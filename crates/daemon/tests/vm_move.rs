@@ -143,6 +143,21 @@ fn move_storage_takes_every_disk_and_checkpoint_layer_and_the_data_reads_the_sam
     let c = checkpoint(&d, "web", "C");
     assert!(dest.join("Snapshots").join(&c).is_dir());
     assert!(disks(&d, "web").iter().all(|p| p.starts_with(&dest)));
+    // A checkpoint deleted there merges and its layers go from the destination.
+    let current: Vec<u64> = disks(&d, "web").iter().map(|p| content_hash(p)).collect();
+    let layers_before = files_under(&dest).len();
+    run_job(&d, "DELETE", "/v1/vms/web/checkpoints/C", None);
+    let t = d.get("/v1/vms/web/checkpoints").body;
+    assert_eq!(t["pending_merges"], json!([]), "{t}");
+    let now: Vec<u64> = disks(&d, "web").iter().map(|p| content_hash(p)).collect();
+    assert_eq!(now, current);
+    assert_eq!(
+        files_under(&dest).len(),
+        layers_before - 2,
+        "{:?}",
+        files_under(&dest)
+    );
+    assert!(!dest.join("Snapshots").join(&c).exists());
     let a_reads: Vec<u64> = before
         .iter()
         .filter(|(n, _)| n == "A")
