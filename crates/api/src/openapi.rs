@@ -113,13 +113,24 @@ pub fn routes() -> Vec<Route> {
             200,
             Some(s::<vms::Vm>),
         ),
+        Route {
+            query: &["force", "delete_disks"],
+            ..r(
+                "delete",
+                "/v1/vms/{vm}",
+                "Delete a VM (job): checkpoints merged into the kept disks; force=true turns it off (or discards its saved state); delete_disks=true deletes the disks no other VM uses",
+                None,
+                202,
+                Some(s::<jobs::Job>),
+            )
+        },
         r(
-            "delete",
-            "/v1/vms/{vm}",
-            "Delete a VM (its disks stay)",
-            None,
-            204,
-            None,
+            "post",
+            "/v1/vms/{vm}/move-storage",
+            "Move the VM's disks and checkpoint disks to another folder (job, cancellable until it commits)",
+            Some(s::<vms::MoveStorageRequest>),
+            202,
+            Some(s::<jobs::Job>),
         ),
         r(
             "put",
@@ -467,7 +478,7 @@ pub fn document() -> Value {
         }
         for q in route.query {
             params.push(
-                json!({"name": q, "in": "query", "required": false, "schema": {"type": "number"}}),
+                json!({"name": q, "in": "query", "required": false, "schema": {"type": if *q == "timeout" { "number" } else { "boolean" }}}),
             );
         }
         if !params.is_empty() {

@@ -314,3 +314,14 @@ pub struct AddNetworkAdapterRequest {
 pub struct NetworkAdapterList {
     pub network_adapters: Vec<NetworkAdapter>,
 }
+
+/// `POST /v1/vms/{vm}/move-storage`: moves every disk of the VM and of its
+/// checkpoints (every file of every chain that belongs to the VM) into
+/// `destination` (`Virtual Hard Disks/` and `Snapshots/<checkpoint-id>/` inside
+/// it). The VM's settings folder stays. A job; cancellable until it commits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveStorageRequest {
+    /// An absolute path: an empty folder, or one that does not exist yet.
+    pub destination: String,
+}

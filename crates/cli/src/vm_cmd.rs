@@ -62,8 +62,24 @@ pub enum VmCmd {
         #[arg(long)]
         notes: Option<String>,
     },
-    /// Delete a VM (its disks stay).
-    Delete { vm: String },
+    /// Delete a VM (a job): its checkpoints are merged into its disks, which stay
+    /// unless --delete-disks.
+    Delete {
+        vm: String,
+        /// Also delete the VM's disks (never one another VM's chain uses).
+        #[arg(long)]
+        delete_disks: bool,
+        /// Turn a running VM off (or discard a saved VM's state) and delete it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Move the VM's disks and checkpoint disks to another folder (a job; the VM
+    /// must be Off or Saved).
+    MoveStorage {
+        vm: String,
+        /// An absolute path: an empty folder or a new one.
+        destination: String,
+    },
     /// Processor settings.
     Processor {
         #[command(subcommand)]
@@ -253,6 +269,22 @@ fn vm_path(vm: &str) -> String {
     format!("/v1/vms/{}", segment(vm))
 }
 
+/// The disks a finished delete or move deleted, kept (and why) or moved.
+fn print_disk_outcome(conn: &Connection, job: &api::jobs::Job) {
+    if conn.json || conn.no_wait {
+        return;
+    }
+    for a in &job.affected_elements {
+        match a.kind.as_str() {
+            "deleted-disk" => println!("  deleted {}", a.id),
+            "kept-disk" => println!("  kept {}", a.id),
+            "unmerged-disk" => println!("  not merged {}", a.id),
+            "disk" => println!("  now at {}", a.id),
+            _ => {}
+        }
+    }
+}
+
 fn print_vm(conn: &Connection, vm: &Vm) {
     if conn.json {
         output::print_json(vm);
@@ -309,11 +341,20 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
             let (vm, _) = client.call::<Vm>(Method::PATCH, &vm_path(&vm), Some(&req))?;
             print_vm(conn, &vm);
         }
-        VmCmd::Delete { vm } => {
-            client.call_empty(Method::DELETE, &vm_path(&vm))?;
-            if !conn.json {
-                println!("deleted VM {vm}");
-            }
+        VmCmd::Delete {
+            vm,
+            delete_disks,
+            force,
+        } => {
+            let path = format!("{}?delete_disks={delete_disks}&force={force}", vm_path(&vm));
+            let job = crate::job_cmd::start_job(&client, conn, Method::DELETE, &path, None::<&()>)?;
+            print_disk_outcome(conn, &job);
+        }
+        VmCmd::MoveStorage { vm, destination } => {
+            let req = api::vms::MoveStorageRequest { destination };
+            let path = format!("{}/move-storage", vm_path(&vm));
+            let job = crate::job_cmd::start_job(&client, conn, Method::POST, &path, Some(&req))?;
+            print_disk_outcome(conn, &job);
         }
         VmCmd::Processor {
             cmd:

@@ -417,3 +417,47 @@ fn host_defaults_reach_new_vms_only_and_processor_set_all_changes_every_vm() {
     assert!(text.contains("running VMs reserve 0 %"), "{text}");
     assert!(d.dir.path().join("data/host.json").exists());
 }
+
+#[test]
+fn vm_move_storage_and_delete_wait_for_their_jobs_and_say_where_the_disks_went() {
+    let d = Daemon::start();
+    d.json(&["vm", "create", "m", "--cpus", "1", "--memory", "256"]);
+    let disk = d.dir.path().join("m.vhdx");
+    let out = d.cli(&["vhd", "create", disk.to_str().unwrap(), "--size", "8M"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    d.json(&[
+        "vm",
+        "disk",
+        "add",
+        "m",
+        disk.to_str().unwrap(),
+        "--controller",
+        "scsi",
+    ]);
+    let full = d.dir.path().join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("x"), b"x").unwrap();
+    let out = d.cli(&["vm", "move-storage", "m", full.to_str().unwrap()]);
+    assert_eq!(code(&out), 5, "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dest = d.dir.path().join("dest");
+    let out = d.cli(&["vm", "move-storage", "m", dest.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let moved = dest.join("Virtual Hard Disks").join("m.vhdx");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("now at {}", moved.display())),
+        "{text}"
+    );
+    assert!(moved.exists() && !disk.exists());
+
+    let out = d.cli(&["vm", "delete", "m", "--delete-disks"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("deleted {}", moved.display())),
+        "{text}"
+    );
+    assert!(!moved.exists());
+    assert_eq!(d.json(&["vm", "list"])["vms"], serde_json::json!([]));
+}

@@ -360,19 +360,6 @@ impl Service {
         Ok(self.vm_view(entry))
     }
 
-    pub fn delete_vm(&self, key: &str) -> Result<(), ApiError> {
-        let mut store = self.store();
-        let entry = find(&store, key)?;
-        self.require_off(entry)?;
-        let id = entry.id;
-        store
-            .remove(id)
-            .map_err(|e| ApiError::internal(error_chain(&e)))?;
-        self.runtime.forget(id);
-        self.events.publish(EventBody::VmDeleted { id });
-        Ok(())
-    }
-
     fn require_off(&self, entry: &VmEntry) -> Result<(), ApiError> {
         let state = self.runtime.get(entry.id).state;
         if state != VmState::Off {

@@ -36,7 +36,12 @@ fn vm_create_show_update_delete_round_trip() {
     assert_eq!(on_disk["schema_version"], vm_config::file::SCHEMA_VERSION);
     assert_eq!(on_disk["settings"]["notes"], "front end");
 
-    assert_eq!(d.req("DELETE", "/v1/vms/web02", None).status, 204);
+    let r = d.req("DELETE", "/v1/vms/web02", None);
+    assert_eq!(r.status, 202, "{}", r.raw);
+    assert_eq!(
+        common::wait_job(&d, r.body["id"].as_str().unwrap())["state"],
+        "Completed"
+    );
     assert_eq!(d.get(&format!("/v1/vms/{id}")).status, 404);
     assert!(!d.data.join("vms").join(&id).exists());
 }
@@ -347,11 +352,10 @@ fn damaged_vm_folders_are_listed_repairable_and_removable_without_blocking_other
     assert_eq!(r.status, 200, "{}", r.raw);
     assert_eq!(d.get("/v1/vms/lostdisk").body["runtime"]["state"], "Off");
     // Remove the unreadable one.
-    assert_eq!(
-        d.req("DELETE", &format!("/v1/vms/{unreadable}"), None)
-            .status,
-        204
-    );
+    let r = d.req("DELETE", &format!("/v1/vms/{unreadable}"), None);
+    assert_eq!(r.status, 202, "{}", r.raw);
+    let job = common::wait_job(&d, r.body["id"].as_str().unwrap());
+    assert_eq!(job["state"], "Completed", "{job}");
     assert_eq!(d.get("/v1/vms").body["vms"].as_array().unwrap().len(), 3);
     assert_eq!(
         std::fs::read(vms.join(&good).join("vm.json")).unwrap(),

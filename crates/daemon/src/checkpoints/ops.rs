@@ -23,7 +23,7 @@ use api::ErrorCode;
 use uuid::Uuid;
 use vm_config::{DriveMedia, Slot, VmSettings};
 
-use super::tree::{self, Child, Node, NodeDisk, Tree, SETTINGS_FILE, SNAPSHOTS_FOLDER};
+use super::tree::{self, Child, Node, NodeDisk, Tree, SETTINGS_FILE};
 use crate::error::ApiError;
 use crate::vms::store::error_chain;
 
@@ -283,6 +283,14 @@ pub fn create(
     let id = Uuid::new_v4();
     let dir = tree::node_dir(vm_dir, id);
     std::fs::create_dir_all(&dir).map_err(|e| io(format!("cannot create {}", dir.display()), e))?;
+    let layer_dir = tree::layer_dir(vm_dir, &t, id);
+    std::fs::create_dir_all(&layer_dir)
+        .map_err(|e| io(format!("cannot create {}", layer_dir.display()), e))?;
+    let take_away = || {
+        // Nothing refers to the folders yet: take them away again.
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&layer_dir);
+    };
     // The folder's files are made side by side (see `new_layers`); each is durable,
     // with its name, when its step returns.
     let (files, layers) = std::thread::scope(|scope| {
@@ -297,11 +305,14 @@ pub fn create(
                     )
                 })?;
             }
-            // The new folder's own name, in `Snapshots/`.
-            let parent = dir.parent().unwrap_or(vm_dir);
-            sync_dir(parent).map_err(|e| io(format!("cannot sync {}", parent.display()), e))
+            // The new folders' own names, in their `Snapshots/`.
+            for made in [&dir, &layer_dir] {
+                let parent = made.parent().unwrap_or(vm_dir);
+                sync_dir(parent).map_err(|e| io(format!("cannot sync {}", parent.display()), e))?;
+            }
+            Ok(())
         });
-        let layers = new_layers(&dir, &disks);
+        let layers = new_layers(&layer_dir, &disks);
         let files = files.join().unwrap_or_else(|_| {
             Err(ApiError::internal(
                 "writing the checkpoint's settings failed unexpectedly",
@@ -312,8 +323,7 @@ pub fn create(
     let layers = match files.and(layers) {
         Ok(l) => l,
         Err(e) => {
-            // Nothing refers to the folder yet: take it away again.
-            let _ = std::fs::remove_dir_all(&dir);
+            take_away();
             return Err(e);
         }
     };
@@ -353,13 +363,15 @@ pub fn apply(vm_dir: &Path, current: &VmSettings, key: &str) -> Result<Applied, 
     let dir = tree::node_dir(vm_dir, node.id);
     let saved = vm_config::file::load(&dir.join(SETTINGS_FILE))
         .map_err(|e| ApiError::new(ErrorCode::Damaged, error_chain(&e)))?;
-    let layers = new_layers(&dir, &node.disks)?;
-    let snapshots = vm_dir.join(SNAPSHOTS_FOLDER);
+    let layer_dir = tree::layer_dir(vm_dir, &t, node.id);
+    std::fs::create_dir_all(&layer_dir)
+        .map_err(|e| io(format!("cannot create {}", layer_dir.display()), e))?;
+    let layers = new_layers(&layer_dir, &node.disks)?;
     let discard: Vec<PathBuf> = hard_disks(current)
         .unwrap_or_default()
         .into_iter()
         .map(|d| d.path)
-        .filter(|p| p.starts_with(&snapshots) && !used_by_nodes(&t, p))
+        .filter(|p| tree::owns_layer(vm_dir, &t, p) && !used_by_nodes(&t, p))
         .collect();
     t.current_parent = Some(node.id);
     t.current_disks = layers.clone();
@@ -549,7 +561,6 @@ fn remove_node(vm_dir: &Path, mut t: Tree, id: Uuid, hook: Hook<'_>) -> Result<(
         .node(id)
         .cloned()
         .ok_or_else(|| ApiError::internal("node vanished"))?;
-    let snapshots = vm_dir.join(SNAPSHOTS_FOLDER);
     for d in &node.disks {
         let used_elsewhere = t
             .nodes
@@ -558,7 +569,7 @@ fn remove_node(vm_dir: &Path, mut t: Tree, id: Uuid, hook: Hook<'_>) -> Result<(
             .flat_map(|n| &n.disks)
             .chain(&t.current_disks)
             .any(|o| o.path == d.path);
-        if d.path.starts_with(&snapshots) && !used_elsewhere {
+        if tree::owns_layer(vm_dir, &t, &d.path) && !used_elsewhere {
             hook("remove-disk")?;
             remove_files(std::slice::from_ref(&d.path));
         }
@@ -572,20 +583,25 @@ fn remove_node(vm_dir: &Path, mut t: Tree, id: Uuid, hook: Hook<'_>) -> Result<(
 
 /// Removes a forgotten node's folder unless a disk still in use lives there.
 fn remove_node_dir(vm_dir: &Path, t: &Tree, id: Uuid) {
-    let dir = tree::node_dir(vm_dir, id);
-    let in_use = t
-        .nodes
-        .iter()
-        .flat_map(|n| &n.disks)
-        .chain(&t.current_disks)
-        .any(|d| d.path.starts_with(&dir));
-    if in_use {
-        tracing::warn!(folder = %dir.display(), "a deleted checkpoint's folder still holds a disk in use; left in place");
-        return;
+    let mut dirs = vec![tree::node_dir(vm_dir, id)];
+    if t.layers_dir.is_some() {
+        dirs.push(tree::layer_dir(vm_dir, t, id));
     }
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(folder = %dir.display(), error = %e, "cannot remove a deleted checkpoint's folder");
+    for dir in dirs {
+        let in_use = t
+            .nodes
+            .iter()
+            .flat_map(|n| &n.disks)
+            .chain(&t.current_disks)
+            .any(|d| d.path.starts_with(&dir));
+        if in_use {
+            tracing::warn!(folder = %dir.display(), "a deleted checkpoint's folder still holds a disk in use; left in place");
+            continue;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(folder = %dir.display(), error = %e, "cannot remove a deleted checkpoint's folder");
+            }
         }
     }
 }
@@ -627,7 +643,6 @@ fn merge_node(
             "merge of a node without exactly one child",
         ));
     };
-    let snapshots = vm_dir.join(SNAPSHOTS_FOLDER);
     for x in &node.disks {
         let child_disks = match only {
             Child::Node(c) => t.node(c).map(|n| n.disks.clone()).unwrap_or_default(),
@@ -696,7 +711,7 @@ fn merge_node(
         if only == Child::Current {
             write_current(x.slot, &l, &x.path)?;
         }
-        if l.starts_with(&snapshots) {
+        if tree::owns_layer(vm_dir, &t, &l) {
             hook("remove-layer")?;
             remove_files(std::slice::from_ref(&l));
         }
@@ -725,7 +740,6 @@ pub fn reconcile(vm_dir: &Path, settings: &VmSettings) -> Result<Option<VmSettin
     if t.nodes.is_empty() {
         return Ok(None);
     }
-    let snapshots = vm_dir.join(SNAPSHOTS_FOLDER);
     let mut fixed = settings.clone();
     let mut changed = false;
     for d in &mut fixed.drives {
@@ -736,7 +750,7 @@ pub fn reconcile(vm_dir: &Path, settings: &VmSettings) -> Result<Option<VmSettin
             continue;
         };
         let stale = Path::new(path.as_str()) != want
-            && (Path::new(path.as_str()).starts_with(&snapshots)
+            && (tree::owns_layer(vm_dir, &t, Path::new(path.as_str()))
                 || used_by_nodes(&t, Path::new(path.as_str())));
         if stale {
             tracing::warn!(slot = %d.slot, from = %path, to = %want.display(), "vm.json names an older disk layer than the checkpoint tree; repaired");

@@ -14,7 +14,11 @@ use uuid::Uuid;
 use vm_config::Slot;
 
 /// The schema version this build writes. Older versions are upgraded on load.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// - 1: the first.
+/// - 2: `layers_dir` (checkpoint layers outside the VM's folder, after a storage
+///   move or an import in place); a version-1 tree has none.
+pub const SCHEMA_VERSION: u32 = 2;
 pub const TREE_FILE: &str = "checkpoints.json";
 pub const SNAPSHOTS_FOLDER: &str = "Snapshots";
 pub const SETTINGS_FILE: &str = "settings.json";
@@ -58,6 +62,10 @@ pub struct Tree {
     /// In creation order.
     #[serde(default)]
     pub nodes: Vec<Node>,
+    /// Where the checkpoints' disk layers live when not in the VM's folder (after
+    /// `vm move-storage`): `<layers_dir>/<checkpoint-id>/`. Absent: `Snapshots/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_dir: Option<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -94,6 +102,42 @@ pub fn tree_path(vm_dir: &Path) -> PathBuf {
 
 pub fn node_dir(vm_dir: &Path, id: Uuid) -> PathBuf {
     vm_dir.join(SNAPSHOTS_FOLDER).join(id.to_string())
+}
+
+/// The folder holding checkpoint `id`'s disk layers.
+pub fn layer_dir(vm_dir: &Path, t: &Tree, id: Uuid) -> PathBuf {
+    match &t.layers_dir {
+        Some(d) => d.join(id.to_string()),
+        None => node_dir(vm_dir, id),
+    }
+}
+
+/// Whether `path` is a disk layer the checkpoint code made (and may delete): under
+/// the VM's `Snapshots/` or under the tree's `layers_dir`. Never a disk the user gave.
+/// Paths resolved from relative parent locators (`a/b/../../x.vhd`) count where
+/// they lead.
+pub fn owns_layer(vm_dir: &Path, t: &Tree, path: &Path) -> bool {
+    let path = lexical(path);
+    path.starts_with(lexical(&vm_dir.join(SNAPSHOTS_FOLDER)))
+        || t.layers_dir
+            .as_ref()
+            .is_some_and(|d| path.starts_with(lexical(d)))
+}
+
+/// `path` with `.` and `..` resolved without looking at the file system.
+fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Reads the tree of the VM in `vm_dir`; an absent file is an empty tree.
@@ -256,6 +300,7 @@ mod tests {
         let tree = Tree {
             current_parent: Some(a),
             current_disks: vec![],
+            layers_dir: None,
             nodes: vec![Node {
                 id: a,
                 name: "A".into(),
@@ -269,7 +314,7 @@ mod tests {
         save(dir.path(), &tree).unwrap();
         assert_eq!(load(dir.path()).unwrap(), tree);
         let text = std::fs::read_to_string(tree_path(dir.path())).unwrap();
-        assert!(text.contains("\"schema_version\": 1"));
+        assert!(text.contains(&format!("\"schema_version\": {SCHEMA_VERSION}")));
     }
 
     #[test]
@@ -289,5 +334,21 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(load(dir.path()), Err(TreeError::Parse { .. })));
+    }
+
+    /// A tree written by the schema-1 daemon (kept in vm_config's test data) loads.
+    #[test]
+    fn a_schema1_tree_loads_with_its_nodes_and_no_layers_dir() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../vm_config/tests/data/v1/web01.checkpoints.json");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(&fixture, tree_path(dir.path())).unwrap();
+        let t = load(dir.path()).unwrap();
+        let names: Vec<&str> = t.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["base", "two"]);
+        assert_eq!(t.current_disks.len(), 2);
+        assert_eq!(t.layers_dir, None);
+        save(dir.path(), &t).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), t);
     }
 }

@@ -87,10 +87,17 @@ pub async fn update(svc: &Arc<Service>, key: &str, body: Incoming) -> Answer {
     Ok(json(200, &vm))
 }
 
-pub fn delete(svc: &Arc<Service>, key: &str) -> Answer {
-    svc.delete_vm(key)?;
-    tracing::info!(vm = key, "VM deleted");
-    Ok(no_content())
+/// `DELETE /v1/vms/{vm}[?force=true][&delete_disks=true]`: a job (`vms::delete`).
+pub fn delete(svc: &Arc<Service>, key: &str, query: Option<&str>) -> Answer {
+    let job = crate::vms::delete::submit_from_query(svc, key, query)?;
+    Ok(crate::http::body::accepted(&crate::convert::job(&job)))
+}
+
+/// `POST /v1/vms/{vm}/move-storage`: a job (`vms::move_storage`).
+pub async fn move_storage(svc: &Arc<Service>, key: &str, body: Incoming) -> Answer {
+    let req: api::vms::MoveStorageRequest = read_json(body).await?;
+    let job = crate::vms::move_storage::submit(svc, key, &req.destination)?;
+    Ok(crate::http::body::accepted(&crate::convert::job(&job)))
 }
 
 pub async fn replace_settings(svc: &Arc<Service>, key: &str, body: Incoming) -> Answer {

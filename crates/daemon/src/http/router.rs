@@ -115,6 +115,7 @@ async fn route(
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let m = req.method().clone();
     let timeout = query_param(&req, "timeout");
+    let query = req.uri().query().map(str::to_string);
     let body = req.into_body();
     use Method as M;
     match (&m, segs.as_slice()) {
@@ -135,7 +136,8 @@ async fn route(
         (&M::POST, ["v1", "vms"]) => vms::create(svc, body).await,
         (&M::GET, ["v1", "vms", vm]) => vms::get(svc, vm),
         (&M::PATCH, ["v1", "vms", vm]) => vms::update(svc, vm, body).await,
-        (&M::DELETE, ["v1", "vms", vm]) => vms::delete(svc, vm),
+        (&M::DELETE, ["v1", "vms", vm]) => vms::delete(svc, vm, query.as_deref()),
+        (&M::POST, ["v1", "vms", vm, "move-storage"]) => vms::move_storage(svc, vm, body).await,
         (&M::PUT, ["v1", "vms", vm, "settings"]) => vms::replace_settings(svc, vm, body).await,
         (&M::GET, ["v1", "vms", vm, "processor"]) => vms::processor(svc, vm),
         (&M::PATCH, ["v1", "vms", vm, "processor"]) => vms::update_processor(svc, vm, body).await,

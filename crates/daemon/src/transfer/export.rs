@@ -417,6 +417,8 @@ fn write_all(
             });
         }
         let mut t = t.clone();
+        // Every layer is inside the folder now, wherever it lived before.
+        t.layers_dir = None;
         let rel = |p: &PathBuf| {
             let key = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
             map.get(&key)

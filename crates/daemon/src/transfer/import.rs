@@ -812,8 +812,16 @@ fn carry_out_inner(
         vm_config::file::save(&dir.join(SETTINGS_FILE), &resolved(s, root))
             .map_err(|e| ApiError::internal(error_chain(&e)))?;
     }
-    if let Some(t) = &plan.tree {
-        let mut t = t.clone();
+    // Outside the data dir the imported folder is the VM's storage: new checkpoint
+    // layers go there too, and merges may remove the layers in it.
+    let layers_dir = (root != vm_dir).then(|| root.join(tree::SNAPSHOTS_FOLDER));
+    let tree_to_write = match (&plan.tree, &layers_dir) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(_)) => Some(Tree::default()),
+        (None, None) => None,
+    };
+    if let Some(mut t) = tree_to_write {
+        t.layers_dir = layers_dir;
         let place = |p: &mut PathBuf| -> Result<(), ApiError> {
             *p = inside(root, &p.to_string_lossy())?;
             Ok(())

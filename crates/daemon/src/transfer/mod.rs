@@ -143,6 +143,20 @@ pub fn submit_export(
         (None, true) => ExportKind::Current,
         (None, false) => ExportKind::Full,
     };
+    // Claimed (it may not start) with its state checked again under the store's
+    // lock, so a start cannot slip in between.
+    let guard = {
+        let store = svc.store();
+        let entry = find(&store, key)?;
+        let now = svc.state_of(entry).state;
+        if now != state {
+            return Err(ApiError::new(
+                ErrorCode::InvalidState,
+                format!("VM {name} changed from {state:?} to {now:?} meanwhile; try again"),
+            ));
+        }
+        svc.checkpoints.clone().claim(id)
+    };
     let spec = JobSpec {
         job_type: "ExportVm".into(),
         description: format!("Export VM {name} to {}", folder.display()),
@@ -150,7 +164,6 @@ pub fn submit_export(
         affected: vec![AffectedElement::new("vm", id.to_string())],
     };
     let svc2 = svc.clone();
-    let guard = svc.checkpoints.clone().claim(id);
     Ok(svc.jobs.submit(spec, move |ctx| async move {
         let _guard = guard;
         let vm_lock = svc2.checkpoints.vm_lock(id);

@@ -129,6 +129,14 @@ impl Store {
         let Some(entry) = self.vms.get(&id) else {
             return;
         };
+        if crate::vms::delete::intent_path(&entry.dir).exists() {
+            if let Some(e) = self.vms.get_mut(&id) {
+                e.damaged = Some(
+                    "a delete of this VM is under way or was interrupted; `viridian vm delete` (or the next daemon start) finishes it".into(),
+                );
+            }
+            return;
+        }
         let Some(settings) = &entry.settings else {
             return;
         };
@@ -141,7 +149,8 @@ impl Store {
         }
         let mut reason = validate::check_files(settings)
             .err()
-            .map(|e| format!("{e}; re-point the drive or remove it"));
+            .map(|e| format!("{e}; re-point the drive or remove it"))
+            .or_else(|| crate::vms::disk_owners::broken_chain(settings));
         if reason.is_none() {
             if let Some(other) = self
                 .vms

@@ -2,6 +2,7 @@
 //! HTTP/1.1 to it (so tests can also send what a well-behaved client never would).
 #![allow(dead_code)]
 
+pub mod disk_data;
 pub mod guest;
 
 use std::io::{Read, Write};

@@ -1,0 +1,201 @@
+//! Disks with known data for the delete and move tests: bases made through `vhd`,
+//! pseudo-random writes, digests of what a chain reads, jobs run to their end.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::{wait_job, Daemon};
+
+pub const SIZE: u64 = 32 << 20;
+
+/// A dynamic VHD or VHDX (by the name's extension) of `SIZE` with 2 MiB blocks.
+pub fn make_base(path: &Path) {
+    let mut none = vhd::NoProgress;
+    if vhd::is_vhdx_name(path) {
+        use vhd::vhdx::create::{NewVhdx, VhdxOptions};
+        let mut o = VhdxOptions::new(NewVhdx::Dynamic { size: SIZE });
+        o.block_size = Some(2 << 20);
+        vhd::vhdx::create::create(path, &o, &mut none).unwrap();
+    } else {
+        use vhd::vhd1::create::{CreateOptions, NewDisk};
+        let o = CreateOptions {
+            kind: NewDisk::Dynamic {
+                size: SIZE,
+                block_size: 2 << 20,
+            },
+            exact_size: true,
+        };
+        vhd::vhd1::create::create(path, &o, &mut none).unwrap();
+    }
+}
+
+/// A differencing disk on `parent`.
+pub fn make_child(path: &Path, parent: &Path) {
+    let mut none = vhd::NoProgress;
+    if vhd::is_vhdx_name(path) {
+        use vhd::vhdx::create::{NewVhdx, VhdxOptions};
+        let o = VhdxOptions::new(NewVhdx::Differencing {
+            parent: parent.to_path_buf(),
+        });
+        vhd::vhdx::create::create(path, &o, &mut none).unwrap();
+    } else {
+        use vhd::vhd1::create::{CreateOptions, NewDisk};
+        let o = CreateOptions {
+            kind: NewDisk::Differencing {
+                parent: parent.to_path_buf(),
+            },
+            exact_size: false,
+        };
+        vhd::vhd1::create::create(path, &o, &mut none).unwrap();
+    }
+}
+
+/// Writes `len` bytes of a pseudo-random stream seeded by `seed` at `offset`.
+pub fn write_noise(path: &Path, seed: u64, offset: u64, len: u64) {
+    let d = vhd::open(path, false).unwrap();
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        for chunk in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = (len - done).min(buf.len() as u64) as usize;
+        d.write_at(&buf[..n], offset + done).unwrap();
+        done += n as u64;
+    }
+    d.flush().unwrap();
+}
+
+/// A digest of everything the chain under `leaf` reads.
+pub fn content_hash(leaf: &Path) -> u64 {
+    use std::hash::Hasher;
+    let d = vhd::open(leaf, true).unwrap();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut off = 0;
+    while off < d.size() {
+        let n = (d.size() - off).min(buf.len() as u64) as usize;
+        d.read_at(&mut buf[..n], off).unwrap();
+        h.write(&buf[..n]);
+        off += n as u64;
+    }
+    h.finish()
+}
+
+pub fn chain(leaf: &Path) -> Vec<PathBuf> {
+    vhd::ops::info::info(leaf).unwrap().chain
+}
+
+/// The VM's hard-disk paths, in drive order.
+pub fn disks(d: &Daemon, vm: &str) -> Vec<PathBuf> {
+    let r = d.get(&format!("/v1/vms/{vm}"));
+    assert_eq!(r.status, 200, "{}", r.raw);
+    r.body["settings"]["drives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x["media"]["path"].as_str().map(PathBuf::from))
+        .collect()
+}
+
+pub fn add_disk(d: &Daemon, vm: &str, location: u8, path: &Path) {
+    let r = d.post(
+        &format!("/v1/vms/{vm}/drives"),
+        json!({"controller": "scsi", "controller_number": 0, "location": location,
+               "media": {"type": "hard_disk", "path": path}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.raw);
+}
+
+/// Sends a request that answers 202 and waits for its job to end; returns the job.
+pub fn run_job_any(d: &Daemon, method: &str, path: &str, body: Option<Value>) -> Value {
+    let r = d.req(method, path, body.map(|b| b.to_string()).as_deref());
+    assert_eq!(r.status, 202, "{method} {path}: {}", r.raw);
+    assert!(r
+        .header("location")
+        .is_some_and(|l| l.starts_with("/v1/jobs/")));
+    finish(d, r.body["id"].as_str().unwrap())
+}
+
+/// Waits for job `id` to end.
+pub fn finish(d: &Daemon, id: &str) -> Value {
+    let mut job = wait_job(d, id);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !matches!(
+        job["state"].as_str(),
+        Some("Completed" | "Exception" | "Terminated" | "Killed")
+    ) {
+        assert!(Instant::now() < deadline, "job {id} did not finish: {job}");
+        job = wait_job(d, id);
+    }
+    job
+}
+
+/// Like [`run_job_any`], and the job must complete.
+pub fn run_job(d: &Daemon, method: &str, path: &str, body: Option<Value>) -> Value {
+    let job = run_job_any(d, method, path, body);
+    assert_eq!(job["state"], "Completed", "{job}\nlog:\n{}", d.log());
+    job
+}
+
+/// Takes checkpoint `name`; returns its id.
+pub fn checkpoint(d: &Daemon, vm: &str, name: &str) -> String {
+    let job = run_job(
+        d,
+        "POST",
+        &format!("/v1/vms/{vm}/checkpoints"),
+        Some(json!({ "name": name })),
+    );
+    affected(&job, "checkpoint")[0].clone()
+}
+
+/// The ids of the job's affected elements of `kind`.
+pub fn affected(job: &Value, kind: &str) -> Vec<String> {
+    job["affected_elements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == kind)
+        .map(|a| a["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Every file under `dir` (recursively), sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Waits until the daemon's log says a job stalled for a crash test.
+pub fn wait_stalled(d: &Daemon, needle: &str, step: &str) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !d.log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "never stalled at {step}; log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
