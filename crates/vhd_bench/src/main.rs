@@ -34,6 +34,8 @@ struct Cli {
 enum Format {
     /// The file through `vhd::open` (a VHD with its whole chain).
     Vhd,
+    /// The file through `vhd::open` (a VHDX with its whole chain).
+    Vhdx,
     /// The file as a raw image, read and written in place.
     Raw,
 }
@@ -48,11 +50,14 @@ enum Cache {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Creates an empty dynamic VHD of exactly SIZE bytes (2 MiB blocks).
+    /// Creates an empty dynamic VHD of exactly SIZE bytes (2 MiB blocks), or a
+    /// dynamic VHDX when PATH ends in .vhdx (32 MiB blocks unless --block-size).
     CreateDynamic {
         path: PathBuf,
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u64>,
     },
     /// Creates an empty differencing VHD over PARENT.
     CreateDiff {
@@ -136,6 +141,17 @@ fn create_dynamic(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
+fn create_vhdx(path: &Path, size: u64, block_size: Option<u64>) -> Result<()> {
+    use vhd::vhdx::create::{NewVhdx, VhdxOptions};
+    let mut opts = VhdxOptions::new(NewVhdx::Dynamic { size });
+    opts.block_size = block_size
+        .map(|b| u32::try_from(b).context("the block size is at most 256 MiB"))
+        .transpose()?;
+    vhd::vhdx::create::create(path, &opts, &mut NoProgress)
+        .with_context(|| format!("creating {}", path.display()))?;
+    Ok(())
+}
+
 fn create_diff(path: &Path, parent: &Path) -> Result<()> {
     let opts = CreateOptions {
         kind: NewDisk::Differencing {
@@ -153,12 +169,15 @@ fn open(file: &Path, format: Format, cache: Cache) -> Result<Box<dyn Disk>> {
         Cache::Direct => &DirectStorage,
     };
     let disk: Box<dyn Disk> = match (format, cache) {
-        (Format::Vhd, _) => vhd::open_on(storage, file, false)?,
+        (Format::Vhd | Format::Vhdx, _) => vhd::open_on(storage, file, false)?,
         (Format::Raw, Cache::Buffered) => Box::new(vhd::RawDisk::open(file, false)?),
         (Format::Raw, Cache::Direct) => Box::new(PlainDisk::open(storage, file)?),
     };
     if format == Format::Vhd && vhd::detect_format(file)? != vhd::Format::Vhd {
         bail!("{} is not a VHD", file.display());
+    }
+    if format == Format::Vhdx && vhd::detect_format(file)? != vhd::Format::Vhdx {
+        bail!("{} is not a VHDX", file.display());
     }
     Ok(disk)
 }
@@ -198,7 +217,12 @@ fn chain(dir: &Path, depth: u32, size: u64, bs: u64) -> Result<PathBuf> {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::CreateDynamic { path, size } => create_dynamic(&path, size),
+        Command::CreateDynamic {
+            path,
+            size,
+            block_size,
+        } if vhd::is_vhdx_name(&path) => create_vhdx(&path, size, block_size),
+        Command::CreateDynamic { path, size, .. } => create_dynamic(&path, size),
         Command::CreateDiff { path, parent } => create_diff(&path, &parent),
         Command::Run {
             file,
