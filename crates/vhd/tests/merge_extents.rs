@@ -8,12 +8,32 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use vhd::ops::merge::{merge_with, CopyPath};
+use vhd::ops::merge::{merge_with, CopyPath, MergeOptions};
 use vhd::vhd1::create::{create, CreateOptions, NewDisk};
 use vhd::vhdx::create::{create as create_vhdx, NewVhdx, VhdxOptions};
 use vhd::{HostStorage, NoProgress};
 
 const MIB: u64 = 1 << 20;
+
+/// Held by every test of this file for its whole run. A `qemu-img` spawned by
+/// one test thread holds copies of every descriptor the process has open
+/// until it execs, so a disk another thread closed in that moment still
+/// holds its flock, and reopening it fails with `Locked`. (Seen in
+/// `tests/ops.rs` too; the tests here are few and short, so they run one at
+/// a time instead.)
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+const FILE_TO_FILE: MergeOptions = MergeOptions {
+    copy: CopyPath::FileToFile,
+    keep_layers: false,
+};
+const BUFFERED: MergeOptions = MergeOptions {
+    copy: CopyPath::Buffered,
+    keep_layers: false,
+};
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
@@ -133,6 +153,7 @@ fn vhd_chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 
 #[test]
 fn vhd_merge_into_the_base_reads_every_byte_as_before() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let (base, mid, top) = vhd_chain(dir.path());
     let expected = read_all(&top);
@@ -140,7 +161,7 @@ fn vhd_merge_into_the_base_reads_every_byte_as_before() {
         &HostStorage,
         &top,
         Some(&base),
-        CopyPath::FileToFile,
+        FILE_TO_FILE,
         &mut NoProgress,
     )
     .unwrap();
@@ -151,18 +172,12 @@ fn vhd_merge_into_the_base_reads_every_byte_as_before() {
 
 #[test]
 fn vhd_merge_into_a_differencing_parent_reads_every_byte_as_before() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let (base, mid, top) = vhd_chain(dir.path());
     let expected = read_all(&top);
     let base_before = read_all(&base);
-    merge_with(
-        &HostStorage,
-        &top,
-        None,
-        CopyPath::FileToFile,
-        &mut NoProgress,
-    )
-    .unwrap();
+    merge_with(&HostStorage, &top, None, FILE_TO_FILE, &mut NoProgress).unwrap();
     assert!(!top.exists());
     assert!(read_all(&mid) == expected, "mid reads differently");
     assert!(read_all(&base) == base_before, "the base changed");
@@ -171,6 +186,7 @@ fn vhd_merge_into_a_differencing_parent_reads_every_byte_as_before() {
 
 #[test]
 fn vhd_merge_file_to_file_writes_the_same_file_as_the_buffered_copy() {
+    let _serial = serial();
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
     let (base_a, mid_a, top_a) = vhd_chain(a.path());
@@ -185,7 +201,7 @@ fn vhd_merge_file_to_file_writes_the_same_file_as_the_buffered_copy() {
         &HostStorage,
         &top_a,
         Some(&base_a),
-        CopyPath::FileToFile,
+        FILE_TO_FILE,
         &mut NoProgress,
     )
     .unwrap();
@@ -193,7 +209,7 @@ fn vhd_merge_file_to_file_writes_the_same_file_as_the_buffered_copy() {
         &HostStorage,
         &top_b,
         Some(&base_b),
-        CopyPath::Buffered,
+        BUFFERED,
         &mut NoProgress,
     )
     .unwrap();
@@ -228,17 +244,11 @@ fn vhdx_chain(dir: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn vhdx_merge_reads_every_byte_as_before() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let (base, child) = vhdx_chain(dir.path());
     let expected = read_all(&child);
-    merge_with(
-        &HostStorage,
-        &child,
-        None,
-        CopyPath::FileToFile,
-        &mut NoProgress,
-    )
-    .unwrap();
+    merge_with(&HostStorage, &child, None, FILE_TO_FILE, &mut NoProgress).unwrap();
     assert!(!child.exists());
     assert!(read_all(&base) == expected, "the base reads differently");
     assert_sound(&base, &expected, true);
@@ -246,6 +256,7 @@ fn vhdx_merge_reads_every_byte_as_before() {
 
 #[test]
 fn vhdx_merge_into_a_differencing_parent_reads_every_byte_as_before() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let (base, child) = vhdx_chain(dir.path());
     let top = dir.path().join("top.avhdx");
@@ -260,14 +271,7 @@ fn vhdx_merge_into_a_differencing_parent_reads_every_byte_as_before() {
     write(&top, 9 * MIB + 512, &pattern(MIB as usize, 0x19)); // over a block edge
     let expected = read_all(&top);
     let base_before = read_all(&base);
-    merge_with(
-        &HostStorage,
-        &top,
-        None,
-        CopyPath::FileToFile,
-        &mut NoProgress,
-    )
-    .unwrap();
+    merge_with(&HostStorage, &top, None, FILE_TO_FILE, &mut NoProgress).unwrap();
     assert!(!top.exists());
     assert!(read_all(&child) == expected, "the child reads differently");
     assert!(read_all(&base) == base_before, "the base changed");

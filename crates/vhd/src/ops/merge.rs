@@ -141,15 +141,31 @@ pub fn merge_on(
     merge_impl(storage, child, into, true, CopyPath::default(), progress)
 }
 
-/// [`merge_on`] moving the data the given way (for benchmarks and tests).
+/// How [`merge_with`] runs: the choices [`merge_on`] and
+/// [`merge_keeping_layers`] make, open for benchmarks and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MergeOptions {
+    pub copy: CopyPath,
+    /// Leave the merged-away files in place, as [`merge_keeping_layers`] does.
+    pub keep_layers: bool,
+}
+
+/// [`merge_on`] with the given options.
 pub fn merge_with(
     storage: &dyn Storage,
     child: &Path,
     into: Option<&Path>,
-    copy: CopyPath,
+    options: MergeOptions,
     progress: &mut dyn Progress,
 ) -> Result<MergeResult> {
-    merge_impl(storage, child, into, true, copy, progress)
+    merge_impl(
+        storage,
+        child,
+        into,
+        !options.keep_layers,
+        options.copy,
+        progress,
+    )
 }
 
 fn merge_impl(
