@@ -107,16 +107,21 @@ cpm=$(median ${V[cp]})
 echo
 echo "Merge benchmark, $(date -u +%F), $(nproc) cores, $(uname -r), vhd at $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $MIB MiB, median of $ROUNDS (min–max)$([ "${WARM:-0}" = 1 ] && echo ', page cache warm')"
 echo
-echo "| what | time | rate | cp ÷ this (speed vs cp) |"
-echo "|---|---|---|---|"
+echo "| what | time | rate | speed vs cp: of the medians | per round: median (min–max) |"
+echo "|---|---|---|---|---|"
 # shellcheck disable=SC2086
-echo "| \`cp\` + \`sync -d\` of a $MIB MiB file | $cpm s ($(spread ${V[cp]})) | $(mbs "$cpm") MB/s | 1.00 |"
+echo "| \`cp\` + \`sync -d\` of a $MIB MiB file | $cpm s ($(spread ${V[cp]})) | $(mbs "$cpm") MB/s | 1.00 | |"
 for k in "${cases[@]:1}"; do
     # shellcheck disable=SC2086
     m=$(median ${V[$k]})
     # shellcheck disable=SC2086
     IFS=/ read -r f copy mode <<<"$k"
     what="merge, $f, $copy copy, $([ "$mode" = keep ] && echo "layer kept (as checkpoint deletion)" || echo "layer removed (as \`vhd merge\`)")"
+    # Each round's cp time ÷ the same round's merge time: drift of the
+    # machine between rounds cancels out.
+    # shellcheck disable=SC2206
+    cps=(${V[cp]}) ts=(${V[$k]}) rr=()
+    for ((i = 0; i < ROUNDS; i++)); do rr+=("$(ratio "${cps[i]}" "${ts[i]}")"); done
     # shellcheck disable=SC2086
-    echo "| $what | $m s ($(spread ${V[$k]})) | $(mbs "$m") MB/s | $(ratio "$cpm" "$m") |"
+    echo "| $what | $m s ($(spread ${V[$k]})) | $(mbs "$m") MB/s | $(ratio "$cpm" "$m") | $(median "${rr[@]}") ($(spread "${rr[@]}")) |"
 done
