@@ -3,19 +3,19 @@
 # (written whole, 64 KiB requests) merged into its empty dynamic parent by the
 # engine, copying file to file (copy_file_range, the default) and through a
 # buffer (the path before it, `vhd-bench merge --copy buffered`), against `cp`
-# of a raw file holding the same data, on the same file system. The file-to-file
-# merge runs twice: removing the layer afterwards (`viridian vhd merge`; the
-# unlink of a file whose pages are cached is part of its time) and keeping it
-# (`--keep-layers`: the merge step of a checkpoint deletion, which removes the
-# layer later).
+# of a raw file holding the same data on the same file system, and against
+# `cp` then `rm` of the source (what a merge removing its layer does to the
+# files). The file-to-file merge runs twice: removing the layer afterwards
+# (`viridian vhd merge`) and keeping it (`--keep-layers`: the merge step of a
+# checkpoint deletion, which removes the layer later).
 #
-#   scripts/bench-merge.sh [MIB] [ROUNDS]    (default 512 MiB, 5 rounds; root)
+#   scripts/bench-merge.sh [MIB] [ROUNDS]    (default 512 MiB, 5 rounds; root; odd ROUNDS for a true median)
 #
 # Each round runs every case once, in turn, each after its own untimed setup
 # and `sync` + dropping the page cache (WARM=1 keeps it: sources in the page
 # cache), and times the whole process: merge includes opening the chain, the
-# target's flushes and removing the layer; cp is followed by `sync -d` on the
-# copy. FORMATS="vhd vhdx" (default "vhd") picks the formats. Prints every
+# target's flushes and (unless kept) removing the layer and syncing its
+# folder; cp is followed by `sync -d` on the copy. FORMATS="vhd vhdx" (default "vhd") picks the formats. Prints every
 # round, then a markdown table of medians with min–max; raw timings go to
 # $WORK/log. CARGO_TARGET_DIR, BENCH_DIR (default /var/tmp, not tmpfs), KEEP=1
 # as in bench-storage.sh.
@@ -73,9 +73,16 @@ cp_setup() {
     [ -f "$WORK/cp.src" ] || { truncate -s $BYTES "$WORK/cp.src"; "$B" run --file "$WORK/cp.src" --format raw --cache buffered --pattern seq-write --count $COUNT >>"$LOG"; }
 }
 cp_run() { cp "$WORK/cp.src" "$WORK/cp.dst" && sync -d "$WORK/cp.dst"; }
+# cp+rm: what a merge that removes its layer does to the files, with cp.
+cprm_setup() {
+    rm -f "$WORK/cprm.dst"
+    truncate -s $BYTES "$WORK/cprm.src"
+    "$B" run --file "$WORK/cprm.src" --format raw --cache buffered --pattern seq-write --count $COUNT >>"$LOG"
+}
+cprm_run() { cp "$WORK/cprm.src" "$WORK/cprm.dst" && sync -d "$WORK/cprm.dst" && rm "$WORK/cprm.src" && sync "$WORK"; }
 
 declare -A V
-cases=(cp)
+cases=(cp cp+rm)
 for f in $FORMATS; do cases+=("$f/file-to-file/remove" "$f/file-to-file/keep" "$f/buffered/remove"); done
 echo "bench-merge: $MIB MiB, $ROUNDS rounds, $(nproc) cores, load at start:$(uptime | sed 's/.*load average://')" >&2
 for ((i = 1; i <= ROUNDS; i++)); do
@@ -84,6 +91,9 @@ for ((i = 1; i <= ROUNDS; i++)); do
         if [ "$k" = cp ]; then
             cp_setup
             t=$(seconds cp cp_run)
+        elif [ "$k" = cp+rm ]; then
+            cprm_setup
+            t=$(seconds cp+rm cprm_run)
         else
             IFS=/ read -r f copy mode <<<"$k"
             c=$(layer "$f")
@@ -114,9 +124,9 @@ echo "| \`cp\` + \`sync -d\` of a $MIB MiB file | $cpm s ($(spread ${V[cp]})) | 
 for k in "${cases[@]:1}"; do
     # shellcheck disable=SC2086
     m=$(median ${V[$k]})
-    # shellcheck disable=SC2086
     IFS=/ read -r f copy mode <<<"$k"
     what="merge, $f, $copy copy, $([ "$mode" = keep ] && echo "layer kept (as checkpoint deletion)" || echo "layer removed (as \`vhd merge\`)")"
+    [ "$k" = cp+rm ] && what="\`cp\` + \`sync -d\`, then \`rm\` of the source + \`sync\`"
     # Each round's cp time ÷ the same round's merge time: drift of the
     # machine between rounds cancels out.
     # shellcheck disable=SC2206
