@@ -9,15 +9,16 @@
 # (`viridian vhd merge`) and keeping it (`--keep-layers`: the merge step of a
 # checkpoint deletion, which removes the layer later).
 #
-#   scripts/bench-merge.sh [MIB] [ROUNDS]    (default 512 MiB, 5 rounds; root; odd ROUNDS for a true median)
+#   scripts/bench-merge.sh [MIB] [ROUNDS]    (default 512 MiB, 5 rounds; root)
 #
 # Each round runs every case once, in turn, each after its own untimed setup
 # and `sync` + dropping the page cache (WARM=1 keeps it: sources in the page
 # cache), and times the whole process: merge includes opening the chain, the
 # target's flushes and (unless kept) removing the layer and syncing its
-# folder; cp is followed by `sync -d` on the copy. FORMATS="vhd vhdx" (default "vhd") picks the formats. Prints every
-# round, then a markdown table of medians with min–max; raw timings go to
-# $WORK/log. CARGO_TARGET_DIR, BENCH_DIR (default /var/tmp, not tmpfs), KEEP=1
+# folder; cp is followed by `sync -d` on the copy. FORMATS="vhd vhdx"
+# (default "vhd") picks the formats. Prints every round, then a markdown table
+# of medians with min–max (take odd ROUNDS) and of each round's cp time ÷ that
+# round's time; raw timings go to $WORK/log. CARGO_TARGET_DIR, BENCH_DIR (default /var/tmp, not tmpfs), KEEP=1
 # as in bench-storage.sh.
 set -euo pipefail
 
