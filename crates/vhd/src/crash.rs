@@ -30,13 +30,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::backing::{BackingFile, HostFile, HostStorage, Storage};
+use crate::backing::{copy_through_buffer, BackingFile, HostFile, HostStorage, Storage};
 use crate::error::{Error, Result};
 
 /// What survives the simulated crash (see the module docs).
@@ -237,6 +237,24 @@ impl BackingFile for CrashFile {
 
     fn len(&self) -> io::Result<u64> {
         self.file.len()
+    }
+
+    /// Never in the kernel: the bytes go through [`Self::write_at`] in pieces
+    /// of at most 4 MiB, each a step, so a cut can land inside a copy and
+    /// every piece is journalled like any other write.
+    fn copy_range(
+        &self,
+        src: &dyn BackingFile,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        copy_through_buffer(self, src, src_offset, offset, len)
+    }
+
+    /// Reading needs no step, so a host file may copy out of this one.
+    fn read_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.file.read_fd()
     }
 }
 

@@ -8,7 +8,9 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::backing::BackingFile;
 use crate::error::{Error, Result};
 
 /// What one layer of a disk holds for a range of the virtual address space.
@@ -29,6 +31,17 @@ pub struct BlockStatus {
     pub allocation: Allocation,
     /// Length in bytes of the run with this allocation, starting at the queried
     /// offset; at least one sector and never past the queried range.
+    pub len: u64,
+}
+
+/// Where a run of a disk's virtual address space is stored in one of its
+/// files: `len` bytes, contiguous in `file` from `offset`.
+#[derive(Clone)]
+pub struct FileExtent {
+    pub file: Arc<dyn BackingFile>,
+    /// Byte offset in the file of the run's first byte.
+    pub offset: u64,
+    /// Bytes of the run; never more than was asked for.
     pub len: u64,
 }
 
@@ -75,6 +88,40 @@ pub trait Disk: Send + Sync {
     /// The file this disk lives in, for messages; `None` for disks not backed by one.
     fn path(&self) -> Option<&Path> {
         None
+    }
+
+    /// Where the data the top layer itself holds for the run at `offset` (at
+    /// most `len` bytes) is stored, when it is stored contiguously in one
+    /// file: the bytes there are exactly what the layer reads for the run.
+    /// `None` when this layer holds no data at `offset` (zeros, the parent's,
+    /// nothing) or the format cannot say; the caller then reads through
+    /// [`Self::read_at`]. Merge uses it to copy file to file.
+    fn data_extent(&self, offset: u64, len: u64) -> Result<Option<FileExtent>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
+
+    /// Prepares a write of the run at `offset` (at most `len` bytes) that the
+    /// caller makes itself, straight into the returned extent of the file (as
+    /// with [`crate::BackingFile::copy_range`]): allocates what the run needs,
+    /// as [`Self::write_at`] would before its data. Once the bytes are there,
+    /// the caller calls [`Self::commit_extent_write`] with the returned run,
+    /// which records them as this layer's data the way `write_at` does after
+    /// its data; until then the run reads as it did or as the new bytes,
+    /// never as anything else. `None` when the disk cannot take such a write
+    /// (a run not on whole sectors, a format without one file); the caller
+    /// then uses `write_at`.
+    fn prepare_extent_write(&self, offset: u64, len: u64) -> Result<Option<FileExtent>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
+
+    /// Records the bytes written into an extent from
+    /// [`Self::prepare_extent_write`] as this layer's data (in memory; they
+    /// reach the file's metadata at the next flush, as with `write_at`).
+    fn commit_extent_write(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use vhd::vhd1::create::{create, CreateOptions, NewDisk, DEFAULT_BLOCK_SIZE};
+use vhd::vhdx::create::{NewVhdx, VhdxOptions};
 use vhd::{Disk, HostStorage, NoProgress, Storage};
 
 use direct::{DirectStorage, PlainDisk};
@@ -32,7 +33,7 @@ struct Cli {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
-    /// The file through `vhd::open` (a VHD with its whole chain).
+    /// The file through `vhd::open` (a VHD or VHDX with its whole chain).
     Vhd,
     /// The file through `vhd::open` (a VHDX with its whole chain).
     Vhdx,
@@ -48,6 +49,12 @@ enum Cache {
     Direct,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MergeCopy {
+    FileToFile,
+    Buffered,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Creates an empty dynamic VHD of exactly SIZE bytes (2 MiB blocks), or a
@@ -59,7 +66,8 @@ enum Command {
         #[arg(long, value_parser = parse_size)]
         block_size: Option<u64>,
     },
-    /// Creates an empty differencing VHD over PARENT.
+    /// Creates an empty differencing VHD over PARENT, or a VHDX (2 MiB blocks)
+    /// when PATH ends in .vhdx or .avhdx.
     CreateDiff {
         path: PathBuf,
         #[arg(long)]
@@ -111,7 +119,17 @@ enum Command {
         seed: u64,
     },
     /// Merges CHILD into its parent (`vhd::ops::merge`), prints `seconds=S bytes=N`.
-    Merge { child: PathBuf },
+    Merge {
+        child: PathBuf,
+        /// How the data moves: file to file (`copy_file_range`, the default)
+        /// or through a buffer (the path before it).
+        #[arg(long, value_enum, default_value_t = MergeCopy::FileToFile)]
+        copy: MergeCopy,
+        /// Leave CHILD in place (`merge_keeping_layers`, as checkpoint deletion
+        /// merges), instead of removing it after the merge.
+        #[arg(long)]
+        keep_layers: bool,
+    },
 }
 
 /// Parses `65536`, `64K`, `1G`, ... (binary units).
@@ -130,6 +148,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn create_dynamic(path: &Path, size: u64) -> Result<()> {
+    if vhd::is_vhdx_name(path) {
+        return create_vhdx(path, NewVhdx::Dynamic { size }, None);
+    }
     let opts = CreateOptions {
         kind: NewDisk::Dynamic {
             size,
@@ -141,9 +162,10 @@ fn create_dynamic(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-fn create_vhdx(path: &Path, size: u64, block_size: Option<u64>) -> Result<()> {
-    use vhd::vhdx::create::{NewVhdx, VhdxOptions};
-    let mut opts = VhdxOptions::new(NewVhdx::Dynamic { size });
+/// A VHDX with the given block size, or Hyper-V's default (32 MiB dynamic, 2 MiB
+/// differencing).
+fn create_vhdx(path: &Path, kind: NewVhdx, block_size: Option<u64>) -> Result<()> {
+    let mut opts = VhdxOptions::new(kind);
     opts.block_size = block_size
         .map(|b| u32::try_from(b).context("the block size is at most 256 MiB"))
         .transpose()?;
@@ -153,6 +175,10 @@ fn create_vhdx(path: &Path, size: u64, block_size: Option<u64>) -> Result<()> {
 }
 
 fn create_diff(path: &Path, parent: &Path) -> Result<()> {
+    if vhd::is_vhdx_name(path) {
+        let parent = parent.to_path_buf();
+        return create_vhdx(path, NewVhdx::Differencing { parent }, None);
+    }
     let opts = CreateOptions {
         kind: NewDisk::Differencing {
             parent: parent.to_path_buf(),
@@ -173,8 +199,8 @@ fn open(file: &Path, format: Format, cache: Cache) -> Result<Box<dyn Disk>> {
         (Format::Raw, Cache::Buffered) => Box::new(vhd::RawDisk::open(file, false)?),
         (Format::Raw, Cache::Direct) => Box::new(PlainDisk::open(storage, file)?),
     };
-    if format == Format::Vhd && vhd::detect_format(file)? != vhd::Format::Vhd {
-        bail!("{} is not a VHD", file.display());
+    if format == Format::Vhd && vhd::detect_format(file)? == vhd::Format::Raw {
+        bail!("{} is not a VHD or VHDX", file.display());
     }
     if format == Format::Vhdx && vhd::detect_format(file)? != vhd::Format::Vhdx {
         bail!("{} is not a VHDX", file.display());
@@ -221,7 +247,7 @@ fn main() -> Result<()> {
             path,
             size,
             block_size,
-        } if vhd::is_vhdx_name(&path) => create_vhdx(&path, size, block_size),
+        } if vhd::is_vhdx_name(&path) => create_vhdx(&path, NewVhdx::Dynamic { size }, block_size),
         Command::CreateDynamic { path, size, .. } => create_dynamic(&path, size),
         Command::CreateDiff { path, parent } => create_diff(&path, &parent),
         Command::Run {
@@ -265,9 +291,19 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Merge { child } => {
+        Command::Merge {
+            child,
+            copy,
+            keep_layers,
+        } => {
+            use vhd::ops::merge::{merge_with, CopyPath, MergeOptions};
+            let copy = match copy {
+                MergeCopy::FileToFile => CopyPath::FileToFile,
+                MergeCopy::Buffered => CopyPath::Buffered,
+            };
+            let options = MergeOptions { copy, keep_layers };
             let t = Instant::now();
-            let r = vhd::ops::merge::merge(&child, None, &mut NoProgress)?;
+            let r = merge_with(&HostStorage, &child, None, options, &mut NoProgress)?;
             println!(
                 "seconds={:.3} bytes={}",
                 t.elapsed().as_secs_f64(),

@@ -8,6 +8,15 @@
 //! cancel mid-way leaves a chain that reads as before. Only when the target has
 //! been flushed are the merged-away files removed, child first.
 //!
+//! Data is copied file to file where both sides can say where its bytes live
+//! ([`Disk::data_extent`], [`Disk::prepare_extent_write`]): with
+//! `copy_file_range(2)` on the host ([`crate::BackingFile::copy_range`]), one
+//! copy inside the kernel instead of two through user space. The target's
+//! block is allocated before the copy and its sectors are marked present after
+//! it, exactly as a [`Disk::write_at`] does, so the target's write ordering
+//! (data, then bitmap and BAT at the flush) is unchanged. Anything else (a raw
+//! target, runs not on whole sectors of the target) goes through a buffer.
+//!
 //! Ranges a layer records as zeros (a VHDX ZERO block) are zeroed in the
 //! target. Merging a VHDX child into a VHDX follows MS-VHDX 2.6.1.2: the
 //! target's virtual-disk metadata (IsVirtualDisk items: virtual disk ID,
@@ -78,6 +87,18 @@ fn plan(child: &Path, into: Option<&Path>) -> Result<(Vec<PathBuf>, PathBuf)> {
     }
 }
 
+/// How a merge moves the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyPath {
+    /// File to file wherever both disks can say where the bytes live (inside
+    /// the kernel for host files), through a buffer elsewhere.
+    #[default]
+    FileToFile,
+    /// Every byte read into a buffer and written from it: the path before
+    /// file-to-file copies, kept so benchmarks can compare the two.
+    Buffered,
+}
+
 /// Merges `child` into its parent, or into the ancestor `into`.
 pub fn merge(
     child: &Path,
@@ -96,7 +117,14 @@ pub fn merge_keeping_layers(
     into: &Path,
     progress: &mut dyn Progress,
 ) -> Result<MergeResult> {
-    merge_impl(&HostStorage, child, Some(into), false, progress)
+    merge_impl(
+        &HostStorage,
+        child,
+        Some(into),
+        false,
+        CopyPath::default(),
+        progress,
+    )
 }
 
 /// [`merge`] on the given storage.
@@ -110,7 +138,34 @@ pub fn merge_on(
     into: Option<&Path>,
     progress: &mut dyn Progress,
 ) -> Result<MergeResult> {
-    merge_impl(storage, child, into, true, progress)
+    merge_impl(storage, child, into, true, CopyPath::default(), progress)
+}
+
+/// How [`merge_with`] runs: the choices [`merge_on`] and
+/// [`merge_keeping_layers`] make, open for benchmarks and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MergeOptions {
+    pub copy: CopyPath,
+    /// Leave the merged-away files in place, as [`merge_keeping_layers`] does.
+    pub keep_layers: bool,
+}
+
+/// [`merge_on`] with the given options.
+pub fn merge_with(
+    storage: &dyn Storage,
+    child: &Path,
+    into: Option<&Path>,
+    options: MergeOptions,
+    progress: &mut dyn Progress,
+) -> Result<MergeResult> {
+    merge_impl(
+        storage,
+        child,
+        into,
+        !options.keep_layers,
+        options.copy,
+        progress,
+    )
 }
 
 fn merge_impl(
@@ -118,6 +173,7 @@ fn merge_impl(
     child: &Path,
     into: Option<&Path>,
     remove_layers: bool,
+    copy: CopyPath,
     progress: &mut dyn Progress,
 ) -> Result<MergeResult> {
     // The whole chain must open cleanly (IDs, locators) before anything changes.
@@ -151,7 +207,14 @@ fn merge_impl(
     let total: u64 = handles.iter().map(Layer::allocated_bytes).sum();
     let mut done = 0;
     for layer in handles.iter().rev() {
-        copy_allocated(layer.disk(), target.disk(), &mut done, total, progress)?;
+        copy_allocated(
+            layer.disk(),
+            target.disk(),
+            copy,
+            &mut done,
+            total,
+            progress,
+        )?;
     }
     target.disk().flush()?;
     match (target, handles.first()) {
@@ -265,12 +328,13 @@ impl Target {
 fn copy_allocated(
     layer: &dyn Disk,
     target: &dyn Disk,
+    copy: CopyPath,
     done: &mut u64,
     total: u64,
     progress: &mut dyn Progress,
 ) -> Result<()> {
     let size = layer.size().min(target.size());
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = Vec::new();
     let mut off = 0;
     while off < size {
         let st = layer.block_status(off, (size - off).min(CHUNK))?;
@@ -278,9 +342,10 @@ fn copy_allocated(
             target.write_zeroes(off, st.len)?;
         }
         if st.allocation == Allocation::Data {
-            let b = &mut buf[..st.len as usize];
-            layer.read_at(b, off)?;
-            target.write_at(b, off)?;
+            match copy {
+                CopyPath::FileToFile => copy_file_to_file(layer, target, off, st.len, &mut buf)?,
+                CopyPath::Buffered => copy_buffered(layer, target, off, st.len, &mut buf)?,
+            }
             *done += st.len;
             if !progress.update((*done).min(total), total) {
                 target.flush()?;
@@ -293,6 +358,51 @@ fn copy_allocated(
             }
         }
         off += st.len;
+    }
+    Ok(())
+}
+
+/// Copies `[off, off + len)`, all data of `layer`, through `buf`.
+fn copy_buffered(
+    layer: &dyn Disk,
+    target: &dyn Disk,
+    off: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    buf.resize(len as usize, 0);
+    let b = &mut buf[..len as usize];
+    layer.read_at(b, off)?;
+    target.write_at(b, off)
+}
+
+/// Copies `[off, off + len)`, all data of `layer`, from the layer's file into
+/// the target's, a run of contiguous bytes on both sides at a time; what
+/// either side cannot place in its file goes through `buf`.
+fn copy_file_to_file(
+    layer: &dyn Disk,
+    target: &dyn Disk,
+    off: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    let end = off + len;
+    let mut pos = off;
+    while pos < end {
+        let Some(src) = layer.data_extent(pos, end - pos)? else {
+            return copy_buffered(layer, target, pos, end - pos, buf);
+        };
+        let Some(dst) = target.prepare_extent_write(pos, src.len)? else {
+            return copy_buffered(layer, target, pos, end - pos, buf);
+        };
+        dst.file
+            .copy_range(src.file.as_ref(), src.offset, dst.offset, dst.len)
+            .map_err(|source| Error::Io {
+                path: target.path().unwrap_or(Path::new("")).to_path_buf(),
+                source,
+            })?;
+        target.commit_extent_write(pos, dst.len)?;
+        pos += dst.len;
     }
     Ok(())
 }

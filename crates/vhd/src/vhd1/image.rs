@@ -10,7 +10,7 @@ use super::footer::{DiskType, Footer, FOOTER_SIZE};
 use super::header::{DynamicHeader, HEADER_SIZE};
 use super::Error as VhdError;
 use crate::backing::{io_error, BackingFile, HostStorage, Storage};
-use crate::disk::{check_range, Allocation, BlockStatus, Disk};
+use crate::disk::{check_range, Allocation, BlockStatus, Disk, FileExtent};
 use crate::error::{Error, Result};
 
 /// Block data starts on this boundary in files we write.
@@ -469,6 +469,14 @@ impl VhdImage {
         self.file.flush().map_err(io_error(&self.path))
     }
 
+    fn extent(&self, offset: u64, len: u64) -> FileExtent {
+        FileExtent {
+            file: self.file.clone(),
+            offset,
+            len,
+        }
+    }
+
     /// A block's BAT entry and bitmap, or `None` when this file has no data for it.
     fn lookup(&self, sp: &Sparse, block: u32) -> Result<Option<(u32, Bitmap)>> {
         let entry = {
@@ -849,6 +857,71 @@ impl Disk for VhdImage {
 
     fn path(&self) -> Option<&Path> {
         Some(&self.path)
+    }
+
+    /// A fixed disk's data is the file's first bytes; a sparse disk's block
+    /// data follows the block's bitmap, so a run of present sectors within
+    /// one block is contiguous in the file.
+    fn data_extent(&self, offset: u64, len: u64) -> Result<Option<FileExtent>> {
+        check_range(Some(&self.path), self.size(), offset, len)?;
+        let Some(sp) = &self.sparse else {
+            return Ok(Some(self.extent(offset, len)));
+        };
+        if len == 0 || !offset.is_multiple_of(SECTOR) {
+            return Ok(None);
+        }
+        let block = (offset / sp.block_size) as u32;
+        let in_block = offset % sp.block_size;
+        let Some((entry, bitmap)) = self.lookup(sp, block)? else {
+            return Ok(None);
+        };
+        let mut run = (sp.block_size - in_block).min(len);
+        if let Bitmap::Sectors(_) = bitmap {
+            let first = in_block / SECTOR;
+            let last = (in_block + run).div_ceil(SECTOR);
+            let present = (first..last).take_while(|&s| bitmap.present(s)).count() as u64;
+            if present == 0 {
+                return Ok(None);
+            }
+            run = run.min(present * SECTOR);
+        }
+        let data = u64::from(entry) * SECTOR + sp.bitmap_size;
+        Ok(Some(self.extent(data + in_block, run)))
+    }
+
+    /// Allocates the block as [`Disk::write_at`] does (footer past it, then
+    /// its bitmap); the run ends at the block's end.
+    fn prepare_extent_write(&self, offset: u64, len: u64) -> Result<Option<FileExtent>> {
+        self.check_writable()?;
+        check_range(Some(&self.path), self.size(), offset, len)?;
+        let Some(sp) = &self.sparse else {
+            return Ok(Some(self.extent(offset, len)));
+        };
+        let in_block = offset % sp.block_size;
+        let run = (sp.block_size - in_block).min(len);
+        if run == 0 || !offset.is_multiple_of(SECTOR) || !run.is_multiple_of(SECTOR) {
+            return Ok(None);
+        }
+        let entry = self.entry_for_write(sp, (offset / sp.block_size) as u32)?;
+        let data = u64::from(entry) * SECTOR + sp.bitmap_size;
+        Ok(Some(self.extent(data + in_block, run)))
+    }
+
+    /// Marks the sectors present, as after a write's data.
+    fn commit_extent_write(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range(Some(&self.path), self.size(), offset, len)?;
+        let Some(sp) = &self.sparse else {
+            return Ok(());
+        };
+        let mut pos = offset;
+        while pos < offset + len {
+            let in_block = pos % sp.block_size;
+            let n = (sp.block_size - in_block).min(offset + len - pos);
+            self.mark_present(sp, (pos / sp.block_size) as u32, in_block, n)?;
+            pos += n;
+        }
+        Ok(())
     }
 }
 

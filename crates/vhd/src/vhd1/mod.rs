@@ -15,7 +15,9 @@
 //!    end (the file always ends in a valid footer), then the block's bitmap
 //!    (dynamic: all sectors present, since fresh data reads as zeros anyway;
 //!    differencing: none present, so the block still reads from the parent),
-//!    then the data. The BAT entry changes in memory only.
+//!    then the data. The BAT entry changes in memory only. A merge copying
+//!    data in from another file (`Disk::prepare_extent_write`, the copy,
+//!    `Disk::commit_extent_write`) takes exactly these steps too.
 //! 2. **bitmap**: after a write to a differencing block completes, its sectors
 //!    are marked present in the cached bitmap (a whole-block write just marks
 //!    the block full: no read-modify-write). Nothing is synced per write.

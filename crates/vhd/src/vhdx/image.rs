@@ -15,7 +15,7 @@ use super::metadata::Metadata;
 use super::region::{self, RegionEntry, RegionTable};
 use super::{Error as VhdxError, Fault, LOG_SECTOR, MIB};
 use crate::backing::{io_error, BackingFile, HostStorage, Storage};
-use crate::disk::{check_range, Allocation, BlockStatus, Disk};
+use crate::disk::{check_range, Allocation, BlockStatus, Disk, FileExtent};
 use crate::error::{Error, Result};
 
 const PAGE: u64 = LOG_SECTOR as u64;
@@ -1374,6 +1374,73 @@ impl Disk for VhdxImage {
 
     fn path(&self) -> Option<&Path> {
         Some(&self.path)
+    }
+
+    /// A fully present block's data is contiguous in the file, and so is a
+    /// run of present sectors of a partially present one.
+    fn data_extent(&self, offset: u64, len: u64) -> Result<Option<FileExtent>> {
+        check_range(Some(&self.path), self.size(), offset, len)?;
+        let ss = self.layout.logical_sector_size;
+        if len == 0 || !offset.is_multiple_of(ss) {
+            return Ok(None);
+        }
+        let block = offset / self.layout.block_size;
+        let in_block = offset % self.layout.block_size;
+        let mut run = (self.layout.block_size - in_block).min(len);
+        let e = {
+            let st = self.state.read().map_err(|_| self.lock_err())?;
+            self.entry(&st, block)
+        };
+        match e.state {
+            bat::PAYLOAD_BLOCK_FULLY_PRESENT => {}
+            bat::PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
+                match self.partial_runs(block, in_block, run)?.first() {
+                    Some(&(true, n)) => run = run.min(n),
+                    _ => return Ok(None),
+                }
+            }
+            _ => return Ok(None),
+        }
+        Ok(Some(FileExtent {
+            file: self.file.clone(),
+            offset: e.offset() + in_block,
+            len: run,
+        }))
+    }
+
+    /// Starts the session and allocates the block as [`Disk::write_at`] does;
+    /// the run ends at the block's end.
+    fn prepare_extent_write(&self, offset: u64, len: u64) -> Result<Option<FileExtent>> {
+        self.check_writable()?;
+        check_range(Some(&self.path), self.size(), offset, len)?;
+        let ss = self.layout.logical_sector_size;
+        let in_block = offset % self.layout.block_size;
+        let run = (self.layout.block_size - in_block).min(len);
+        if run == 0 || !offset.is_multiple_of(ss) || !run.is_multiple_of(ss) {
+            return Ok(None);
+        }
+        self.begin_session(true)?;
+        let e = self.entry_for_write(offset / self.layout.block_size)?;
+        Ok(Some(FileExtent {
+            file: self.file.clone(),
+            offset: e.offset() + in_block,
+            len: run,
+        }))
+    }
+
+    /// Marks the sectors of partially present blocks present, as after a
+    /// write's data.
+    fn commit_extent_write(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range(Some(&self.path), self.size(), offset, len)?;
+        let bs = self.layout.block_size;
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (bs - pos % bs).min(offset + len - pos);
+            self.mark_present(pos / bs, pos % bs, n)?;
+            pos += n;
+        }
+        Ok(())
     }
 }
 

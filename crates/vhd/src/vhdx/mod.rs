@@ -24,7 +24,9 @@
 //! 2. **Data**: payload writes go straight to their blocks. A new block is
 //!    placed past everything the file holds (1 MiB aligned), so it reads as
 //!    zeros until written; its BAT entry (and for a differencing disk the
-//!    sector bitmap bits) change in memory only.
+//!    sector bitmap bits) change in memory only. A merge copying data in
+//!    from another file (`Disk::prepare_extent_write`, the copy,
+//!    `Disk::commit_extent_write`) takes exactly these steps too.
 //! 3. **Metadata**: `flush` syncs the file (data and its length become
 //!    durable), then writes every dirty 4 KiB page of BAT and sector bitmaps
 //!    as one log entry, syncs, (the first time: headers name the log,)
