@@ -119,6 +119,12 @@ impl HostFile {
     }
 }
 
+impl Drop for HostFile {
+    fn drop(&mut self) {
+        crate::host_file::unlock(&self.file);
+    }
+}
+
 impl BackingFile for HostFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)

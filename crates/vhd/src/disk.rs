@@ -146,6 +146,12 @@ pub struct RawDisk {
     read_only: bool,
 }
 
+impl Drop for RawDisk {
+    fn drop(&mut self) {
+        crate::host_file::unlock(&self.file);
+    }
+}
+
 impl RawDisk {
     /// Opens a raw image. Writable opens take an exclusive lock, read-only ones a
     /// shared lock, so two writers on one file are impossible across processes.

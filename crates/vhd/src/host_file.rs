@@ -45,6 +45,16 @@ pub fn lock(file: &File, path: &Path, shared: bool) -> Result<()> {
     Ok(())
 }
 
+/// Drops the advisory lock on `file` now. Closing a file releases its lock only
+/// when the last descriptor of the open file goes, and a process forked by another
+/// thread (to run `qemu-img`, a worker, ...) holds copies of every descriptor
+/// until it calls exec: the file would look locked for that moment after it was
+/// closed here. Unlocking first releases it at once.
+pub fn unlock(file: &File) {
+    // SAFETY: flock only reads the descriptor, which `file` keeps open for the call.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+}
+
 /// Makes `[offset, offset+len)` of `file` read as zeros, deallocating where the
 /// file system can and writing zeros where it cannot.
 pub fn punch_hole_or_zero(file: &File, offset: u64, len: u64) -> io::Result<()> {
