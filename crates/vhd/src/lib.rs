@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 pub use backing::{BackingFile, HostStorage, Storage};
-pub use disk::{Allocation, BlockStatus, Disk, RawDisk};
+pub use disk::{Allocation, BlockStatus, Disk, DiskCell, RawDisk, SwitchError};
 pub use error::{Error, Result};
 pub use progress::{NoProgress, Progress};
 
