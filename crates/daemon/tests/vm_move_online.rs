@@ -174,13 +174,10 @@ fn new_dynamic(path: &Path, size: u64) {
     create(path, &o, &mut vhd::NoProgress).unwrap();
 }
 
-#[test]
-fn a_running_guest_keeps_counting_while_its_storage_moves_online() {
-    ensure_worker_binary();
+/// A VM counting on SCSI 0:0 and IDE 1:0, with a checkpoint taken before it
+/// started; its files in the returned folder. Returns the folder and a count seen.
+fn counting_vm(d: &Daemon, name: &str) -> (PathBuf, u64) {
     let guest = guest_dir();
-    let mut d = Daemon::start(&[]);
-    let _cleanup = KillWorkersOnDrop(d.data.clone());
-    let name = "mover";
     let src = d.dir.path().join("source");
     std::fs::create_dir_all(&src).unwrap();
     let boot = src.join("boot.vhd");
@@ -214,14 +211,24 @@ fn a_running_guest_keeps_counting_while_its_storage_moves_online() {
         assert_eq!(r.status, 201, "{}", r.raw);
     }
     // A checkpoint: the bases are frozen layers, the VM runs on differencing leaves.
-    let job = run_job(&d, &format!("/v1/vms/{name}/checkpoints"), json!({"name": "before"}));
+    let job = run_job(d, &format!("/v1/vms/{name}/checkpoints"), json!({"name": "before"}));
     assert_eq!(job["state"], "Completed", "{job}");
-    let job = run_job(&d, &format!("/v1/vms/{name}/start"), json!({}));
+    let job = run_job(d, &format!("/v1/vms/{name}/start"), json!({}));
     assert_eq!(job["state"], "Completed", "start: {job}");
-    wait_console(&d, name, "VIRIDIAN-GUEST: running command");
-    let text = wait_console(&d, name, "ide data disk /dev/sd");
+    wait_console(d, name, "VIRIDIAN-GUEST: running command");
+    let text = wait_console(d, name, "ide data disk /dev/sd");
     assert!(!text.contains("ide data disk \r"), "no IDE data disk found:\n{text}");
-    let before = wait_count(&d, name, 5);
+    let before = wait_count(d, name, 5);
+    (src, before)
+}
+
+#[test]
+fn a_running_guest_keeps_counting_while_its_storage_moves_online() {
+    ensure_worker_binary();
+    let mut d = Daemon::start(&[]);
+    let _cleanup = KillWorkersOnDrop(d.data.clone());
+    let name = "mover";
+    let (src, before) = counting_vm(&d, name);
     let pid = vm(&d, name)["runtime"]["worker_pid"].as_u64().unwrap();
     let is_disk = |p: &PathBuf| {
         p.extension()
@@ -317,4 +324,54 @@ fn a_running_guest_keeps_counting_while_its_storage_moves_online() {
             "the {what} disk holds {n}; the guest last printed {printed}"
         );
     }
+}
+
+#[test]
+fn daemon_killed_between_the_commit_and_the_switch_switches_the_worker_and_resumes_the_guest() {
+    ensure_worker_binary();
+    let mut d = Daemon::start(&[]);
+    let _cleanup = KillWorkersOnDrop(d.data.clone());
+    let name = "crashy";
+    let (src, before) = counting_vm(&d, name);
+    let pid = vm(&d, name)["runtime"]["worker_pid"].as_u64().unwrap();
+    d.env = vec![("VIRIDIAN_TEST_STALL_MOVE_AT".into(), "committed".into())];
+    d.restart();
+    wait_state(&d, name, "Running");
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let dest = shm.path().join("moved");
+    let r = d.post(
+        &format!("/v1/vms/{name}/move-storage"),
+        json!({ "destination": dest }),
+    );
+    assert_eq!(r.status, 202, "{}", r.raw);
+    common::disk_data::wait_stalled(&d, "move stalled for a crash test", "committed");
+    // Committed, the guest paused, the worker still on the sources.
+    assert_eq!(vm(&d, name)["runtime"]["state"], "Paused");
+    assert!(open_files(pid).iter().any(|f| f.starts_with(&src)));
+    d.kill();
+    d.env.clear();
+    d.launch();
+    // The restarted daemon switches the worker to the copies, finishes the move and
+    // resumes the guest.
+    wait_state(&d, name, "Running");
+    assert_eq!(vm(&d, name)["runtime"]["worker_pid"].as_u64(), Some(pid));
+    let leaf = drive_path(&d, name, "scsi", 0, 0);
+    assert!(leaf.starts_with(&dest), "{}", leaf.display());
+    let open = open_files(pid);
+    assert!(open.contains(&leaf), "{open:?}");
+    assert!(!open.iter().any(|f| f.starts_with(&src)), "{open:?}");
+    assert!(
+        files_in(&src).iter().all(|p| !p.to_string_lossy().ends_with("vhd")),
+        "{:?}",
+        files_in(&src)
+    );
+    let later = wait_count(&d, name, before + 5);
+    let all = counts(&console(&d, name));
+    assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
+    let job = run_job(&d, &format!("/v1/vms/{name}/stop"), json!({}));
+    assert_eq!(job["state"], "Completed", "stop: {job}");
+    let printed = *counts(&console(&d, name)).last().unwrap();
+    assert!(printed >= later);
+    let on_scsi = disk_count(&drive_path(&d, name, "scsi", 0, 0), 0);
+    assert!(on_scsi == printed || on_scsi == printed + 1, "{on_scsi} vs {printed}");
 }
