@@ -13,8 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::guest::{
-    config_disk, ensure_worker_binary, guest_dir, vm, wait_console, wait_state,
-    KillWorkersOnDrop,
+    config_disk, ensure_worker_binary, guest_dir, vm, wait_console, wait_state, KillWorkersOnDrop,
 };
 use common::{wait_job, Daemon};
 use serde_json::{json, Value};
@@ -211,13 +210,20 @@ fn counting_vm(d: &Daemon, name: &str) -> (PathBuf, u64) {
         assert_eq!(r.status, 201, "{}", r.raw);
     }
     // A checkpoint: the bases are frozen layers, the VM runs on differencing leaves.
-    let job = run_job(d, &format!("/v1/vms/{name}/checkpoints"), json!({"name": "before"}));
+    let job = run_job(
+        d,
+        &format!("/v1/vms/{name}/checkpoints"),
+        json!({"name": "before"}),
+    );
     assert_eq!(job["state"], "Completed", "{job}");
     let job = run_job(d, &format!("/v1/vms/{name}/start"), json!({}));
     assert_eq!(job["state"], "Completed", "start: {job}");
     wait_console(d, name, "VIRIDIAN-GUEST: running command");
     let text = wait_console(d, name, "ide data disk /dev/sd");
-    assert!(!text.contains("ide data disk \r"), "no IDE data disk found:\n{text}");
+    assert!(
+        !text.contains("ide data disk \r"),
+        "no IDE data disk found:\n{text}"
+    );
     let before = wait_count(d, name, 5);
     (src, before)
 }
@@ -253,7 +259,11 @@ fn a_running_guest_keeps_counting_while_its_storage_moves_online() {
     assert_eq!(affected(&job, "move-mode"), Some("online"), "{job}");
     let online_ms = downtime(&job);
     assert_eq!(vm(&d, name)["runtime"]["state"], "Running");
-    assert_eq!(vm(&d, name)["runtime"]["worker_pid"].as_u64(), Some(pid), "the same worker runs on");
+    assert_eq!(
+        vm(&d, name)["runtime"]["worker_pid"].as_u64(),
+        Some(pid),
+        "the same worker runs on"
+    );
     for f in &source_files {
         assert!(!f.exists(), "{} was not removed", f.display());
     }
@@ -264,10 +274,18 @@ fn a_running_guest_keeps_counting_while_its_storage_moves_online() {
     for slot in [("ide", 0, 0), ("ide", 0, 1), ("ide", 1, 0), ("scsi", 0, 0)] {
         let leaf = drive_path(&d, name, slot.0, slot.1, slot.2);
         assert!(leaf.starts_with(&dest), "{slot:?} names {}", leaf.display());
-        assert!(open.contains(&leaf), "the worker does not have {} open: {open:?}", leaf.display());
+        assert!(
+            open.contains(&leaf),
+            "the worker does not have {} open: {open:?}",
+            leaf.display()
+        );
     }
     for f in &open {
-        assert!(!f.starts_with(&src), "the worker still has {} open", f.display());
+        assert!(
+            !f.starts_with(&src),
+            "the worker still has {} open",
+            f.display()
+        );
         let text = f.to_string_lossy();
         assert!(
             !(text.contains("(deleted)") && text.contains("vhd")),
@@ -361,7 +379,9 @@ fn daemon_killed_between_the_commit_and_the_switch_switches_the_worker_and_resum
     assert!(open.contains(&leaf), "{open:?}");
     assert!(!open.iter().any(|f| f.starts_with(&src)), "{open:?}");
     assert!(
-        files_in(&src).iter().all(|p| !p.to_string_lossy().ends_with("vhd")),
+        files_in(&src)
+            .iter()
+            .all(|p| !p.to_string_lossy().ends_with("vhd")),
         "{:?}",
         files_in(&src)
     );
@@ -373,5 +393,8 @@ fn daemon_killed_between_the_commit_and_the_switch_switches_the_worker_and_resum
     let printed = *counts(&console(&d, name)).last().unwrap();
     assert!(printed >= later);
     let on_scsi = disk_count(&drive_path(&d, name, "scsi", 0, 0), 0);
-    assert!(on_scsi == printed || on_scsi == printed + 1, "{on_scsi} vs {printed}");
+    assert!(
+        on_scsi == printed || on_scsi == printed + 1,
+        "{on_scsi} vs {printed}"
+    );
 }

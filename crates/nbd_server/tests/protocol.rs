@@ -769,13 +769,20 @@ fn requests_after_a_switch_go_to_the_new_disk_on_the_same_connection() {
     assert_eq!(back, before, "the old disk was flushed and keeps its data");
     let mut nothing = vec![1u8; 4096];
     old_disk.read_at(&mut nothing, 2 * MIB).unwrap();
-    assert_eq!(nothing, vec![0u8; 4096], "nothing reached the old disk after the switch");
+    assert_eq!(
+        nothing,
+        vec![0u8; 4096],
+        "nothing reached the old disk after the switch"
+    );
     // A disk of another size is refused; the export keeps the copy.
     let small = dir.path().join("small.vhd");
     make_dynamic(&small, size / 2);
     let small: Arc<dyn Disk> = Arc::from(vhd::open(&small, false).unwrap());
     assert!(t.server.switch("d", small).is_err());
-    assert!(t.server.switch("nope", t.server.disk("ro").unwrap()).is_err());
+    assert!(t
+        .server
+        .switch("nope", t.server.disk("ro").unwrap())
+        .is_err());
     assert_eq!(c.read(2 * MIB, 4096).unwrap(), after);
     c.disconnect();
     t.server.stop();

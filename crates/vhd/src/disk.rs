@@ -205,7 +205,7 @@ pub enum SwitchError {
     Flush {
         path: String,
         #[source]
-        source: Error,
+        source: Box<Error>,
     },
 }
 
@@ -280,7 +280,7 @@ impl DiskCell {
         if !old.read_only() {
             old.flush().map_err(|source| SwitchError::Flush {
                 path: shown(old.as_ref()),
-                source,
+                source: Box::new(source),
             })?;
         }
         *slot = new;

@@ -684,8 +684,12 @@ mod tests {
     fn requests_after_a_switch_go_to_the_new_disk() {
         let dir = tempfile::tempdir().unwrap();
         let (dev, mem, _) = device(dir.path());
-        mem.write_slice(&[0x11; 4096], GuestAddress(DATA_AT)).unwrap();
-        assert_eq!(request(&dev, &mem, VIRTIO_BLK_T_OUT, 0, 4096), VIRTIO_BLK_S_OK);
+        mem.write_slice(&[0x11; 4096], GuestAddress(DATA_AT))
+            .unwrap();
+        assert_eq!(
+            request(&dev, &mem, VIRTIO_BLK_T_OUT, 0, 4096),
+            VIRTIO_BLK_S_OK
+        );
         // The copy holds other bytes, so a read shows which disk served it.
         let copy = dir.path().join("copy.raw");
         let mut bytes = vec![0x22u8; 1 << 20];
@@ -694,19 +698,38 @@ mod tests {
         let new: Arc<dyn Disk> = Arc::new(vhd::RawDisk::open(&copy, false).unwrap());
         let old = dev.disk.replace(new).unwrap();
         assert_eq!(old.path(), Some(dir.path().join("disk.raw").as_path()));
-        assert_eq!(request(&dev, &mem, VIRTIO_BLK_T_IN, 0, 8192), VIRTIO_BLK_S_OK);
+        assert_eq!(
+            request(&dev, &mem, VIRTIO_BLK_T_IN, 0, 8192),
+            VIRTIO_BLK_S_OK
+        );
         let mut back = vec![0u8; 8192];
         mem.read_slice(&mut back, GuestAddress(DATA_AT)).unwrap();
-        assert!(back[..4096].iter().all(|&b| b == 0x22), "read from the copy");
+        assert!(
+            back[..4096].iter().all(|&b| b == 0x22),
+            "read from the copy"
+        );
         assert!(back[4096..].iter().all(|&b| b == 0x33));
-        mem.write_slice(&[0x44; 512], GuestAddress(DATA_AT)).unwrap();
-        assert_eq!(request(&dev, &mem, VIRTIO_BLK_T_OUT, 1, 512), VIRTIO_BLK_S_OK);
+        mem.write_slice(&[0x44; 512], GuestAddress(DATA_AT))
+            .unwrap();
+        assert_eq!(
+            request(&dev, &mem, VIRTIO_BLK_T_OUT, 1, 512),
+            VIRTIO_BLK_S_OK
+        );
         drop(old);
         let on_copy = std::fs::read(&copy).unwrap();
-        assert!(on_copy[512..1024].iter().all(|&b| b == 0x44), "written to the copy");
+        assert!(
+            on_copy[512..1024].iter().all(|&b| b == 0x44),
+            "written to the copy"
+        );
         let on_old = std::fs::read(dir.path().join("disk.raw")).unwrap();
-        assert!(on_old[..4096].iter().all(|&b| b == 0x11), "the old disk keeps its data");
-        assert!(on_old[4096..].iter().all(|&b| b == 0), "and got nothing after the switch");
+        assert!(
+            on_old[..4096].iter().all(|&b| b == 0x11),
+            "the old disk keeps its data"
+        );
+        assert!(
+            on_old[4096..].iter().all(|&b| b == 0),
+            "and got nothing after the switch"
+        );
         // A disk of another size is refused and the copy stays in place.
         let small = dir.path().join("small.raw");
         std::fs::write(&small, vec![0u8; 1 << 19]).unwrap();

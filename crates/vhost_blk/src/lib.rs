@@ -126,7 +126,10 @@ impl Server {
     /// requests in flight finish on the old disk, which is then flushed; later
     /// ones go to `disk`, which must have the old one's size, sector size and
     /// read-only mode. Returns the old disk (dropping it closes it).
-    pub fn switch(&self, disk: Arc<dyn Disk>) -> std::result::Result<Arc<dyn Disk>, vhd::SwitchError> {
+    pub fn switch(
+        &self,
+        disk: Arc<dyn Disk>,
+    ) -> std::result::Result<Arc<dyn Disk>, vhd::SwitchError> {
         self.disk.replace(disk)
     }
 

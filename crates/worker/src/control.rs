@@ -276,7 +276,10 @@ mod tests {
             }],
         };
         let text = serde_json::to_string(&switch).unwrap();
-        assert!(text.starts_with(r#"{"op":"switch_disks","disks":[{"slot":"#), "{text}");
+        assert!(
+            text.starts_with(r#"{"op":"switch_disks","disks":[{"slot":"#),
+            "{text}"
+        );
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), switch);
         assert_eq!(r, Request::Pause);
         let e = Response::Error {

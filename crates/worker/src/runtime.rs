@@ -961,7 +961,10 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
                     *shared.drives.lock().unwrap_or_else(|p| p.into_inner()) = served.metered();
                     ok(shared)
                 }
-                Err(e) => failed("switching the disks failed; every disk stays where it was", &e),
+                Err(e) => failed(
+                    "switching the disks failed; every disk stays where it was",
+                    &e,
+                ),
             }
         }
         Request::Pause => {

@@ -23,11 +23,16 @@
 //!    after the commit rolls forward at the next start.
 //!
 //! Offline: the files copy while no worker has them open. An Off or Saved VM stays
-//! so (a saved VM's memory state names no disk file). A Running or Paused VM is
-//! saved first, then moved, then started again from its saved state (and paused
-//! again if it was): the guest is stopped for the whole copy. An online move (the
-//! worker switching its disk servers to the copies while the guest runs) is not
-//! built yet.
+//! so (a saved VM's memory state names no disk file).
+//!
+//! Online, for a Running or Paused VM (see [`move_online`]): every file but the
+//! running leaves copies while the guest runs; the guest is paused only while the
+//! leaves copy; after the commit the worker switches its disk servers to the copies
+//! and the guest resumes. The switch comes after the commit, so a crash before it
+//! leaves the worker on the sources; a restart after it switches a live worker
+//! before the sources go ([`resume_at_start`]). A worker that cannot switch makes
+//! the move offline: saved first, moved, started again from its saved state (and
+//! paused again if it was), the guest stopped for the whole copy.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -395,7 +400,12 @@ async fn move_online(
         )));
     }
     ctx.add_affected(AffectedElement::new("move-mode", "online"));
-    let (svc3, ctx3, dir3, dest3) = (svc.clone(), ctx.clone(), dir.to_path_buf(), dest.to_path_buf());
+    let (svc3, ctx3, dir3, dest3) = (
+        svc.clone(),
+        ctx.clone(),
+        dir.to_path_buf(),
+        dest.to_path_buf(),
+    );
     let mut p = blocking(move || prepare_online(&svc3, id, &dir3, &dest3, &ctx3)).await?;
     let undo = |intent: &Intent| roll_back(dir, intent);
     if !paused {
@@ -423,7 +433,7 @@ async fn move_online(
         return Err(e);
     }
     let (svc3, ctx3, dir3) = (svc.clone(), ctx.clone(), dir.to_path_buf());
-    let p = match blocking(move || finish_online(&svc3, &dir3, p, &ctx3)).await {
+    let p = match blocking(move || finish_online(&dir3, p, &ctx3)).await {
         Ok(p) => p,
         Err(e) => {
             // Rolled back already (before the commit): the worker is on the sources.
@@ -488,10 +498,7 @@ fn prepare_online(
     let stall = Stall::from_env(STALL_VAR, "move");
     let (settings, t, intent) = begin(svc, id, vm_dir, dest, ctx)?;
     let slots = moving_slots(&settings, &intent);
-    let leaf_set: Vec<PathBuf> = slots
-        .iter()
-        .map(|(_, to)| to.clone())
-        .collect();
+    let leaf_set: Vec<PathBuf> = slots.iter().map(|(_, to)| to.clone()).collect();
     let (leaves, frozen): (Vec<FileMove>, Vec<FileMove>) = intent
         .files
         .iter()
@@ -518,12 +525,7 @@ fn prepare_online(
 /// The online move's part while the guest is paused and its disks flushed: the
 /// leaves copied, re-pointed and checked, every chain verified, the commit.
 /// Rolls back on failure before the commit.
-fn finish_online(
-    _svc: &Arc<Service>,
-    vm_dir: &Path,
-    p: Prepared,
-    ctx: &JobContext,
-) -> Result<Prepared, JobError> {
+fn finish_online(vm_dir: &Path, p: Prepared, ctx: &JobContext) -> Result<Prepared, JobError> {
     let stall = Stall::from_env(STALL_VAR, "move");
     let leaves: Vec<&FileMove> = p.leaves.iter().collect();
     let mut progress = Progress::new(&p.intent, 70, 80);
