@@ -432,7 +432,7 @@ async fn move_online(
         resume().await;
         return Err(e);
     }
-    let (svc3, ctx3, dir3) = (svc.clone(), ctx.clone(), dir.to_path_buf());
+    let (ctx3, dir3) = (ctx.clone(), dir.to_path_buf());
     let p = match blocking(move || finish_online(&dir3, p, &ctx3)).await {
         Ok(p) => p,
         Err(e) => {
