@@ -23,7 +23,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), String> {
     let svc = Arc::new(svc);
     crate::vms::workers::attach_and_reattach(&supervisor, &svc).await;
     crate::vms::delete::resume_at_start(&svc);
-    crate::vms::move_storage::resume_at_start(&svc);
+    crate::vms::move_storage::resume_at_start(&svc).await;
     crate::checkpoints::resume_at_start(&svc);
     let (stop_tx, stop_rx) = watch::channel(false);
 

@@ -242,7 +242,7 @@ fn a_damaged_vm_is_deleted_cleanly() {
 }
 
 #[test]
-fn a_running_vm_is_deleted_only_with_force_and_its_storage_moves_through_save_and_start() {
+fn a_running_vm_is_deleted_only_with_force_and_its_storage_moves_while_it_runs() {
     common::guest::ensure_worker_binary();
     let d = Daemon::start(&[]);
     let _cleanup = common::guest::KillWorkersOnDrop(d.data.clone());
@@ -268,7 +268,7 @@ fn a_running_vm_is_deleted_only_with_force_and_its_storage_moves_through_save_an
     assert_eq!((r.status, r.code()), (409, "InvalidState"), "{}", r.raw);
     assert_eq!(d.get("/v1/vms/runner").body["runtime"]["state"], "Running");
 
-    // A running VM's storage moves offline: saved, moved, started again.
+    // A running VM's storage moves online: the worker switches to the copies.
     let dest = d.dir.path().join("elsewhere");
     let job = run_job(
         &d,
@@ -277,6 +277,7 @@ fn a_running_vm_is_deleted_only_with_force_and_its_storage_moves_through_save_an
         Some(json!({ "destination": dest })),
     );
     assert!(!affected(&job, "guest-downtime-ms").is_empty(), "{job}");
+    assert_eq!(affected(&job, "move-mode"), ["online"], "{job}");
     let running = common::guest::wait_state(&d, "runner", "Running");
     let moved = dest.join("Virtual Hard Disks/runner-data.vhdx");
     assert_eq!(disks(&d, "runner"), std::slice::from_ref(&moved));

@@ -133,6 +133,15 @@ impl JobContext {
         }
     }
 
+    /// Replaces the job's description (when the work turns out other than announced).
+    pub fn set_description(&self, description: impl Into<String>) {
+        let description = description.into();
+        self.shared.update(self.id, |s| {
+            s.description = description;
+            true
+        });
+    }
+
     /// Records one more element the job affected (e.g. the disk it just made).
     pub fn add_affected(&self, element: AffectedElement) {
         self.shared.update(self.id, |s| {

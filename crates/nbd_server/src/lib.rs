@@ -99,11 +99,21 @@ const MAX_REQUEST: u32 = 32 << 20;
 
 /// One export: its disk and the counters of what its clients did.
 struct Export {
-    disk: Arc<dyn vhd::Disk>,
+    /// Switchable while served ([`Server::switch`]).
+    disk: vhd::DiskCell,
     counters: Arc<DriveCounters>,
 }
 
 type Exports = Arc<HashMap<String, Export>>;
+
+/// Why [`Server::switch`] did not switch (the export keeps its disk).
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    #[error("the NBD server has no export named {0:?}")]
+    NoExport(String),
+    #[error(transparent)]
+    Disk(#[from] vhd::SwitchError),
+}
 
 /// A running NBD server on a unix socket.
 pub struct Server {
@@ -128,7 +138,13 @@ impl Server {
                 .into_iter()
                 .map(|(name, disk)| {
                     let counters = Arc::new(DriveCounters::new());
-                    (name, Export { disk, counters })
+                    (
+                        name,
+                        Export {
+                            disk: vhd::DiskCell::new(disk),
+                            counters,
+                        },
+                    )
                 })
                 .collect(),
         );
@@ -190,6 +206,27 @@ impl Server {
     /// its connections); `None` for a name it does not serve.
     pub fn counters(&self, name: &str) -> Option<Arc<DriveCounters>> {
         self.exports.get(name).map(|e| e.counters.clone())
+    }
+
+    /// Switches export `name` to `disk` while clients stay connected: requests in
+    /// flight finish on the old disk, which is then flushed; later ones go to
+    /// `disk`, which must have the old one's size, sector size and read-only mode.
+    /// Returns the old disk (the caller closes it by dropping it).
+    pub fn switch(
+        &self,
+        name: &str,
+        disk: Arc<dyn vhd::Disk>,
+    ) -> Result<Arc<dyn vhd::Disk>, SwitchError> {
+        let export = self
+            .exports
+            .get(name)
+            .ok_or_else(|| SwitchError::NoExport(name.to_string()))?;
+        Ok(export.disk.replace(disk)?)
+    }
+
+    /// The disk export `name` serves now.
+    pub fn disk(&self, name: &str) -> Option<Arc<dyn vhd::Disk>> {
+        self.exports.get(name).map(|e| e.disk.current())
     }
 
     /// Stops accepting connections, ends the open ones (a request in progress
@@ -319,7 +356,7 @@ fn serve(mut s: UnixStream, exports: &Exports) -> io::Result<()> {
                     // The protocol has no error reply here: the only answer is to close.
                     return Err(protocol(format!("unknown export {name:?}")));
                 };
-                let disk = &export.disk;
+                let disk = export.disk.current();
                 let mut out = Vec::new();
                 out.extend_from_slice(&disk.size().to_be_bytes());
                 out.extend_from_slice(&transmission_flags(disk.as_ref()).to_be_bytes());
@@ -356,7 +393,7 @@ fn serve(mut s: UnixStream, exports: &Exports) -> io::Result<()> {
                     option_reply(&mut s, option, REP_ERR_UNKNOWN, msg.as_bytes())?;
                     continue;
                 };
-                let disk = &export.disk;
+                let disk = export.disk.current();
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&disk.size().to_be_bytes());
                 info.extend_from_slice(&transmission_flags(disk.as_ref()).to_be_bytes());
@@ -374,7 +411,7 @@ fn serve(mut s: UnixStream, exports: &Exports) -> io::Result<()> {
             _ => option_reply(&mut s, option, REP_ERR_UNSUP, &[])?,
         }
     };
-    transmit(s, export.disk.as_ref(), &export.counters)
+    transmit(s, &export.disk, &export.counters)
 }
 
 /// The NBD error for a failed command. proto.md: a write (or write-zeroes)
@@ -405,7 +442,21 @@ fn write_explicit_zeros(disk: &dyn vhd::Disk, offset: u64, len: u64) -> vhd::Res
     Ok(())
 }
 
-fn transmit(s: UnixStream, disk: &dyn vhd::Disk, counters: &DriveCounters) -> io::Result<()> {
+/// Performs `result` and, for a FUA request, flushes `disk` after it.
+fn with_fua(disk: &dyn vhd::Disk, flags: u16, result: vhd::Result<()>) -> vhd::Result<()> {
+    result.and_then(|()| {
+        if flags & CMD_FLAG_FUA != 0 {
+            disk.flush()
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// Serves one connection's requests. Each request takes the export's disk from
+/// `cell` for just its disk work (never while waiting on the socket), so a switch
+/// waits only for the requests in flight.
+fn transmit(s: UnixStream, cell: &vhd::DiskCell, counters: &DriveCounters) -> io::Result<()> {
     let mut r = io::BufReader::with_capacity(256 * 1024, s.try_clone()?);
     let mut w = io::BufWriter::with_capacity(256 * 1024, s);
     let mut buf = Vec::new();
@@ -431,15 +482,6 @@ fn transmit(s: UnixStream, disk: &dyn vhd::Disk, counters: &DriveCounters) -> io
             w.write_all(&error.to_be_bytes())?;
             w.write_all(&handle.to_be_bytes())
         };
-        let fua = |result: vhd::Result<()>| {
-            result.and_then(|()| {
-                if flags & CMD_FLAG_FUA != 0 {
-                    disk.flush()
-                } else {
-                    Ok(())
-                }
-            })
-        };
         // Counts the request when it succeeded, then gives its NBD error code.
         let code = |result: vhd::Result<()>, writes_data: bool, count: &dyn Fn()| match result {
             Ok(()) => {
@@ -463,7 +505,8 @@ fn transmit(s: UnixStream, disk: &dyn vhd::Disk, counters: &DriveCounters) -> io
         match kind {
             CMD_READ => {
                 buf.resize(len as usize, 0);
-                match disk.read_at(&mut buf, offset) {
+                let result = cell.get().read_at(&mut buf, offset);
+                match result {
                     Ok(()) => {
                         counters.read(u64::from(len));
                         reply(&mut w, 0)?;
@@ -475,24 +518,35 @@ fn transmit(s: UnixStream, disk: &dyn vhd::Disk, counters: &DriveCounters) -> io
             CMD_WRITE => {
                 buf.resize(len as usize, 0);
                 r.read_exact(&mut buf)?;
-                let result = fua(disk.write_at(&buf, offset));
+                let result = {
+                    let disk = cell.get();
+                    with_fua(disk.as_ref(), flags, disk.write_at(&buf, offset))
+                };
                 reply(
                     &mut w,
                     code(result, true, &|| counters.write(u64::from(len))),
                 )?;
             }
             CMD_FLUSH => {
-                reply(&mut w, code(disk.flush(), false, &|| counters.flush()))?;
+                let result = cell.get().flush();
+                reply(&mut w, code(result, false, &|| counters.flush()))?;
             }
             CMD_TRIM => {
-                let result = fua(disk.discard(offset, u64::from(len)));
+                let result = {
+                    let disk = cell.get();
+                    with_fua(disk.as_ref(), flags, disk.discard(offset, u64::from(len)))
+                };
                 reply(&mut w, code(result, false, &|| counters.discard()))?;
             }
             CMD_WRITE_ZEROES => {
-                let result = if flags & CMD_FLAG_NO_HOLE != 0 {
-                    fua(write_explicit_zeros(disk, offset, u64::from(len)))
-                } else {
-                    fua(disk.write_zeroes(offset, u64::from(len)))
+                let result = {
+                    let disk = cell.get();
+                    let zeroed = if flags & CMD_FLAG_NO_HOLE != 0 {
+                        write_explicit_zeros(disk.as_ref(), offset, u64::from(len))
+                    } else {
+                        disk.write_zeroes(offset, u64::from(len))
+                    };
+                    with_fua(disk.as_ref(), flags, zeroed)
                 };
                 reply(&mut w, code(result, true, &|| counters.write_zeroes()))?;
             }

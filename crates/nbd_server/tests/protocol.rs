@@ -738,3 +738,56 @@ fn counters_add_exactly_the_bytes_and_operations_of_completed_requests_per_expor
     c.disconnect();
     c2.disconnect();
 }
+
+#[test]
+fn requests_after_a_switch_go_to_the_new_disk_on_the_same_connection() {
+    let t = serve_dynamic(8 * MIB);
+    let (mut c, size, _) = Client::open(&t.sock, "d");
+    let before = pattern(8192, 1);
+    assert_eq!(c.write(0, 0, &before), 0);
+    // The copy is the disk as it was, plus data of its own, so a read shows
+    // which disk answered.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.vhd");
+    make_dynamic(&copy, size);
+    let new: Arc<dyn Disk> = Arc::from(vhd::open(&copy, false).unwrap());
+    let marker = pattern(4096, 7);
+    new.write_at(&marker, MIB).unwrap();
+    let old = t.server.switch("d", new).unwrap();
+    assert_eq!(old.path(), Some(t.image.as_path()));
+    assert_eq!(t.server.disk("d").unwrap().path(), Some(copy.as_path()));
+    // The same connection now reads and writes the copy.
+    assert_eq!(c.read(MIB, 4096).unwrap(), marker);
+    assert_eq!(c.read(0, 8192).unwrap(), vec![0u8; 8192]);
+    let after = pattern(4096, 42);
+    assert_eq!(c.write(0, 2 * MIB, &after), 0);
+    assert_eq!(c.command(0, CMD_FLUSH, 0, 0), 0);
+    drop(old);
+    let old_disk = vhd::open(&t.image, true).unwrap();
+    let mut back = vec![0u8; 8192];
+    old_disk.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, before, "the old disk was flushed and keeps its data");
+    let mut nothing = vec![1u8; 4096];
+    old_disk.read_at(&mut nothing, 2 * MIB).unwrap();
+    assert_eq!(
+        nothing,
+        vec![0u8; 4096],
+        "nothing reached the old disk after the switch"
+    );
+    // A disk of another size is refused; the export keeps the copy.
+    let small = dir.path().join("small.vhd");
+    make_dynamic(&small, size / 2);
+    let small: Arc<dyn Disk> = Arc::from(vhd::open(&small, false).unwrap());
+    assert!(t.server.switch("d", small).is_err());
+    assert!(t
+        .server
+        .switch("nope", t.server.disk("ro").unwrap())
+        .is_err());
+    assert_eq!(c.read(2 * MIB, 4096).unwrap(), after);
+    c.disconnect();
+    t.server.stop();
+    let on_copy = vhd::open(&copy, true).unwrap();
+    let mut b = vec![0u8; 4096];
+    on_copy.read_at(&mut b, 2 * MIB).unwrap();
+    assert_eq!(b, after);
+}

@@ -244,3 +244,99 @@ impl Disk for RawDisk {
         Some(&self.path)
     }
 }
+
+/// Why [`DiskCell::replace`] refused to switch (the old disk stays in place).
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    #[error("{new} cannot take the place of {old}: {what}")]
+    Mismatch {
+        old: String,
+        new: String,
+        what: String,
+    },
+    #[error("flushing {path} before switching away from it failed")]
+    Flush {
+        path: String,
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+fn shown(disk: &dyn Disk) -> String {
+    disk.path()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "an unnamed disk".to_string())
+}
+
+/// The disk behind a served drive, which can be switched to another disk (a copy
+/// of it) while the drive is served.
+///
+/// A request holds [`DiskCell::get`]'s read guard while it runs (one uncontended
+/// read lock per request: two atomic operations), so [`DiskCell::replace`], which
+/// takes the write lock, waits for the requests in flight; they finish on the old
+/// disk, which is flushed, and every later request goes to the new one. Take the
+/// guard once per request and never while holding it: a second read lock on the
+/// same thread can deadlock behind a waiting switch.
+pub struct DiskCell {
+    disk: std::sync::RwLock<std::sync::Arc<dyn Disk>>,
+}
+
+impl DiskCell {
+    pub fn new(disk: std::sync::Arc<dyn Disk>) -> Self {
+        Self {
+            disk: std::sync::RwLock::new(disk),
+        }
+    }
+
+    /// The disk for one request; hold the guard until the request is done.
+    pub fn get(&self) -> std::sync::RwLockReadGuard<'_, std::sync::Arc<dyn Disk>> {
+        self.disk.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The disk served now (a handle that does not hold a switch back).
+    pub fn current(&self) -> std::sync::Arc<dyn Disk> {
+        self.get().clone()
+    }
+
+    /// Waits for the requests in flight, flushes the old disk and puts `new` in
+    /// its place; returns the old disk. `new` must have the same size, sector
+    /// sizes and read-only mode (what the front end was told); otherwise, or when
+    /// the flush fails, nothing changes.
+    pub fn replace(
+        &self,
+        new: std::sync::Arc<dyn Disk>,
+    ) -> std::result::Result<std::sync::Arc<dyn Disk>, SwitchError> {
+        let mut slot = self.disk.write().unwrap_or_else(|p| p.into_inner());
+        let old = slot.clone();
+        let same = |what: &str, a: u64, b: u64| {
+            if a == b {
+                Ok(())
+            } else {
+                Err(SwitchError::Mismatch {
+                    old: shown(old.as_ref()),
+                    new: shown(new.as_ref()),
+                    what: format!("its {what} is {b}, the served disk's {a}"),
+                })
+            }
+        };
+        same("size", old.size(), new.size())?;
+        same(
+            "logical sector size",
+            u64::from(old.logical_sector_size()),
+            u64::from(new.logical_sector_size()),
+        )?;
+        same(
+            "read-only flag",
+            u64::from(old.read_only()),
+            u64::from(new.read_only()),
+        )?;
+        if !old.read_only() {
+            old.flush().map_err(|source| SwitchError::Flush {
+                path: shown(old.as_ref()),
+                source: Box::new(source),
+            })?;
+        }
+        *slot = new;
+        Ok(old)
+    }
+}

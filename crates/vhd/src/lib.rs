@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 pub use backing::{BackingFile, HostStorage, Storage};
-pub use disk::{Allocation, BlockStatus, Disk, FileExtent, RawDisk};
+pub use disk::{Allocation, BlockStatus, Disk, DiskCell, FileExtent, RawDisk, SwitchError};
 pub use error::{Error, Result};
 pub use progress::{NoProgress, Progress};
 

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use drive_counters::DriveCounters;
-use vhd::Disk;
+use vhd::{Disk, DiskCell};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
@@ -75,7 +75,9 @@ struct QueueState {
 
 /// The device for one front-end connection.
 pub(crate) struct BlkBackend {
-    disk: Arc<dyn Disk>,
+    /// Shared with the server, which can switch it while the front end stays
+    /// connected; each request holds its read guard from start to completion.
+    disk: Arc<DiskCell>,
     opts: BlkOptions,
     mem: Mutex<Memory>,
     event_idx: AtomicBool,
@@ -174,7 +176,7 @@ impl Buffers {
 }
 
 impl BlkBackend {
-    pub(crate) fn new(disk: Arc<dyn Disk>, opts: BlkOptions, counters: Arc<DriveCounters>) -> Self {
+    pub(crate) fn new(disk: Arc<DiskCell>, opts: BlkOptions, counters: Arc<DriveCounters>) -> Self {
         let queues = (0..opts.num_queues.max(1))
             .map(|_| Mutex::new(QueueState { buf: Vec::new() }))
             .collect();
@@ -190,10 +192,11 @@ impl BlkBackend {
     }
 
     fn config(&self) -> BlkConfig {
-        let logical = self.disk.logical_sector_size().max(512);
-        let physical = self.disk.physical_sector_size().max(logical);
+        let disk = self.disk.current();
+        let logical = disk.logical_sector_size().max(512);
+        let physical = disk.physical_sector_size().max(logical);
         BlkConfig {
-            capacity: self.disk.size() / SECTOR,
+            capacity: disk.size() / SECTOR,
             seg_max: u32::from(self.opts.queue_size).saturating_sub(2).max(1),
             blk_size: logical,
             physical_block_exp: (physical / logical).trailing_zeros() as u8,
@@ -275,7 +278,7 @@ impl BlkBackend {
             return 0;
         }
         let status_at = writable - 1;
-        let done = self.perform(mem, &bufs, status_at, state);
+        let done = self.perform(self.disk.get().as_ref(), mem, &bufs, status_at, state);
         if bufs.scatter(mem, status_at, &[done.status]).is_err() {
             return 0;
         }
@@ -284,6 +287,7 @@ impl BlkBackend {
 
     fn perform(
         &self,
+        disk: &dyn Disk,
         mem: &GuestMemory,
         bufs: &Buffers,
         data_in_len: u64,
@@ -297,13 +301,13 @@ impl BlkBackend {
             return Completion::status(VIRTIO_BLK_S_IOERR);
         };
         let data_out_len = Buffers::total(&bufs.readable) - REQUEST_HEADER_SIZE as u64;
-        let writable_disk = !self.disk.read_only();
+        let writable_disk = !disk.read_only();
         let result = match header.request_type {
-            VIRTIO_BLK_T_IN => self.read(mem, bufs, header.sector, data_in_len, state),
+            VIRTIO_BLK_T_IN => self.read(disk, mem, bufs, header.sector, data_in_len, state),
             VIRTIO_BLK_T_OUT if writable_disk => self
-                .write(mem, bufs, header.sector, data_out_len, state)
-                .and_then(|c| self.write_through(c)),
-            VIRTIO_BLK_T_FLUSH => self.disk.flush().map(|_| 0).map_err(log_io),
+                .write(disk, mem, bufs, header.sector, data_out_len, state)
+                .and_then(|c| self.write_through(disk, c)),
+            VIRTIO_BLK_T_FLUSH => disk.flush().map(|_| 0).map_err(log_io),
             VIRTIO_BLK_T_GET_ID => {
                 let mut id = [0u8; ID_BYTES];
                 let serial = self.opts.serial.as_bytes();
@@ -315,8 +319,8 @@ impl BlkBackend {
                     .map_err(|_| VIRTIO_BLK_S_IOERR)
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if writable_disk => self
-                .ranges(mem, bufs, header.request_type, data_out_len)
-                .and_then(|c| self.write_through(c)),
+                .ranges(disk, mem, bufs, header.request_type, data_out_len)
+                .and_then(|c| self.write_through(disk, c)),
             VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 Err(VIRTIO_BLK_S_IOERR)
             }
@@ -342,22 +346,22 @@ impl BlkBackend {
     }
 
     /// With the writeback cache off, a write completes only once it is durable.
-    fn write_through(&self, written: u32) -> Result<u32, u8> {
+    fn write_through(&self, disk: &dyn Disk, written: u32) -> Result<u32, u8> {
         if !self.wce.load(Ordering::Relaxed) {
-            self.disk.flush().map_err(log_io)?;
+            disk.flush().map_err(log_io)?;
         }
         Ok(written)
     }
 
     /// Byte offset of `sector` when `len` bytes from there fit on the disk.
-    fn range(&self, sector: u64, len: u64) -> Result<u64, u8> {
+    fn range(disk: &dyn Disk, sector: u64, len: u64) -> Result<u64, u8> {
         let offset = sector.checked_mul(SECTOR).ok_or(VIRTIO_BLK_S_IOERR)?;
         let end = offset.checked_add(len).ok_or(VIRTIO_BLK_S_IOERR)?;
-        if end > self.disk.size() || !len.is_multiple_of(SECTOR) {
+        if end > disk.size() || !len.is_multiple_of(SECTOR) {
             tracing::warn!(
                 sector,
                 len,
-                size = self.disk.size(),
+                size = disk.size(),
                 "virtio-blk request out of range or not whole sectors"
             );
             return Err(VIRTIO_BLK_S_IOERR);
@@ -367,19 +371,20 @@ impl BlkBackend {
 
     fn read(
         &self,
+        disk: &dyn Disk,
         mem: &GuestMemory,
         bufs: &Buffers,
         sector: u64,
         len: u64,
         state: &mut QueueState,
     ) -> Result<u32, u8> {
-        let offset = self.range(sector, len)?;
+        let offset = Self::range(disk, sector, len)?;
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(CHUNK as u64) as usize;
             state.buf.resize(n.max(state.buf.len()), 0);
             let buf = &mut state.buf[..n];
-            self.disk.read_at(buf, offset + done).map_err(log_io)?;
+            disk.read_at(buf, offset + done).map_err(log_io)?;
             bufs.scatter(mem, done, buf)
                 .map_err(|_| VIRTIO_BLK_S_IOERR)?;
             done += n as u64;
@@ -389,13 +394,14 @@ impl BlkBackend {
 
     fn write(
         &self,
+        disk: &dyn Disk,
         mem: &GuestMemory,
         bufs: &Buffers,
         sector: u64,
         len: u64,
         state: &mut QueueState,
     ) -> Result<u32, u8> {
-        let offset = self.range(sector, len)?;
+        let offset = Self::range(disk, sector, len)?;
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(CHUNK as u64) as usize;
@@ -403,13 +409,20 @@ impl BlkBackend {
             let buf = &mut state.buf[..n];
             bufs.gather(mem, REQUEST_HEADER_SIZE as u64 + done, buf)
                 .map_err(|_| VIRTIO_BLK_S_IOERR)?;
-            self.disk.write_at(buf, offset + done).map_err(log_io)?;
+            disk.write_at(buf, offset + done).map_err(log_io)?;
             done += n as u64;
         }
         Ok(0)
     }
 
-    fn ranges(&self, mem: &GuestMemory, bufs: &Buffers, kind: u32, len: u64) -> Result<u32, u8> {
+    fn ranges(
+        &self,
+        disk: &dyn Disk,
+        mem: &GuestMemory,
+        bufs: &Buffers,
+        kind: u32,
+        len: u64,
+    ) -> Result<u32, u8> {
         if len > u64::from(MAX_SEGMENTS) * SEGMENT_SIZE as u64 {
             return Err(VIRTIO_BLK_S_IOERR);
         }
@@ -424,11 +437,11 @@ impl BlkBackend {
         }
         for s in segments {
             let bytes = u64::from(s.num_sectors) * SECTOR;
-            let offset = self.range(s.sector, bytes)?;
+            let offset = Self::range(disk, s.sector, bytes)?;
             let r = if kind == VIRTIO_BLK_T_DISCARD {
-                self.disk.discard(offset, bytes)
+                disk.discard(offset, bytes)
             } else {
-                self.disk.write_zeroes(offset, bytes)
+                disk.write_zeroes(offset, bytes)
             };
             r.map_err(log_io)?;
         }
@@ -469,7 +482,7 @@ impl VhostUserBackend for BlkBackend {
             | bit(VIRTIO_BLK_F_MQ)
             | bit(VHOST_F_LOG_ALL)
             | bit(VHOST_USER_F_PROTOCOL_FEATURES);
-        if self.disk.read_only() {
+        if self.disk.current().read_only() {
             f |= bit(VIRTIO_BLK_F_RO);
         } else {
             f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
@@ -500,6 +513,7 @@ impl VhostUserBackend for BlkBackend {
             if !wce {
                 // Turning the cache off makes what was written so far durable too.
                 self.disk
+                    .get()
                     .flush()
                     .map_err(|e| io::Error::other(e.to_string()))?;
             }
@@ -582,7 +596,11 @@ mod tests {
         std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
         let disk: Arc<dyn Disk> = Arc::new(vhd::RawDisk::open(&image, false).unwrap());
         let counters = Arc::new(DriveCounters::new());
-        let dev = BlkBackend::new(disk, BlkOptions::default(), counters.clone());
+        let dev = BlkBackend::new(
+            Arc::new(DiskCell::new(disk)),
+            BlkOptions::default(),
+            counters.clone(),
+        );
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x20000)]).unwrap();
         (dev, mem, counters)
     }
@@ -609,7 +627,8 @@ mod tests {
         bufs.writable.push((GuestAddress(STATUS_AT), 1));
         let data_in = Buffers::total(&bufs.writable) - 1;
         let mut state = QueueState { buf: Vec::new() };
-        dev.perform(mem, &bufs, data_in, &mut state).status
+        dev.perform(dev.disk.get().as_ref(), mem, &bufs, data_in, &mut state)
+            .status
     }
 
     #[test]
@@ -659,6 +678,67 @@ mod tests {
         assert_eq!(s.read_ops, 1);
         assert_eq!(s.flush_ops, 1);
         assert_eq!((s.discard_ops, s.write_zeroes_ops), (0, 0));
+    }
+
+    #[test]
+    fn requests_after_a_switch_go_to_the_new_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dev, mem, _) = device(dir.path());
+        mem.write_slice(&[0x11; 4096], GuestAddress(DATA_AT))
+            .unwrap();
+        assert_eq!(
+            request(&dev, &mem, VIRTIO_BLK_T_OUT, 0, 4096),
+            VIRTIO_BLK_S_OK
+        );
+        // The copy holds other bytes, so a read shows which disk served it.
+        let copy = dir.path().join("copy.raw");
+        let mut bytes = vec![0x22u8; 1 << 20];
+        bytes[4096..8192].fill(0x33);
+        std::fs::write(&copy, bytes).unwrap();
+        let new: Arc<dyn Disk> = Arc::new(vhd::RawDisk::open(&copy, false).unwrap());
+        let old = dev.disk.replace(new).unwrap();
+        assert_eq!(old.path(), Some(dir.path().join("disk.raw").as_path()));
+        assert_eq!(
+            request(&dev, &mem, VIRTIO_BLK_T_IN, 0, 8192),
+            VIRTIO_BLK_S_OK
+        );
+        let mut back = vec![0u8; 8192];
+        mem.read_slice(&mut back, GuestAddress(DATA_AT)).unwrap();
+        assert!(
+            back[..4096].iter().all(|&b| b == 0x22),
+            "read from the copy"
+        );
+        assert!(back[4096..].iter().all(|&b| b == 0x33));
+        mem.write_slice(&[0x44; 512], GuestAddress(DATA_AT))
+            .unwrap();
+        assert_eq!(
+            request(&dev, &mem, VIRTIO_BLK_T_OUT, 1, 512),
+            VIRTIO_BLK_S_OK
+        );
+        drop(old);
+        let on_copy = std::fs::read(&copy).unwrap();
+        assert!(
+            on_copy[512..1024].iter().all(|&b| b == 0x44),
+            "written to the copy"
+        );
+        let on_old = std::fs::read(dir.path().join("disk.raw")).unwrap();
+        assert!(
+            on_old[..4096].iter().all(|&b| b == 0x11),
+            "the old disk keeps its data"
+        );
+        assert!(
+            on_old[4096..].iter().all(|&b| b == 0),
+            "and got nothing after the switch"
+        );
+        // A disk of another size is refused and the copy stays in place.
+        let small = dir.path().join("small.raw");
+        std::fs::write(&small, vec![0u8; 1 << 19]).unwrap();
+        let small: Arc<dyn Disk> = Arc::new(vhd::RawDisk::open(&small, false).unwrap());
+        let Err(e) = dev.disk.replace(small) else {
+            panic!("a disk of another size was taken")
+        };
+        assert!(e.to_string().contains("size"), "{e}");
+        assert_eq!(dev.disk.current().path(), Some(copy.as_path()));
     }
 
     #[test]

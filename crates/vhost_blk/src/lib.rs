@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vhd::Disk;
+use vhd::{Disk, DiskCell};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -56,6 +56,8 @@ pub struct Server {
     current: Arc<Mutex<Option<ShutdownHandle>>>,
     thread: Option<JoinHandle<std::result::Result<(), String>>>,
     counters: Arc<DriveCounters>,
+    /// The disk, shared with every connection's device.
+    disk: Arc<DiskCell>,
 }
 
 impl Server {
@@ -65,6 +67,8 @@ impl Server {
             path: socket.to_path_buf(),
             source,
         })?;
+        let disk = Arc::new(DiskCell::new(disk));
+        let cell = disk.clone();
         let stopping = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(DriveCounters::new());
         let counting = counters.clone();
@@ -114,7 +118,24 @@ impl Server {
             current,
             thread: Some(thread),
             counters,
+            disk: cell,
         })
+    }
+
+    /// Switches the served disk to `disk` while the front end stays connected:
+    /// requests in flight finish on the old disk, which is then flushed; later
+    /// ones go to `disk`, which must have the old one's size, sector size and
+    /// read-only mode. Returns the old disk (dropping it closes it).
+    pub fn switch(
+        &self,
+        disk: Arc<dyn Disk>,
+    ) -> std::result::Result<Arc<dyn Disk>, vhd::SwitchError> {
+        self.disk.replace(disk)
+    }
+
+    /// The disk served now.
+    pub fn disk(&self) -> Arc<dyn Disk> {
+        self.disk.current()
     }
 
     pub fn socket(&self) -> &Path {

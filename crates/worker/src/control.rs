@@ -93,6 +93,22 @@ pub enum Request {
     SetProcessor {
         processor: vm_config::ProcessorSettings,
     },
+    /// Make every write to the VM's writable disks durable (the VM keeps running).
+    FlushDisks,
+    /// Switch the disks in these slots to other images (copies of what they serve,
+    /// after a storage move) while QEMU stays connected: all or nothing; the old
+    /// disks are flushed and closed. Workers older than this answer that they do
+    /// not understand the request.
+    SwitchDisks {
+        disks: Vec<DiskSwitch>,
+    },
+}
+
+/// One slot of a [`Request::SwitchDisks`]: the image it is to serve from now on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSwitch {
+    pub slot: vm_config::Slot,
+    pub path: PathBuf,
 }
 
 /// Why a request failed, for the daemon to map onto API error codes.
@@ -249,6 +265,22 @@ mod tests {
             r#"{"op":"shutdown","timeout_secs":30}"#
         );
         let r: Request = serde_json::from_str(r#"{"op":"pause"}"#).unwrap();
+        let switch = Request::SwitchDisks {
+            disks: vec![DiskSwitch {
+                slot: vm_config::Slot {
+                    controller: vm_config::ControllerKind::Scsi,
+                    controller_number: 0,
+                    location: 1,
+                },
+                path: "/d/x.vhdx".into(),
+            }],
+        };
+        let text = serde_json::to_string(&switch).unwrap();
+        assert!(
+            text.starts_with(r#"{"op":"switch_disks","disks":[{"slot":"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), switch);
         assert_eq!(r, Request::Pause);
         let e = Response::Error {
             kind: FailureKind::InvalidState,

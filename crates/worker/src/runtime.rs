@@ -96,8 +96,10 @@ struct Shared {
     /// QEMU's pid and its vCPU threads, in vCPU index order.
     qemu_pid: u32,
     vcpu_threads: Vec<u32>,
-    /// Every served drive's counters, for the meter.
-    drives: Vec<crate::meter::MeteredDrive>,
+    /// Every served drive's counters, for the meter (paths change on a switch).
+    drives: Mutex<Vec<crate::meter::MeteredDrive>>,
+    /// The served disks, until QEMU has exited and they are closed.
+    served: tokio::sync::Mutex<Option<ServedDisks>>,
     /// Held (shared) by every control request from its start until its answer is
     /// written; the worker takes it exclusively before it exits, so the answer to
     /// a stop or save that ended the VM reaches the daemon.
@@ -420,10 +422,12 @@ async fn run_inner(
         group,
         qemu_pid: status.qemu_pid.unwrap_or(0),
         vcpu_threads: vcpus,
-        drives: served.metered(),
+        drives: Mutex::new(served.metered()),
+        served: tokio::sync::Mutex::new(None),
         answering: tokio::sync::RwLock::new(()),
     });
 
+    *shared.served.lock().await = Some(served);
     if spec.resume {
         restore(&shared).await?;
     }
@@ -492,7 +496,11 @@ async fn run_inner(
     let _ = tokio::time::timeout(Duration::from_millis(500), event_watch).await;
     acceptor.abort();
 
-    let flush = served.flush_and_close().await;
+    let served = shared.served.lock().await.take();
+    let flush = match served {
+        Some(served) => served.flush_and_close().await,
+        None => Ok(()),
+    };
     let (state, reason) = match (
         shared.intent(),
         shared
@@ -928,6 +936,37 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
     match request {
         Request::Status | Request::Console => ok(shared),
         Request::SetProcessor { processor } => set_processor(shared, processor),
+        Request::FlushDisks => {
+            if !matches!(state, WorkerState::Running | WorkerState::Paused) {
+                return invalid(shared, "flush its disks", "");
+            }
+            let served = shared.served.lock().await;
+            match served.as_ref().map(ServedDisks::flush) {
+                Some(Err(e)) => failed("flushing the disks failed", &e),
+                Some(Ok(())) | None => ok(shared),
+            }
+        }
+        Request::SwitchDisks { disks } => {
+            if !matches!(state, WorkerState::Running | WorkerState::Paused) {
+                return invalid(shared, "switch its disks", "");
+            }
+            let mut served = shared.served.lock().await;
+            let Some(served) = served.as_mut() else {
+                return invalid(shared, "switch its disks", "");
+            };
+            let wanted: Vec<_> = disks.into_iter().map(|d| (d.slot, d.path)).collect();
+            match served.switch(&wanted) {
+                Ok(switched) => {
+                    tracing::info!(vm = %shared.name(), slots = switched.len(), "disks switched");
+                    *shared.drives.lock().unwrap_or_else(|p| p.into_inner()) = served.metered();
+                    ok(shared)
+                }
+                Err(e) => failed(
+                    "switching the disks failed; every disk stays where it was",
+                    &e,
+                ),
+            }
+        }
         Request::Pause => {
             if state != WorkerState::Running {
                 return invalid(shared, "pause", "");
@@ -1144,7 +1183,13 @@ fn sample(shared: &Shared) -> crate::meter::Meter {
             .map(|tid| meter::thread_cpu_ns(pid, *tid).unwrap_or(0))
             .collect(),
         memory_bytes: meter::process_rss_bytes(pid).unwrap_or(0),
-        drives: shared.drives.iter().map(|d| d.sample()).collect(),
+        drives: shared
+            .drives
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|d| d.sample())
+            .collect(),
     }
 }
 

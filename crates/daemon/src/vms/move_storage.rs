@@ -23,11 +23,16 @@
 //!    after the commit rolls forward at the next start.
 //!
 //! Offline: the files copy while no worker has them open. An Off or Saved VM stays
-//! so (a saved VM's memory state names no disk file). A Running or Paused VM is
-//! saved first, then moved, then started again from its saved state (and paused
-//! again if it was): the guest is stopped for the whole copy. An online move (the
-//! worker switching its disk servers to the copies while the guest runs) is not
-//! built yet.
+//! so (a saved VM's memory state names no disk file).
+//!
+//! Online, for a Running or Paused VM (see [`move_online`]): every file but the
+//! running leaves copies while the guest runs; the guest is paused only while the
+//! leaves copy; after the commit the worker switches its disk servers to the copies
+//! and the guest resumes. The switch comes after the commit, so a crash before it
+//! leaves the worker on the sources; a restart after it switches a live worker
+//! before the sources go ([`resume_at_start`]). A worker that cannot switch makes
+//! the move offline: saved first, moved, started again from its saved state (and
+//! paused again if it was), the guest stopped for the whole copy.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -44,7 +49,7 @@ use uuid::Uuid;
 use vm_config::{DriveMedia, VmSettings};
 
 use super::disk_owners::{canonical, used_by_others, vm_files, whole_chain};
-use super::runtime::StopMode;
+use super::runtime::{StopMode, WorkerControl};
 use super::store::{error_chain, DISKS_FOLDER};
 use super::test_seam::Stall;
 use crate::checkpoints::tree::{self, Tree, SNAPSHOTS_FOLDER};
@@ -58,6 +63,9 @@ const INTENT_VERSION: u32 = 1;
 /// (just after), `settings`, `remove-sources`.
 pub const STALL_VAR: &str = "VIRIDIAN_TEST_STALL_MOVE_AT";
 const SAMPLE: u64 = 1 << 20;
+/// `VIRIDIAN_TEST_MOVE_OFFLINE=1`: a running VM's storage moves offline, as with a
+/// worker that cannot switch its disks (the tests compare the two downtimes).
+pub const OFFLINE_VAR: &str = "VIRIDIAN_TEST_MOVE_OFFLINE";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -85,6 +93,10 @@ pub struct Intent {
     pub files: Vec<FileMove>,
     /// The checkpoint layers' folder after the move.
     pub layers_dir: PathBuf,
+    /// An online move paused the running guest for the leaves' copy: a move
+    /// interrupted after that resumes it at the next daemon start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest_paused_by_move: bool,
 }
 
 pub fn intent_path(vm_dir: &Path) -> PathBuf {
@@ -228,7 +240,7 @@ pub fn submit(svc: &Arc<Service>, key: &str, destination: &str) -> Result<JobSna
             "Move the storage of VM {name} to {}{}",
             dest.display(),
             if running {
-                " (the running VM is saved, its storage moved, and started again from its saved state: the guest is stopped while the files copy)"
+                " online (the VM runs while every file but the running disks copies, then pauses while those copy and the worker switches to the copies)"
             } else {
                 ""
             }
@@ -243,51 +255,330 @@ pub fn submit(svc: &Arc<Service>, key: &str, destination: &str) -> Result<JobSna
         let vm_lock = svc2.checkpoints.vm_lock(id);
         let _held = vm_lock.lock().await;
         let state = svc2.runtime.get(id).state;
-        let workers = svc2.workers.clone();
-        let stopped = match (&workers, state) {
+        let paused = state == VmState::Paused;
+        match (svc2.workers.clone(), state) {
             (Some(w), VmState::Running | VmState::Paused) => {
-                // Offline move of a running VM: save, move, start from the saved state.
+                let why = match move_online(&svc2, &w, id, &dir, &dest, &ctx, paused).await? {
+                    Online::Done => return Ok(()),
+                    Online::Unsupported(why) => why,
+                };
+                ctx.set_description(format!(
+                    "Move the storage of VM {name} to {} offline ({why}): the running VM is saved, its storage moved, and started again from its saved state",
+                    dest.display()
+                ));
+                ctx.add_affected(AffectedElement::new("move-mode", format!("offline: {why}")));
                 svc2.set_runtime(id, VmRuntime::with_state(VmState::Saving));
                 w.stop(id, StopMode::Save, ctx.clone()).await?;
-                Some((w.clone(), state == VmState::Paused, Instant::now()))
+                let since = Instant::now();
+                let (svc3, ctx3, dir3) = (svc2.clone(), ctx.clone(), dir.clone());
+                let moved = blocking(move || run(&svc3, id, &dir3, &dest, &ctx3)).await;
+                start_again(&svc2, &w, id, &dir, &ctx, paused, since, moved).await
             }
-            (_, VmState::Off | VmState::Saved) => None,
-            (_, state) => {
-                return Err(JobError::failed(
-                    "InvalidState",
-                    format!("the VM became {state:?}; move its storage when it is Off, Saved, Running or Paused"),
-                ))
+            (_, VmState::Off | VmState::Saved) => {
+                let (svc3, ctx3, dir3) = (svc2.clone(), ctx.clone(), dir.clone());
+                blocking(move || run(&svc3, id, &dir3, &dest, &ctx3)).await
             }
-        };
-        let (svc3, ctx3, dir3) = (svc2.clone(), ctx.clone(), dir.clone());
-        let moved =
-            match tokio::task::spawn_blocking(move || run(&svc3, id, &dir3, &dest, &ctx3)).await {
-                Ok(r) => r,
-                Err(e) => Err(JobError::failed(
-                    "Internal",
-                    format!("the move failed unexpectedly: {e}"),
-                )),
-            };
-        if let Some((w, paused, since)) = stopped {
-            // Back on whichever files the settings name now (the copies, or the
-            // source after a roll back).
-            let settings = svc2.store().get(id).and_then(|e| e.settings.clone());
-            if let Some(settings) = settings {
-                svc2.set_runtime(id, VmRuntime::with_state(VmState::Starting));
-                let started = w.start(settings, dir.clone(), ctx.clone()).await;
-                if started.is_ok() && paused {
-                    w.pause(id, true).await?;
-                }
-                ctx.add_affected(AffectedElement::new(
-                    "guest-downtime-ms",
-                    since.elapsed().as_millis().to_string(),
-                ));
-                moved.clone()?;
-                started?;
+            (_, state) => Err(JobError::failed(
+                "InvalidState",
+                format!("the VM became {state:?}; move its storage when it is Off, Saved, Running or Paused"),
+            )),
+        }
+    }))
+}
+
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, JobError> + Send + 'static,
+) -> Result<T, JobError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(r) => r,
+        Err(e) => Err(JobError::failed(
+            "Internal",
+            format!("the move failed unexpectedly: {e}"),
+        )),
+    }
+}
+
+/// After an offline move of a running VM (`moved`, whatever its outcome): starts
+/// it from its saved state on whichever files the settings name now (the copies,
+/// or the sources after a roll back), paused again if it was; reports the
+/// guest's downtime since `since`.
+#[allow(clippy::too_many_arguments)]
+async fn start_again(
+    svc: &Arc<Service>,
+    w: &Arc<dyn WorkerControl>,
+    id: Uuid,
+    dir: &Path,
+    ctx: &JobContext,
+    paused: bool,
+    since: Instant,
+    moved: Result<(), JobError>,
+) -> Result<(), JobError> {
+    let settings = svc.store().get(id).and_then(|e| e.settings.clone());
+    if let Some(settings) = settings {
+        svc.set_runtime(id, VmRuntime::with_state(VmState::Starting));
+        let started = w.start(settings, dir.to_path_buf(), ctx.clone()).await;
+        if started.is_ok() && paused {
+            w.pause(id, true).await?;
+        }
+        ctx.add_affected(AffectedElement::new(
+            "guest-downtime-ms",
+            since.elapsed().as_millis().to_string(),
+        ));
+        moved.clone()?;
+        started?;
+    }
+    moved
+}
+
+/// How an online move went.
+enum Online {
+    Done,
+    /// The worker cannot switch its disks; nothing was changed (move offline).
+    Unsupported(String),
+}
+
+/// What the online move's first part (while the guest runs) made ready.
+struct Prepared {
+    settings: VmSettings,
+    tree: Tree,
+    intent: Intent,
+    /// The running leaves (the drives' current files), copied while the guest is paused.
+    leaves: Vec<FileMove>,
+    /// Each running leaf's slot and its copy: what the worker switches to.
+    slots: Vec<(vm_config::Slot, PathBuf)>,
+}
+
+/// The slots whose disk (the running leaf the worker has open) moves, with where.
+fn moving_slots(settings: &VmSettings, intent: &Intent) -> Vec<(vm_config::Slot, PathBuf)> {
+    settings
+        .drives
+        .iter()
+        .filter_map(|d| match &d.media {
+            DriveMedia::HardDisk { path } => {
+                let from = canonical(Path::new(path.as_str()));
+                intent
+                    .files
+                    .iter()
+                    .find(|m| canonical(&m.from) == from)
+                    .map(|m| (d.slot, m.to.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The online move of a Running or Paused VM: every file but the running leaves
+/// copies (and is re-pointed and checked) while the guest runs (checkpoint layers
+/// and bases are frozen); then the guest is paused, the worker flushes, the
+/// leaves copy and every chain is verified, the intent is committed, the worker
+/// switches its disk servers to the copies, and the guest resumes. The pause
+/// covers only the leaves' copy, reported as `guest-downtime-ms`. Then the
+/// settings are rewritten and the sources removed, as offline.
+///
+/// The switch comes after the commit, so a crash before the commit leaves the
+/// worker on the sources (the roll back removes only copies). A worker that
+/// cannot flush (an older one, which does not know the request) is reported as
+/// [`Online::Unsupported`] before anything changed; one that fails to switch
+/// after the commit is saved, and the move finishes offline.
+async fn move_online(
+    svc: &Arc<Service>,
+    w: &Arc<dyn WorkerControl>,
+    id: Uuid,
+    dir: &Path,
+    dest: &Path,
+    ctx: &JobContext,
+    paused: bool,
+) -> Result<Online, JobError> {
+    if std::env::var_os(OFFLINE_VAR).is_some() {
+        return Ok(Online::Unsupported(format!("{OFFLINE_VAR} is set")));
+    }
+    if let Err(e) = w.flush_disks(id).await {
+        return Ok(Online::Unsupported(format!(
+            "the VM's worker cannot switch its disks ({})",
+            job_error_text(&e)
+        )));
+    }
+    ctx.add_affected(AffectedElement::new("move-mode", "online"));
+    let (svc3, ctx3, dir3, dest3) = (
+        svc.clone(),
+        ctx.clone(),
+        dir.to_path_buf(),
+        dest.to_path_buf(),
+    );
+    let mut p = blocking(move || prepare_online(&svc3, id, &dir3, &dest3, &ctx3)).await?;
+    let undo = |intent: &Intent| roll_back(dir, intent);
+    if !paused {
+        p.intent.guest_paused_by_move = true;
+        if let Err(e) = save_intent(dir, &p.intent) {
+            undo(&p.intent);
+            return Err(job_err(e));
+        }
+        if let Err(e) = w.pause(id, true).await {
+            undo(&p.intent);
+            return Err(e);
+        }
+    }
+    let since = Instant::now();
+    let resume = || async {
+        if !paused {
+            if let Err(e) = w.pause(id, false).await {
+                tracing::error!(vm = %id, error = %job_error_text(&e), "cannot resume the guest after its storage move");
             }
         }
-        moved
-    }))
+    };
+    if let Err(e) = w.flush_disks(id).await {
+        undo(&p.intent);
+        resume().await;
+        return Err(e);
+    }
+    let (ctx3, dir3) = (ctx.clone(), dir.to_path_buf());
+    let p = match blocking(move || finish_online(&dir3, p, &ctx3)).await {
+        Ok(p) => p,
+        Err(e) => {
+            // Rolled back already (before the commit): the worker is on the sources.
+            resume().await;
+            return Err(e);
+        }
+    };
+    // Committed: the worker switches to the copies, then the guest runs on.
+    match w.switch_disks(id, p.slots.clone()).await {
+        Ok(()) => {
+            resume().await;
+            ctx.add_affected(AffectedElement::new(
+                "guest-downtime-ms",
+                since.elapsed().as_millis().to_string(),
+            ));
+            let (svc3, ctx3, dir3) = (svc.clone(), ctx.clone(), dir.to_path_buf());
+            blocking(move || finish_committed(&svc3, id, &dir3, &p.intent, &ctx3)).await?;
+            Ok(Online::Done)
+        }
+        Err(e) => {
+            // The copies are the VM's disks now, and the worker cannot take them:
+            // finish offline (the paused guest is saved, nothing has changed since
+            // the copy, so the copies hold what the sources hold).
+            let why = job_error_text(&e);
+            tracing::warn!(vm = %id, error = %why, "the worker could not switch to the moved disks; finishing the move offline");
+            ctx.set_description(format!(
+                "Move the storage of VM {} to {}: the worker could not switch to the copies ({why}), so the VM was saved and started again on them",
+                p.settings.name,
+                dest.display()
+            ));
+            ctx.add_affected(AffectedElement::new(
+                "move-mode",
+                format!("offline after the copy: the worker could not switch ({why})"),
+            ));
+            svc.set_runtime(id, VmRuntime::with_state(VmState::Saving));
+            w.stop(id, StopMode::Save, ctx.clone()).await?;
+            let (svc3, ctx3, dir3) = (svc.clone(), ctx.clone(), dir.to_path_buf());
+            let intent = p.intent.clone();
+            let moved = blocking(move || finish_committed(&svc3, id, &dir3, &intent, &ctx3)).await;
+            start_again(svc, w, id, dir, ctx, paused, since, moved).await?;
+            Ok(Online::Done)
+        }
+    }
+}
+
+fn job_error_text(e: &JobError) -> String {
+    match e {
+        JobError::Failed { description, .. } => description.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The online move's part while the guest runs: intent, then every file but the
+/// running leaves copied, re-pointed and checked. Rolls back on failure.
+fn prepare_online(
+    svc: &Arc<Service>,
+    id: Uuid,
+    vm_dir: &Path,
+    dest: &Path,
+    ctx: &JobContext,
+) -> Result<Prepared, JobError> {
+    let stall = Stall::from_env(STALL_VAR, "move");
+    let (settings, t, intent) = begin(svc, id, vm_dir, dest, ctx)?;
+    let slots = moving_slots(&settings, &intent);
+    let leaf_set: Vec<PathBuf> = slots.iter().map(|(_, to)| to.clone()).collect();
+    let (leaves, frozen): (Vec<FileMove>, Vec<FileMove>) = intent
+        .files
+        .iter()
+        .cloned()
+        .partition(|m| leaf_set.contains(&m.to));
+    let frozen: Vec<&FileMove> = frozen.iter().collect();
+    let mut progress = Progress::new(&intent, 0, 70);
+    let done = copy_files(&frozen, ctx, &stall, &mut progress)
+        .and_then(|()| relink(&intent, &frozen))
+        .and_then(|()| check_copies(&frozen));
+    if let Err(e) = done {
+        roll_back(vm_dir, &intent);
+        return Err(e);
+    }
+    Ok(Prepared {
+        settings,
+        tree: t,
+        intent,
+        leaves,
+        slots,
+    })
+}
+
+/// The online move's part while the guest is paused and its disks flushed: the
+/// leaves copied, re-pointed and checked, every chain verified, the commit.
+/// Rolls back on failure before the commit.
+fn finish_online(vm_dir: &Path, p: Prepared, ctx: &JobContext) -> Result<Prepared, JobError> {
+    let stall = Stall::from_env(STALL_VAR, "move");
+    let leaves: Vec<&FileMove> = p.leaves.iter().collect();
+    let mut progress = Progress::new(&p.intent, 70, 80);
+    progress.done = progress.total * 7 / 10;
+    let done = copy_files(&leaves, ctx, &stall, &mut progress)
+        .and_then(|()| {
+            stall.at("relink");
+            relink(&p.intent, &leaves)
+        })
+        .and_then(|()| {
+            stall.at("verify");
+            check_copies(&leaves)
+        })
+        .and_then(|()| verify_chains(&p.settings, &p.tree, &p.intent))
+        .and_then(|()| {
+            if ctx.cancel_requested() {
+                Err(JobError::Cancelled)
+            } else {
+                Ok(())
+            }
+        });
+    if let Err(e) = done {
+        roll_back(vm_dir, &p.intent);
+        return Err(e);
+    }
+    stall.at("commit");
+    let intent = Intent {
+        phase: Phase::Committed,
+        ..p.intent
+    };
+    if let Err(e) = save_intent(vm_dir, &intent) {
+        roll_back(vm_dir, &intent);
+        return Err(job_err(e));
+    }
+    stall.at("committed");
+    Ok(Prepared { intent, ..p })
+}
+
+/// After the commit (and, online, the switch): settings rewritten, sources removed.
+fn finish_committed(
+    svc: &Arc<Service>,
+    id: Uuid,
+    vm_dir: &Path,
+    intent: &Intent,
+    ctx: &JobContext,
+) -> Result<(), JobError> {
+    let stall = Stall::from_env(STALL_VAR, "move");
+    roll_forward(svc, id, vm_dir, intent, &stall).map_err(job_err)?;
+    for m in &intent.files {
+        ctx.add_affected(AffectedElement::new("disk", m.to.to_string_lossy()));
+    }
+    tracing::info!(vm = %id, files = intent.files.len(), destination = %intent.destination.display(), "VM storage moved");
+    Ok(())
 }
 
 fn job_err(e: ApiError) -> JobError {
@@ -346,6 +637,38 @@ fn run(
     ctx: &JobContext,
 ) -> Result<(), JobError> {
     let stall = Stall::from_env(STALL_VAR, "move");
+    let (settings, t, intent) = begin(svc, id, vm_dir, dest, ctx)?;
+    let copied = copy_and_verify(vm_dir, &settings, &t, &intent, ctx, &stall);
+    let copied = copied.and_then(|()| {
+        if ctx.cancel_requested() {
+            Err(JobError::Cancelled)
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = copied {
+        roll_back(vm_dir, &intent);
+        return Err(e);
+    }
+    stall.at("commit");
+    let intent = Intent {
+        phase: Phase::Committed,
+        ..intent
+    };
+    save_intent(vm_dir, &intent).map_err(job_err)?;
+    stall.at("committed");
+    finish_committed(svc, id, vm_dir, &intent, ctx)
+}
+
+/// The move's plan, recorded: the settings and tree it starts from, the intent
+/// (phase `copying`) written; files another VM uses too reported as kept.
+fn begin(
+    svc: &Arc<Service>,
+    id: Uuid,
+    vm_dir: &Path,
+    dest: &Path,
+    ctx: &JobContext,
+) -> Result<(VmSettings, Tree, Intent), JobError> {
     let settings = svc
         .store()
         .get(id)
@@ -377,33 +700,10 @@ fn run(
         created_destination,
         files: plan(vm_dir, &t, &mine, dest),
         layers_dir: dest.join(SNAPSHOTS_FOLDER),
+        guest_paused_by_move: false,
     };
     save_intent(vm_dir, &intent).map_err(job_err)?;
-    let copied = copy_and_verify(vm_dir, &settings, &t, &intent, ctx, &stall);
-    let copied = copied.and_then(|()| {
-        if ctx.cancel_requested() {
-            Err(JobError::Cancelled)
-        } else {
-            Ok(())
-        }
-    });
-    if let Err(e) = copied {
-        roll_back(vm_dir, &intent);
-        return Err(e);
-    }
-    stall.at("commit");
-    let intent = Intent {
-        phase: Phase::Committed,
-        ..intent
-    };
-    save_intent(vm_dir, &intent).map_err(job_err)?;
-    stall.at("committed");
-    roll_forward(svc, id, vm_dir, &intent, &stall).map_err(job_err)?;
-    for m in &intent.files {
-        ctx.add_affected(AffectedElement::new("disk", m.to.to_string_lossy()));
-    }
-    tracing::info!(vm = %id, files = intent.files.len(), destination = %dest.display(), "VM storage moved");
-    Ok(())
+    Ok((settings, t, intent))
 }
 
 fn copy_and_verify(
@@ -414,15 +714,64 @@ fn copy_and_verify(
     ctx: &JobContext,
     stall: &Stall,
 ) -> Result<(), JobError> {
+    let all: Vec<&FileMove> = intent.files.iter().collect();
+    let mut progress = Progress::new(intent, 0, 80);
+    copy_files(&all, ctx, stall, &mut progress)?;
+    stall.at("relink");
+    relink(intent, &all)?;
+    ctx.set_percent(85);
+    stall.at("verify");
+    check_copies(&all)?;
+    verify_chains(settings, t, intent)?;
+    let _ = vm_dir;
+    ctx.set_percent(90);
+    Ok(())
+}
+
+/// How far the copy is, for the job's percent (`from`..`to` of it).
+struct Progress {
+    done: u64,
+    total: u64,
+    from: u8,
+    to: u8,
+}
+
+impl Progress {
+    fn new(intent: &Intent, from: u8, to: u8) -> Self {
+        let total = intent
+            .files
+            .iter()
+            .map(|m| std::fs::metadata(&m.from).map(|x| x.len()).unwrap_or(0))
+            .sum::<u64>()
+            .max(1);
+        Self {
+            done: 0,
+            total,
+            from,
+            to,
+        }
+    }
+
+    /// Adds `n` bytes; returns the copy's own percent (0-100) and sets the job's.
+    fn add(&mut self, n: u64, ctx: &JobContext) -> u8 {
+        self.done += n;
+        let pct = (self.done.min(self.total) * 100 / self.total) as u8;
+        let span = u16::from(self.to - self.from);
+        ctx.set_percent(self.from + (u16::from(pct) * span / 100) as u8);
+        pct
+    }
+}
+
+/// Copies `files` (`std::fs::copy`, then fsync), each checked before its parent
+/// locator is rewritten: same size, same first and last MiB.
+fn copy_files(
+    files: &[&FileMove],
+    ctx: &JobContext,
+    stall: &Stall,
+    progress: &mut Progress,
+) -> Result<(), JobError> {
     let io = |what: String, e: std::io::Error| JobError::failed("Internal", format!("{what}: {e}"));
-    let total: u64 = intent
-        .files
-        .iter()
-        .map(|m| std::fs::metadata(&m.from).map(|x| x.len()).unwrap_or(0))
-        .sum::<u64>()
-        .max(1);
-    let mut done = 0u64;
-    for m in &intent.files {
+    for m in files {
         if ctx.cancel_requested() {
             return Err(JobError::Cancelled);
         }
@@ -438,8 +787,6 @@ fn copy_and_verify(
         std::fs::File::open(&m.to)
             .and_then(|f| f.sync_all())
             .map_err(|e| io(format!("cannot flush {}", m.to.display()), e))?;
-        // The bytes, before the copy's parent locator is rewritten: same size,
-        // same first and last MiB.
         let (a, b) = (len(&m.from), len(&m.to));
         let same = a == b && matches!((samples(&m.from), samples(&m.to)), (Ok(x), Ok(y)) if x == y);
         if !same {
@@ -452,31 +799,50 @@ fn copy_and_verify(
                 ),
             ));
         }
-        done += n;
-        let pct = (done.min(total) * 100 / total) as u8;
-        ctx.set_percent((u16::from(pct) * 8 / 10) as u8);
+        let pct = progress.add(n, ctx);
         stall.at_copy_unless(pct, || ctx.cancel_requested());
     }
-    for m in &intent.files {
+    for m in files {
         if let Some(folder) = m.to.parent() {
             let _ = std::fs::File::open(folder).and_then(|f| f.sync_all());
         }
     }
-    // Parent locators of the copies: at the copied parent, or the source parent
-    // that stays (shared with another VM).
-    stall.at("relink");
+    Ok(())
+}
+
+/// The files of `leaf`'s chain, leaf first. A leaf a running VM's worker holds
+/// (locked exclusively) is read without opening it for I/O.
+fn chain_of(leaf: &Path) -> Option<Vec<PathBuf>> {
+    whole_chain(leaf).or_else(|| {
+        let chain = vhd::ops::info::info(leaf).ok()?.chain;
+        Some(
+            std::iter::once(leaf.to_path_buf())
+                .chain(chain.iter().skip(1).map(|p| canonical(p)))
+                .collect(),
+        )
+    })
+}
+
+/// Where each source file goes.
+fn destination_of(intent: &Intent) -> impl Fn(&Path) -> PathBuf + '_ {
     let map: HashMap<PathBuf, PathBuf> = intent
         .files
         .iter()
         .map(|m| (canonical(&m.from), m.to.clone()))
         .collect();
-    let to_of = |p: &Path| {
+    move |p: &Path| {
         map.get(&canonical(p))
             .cloned()
             .unwrap_or_else(|| p.to_path_buf())
-    };
-    for m in &intent.files {
-        let Some(chain) = whole_chain(&m.from) else {
+    }
+}
+
+/// Points each copy's parent locator at the copied parent, or at the source
+/// parent that stays (shared with another VM).
+fn relink(intent: &Intent, files: &[&FileMove]) -> Result<(), JobError> {
+    let to_of = destination_of(intent);
+    for m in files {
+        let Some(chain) = chain_of(&m.from) else {
             return Err(JobError::failed(
                 "Internal",
                 format!("the chain of {} does not open", m.from.display()),
@@ -497,22 +863,33 @@ fn copy_and_verify(
             })?;
         }
     }
-    ctx.set_percent(85);
-    // Verify.
-    stall.at("verify");
-    let fail =
-        |what: String| JobError::failed("Internal", format!("the copy does not verify: {what}"));
-    for m in &intent.files {
+    Ok(())
+}
+
+fn not_verified(what: String) -> JobError {
+    JobError::failed("Internal", format!("the copy does not verify: {what}"))
+}
+
+/// `vhd check` of each copy: clean.
+fn check_copies(files: &[&FileMove]) -> Result<(), JobError> {
+    for m in files {
         let report = vhd::ops::check::check(&m.to, false)
-            .map_err(|e| fail(format!("{}: {}", m.to.display(), error_chain(&e))))?;
+            .map_err(|e| not_verified(format!("{}: {}", m.to.display(), error_chain(&e))))?;
         if !report.clean() {
-            return Err(fail(format!(
+            return Err(not_verified(format!(
                 "{} has problems: {:?}",
                 m.to.display(),
                 report.problems
             )));
         }
     }
+    Ok(())
+}
+
+/// Every chain (drives, checkpoints, current disks) opens from the copies through
+/// the expected files.
+fn verify_chains(settings: &VmSettings, t: &Tree, intent: &Intent) -> Result<(), JobError> {
+    let to_of = destination_of(intent);
     let mut leaves = super::disk_owners::drive_paths(settings);
     leaves.extend(
         t.nodes
@@ -522,21 +899,19 @@ fn copy_and_verify(
     );
     leaves.extend(t.current_disks.iter().map(|d| d.path.clone()));
     for leaf in leaves {
-        let Some(src) = whole_chain(&leaf) else {
+        let Some(src) = chain_of(&leaf) else {
             continue;
         };
         let want: Vec<PathBuf> = src.iter().map(|p| canonical(&to_of(p))).collect();
         let got =
             whole_chain(&to_of(&leaf)).map(|c| c.iter().map(|p| canonical(p)).collect::<Vec<_>>());
         if got.as_ref() != Some(&want) {
-            return Err(fail(format!(
+            return Err(not_verified(format!(
                 "the copied chain of {} opens as {got:?}, not {want:?}",
                 leaf.display()
             )));
         }
     }
-    let _ = vm_dir;
-    ctx.set_percent(90);
     Ok(())
 }
 
@@ -661,8 +1036,13 @@ fn roll_forward(
 }
 
 /// At daemon start: a move stopped before its commit is rolled back, one stopped
-/// after it is finished.
-pub fn resume_at_start(svc: &Arc<Service>) {
+/// after it is finished. For a VM whose worker still runs (an online move), the
+/// worker is switched to the copies before the sources go (it may still serve the
+/// sources when the daemon died between the commit and the switch; a slot already
+/// on its copy is left alone); if it cannot switch, the move stays unfinished (the
+/// sources are kept) and is tried again at the next start. A guest the move paused
+/// is resumed.
+pub async fn resume_at_start(svc: &Arc<Service>) {
     let dirs: Vec<(Uuid, PathBuf)> = svc
         .store()
         .entries()
@@ -677,6 +1057,11 @@ pub fn resume_at_start(svc: &Arc<Service>) {
                 continue;
             }
         };
+        let state = svc.runtime.get(id).state;
+        let live = svc
+            .workers
+            .clone()
+            .filter(|_| matches!(state, VmState::Running | VmState::Paused));
         match intent.phase {
             Phase::Copying => {
                 tracing::warn!(vm = %id, "a storage move was interrupted before its commit; rolling it back");
@@ -684,10 +1069,25 @@ pub fn resume_at_start(svc: &Arc<Service>) {
             }
             Phase::Committed => {
                 tracing::warn!(vm = %id, "a storage move was interrupted after its commit; finishing it");
+                if let Some(w) = &live {
+                    let settings = svc.store().get(id).and_then(|e| e.settings.clone());
+                    let slots = settings
+                        .map(|s| moving_slots(&s, &intent))
+                        .unwrap_or_default();
+                    if let Err(e) = w.switch_disks(id, slots).await {
+                        tracing::error!(vm = %id, error = %job_error_text(&e), "the running VM's worker cannot switch to the moved disks; the move stays unfinished and the sources are kept until the next start");
+                        continue;
+                    }
+                }
                 let none = Stall::from_env("", "move");
                 if let Err(e) = roll_forward(svc, id, &dir, &intent, &none) {
                     tracing::error!(vm = %id, error = %e.message, "cannot finish the storage move");
                 }
+            }
+        }
+        if let (Some(w), true, VmState::Paused) = (&live, intent.guest_paused_by_move, state) {
+            if let Err(e) = w.pause(id, false).await {
+                tracing::error!(vm = %id, error = %job_error_text(&e), "cannot resume the guest a storage move paused");
             }
         }
     }

@@ -49,6 +49,16 @@ pub trait WorkerControl: Send + Sync + 'static {
     fn pause(&self, id: Uuid, paused: bool) -> BoxFuture<Result<(), JobError>>;
     /// Resets the VM (the reset button).
     fn restart(&self, id: Uuid) -> BoxFuture<Result<(), JobError>>;
+    /// Makes every write to a running VM's disks durable.
+    fn flush_disks(&self, id: Uuid) -> BoxFuture<Result<(), JobError>>;
+    /// Switches a running VM's disks in the given slots to the given images (copies
+    /// of what they serve) while the VM runs: all or nothing. A worker that cannot
+    /// (an older one) fails with a message saying it does not understand.
+    fn switch_disks(
+        &self,
+        id: Uuid,
+        disks: Vec<(vm_config::Slot, PathBuf)>,
+    ) -> BoxFuture<Result<(), JobError>>;
     /// Applies new reserve, limit and weight to a running VM (same count).
     fn set_processor(
         &self,

@@ -584,6 +584,28 @@ impl WorkerControl for Arc<WorkerSupervisor> {
         Box::pin(async move { this.call(id, Request::Restart).await.map(drop) })
     }
 
+    fn flush_disks(&self, id: Uuid) -> BoxFuture<Result<(), JobError>> {
+        let this = self.clone();
+        Box::pin(async move { this.call(id, Request::FlushDisks).await.map(drop) })
+    }
+
+    fn switch_disks(
+        &self,
+        id: Uuid,
+        disks: Vec<(vm_config::Slot, PathBuf)>,
+    ) -> BoxFuture<Result<(), JobError>> {
+        let this = self.clone();
+        let disks = disks
+            .into_iter()
+            .map(|(slot, path)| worker::control::DiskSwitch { slot, path })
+            .collect();
+        Box::pin(async move {
+            this.call(id, Request::SwitchDisks { disks })
+                .await
+                .map(drop)
+        })
+    }
+
     fn set_processor(
         &self,
         id: Uuid,
