@@ -12,159 +12,17 @@
 //! Runs the `viridiand` built next to this example on a temporary data dir in DIR
 //! (default: the system's temp dir; give a folder on the disk you care about).
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "bench_client/mod.rs"]
+mod bench_client;
+
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-/// One keep-alive HTTP/1.1 connection.
-struct Conn {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Conn {
-    fn open(socket: &PathBuf) -> Conn {
-        let s = UnixStream::connect(socket).expect("connect to viridiand");
-        Conn {
-            reader: BufReader::new(s.try_clone().unwrap()),
-            writer: s,
-        }
-    }
-
-    fn call(&mut self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        self.writer.write_all(req.as_bytes()).unwrap();
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let mut len = 0usize;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
-        let mut buf = vec![0; len];
-        self.reader.read_exact(&mut buf).unwrap();
-        (status, String::from_utf8_lossy(&buf).into_owned())
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-/// Sends the request and waits until its job ends; panics unless it completed.
-fn job(c: &mut Conn, method: &str, path: &str, body: &str) -> Value {
-    let (status, body) = c.call(method, path, body);
-    assert_eq!(status, 202, "{method} {path}: {body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    let id = v["id"].as_str().unwrap().to_string();
-    loop {
-        let (_, done) = c.call("GET", &format!("/v1/jobs/{id}/wait?timeout=60"), "");
-        let v: Value = serde_json::from_str(&done).unwrap();
-        match v["state"].as_str() {
-            Some("Completed") => return v,
-            Some("Exception" | "Terminated" | "Killed") => panic!("job failed: {v}"),
-            _ => {}
-        }
-    }
-}
-
-fn dynamic(path: &Path, size: u64) {
-    let mut none = vhd::NoProgress;
-    if vhd::is_vhdx_name(path) {
-        use vhd::vhdx::create::{NewVhdx, VhdxOptions};
-        let o = VhdxOptions::new(NewVhdx::Dynamic { size });
-        vhd::vhdx::create::create(path, &o, &mut none).unwrap();
-    } else {
-        use vhd::vhd1::create::{CreateOptions, NewDisk};
-        let o = CreateOptions {
-            kind: NewDisk::Dynamic {
-                size,
-                block_size: 2 << 20,
-            },
-            exact_size: true,
-        };
-        vhd::vhd1::create::create(path, &o, &mut none).unwrap();
-    }
-}
-
-/// Writes `len` bytes of a pseudo-random stream from offset 0.
-fn write_noise(path: &Path, len: u64) {
-    let d = vhd::open(path, false).unwrap();
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0;
-    while done < len {
-        for chunk in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        d.write_at(&buf, done).unwrap();
-        done += buf.len() as u64;
-    }
-    d.flush().unwrap();
-}
-
-fn drives(c: &mut Conn, vm: &str) -> Vec<PathBuf> {
-    let (_, body) = c.call("GET", &format!("/v1/vms/{vm}"), "");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    v["settings"]["drives"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| PathBuf::from(d["media"]["path"].as_str().unwrap()))
-        .collect()
-}
-
-fn add_disk(c: &mut Conn, vm: &str, location: usize, path: &Path) {
-    let (status, body) = c.call(
-        "POST",
-        &format!("/v1/vms/{vm}/drives"),
-        &serde_json::json!({"controller": "scsi", "controller_number": 0, "location": location,
-            "media": {"type": "hard_disk", "path": path}})
-        .to_string(),
-    );
-    assert_eq!(status, 201, "{body}");
-}
-
-/// `cp FROM TO`, then fsync TO: what a copy of the data costs, to disk.
-fn cp_and_sync(from: &Path, to: &Path) -> Duration {
-    let _ = std::fs::remove_file(to);
-    let t = Instant::now();
-    let status = Command::new("cp").arg(from).arg(to).status().unwrap();
-    assert!(status.success());
-    std::fs::File::open(to).unwrap().sync_all().unwrap();
-    t.elapsed()
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
+use bench_client::{
+    add_disk, cp_and_sync, drives, dynamic, job, loadavg, percentile, write_noise, Conn,
+};
 
 fn main() {
     let merge_mib: u64 = std::env::args()

@@ -64,3 +64,25 @@ impl From<jobs::JobsError> for ApiError {
         }
     }
 }
+
+/// A failed request inside a job: the job ends in Exception with the same code.
+impl From<ApiError> for jobs::JobError {
+    fn from(e: ApiError) -> Self {
+        jobs::JobError::failed(e.code.name(), e.message)
+    }
+}
+
+/// Runs blocking file work of a job off the async threads; its `ApiError` becomes
+/// the job's error. `what` names the work if the thread itself fails.
+pub async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, jobs::JobError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => Err(jobs::JobError::failed(
+            "Internal",
+            format!("{what} failed unexpectedly: {e}"),
+        )),
+    }
+}

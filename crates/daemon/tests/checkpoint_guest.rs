@@ -7,14 +7,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::disk_data::post_job as run_job;
 use common::guest::{
-    config_disk, ensure_worker_binary, guest_dir, state, vm, wait_console, wait_state,
-    KillWorkersOnDrop,
+    config_disk, console, counts, disk_count, ensure_worker_binary, guest_dir, state, vm,
+    wait_console, wait_count, wait_state, KillWorkersOnDrop,
 };
-use common::{wait_job, Daemon};
+use common::Daemon;
 use serde_json::{json, Value};
 
 /// Counts forever: writes `count N` (one sector, flushed) to the data disk (the only
@@ -28,74 +29,6 @@ const COUNTER: &str = "n=0\n\
     done\n";
 
 const DATA_SIZE: u64 = 8 << 20;
-
-/// Posts `body` to `path`, expects 202 and waits (generously: the host is loaded)
-/// until the job ends.
-fn run_job(d: &Daemon, path: &str, body: Value) -> Value {
-    let r = d.post(path, body);
-    assert_eq!(r.status, 202, "{path}: {}", r.raw);
-    let id = r.body["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let job = wait_job(d, &id);
-        if matches!(
-            job["state"].as_str(),
-            Some("Completed" | "Exception" | "Terminated" | "Killed")
-        ) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "job {id} did not finish: {job}");
-    }
-}
-
-fn console(d: &Daemon, name: &str) -> String {
-    let r = d.get(&format!("/v1/vms/{name}/console/log"));
-    assert_eq!(r.status, 200, "{}", r.raw);
-    r.raw
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string()
-}
-
-/// Every `count N` line on the console, in order.
-fn counts(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("count "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
-
-/// Waits until the guest has printed a count of at least `at_least`; returns the last.
-fn wait_count(d: &Daemon, name: &str, at_least: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let text = console(d, name);
-        if let Some(&last) = counts(&text).last() {
-            if last >= at_least {
-                return last;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest never counted to {at_least}:\n{text}\ndaemon log:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The value the guest last wrote to the data disk, read through the engine.
-fn disk_count(path: &Path) -> u64 {
-    let disk = vhd::open(path, true).unwrap();
-    let mut sector = [0u8; 512];
-    disk.read_at(&mut sector, 0).unwrap();
-    let text = String::from_utf8_lossy(&sector);
-    let line = text.trim_end_matches('\0').trim();
-    line.strip_prefix("count ")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("the data disk {} holds no count: {line:?}", path.display()))
-}
 
 fn data_disk(d: &Daemon, name: &str) -> PathBuf {
     let v = vm(d, name);
@@ -199,7 +132,7 @@ fn checkpoint_of_a_running_guest_resumes_its_memory_and_disks_when_applied() {
     let job = run_job(&d, &format!("/v1/vms/{name}/stop"), json!({}));
     assert_eq!(job["state"], "Completed", "stop: {job}");
     wait_state(&d, name, "Off");
-    let at_stop = disk_count(&data_disk(&d, name));
+    let at_stop = disk_count(&data_disk(&d, name), 0);
     assert!(at_stop >= later, "disk {at_stop}, console {later}");
     let printed_before_apply = counts(&console(&d, name));
 
@@ -212,7 +145,7 @@ fn checkpoint_of_a_running_guest_resumes_its_memory_and_disks_when_applied() {
     );
     assert_eq!(job["state"], "Completed", "apply: {job}");
     wait_state(&d, name, "Saved");
-    let at_checkpoint = disk_count(&data_disk(&d, name));
+    let at_checkpoint = disk_count(&data_disk(&d, name), 0);
     assert!(
         (before_checkpoint..before_checkpoint + 15).contains(&at_checkpoint),
         "the data disk reads {at_checkpoint}; the checkpoint was taken after count {before_checkpoint} and well before {later}"
@@ -259,8 +192,8 @@ fn checkpoint_of_a_running_guest_resumes_its_memory_and_disks_when_applied() {
     assert_eq!(job["state"], "Completed", "stop: {job}");
     wait_state(&d, name, "Off");
     let now = data_disk(&d, name);
-    assert!(disk_count(&now) >= *resumed.last().unwrap());
+    assert!(disk_count(&now, 0) >= *resumed.last().unwrap());
     // The checkpoint froze the data disk the VM had then: the base file.
-    assert_eq!(disk_count(&data), at_checkpoint);
+    assert_eq!(disk_count(&data, 0), at_checkpoint);
     d.stop();
 }

@@ -5,33 +5,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use common::{wait_job, Daemon};
+use common::disk_data::post_completed as completed;
+use common::Daemon;
 use serde_json::{json, Value};
-
-fn run_job(d: &Daemon, path: &str, body: Value) -> Value {
-    let r = d.post(path, body);
-    assert_eq!(r.status, 202, "{path}: {}", r.raw);
-    let id = r.body["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let job = wait_job(d, &id);
-        if matches!(
-            job["state"].as_str(),
-            Some("Completed" | "Exception" | "Terminated" | "Killed")
-        ) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "job {id} did not finish: {job}");
-    }
-}
-
-fn completed(d: &Daemon, path: &str, body: Value) -> Value {
-    let job = run_job(d, path, body);
-    assert_eq!(job["state"], "Completed", "{path}: {job}\n{}", d.log());
-    job
-}
 
 fn make_disk(path: &Path, size: u64) {
     if vhd::is_vhdx_name(path) {

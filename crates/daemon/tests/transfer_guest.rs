@@ -11,10 +11,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::disk_data::{affected, post_completed as completed};
 use common::guest::{
-    config_disk, ensure_worker_binary, guest_dir, vm, wait_state, KillWorkersOnDrop,
+    config_disk, console, counts, disk_count, ensure_worker_binary, guest_dir, vm, wait_state,
+    KillWorkersOnDrop,
 };
-use common::{wait_job, Daemon};
+use common::Daemon;
 use serde_json::{json, Value};
 
 /// Counts forever, writing `count N` to both data disks (the virtio disks) and
@@ -31,46 +33,6 @@ const COUNTER: &str = "n=0\n\
     done\n";
 
 const MAC: &str = "52:54:00:aa:bb:01";
-
-fn run_job(d: &Daemon, path: &str, body: Value) -> Value {
-    let r = d.post(path, body);
-    assert_eq!(r.status, 202, "{path}: {}", r.raw);
-    let id = r.body["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let job = wait_job(d, &id);
-        if matches!(
-            job["state"].as_str(),
-            Some("Completed" | "Exception" | "Terminated" | "Killed")
-        ) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "job {id} did not finish: {job}");
-    }
-}
-
-fn completed(d: &Daemon, path: &str, body: Value) -> Value {
-    let job = run_job(d, path, body);
-    assert_eq!(job["state"], "Completed", "{path}: {job}\n{}", d.log());
-    job
-}
-
-fn console(d: &Daemon, name: &str) -> String {
-    let r = d.get(&format!("/v1/vms/{name}/console/log"));
-    assert_eq!(r.status, 200, "{}", r.raw);
-    r.raw
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string()
-}
-
-fn counts(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("count "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
 
 /// Waits until the guest printed at least `more` counts beyond those it had
 /// printed when `seen` were; returns the last.
@@ -91,18 +53,6 @@ fn wait_counts(d: &Daemon, name: &str, seen: usize, more: usize) -> u64 {
     }
 }
 
-/// The count on a disk (through the engine, with its chain).
-fn disk_count(path: &Path) -> u64 {
-    let disk = vhd::open(path, true).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut sector = [0u8; 512];
-    disk.read_at(&mut sector, 0).unwrap();
-    let text = String::from_utf8_lossy(&sector);
-    let line = text.trim_end_matches('\0').trim();
-    line.strip_prefix("count ")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{} holds no count: {line:?}", path.display()))
-}
-
 /// The two data disks' counts of the VM's current state.
 fn data_counts(d: &Daemon, name: &str) -> (u64, u64) {
     let v = vm(d, name);
@@ -114,15 +64,7 @@ fn data_counts(d: &Daemon, name: &str) -> (u64, u64) {
         .map(|x| PathBuf::from(x["media"]["path"].as_str().unwrap()))
         .collect();
     assert_eq!(paths.len(), 2, "{v}");
-    (disk_count(&paths[0]), disk_count(&paths[1]))
-}
-
-fn affected(job: &Value, kind: &str) -> Option<String> {
-    job["affected_elements"]
-        .as_array()?
-        .iter()
-        .find(|a| a["kind"] == kind)
-        .and_then(|a| a["id"].as_str().map(str::to_string))
+    (disk_count(&paths[0], 0), disk_count(&paths[1], 0))
 }
 
 fn checkpoint(d: &Daemon, name: &str, cp: &str) {
@@ -255,7 +197,12 @@ fn vm_exported_while_running_imports_by_copy_and_by_register_with_its_checkpoint
         &format!("/v1/vms/{name}/export"),
         json!({"destination": out.display().to_string()}),
     );
-    let folder = PathBuf::from(affected(&job, "export").expect("the job names the export folder"));
+    let folder = PathBuf::from(
+        affected(&job, "export")
+            .first()
+            .cloned()
+            .expect("the job names the export folder"),
+    );
     assert_eq!(folder, out.join(name));
     assert_eq!(vm(&d, name)["runtime"]["state"], "Running");
     let seen = counts(&console(&d, name)).len();
@@ -298,7 +245,10 @@ fn vm_exported_while_running_imports_by_copy_and_by_register_with_its_checkpoint
         "/v1/vms/import",
         json!({"source": moved.display().to_string(), "mode": "copy"}),
     );
-    assert_eq!(affected(&job, "vm").as_deref(), Some(original_id.as_str()));
+    assert_eq!(
+        affected(&job, "vm").first().cloned().as_deref(),
+        Some(original_id.as_str())
+    );
     let imported = vm(&d2, name);
     assert_eq!(imported["id"], original_id.as_str());
     assert_eq!(imported["runtime"]["state"], "Saved", "{imported}");
@@ -338,7 +288,7 @@ fn vm_exported_while_running_imports_by_copy_and_by_register_with_its_checkpoint
         "/v1/vms/import",
         json!({"source": moved_folder.display().to_string(), "mode": "register", "new_id": true, "name": "traveller-2"}),
     );
-    let new_id = affected(&job, "vm").unwrap();
+    let new_id = affected(&job, "vm").first().cloned().unwrap();
     assert_ne!(new_id, original_id);
     let second = vm(&d, "traveller-2");
     let adapter = &second["settings"]["network_adapters"][0];

@@ -10,12 +10,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
+use common::disk_data::post_job as run_job;
 use common::guest::{
-    config_disk, ensure_worker_binary, guest_dir, vm, wait_console, wait_state, KillWorkersOnDrop,
+    config_disk, console, counts, disk_count, ensure_worker_binary, guest_dir, vm, wait_console,
+    wait_count, wait_state, KillWorkersOnDrop,
 };
-use common::{wait_job, Daemon};
+use common::Daemon;
 use serde_json::{json, Value};
 
 /// Marks the IDE data disk (sector 0) so the guest can find it among the IDE disks.
@@ -37,70 +38,6 @@ const COUNTER: &str = "ide=\n\
     echo \"count $n\"\n\
     sleep 0.2\n\
     done\n";
-
-fn run_job(d: &Daemon, path: &str, body: Value) -> Value {
-    let r = d.post(path, body);
-    assert_eq!(r.status, 202, "{path}: {}", r.raw);
-    let id = r.body["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let job = wait_job(d, &id);
-        if matches!(
-            job["state"].as_str(),
-            Some("Completed" | "Exception" | "Terminated" | "Killed")
-        ) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "job {id} did not finish: {job}");
-    }
-}
-
-fn console(d: &Daemon, name: &str) -> String {
-    let r = d.get(&format!("/v1/vms/{name}/console/log"));
-    assert_eq!(r.status, 200, "{}", r.raw);
-    r.raw
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string()
-}
-
-fn counts(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("count "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
-
-fn wait_count(d: &Daemon, name: &str, at_least: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let text = console(d, name);
-        if let Some(&last) = counts(&text).last() {
-            if last >= at_least {
-                return last;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest never counted to {at_least}:\n{text}\ndaemon log:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The count the guest last wrote into `sector` of the disk, read through the engine.
-fn disk_count(path: &Path, sector: u64) -> u64 {
-    let disk = vhd::open(path, true).unwrap();
-    let mut buf = [0u8; 512];
-    disk.read_at(&mut buf, sector * 512).unwrap();
-    let text = String::from_utf8_lossy(&buf);
-    let line = text.trim_end_matches('\0').trim();
-    line.strip_prefix("count ")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{} holds no count: {line:?}", path.display()))
-}
 
 fn affected<'a>(job: &'a Value, kind: &str) -> Option<&'a str> {
     job["affected_elements"]

@@ -22,7 +22,7 @@ use jobs::{AffectedElement, JobContext, JobError, JobSnapshot, JobSpec};
 use uuid::Uuid;
 use vm_config::{DriveMedia, Slot, VmSettings};
 
-use crate::error::ApiError;
+use crate::error::{blocking, ApiError};
 use crate::service::{damaged_unreadable, find, Service};
 use crate::vms::runtime::StopMode;
 use crate::vms::store::error_chain;
@@ -84,14 +84,6 @@ impl Drop for BusyGuard {
     }
 }
 
-fn to_job_error(e: ApiError) -> JobError {
-    let code = serde_json::to_value(e.code)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "Failed".into());
-    JobError::failed(code, e.message)
-}
-
 struct Target {
     id: Uuid,
     name: String,
@@ -121,18 +113,6 @@ fn invalid_state(name: &str, state: VmState, what: &str) -> ApiError {
         format!("cannot {what} while VM {name} is {state:?}"),
     )
     .with_details(serde_json::json!({ "state": state }))
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, JobError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(to_job_error),
-        Err(e) => Err(JobError::failed(
-            "Internal",
-            format!("a checkpoint operation failed unexpectedly: {e}"),
-        )),
-    }
 }
 
 /// Writes new settings for VM `id` (any state: only checkpoint code calls this).
@@ -189,7 +169,7 @@ async fn settle(
 ) -> Result<usize, JobError> {
     let mode = current_mode(svc, id);
     let svc2 = svc.clone();
-    blocking(move || {
+    blocking("a checkpoint operation", move || {
         let job = ctx.as_ref().map(|c| c.id()).unwrap_or_default();
         let running = &svc2.checkpoints.running;
         let merging: Cell<Option<Uuid>> = Cell::new(None);
@@ -399,19 +379,19 @@ pub(crate) async fn take(
     name: Option<String>,
     ctx: JobContext,
 ) -> Result<Uuid, JobError> {
-    let vm = target(svc, &id.to_string()).map_err(to_job_error)?;
+    let vm = target(svc, &id.to_string()).map_err(JobError::from)?;
     let limit = svc.config.checkpoint_limit;
     match vm.state {
         VmState::Off | VmState::Saved => {
             let saved = vm.dir.join(SAVED_STATE_FILE);
             let memory = (vm.state == VmState::Saved && saved.exists()).then_some(saved);
             let (dir, settings) = (vm.dir.clone(), vm.settings.clone());
-            let created = blocking(move || {
+            let created = blocking("a checkpoint operation", move || {
                 let c = ops::create(&dir, &settings, name, memory.as_deref(), limit)?;
                 Ok(c)
             })
             .await?;
-            write_settings(svc, created.settings).map_err(to_job_error)?;
+            write_settings(svc, created.settings).map_err(JobError::from)?;
             Ok(created.node.id)
         }
         VmState::Running | VmState::Paused => {
@@ -429,8 +409,10 @@ pub(crate) async fn take(
             let saved = vm.dir.join(SAVED_STATE_FILE);
             let (dir, settings) = (vm.dir.clone(), vm.settings.clone());
             let memory = saved.clone();
-            let created =
-                blocking(move || ops::create(&dir, &settings, name, Some(&memory), limit)).await;
+            let created = blocking("a checkpoint operation", move || {
+                ops::create(&dir, &settings, name, Some(&memory), limit)
+            })
+            .await;
             let created = match created {
                 Ok(c) => c,
                 Err(e) => {
@@ -443,7 +425,7 @@ pub(crate) async fn take(
             };
             let node = created.node.id;
             let new_settings = created.settings.clone();
-            write_settings(svc, created.settings).map_err(to_job_error)?;
+            write_settings(svc, created.settings).map_err(JobError::from)?;
             svc.set_runtime(id, VmRuntime::with_state(VmState::Starting));
             workers
                 .start(new_settings, vm.dir.clone(), ctx.clone())
@@ -456,7 +438,7 @@ pub(crate) async fn take(
             tracing::info!(vm = %id, downtime_ms = downtime.as_millis() as u64, "checkpoint of a running VM taken");
             Ok(node)
         }
-        state => Err(to_job_error(invalid_state(
+        state => Err(JobError::from(invalid_state(
             &vm.name,
             state,
             "take a checkpoint",
@@ -492,23 +474,26 @@ pub fn submit_apply(svc: &Arc<Service>, key: &str, cp: &str) -> Result<JobSnapsh
         let _guard = guard;
         let vm_lock = svc2.checkpoints.vm_lock(vm.id);
         let _held = vm_lock.lock().await;
-        let vm = target(&svc2, &vm.id.to_string()).map_err(to_job_error)?;
+        let vm = target(&svc2, &vm.id.to_string()).map_err(JobError::from)?;
         if !matches!(vm.state, VmState::Off | VmState::Saved) {
-            return Err(to_job_error(invalid_state(
+            return Err(JobError::from(invalid_state(
                 &vm.name,
                 vm.state,
                 "apply a checkpoint",
             )));
         }
         let (dir, settings) = (vm.dir.clone(), vm.settings.clone());
-        let applied = blocking(move || ops::apply(&dir, &settings, &cp)).await?;
+        let applied = blocking("a checkpoint operation", move || {
+            ops::apply(&dir, &settings, &cp)
+        })
+        .await?;
         ctx.set_percent(30);
-        write_settings(&svc2, applied.settings).map_err(to_job_error)?;
+        write_settings(&svc2, applied.settings).map_err(JobError::from)?;
         let saved = vm.dir.join(SAVED_STATE_FILE);
         let state = match &applied.memory_state {
             Some(m) => {
                 let (m, saved) = (m.clone(), saved.clone());
-                blocking(move || {
+                blocking("a checkpoint operation", move || {
                     restore_state(&m, &saved).map_err(|e| {
                         ApiError::internal(format!(
                             "cannot restore the memory state {}: {e}",
@@ -590,7 +575,10 @@ pub fn submit_delete(
         let vm_lock = svc2.checkpoints.vm_lock(vm.id);
         let _held = vm_lock.lock().await;
         let dir = vm.dir.clone();
-        blocking(move || ops::delete(&dir, &cp, subtree)).await?;
+        blocking("a checkpoint operation", move || {
+            ops::delete(&dir, &cp, subtree)
+        })
+        .await?;
         ctx.set_percent(5);
         settle(&svc2, vm.id, vm.dir.clone(), Some(ctx))
             .await

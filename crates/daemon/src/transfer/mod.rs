@@ -20,30 +20,10 @@ use jobs::{AffectedElement, JobContext, JobError, JobSnapshot, JobSpec};
 use uuid::Uuid;
 
 use crate::checkpoints::{self, ops, tree};
-use crate::error::ApiError;
+use crate::error::{blocking, ApiError};
 use crate::service::{damaged_unreadable, find, Service};
 use crate::vms::store::error_chain;
 use package::ExportKind;
-
-fn to_job_error(e: ApiError) -> JobError {
-    let code = serde_json::to_value(e.code)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "Failed".into());
-    JobError::failed(code, e.message)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, JobError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(to_job_error),
-        Err(e) => Err(JobError::failed(
-            "Internal",
-            format!("the transfer failed unexpectedly: {e}"),
-        )),
-    }
-}
 
 fn progress_of(ctx: &JobContext) -> impl FnMut(u64, u64) -> bool {
     let ctx = ctx.clone();
@@ -177,7 +157,7 @@ pub fn submit_export(
         let result = export_job(&svc2, id, kind, req.checkpoint.clone(), temp, folder.clone(), ctx.clone()).await;
         if let Some(t) = temp {
             let dir2 = dir.clone();
-            let marked = blocking(move || ops::delete(&dir2, &t.to_string(), false)).await;
+            let marked = blocking("the transfer", move || ops::delete(&dir2, &t.to_string(), false)).await;
             if let Err(e) = marked {
                 tracing::error!(vm = %id, checkpoint = %t, "cannot delete the export's temporary checkpoint: {e:?}");
             }
@@ -212,7 +192,7 @@ async fn export_job(
         (entry.dir.clone(), settings, svc.state_of(entry).state)
     };
     let mut progress = progress_of(&ctx);
-    blocking(move || {
+    blocking("the transfer", move || {
         let mut t = ops::load(&dir)?;
         // The point in time exported: a checkpoint (the named one, or the
         // temporary one of a running VM), or the current state of an idle VM.
@@ -346,7 +326,7 @@ pub fn submit_import(svc: &Arc<Service>, req: ImportRequest) -> Result<JobSnapsh
         let mut progress = progress_of(&ctx);
         let plan2 = plan.clone();
         let dir2 = vm_dir.clone();
-        let settings = blocking(move || import::carry_out(&plan2, &dir2, &mut progress)).await?;
+        let settings = blocking("the transfer", move || import::carry_out(&plan2, &dir2, &mut progress)).await?;
         // The commit point: vm.json, written under the store lock after checking
         // again that nothing took the id or name meanwhile.
         let committed = {
@@ -365,7 +345,7 @@ pub fn submit_import(svc: &Arc<Service>, req: ImportRequest) -> Result<JobSnapsh
         };
         if let Err(e) = committed {
             let _ = std::fs::remove_dir_all(&vm_dir);
-            return Err(to_job_error(e));
+            return Err(JobError::from(e));
         }
         if saved {
             svc2.set_runtime(id, VmRuntime::with_state(VmState::Saved));

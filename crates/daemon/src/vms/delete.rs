@@ -36,7 +36,7 @@ use super::runtime::StopMode;
 use super::store::{error_chain, DISKS_FOLDER, SETTINGS_FILE};
 use super::test_seam::Stall;
 use crate::checkpoints::tree::{self, Tree, SNAPSHOTS_FOLDER};
-use crate::error::ApiError;
+use crate::error::{blocking, ApiError};
 use crate::service::{find, Service};
 
 pub const INTENT_FILE: &str = "delete-intent.json";
@@ -272,26 +272,6 @@ pub fn resume_at_start(svc: &Arc<Service>) {
     }
 }
 
-fn job_err(e: ApiError) -> JobError {
-    let code = serde_json::to_value(e.code)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "Failed".into());
-    JobError::failed(code, e.message)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, JobError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(job_err),
-        Err(e) => Err(JobError::failed(
-            "Internal",
-            format!("the delete failed unexpectedly: {e}"),
-        )),
-    }
-}
-
 fn settings_of(svc: &Service, id: Uuid) -> Option<VmSettings> {
     svc.store().get(id).and_then(|e| e.settings.clone())
 }
@@ -306,7 +286,7 @@ async fn run(
     // 1. The intent.
     let intent = {
         let (svc, dir) = (svc.clone(), dir.clone());
-        blocking(move || {
+        blocking("the delete", move || {
             let stall = Stall::from_env(STALL_VAR, "delete");
             let intent = match (load_intent(&dir)?, request) {
                 (Some(mut i), Some((force, delete_disks))) => {
@@ -384,7 +364,10 @@ async fn run(
         Some(_) => intent,
         None => {
             let (svc, dir, ctx) = (svc.clone(), dir.clone(), ctx.clone());
-            blocking(move || merge_phase(&svc, id, &dir, intent, &ctx)).await?
+            blocking("the delete", move || {
+                merge_phase(&svc, id, &dir, intent, &ctx)
+            })
+            .await?
         }
     };
     ctx.set_percent(80);
@@ -392,7 +375,7 @@ async fn run(
     let removal = intent.removal.clone().unwrap_or_default();
     {
         let (dir, removal) = (dir.clone(), removal.clone());
-        blocking(move || remove_phase(&dir, &removal)).await?;
+        blocking("the delete", move || remove_phase(&dir, &removal)).await?;
     }
     // 5. Forget it.
     {

@@ -412,7 +412,7 @@ async fn move_online(
         p.intent.guest_paused_by_move = true;
         if let Err(e) = save_intent(dir, &p.intent) {
             undo(&p.intent);
-            return Err(job_err(e));
+            return Err(JobError::from(e));
         }
         if let Err(e) = w.pause(id, true).await {
             undo(&p.intent);
@@ -558,7 +558,7 @@ fn finish_online(vm_dir: &Path, p: Prepared, ctx: &JobContext) -> Result<Prepare
     };
     if let Err(e) = save_intent(vm_dir, &intent) {
         roll_back(vm_dir, &intent);
-        return Err(job_err(e));
+        return Err(JobError::from(e));
     }
     stall.at("committed");
     Ok(Prepared { intent, ..p })
@@ -573,20 +573,12 @@ fn finish_committed(
     ctx: &JobContext,
 ) -> Result<(), JobError> {
     let stall = Stall::from_env(STALL_VAR, "move");
-    roll_forward(svc, id, vm_dir, intent, &stall).map_err(job_err)?;
+    roll_forward(svc, id, vm_dir, intent, &stall).map_err(JobError::from)?;
     for m in &intent.files {
         ctx.add_affected(AffectedElement::new("disk", m.to.to_string_lossy()));
     }
     tracing::info!(vm = %id, files = intent.files.len(), destination = %intent.destination.display(), "VM storage moved");
     Ok(())
-}
-
-fn job_err(e: ApiError) -> JobError {
-    let code = serde_json::to_value(e.code)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "Failed".into());
-    JobError::failed(code, e.message)
 }
 
 /// Where each file goes: checkpoint layers by their checkpoint's folder, the rest
@@ -655,7 +647,7 @@ fn run(
         phase: Phase::Committed,
         ..intent
     };
-    save_intent(vm_dir, &intent).map_err(job_err)?;
+    save_intent(vm_dir, &intent).map_err(JobError::from)?;
     stall.at("committed");
     finish_committed(svc, id, vm_dir, &intent, ctx)
 }
@@ -674,7 +666,7 @@ fn begin(
         .get(id)
         .and_then(|e| e.settings.clone())
         .ok_or_else(|| JobError::failed("Damaged", "the VM's settings cannot be read"))?;
-    let t = crate::checkpoints::ops::load(vm_dir).map_err(job_err)?;
+    let t = crate::checkpoints::ops::load(vm_dir).map_err(JobError::from)?;
     let others = used_by_others(svc, id);
     let (mine, shared): (Vec<PathBuf>, Vec<PathBuf>) = vm_files(Some(&settings), &t)
         .into_iter()
@@ -702,7 +694,7 @@ fn begin(
         layers_dir: dest.join(SNAPSHOTS_FOLDER),
         guest_paused_by_move: false,
     };
-    save_intent(vm_dir, &intent).map_err(job_err)?;
+    save_intent(vm_dir, &intent).map_err(JobError::from)?;
     Ok((settings, t, intent))
 }
 

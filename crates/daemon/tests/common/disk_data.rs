@@ -144,6 +144,16 @@ pub fn run_job(d: &Daemon, method: &str, path: &str, body: Option<Value>) -> Val
     job
 }
 
+/// POSTs `body` to `path` (a job) and waits for the job to end; returns the job.
+pub fn post_job(d: &Daemon, path: &str, body: Value) -> Value {
+    run_job_any(d, "POST", path, Some(body))
+}
+
+/// Like [`post_job`], and the job must complete.
+pub fn post_completed(d: &Daemon, path: &str, body: Value) -> Value {
+    run_job(d, "POST", path, Some(body))
+}
+
 /// Takes checkpoint `name`; returns its id.
 pub fn checkpoint(d: &Daemon, vm: &str, name: &str) -> String {
     let job = run_job(

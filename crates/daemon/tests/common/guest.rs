@@ -181,3 +181,54 @@ pub fn config_disk(dir: &Path, script: &str) -> PathBuf {
     );
     cfg
 }
+
+/// The VM's serial console log, as text.
+pub fn console(d: &Daemon, name: &str) -> String {
+    let r = d.get(&format!("/v1/vms/{name}/console/log"));
+    assert_eq!(r.status, 200, "{}", r.raw);
+    r.raw
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Every `count N` line in `text`, in order (the counting guests of the tests).
+pub fn counts(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("count "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// Waits until the guest has printed a count of at least `at_least`; returns the last.
+pub fn wait_count(d: &Daemon, name: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let text = console(d, name);
+        if let Some(&last) = counts(&text).last() {
+            if last >= at_least {
+                return last;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never counted to {at_least}:\n{text}\ndaemon log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The count a guest last wrote into `sector` of a disk, read through the engine
+/// (with its chain).
+pub fn disk_count(path: &Path, sector: u64) -> u64 {
+    let disk = vhd::open(path, true).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut buf = [0u8; 512];
+    disk.read_at(&mut buf, sector * 512).unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let line = text.trim_end_matches('\0').trim();
+    line.strip_prefix("count ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{} holds no count: {line:?}", path.display()))
+}
