@@ -110,7 +110,7 @@ enum VhdCommand {
         #[arg(long = "type", value_enum)]
         kind: Option<Kind>,
     },
-    /// Drop the all-zero blocks of a dynamic VHD or VHDX and shrink its file.
+    /// Drop the all-zero blocks of a dynamic VHD or VHDX (of a differencing VHDX: what its parent reads the same) and shrink its file.
     Compact {
         path: PathBuf,
         #[arg(long)]

@@ -243,6 +243,66 @@ fn compact_shrinks_a_dynamic_vhdx_and_keeps_its_children_linked() {
 }
 
 #[test]
+fn compact_of_a_differencing_vhdx_drops_what_the_parent_reads_the_same_and_keeps_its_children_linked(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    new_vhdx(&base, NewVhdx::Dynamic { size: 32 * MIB });
+    // The parent has data in its first 16 MiB, zeros after.
+    let parent_data = pattern(16 * MIB as usize, 1);
+    write(&base, 0, &parent_data);
+    let child = dir.path().join("child.avhdx");
+    new_vhdx(
+        &child,
+        NewVhdx::Differencing {
+            parent: base.clone(),
+        },
+    );
+    // Kept: new data (4-7 MiB), zeros over the parent's data (10-12 MiB: they hide it).
+    write(&child, 4 * MIB, &pattern(3 * MIB as usize, 2));
+    write(&child, 10 * MIB, &vec![0u8; 2 * MIB as usize]);
+    // Dropped: the parent's own data written again (0-2 MiB), zeros over zeros (20-26 MiB).
+    write(&child, 0, &parent_data[..2 * MIB as usize]);
+    write(&child, 20 * MIB, &vec![0u8; 6 * MIB as usize]);
+    let expected = read_all(&child);
+    assert!(expected[10 * MIB as usize..12 * MIB as usize]
+        .iter()
+        .all(|&b| b == 0));
+    let grandchild = dir.path().join("grandchild.avhdx");
+    new_vhdx(
+        &grandchild,
+        NewVhdx::Differencing {
+            parent: child.clone(),
+        },
+    );
+    let before = vhd::ops::info::layer_info(&child).unwrap().allocated_bytes;
+    let r = vhd::ops::compact::compact(&child, &mut NoProgress).unwrap();
+    let after = vhd::ops::info::layer_info(&child).unwrap().allocated_bytes;
+    // 8 blocks of 1 MiB dropped (the sector bitmap block stays, counted in both).
+    assert_eq!(before - after, 8 * MIB, "{before} -> {after}, {r:?}");
+    assert!(r.file_size_after + 8 * MIB <= r.file_size_before, "{r:?}");
+    assert!(
+        read_all(&child) == expected,
+        "the compacted child reads as before"
+    );
+    assert!(
+        read_all(&grandchild) == expected,
+        "its child still links to it"
+    );
+    assert!(vhd::ops::check::check(&child, false).unwrap().clean());
+    assert_eq!(
+        vhd::ops::info::info(&child).unwrap().chain.len(),
+        2,
+        "still over the same parent"
+    );
+    // A fixed VHDX is refused with a reason, and left alone.
+    let fixed = dir.path().join("fixed.vhdx");
+    new_vhdx(&fixed, NewVhdx::Fixed { size: 4 * MIB });
+    let err = vhd::ops::compact::compact(&fixed, &mut NoProgress).unwrap_err();
+    assert!(err.to_string().contains("fixed"), "{err}");
+}
+
+#[test]
 fn resize_grows_past_the_bat_and_shrinks_only_to_the_last_used_block() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("d.vhdx");

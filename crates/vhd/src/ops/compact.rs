@@ -1,6 +1,8 @@
 //! `compact`: drops the all-zero blocks of a dynamic VHD or VHDX and shrinks
 //! the file (for a VHDX also the space of blocks freed by discards and of
-//! allocations a crash left unused).
+//! allocations a crash left unused). A differencing VHDX drops what its parent
+//! already reads the same (data written again unchanged, zeros over zeros) and
+//! keeps the rest, zeros that hide the parent's data included.
 //!
 //! The blocks worth keeping are copied into a new file beside the original, with
 //! the same unique ID (so differencing children stay valid), which then replaces
@@ -142,17 +144,24 @@ fn compact_vhdx(
     use crate::vhdx::image::VhdxType;
     use crate::vhdx::VhdxImage;
     let src = VhdxImage::open_layer_on(storage, path, false)?;
-    if src.disk_type() != VhdxType::Dynamic {
+    let differencing = src.disk_type() == VhdxType::Differencing;
+    if src.disk_type() != VhdxType::Dynamic && !differencing {
         return Err(crate::vhdx::Error::Invalid {
             path: path.to_path_buf(),
             what: format!(
-                "compact works on dynamic VHDX files; this one is {:?}",
+                "compact works on dynamic and differencing VHDX files; this one is {:?} (a fixed disk has no blocks to drop)",
                 src.disk_type()
             )
             .to_lowercase(),
         }
         .into());
     }
+    // A child is rebuilt over the same parent, which must be there.
+    let parent = if differencing {
+        Some(crate::vhdx::chain::resolve_parent(&src)?)
+    } else {
+        None
+    };
     src.flush()?;
     let before = std::fs::metadata(path).map_err(io(path))?.len();
     let tmp = temp_path(path);
@@ -160,15 +169,28 @@ fn compact_vhdx(
     let m = src.metadata().clone();
     let data_write_guid = src.header()?.data_write_guid;
     let mut copy = || -> Result<()> {
-        let mut opts = VhdxOptions::new(NewVhdx::Dynamic {
-            size: m.virtual_disk_size,
-        });
+        let kind = match &parent {
+            Some(p) => NewVhdx::Differencing { parent: p.clone() },
+            None => NewVhdx::Dynamic {
+                size: m.virtual_disk_size,
+            },
+        };
+        let mut opts = VhdxOptions::new(kind);
         opts.block_size = Some(m.block_size);
         opts.logical_sector_size = m.logical_sector_size;
         opts.physical_sector_size = m.physical_sector_size;
         create_vhdx(storage, &tmp, &opts, &mut crate::NoProgress)?;
         let mut out = VhdxImage::open_layer_on(storage, &tmp, false)?;
-        copy_blocks(&src, &out, u64::from(m.block_size), progress)?;
+        if let Some(p) = &parent {
+            let below = crate::open(p, true)?;
+            copy_layer(&src, below.as_ref(), &out, progress)?;
+            // The locator exactly as it was (the same relative and absolute paths).
+            if let Some(locator) = m.parent_locator.clone() {
+                out.relink_parent(locator)?;
+            }
+        } else {
+            copy_blocks(&src, &out, u64::from(m.block_size), progress)?;
+        }
         out.adopt_virtual_disk_metadata(&m)?;
         out.finish_with_data_write_guid(data_write_guid)?;
         out.close()
@@ -207,6 +229,72 @@ fn copy_blocks(
             src.read_at(b, off)?;
             if b.iter().any(|&x| x != 0) {
                 out.write_at(b, off)?;
+            }
+        }
+        off += n;
+        if !progress.update(off, size) {
+            return Err(Error::Cancelled {
+                what: format!(
+                    "{} was left as it was",
+                    src.path().unwrap_or(Path::new("")).display()
+                ),
+            });
+        }
+    }
+    out.flush()
+}
+
+/// Copies what the layer `src` holds into the empty child `out` over the same
+/// parent (`below`, read through its chain), sector by sector: what the parent
+/// already reads the same is left out (it reads through), the rest is written
+/// (zeros as zeros); ranges the layer does not hold stay absent.
+fn copy_layer(
+    src: &dyn Disk,
+    below: &dyn Disk,
+    out: &dyn Disk,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    let size = src.size();
+    let chunk: u64 = 4 << 20;
+    let sector = src.logical_sector_size().max(512) as usize;
+    let mut mine = vec![0u8; chunk as usize];
+    let mut theirs = vec![0u8; chunk as usize];
+    let mut off = 0;
+    while off < size {
+        let st = src.block_status(off, chunk.min(size - off))?;
+        let n = st.len;
+        if st.allocation != Allocation::Unallocated {
+            let a = &mut mine[..n as usize];
+            match st.allocation {
+                Allocation::Zero => a.fill(0),
+                _ => src.read_at(a, off)?,
+            }
+            // What the parent reads there (zeros past its end, if it is smaller).
+            let b = &mut theirs[..n as usize];
+            b.fill(0);
+            let within = below.size().saturating_sub(off).min(n) as usize;
+            if within > 0 {
+                below.read_at(&mut b[..within], off)?;
+            }
+            // Runs of sectors that differ from the parent, written as they are.
+            let mut i = 0;
+            while i < a.len() {
+                let differs = |k: usize| a[k..k + sector] != b[k..k + sector];
+                if !differs(i) {
+                    i += sector;
+                    continue;
+                }
+                let start = i;
+                while i < a.len() && differs(i) {
+                    i += sector;
+                }
+                let run = &a[start..i];
+                let at = off + start as u64;
+                if run.iter().all(|&x| x == 0) {
+                    out.write_zeroes(at, run.len() as u64)?;
+                } else {
+                    out.write_at(run, at)?;
+                }
             }
         }
         off += n;
