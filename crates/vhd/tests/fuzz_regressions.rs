@@ -216,3 +216,27 @@ fn vhdx_new_block_goes_past_an_unknown_region_beyond_the_end() {
     disk.read_at(&mut b, 3 << 20).unwrap();
     assert_eq!(b, [9u8; 4096]);
 }
+
+/// Two BAT entries placing their blocks on the same bytes: writing either would
+/// overwrite the other's data. Refused at open, naming both entries.
+#[test]
+fn vhdx_blocks_sharing_bytes_are_refused_at_open() {
+    use vhd::vhdx::bat::{BatEntry, PAYLOAD_BLOCK_FULLY_PRESENT};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhdx");
+    let clean = vhdx_dynamic(&path);
+    let (bat, _) = vhdx_regions(&clean);
+    let first = BatEntry::parse(u64::from_le_bytes(clean[bat..bat + 8].try_into().unwrap()));
+    for shift in [0u64, 4096] {
+        let mut bad = clean.clone();
+        let e = BatEntry::new(PAYLOAD_BLOCK_FULLY_PRESENT, first.offset() + shift).raw();
+        bad[bat + 8..bat + 16].copy_from_slice(&e.to_le_bytes());
+        // Long enough that the second block lies within the file.
+        bad.resize(bad.len() + (2 << 20), 0);
+        let err = open_error(&path, &bad);
+        assert!(
+            err.contains("BAT entry 1") && err.contains("block of BAT entry 0"),
+            "shift {shift}: {err}"
+        );
+    }
+}

@@ -487,6 +487,8 @@ impl VhdxImage {
     ) -> Result<u64> {
         let cr = layout.chunk_ratio();
         let mut end = 0u64;
+        // (offset, end, entry) of every present block: no two may share a byte.
+        let mut placed: Vec<(u64, u64, u64)> = Vec::new();
         for (i, &raw) in bat.iter().enumerate() {
             let i = i as u64;
             let e = BatEntry::parse(raw);
@@ -569,12 +571,24 @@ impl VhdxImage {
                 }
                 .into());
             }
+            placed.push((offset, end_here, i));
             let whole = if is_bitmap {
                 bat::BITMAP_BLOCK
             } else {
                 layout.block_size
             };
             end = end.max(offset + whole);
+        }
+        placed.sort_unstable();
+        if let Some(w) = placed.windows(2).find(|w| w[1].0 < w[0].1) {
+            // Writing either block would overwrite the other.
+            return Err(VhdxError::BatEntryOverlaps {
+                path: path.into(),
+                index: w[1].2,
+                offset: w[1].0,
+                what: format!("the block of BAT entry {}", w[0].2),
+            }
+            .into());
         }
         Ok(end)
     }
