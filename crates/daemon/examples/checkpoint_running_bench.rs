@@ -71,11 +71,11 @@ fn main() {
         .unwrap_or_else(std::env::temp_dir);
     let guest = guest_dir();
     let dir = base_dir.join(format!(
-        "viridian-running-ckpt-bench-{}",
+        "vrc-{}", // short: QEMU's sockets live below it (108-byte limit)
         std::process::id()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let (mut child, socket) = start_daemon(&dir, &[]);
+    let (daemon, socket) = start_daemon(&dir, &[]);
     let mut c = Conn::open(&socket);
     println!("load average at start: {}", loadavg());
 
@@ -144,7 +144,6 @@ fn main() {
     );
     job(&mut c, "POST", "/v1/vms/run/stop", "{}");
     println!("load average at end: {}", loadavg());
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -84,7 +84,7 @@ fn main() {
         .unwrap_or(3);
     let dir = base_dir.join(format!("viridian-transfer-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (mut child, socket) = start_daemon(&dir, &["--checkpoint-limit", "100"]);
+    let (daemon, socket) = start_daemon(&dir, &["--checkpoint-limit", "100"]);
     let mut c = Conn::open(&socket);
     println!("load average at start: {}", loadavg());
 
@@ -192,7 +192,6 @@ fn main() {
         times.last().unwrap().as_secs_f64() * 1e3
     );
     println!("load average at end: {}", loadavg());
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }

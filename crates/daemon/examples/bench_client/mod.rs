@@ -156,8 +156,18 @@ pub fn loadavg() -> String {
         .to_string()
 }
 
+/// The daemon a benchmark runs: killed when dropped, also when the benchmark panics.
+pub struct DaemonProcess(pub Child);
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the `viridiand` built next to the running example on `dir/data`.
-pub fn start_daemon(dir: &Path, extra: &[&str]) -> (Child, PathBuf) {
+pub fn start_daemon(dir: &Path, extra: &[&str]) -> (DaemonProcess, PathBuf) {
     let exe = std::env::current_exe().unwrap();
     let daemon = exe.parent().unwrap().parent().unwrap().join("viridiand");
     let socket = dir.join("v.sock");
@@ -174,5 +184,5 @@ pub fn start_daemon(dir: &Path, extra: &[&str]) -> (Child, PathBuf) {
     while UnixStream::connect(&socket).is_err() {
         std::thread::sleep(Duration::from_millis(10));
     }
-    (child, socket)
+    (DaemonProcess(child), socket)
 }
