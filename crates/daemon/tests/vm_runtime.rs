@@ -261,3 +261,53 @@ fn every_turn_off_and_save_job_gets_the_workers_answer() {
         assert_eq!(job["state"], "Completed", "{action} {round}: {job}");
     }
 }
+
+/// Unix socket paths must fit in 108 bytes: a VM under a deep data directory keeps
+/// its sockets in a short runtime folder (linked from its own folder) and runs.
+#[test]
+fn a_vm_under_a_data_dir_too_deep_for_unix_sockets_starts_and_its_runtime_folder_goes_with_it() {
+    ensure_worker_binary();
+    let guest = guest_dir();
+    let mut d = Daemon::start(&[]);
+    d.stop();
+    d.data = d
+        .dir
+        .path()
+        .join("a-folder-name-as-long-as-some-admins-like-them-to-be")
+        .join("viridian-data");
+    d.launch();
+    let _cleanup = KillWorkersOnDrop(d.data.clone());
+    let disk = d.dir.path().join("boot.vhd");
+    std::fs::copy(guest.join("boot-fixed.vhd"), &disk).unwrap();
+    let r = d.post(
+        "/v1/vms",
+        json!({"name": "deep", "generation": 1, "processor_count": 1, "memory_mib": 128}),
+    );
+    assert_eq!(r.status, 201, "{}", r.raw);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let own = d.data.join("vms").join(&id).join("runtime");
+    assert!(
+        own.join("control.sock").as_os_str().len() > 108,
+        "the test needs a deep folder"
+    );
+    let r = d.post(
+        "/v1/vms/deep/drives",
+        json!({"controller": "ide", "controller_number": 0, "location": 0,
+               "media": {"type": "hard_disk", "path": disk.display().to_string()}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.raw);
+    let job = act(&d, "deep", "start");
+    assert_eq!(job["state"], "Completed", "start: {job}\n{}", d.log());
+    wait_console(&d, "deep", "VIRIDIAN-GUEST: ready");
+    let short = std::path::Path::new("/run/viridian/rt").join(&id);
+    assert_eq!(std::fs::read_link(&own).unwrap(), short);
+    assert!(short.join("control.sock").exists());
+    let job = act(&d, "deep", "stop");
+    assert_eq!(job["state"], "Completed", "stop: {job}");
+    wait_state(&d, "deep", "Off");
+    let r = d.req("DELETE", "/v1/vms/deep", None);
+    assert_eq!(r.status, 202, "{}", r.raw);
+    wait_job(&d, r.body["id"].as_str().unwrap());
+    assert!(!short.exists(), "the short runtime folder goes with the VM");
+    d.stop();
+}

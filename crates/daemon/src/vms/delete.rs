@@ -599,6 +599,8 @@ fn remove_phase(dir: &Path, removal: &Removal) -> Result<(), ApiError> {
     stall.at("remove");
     remove_file(&dir.join(crate::checkpoints::ops::SAVED_STATE_FILE))?;
     remove_dir_all(&dir.join("runtime"))?;
+    // A runtime folder kept outside the VM's folder (its path was too long for sockets).
+    remove_dir_all(&crate::vms::workers::runtime_dir(dir))?;
     remove_dir_all(&dir.join(SNAPSHOTS_FOLDER))?;
     for d in &removal.layer_dirs {
         remove_dir_all(d)?;

@@ -67,8 +67,41 @@ pub struct WorkerSupervisor {
     watched: Mutex<HashMap<Uuid, Watched>>,
 }
 
-fn runtime_dir(vm_dir: &Path) -> PathBuf {
-    vm_dir.join("runtime")
+/// Longest name of a socket the worker and QEMU make in the runtime folder
+/// (`incoming.sock`, `scsi3-63.sock`, ...), with room to spare.
+const SOCKET_NAME_MAX: usize = 24;
+/// A unix socket's path must fit in `sun_path` (108 bytes with its NUL).
+const SOCKET_PATH_MAX: usize = 107;
+/// Runtime folders of VMs whose own folder's path is too long for sockets.
+const SHORT_RUNTIME_ROOT: &str = "/run/viridian/rt";
+
+/// The folder with a running VM's sockets, logs and status: `runtime/` in the VM's
+/// folder, or, when that path is too long for unix sockets (a deep `--data-dir`),
+/// `/run/viridian/rt/<vm-id>`, which `runtime` in the VM's folder then links to.
+pub fn runtime_dir(vm_dir: &Path) -> PathBuf {
+    let own = vm_dir.join("runtime");
+    if own.as_os_str().len() + 1 + SOCKET_NAME_MAX <= SOCKET_PATH_MAX {
+        return own;
+    }
+    let id = vm_dir.file_name().unwrap_or_default();
+    Path::new(SHORT_RUNTIME_ROOT).join(id)
+}
+
+/// Makes the runtime folder; a short one elsewhere gets the `runtime` link in the
+/// VM's folder, so its logs are found where they always are.
+fn prepare_runtime_dir(vm_dir: &Path, rt: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(rt)?;
+    let own = vm_dir.join("runtime");
+    if rt == own {
+        return Ok(());
+    }
+    match std::fs::read_link(&own) {
+        Ok(target) if target == rt => return Ok(()),
+        Ok(_) => std::fs::remove_file(&own)?,
+        Err(_) if own.is_dir() => std::fs::remove_dir_all(&own)?,
+        Err(_) => {}
+    }
+    std::os::unix::fs::symlink(rt, &own)
 }
 
 fn now_unix() -> u64 {
@@ -365,7 +398,7 @@ impl WorkerSupervisor {
                 format!("cannot start VM {}: {what}: {e}", vm.name),
             )
         };
-        std::fs::create_dir_all(&rt).map_err(|e| fail("creating its runtime folder", &e))?;
+        prepare_runtime_dir(&vm_dir, &rt).map_err(|e| fail("creating its runtime folder", &e))?;
         // A worker whose VM just stopped by itself may not have exited yet; it may still
         // hold the disk locks. Let it finish before the next one starts.
         let previous = self
