@@ -37,8 +37,7 @@ pub fn save(data_dir: &Path, defaults: NewVmDefaults) -> std::io::Result<()> {
         schema_version: SCHEMA_VERSION,
         new_vm_defaults: defaults,
     };
-    let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
-    vm_config::file::write_atomic(&path(data_dir), &bytes)
+    vm_config::file::write_json_atomic(&path(data_dir), &file)
 }
 
 #[cfg(test)]

@@ -79,15 +79,18 @@ pub fn save(path: &Path, settings: &VmSettings) -> Result<(), FileError> {
         schema_version: SCHEMA_VERSION,
         settings: settings.clone(),
     };
-    let mut bytes = serde_json::to_vec_pretty(&file).map_err(|e| FileError::Write {
-        path: path.into(),
-        source: std::io::Error::other(e),
-    })?;
-    bytes.push(b'\n');
-    write_atomic(path, &bytes).map_err(|source| FileError::Write {
+    write_json_atomic(path, &file).map_err(|source| FileError::Write {
         path: path.into(),
         source,
     })
+}
+
+/// Writes `value` as pretty JSON (ending in a newline) with [`write_atomic`]: every
+/// settings, tree, intent and manifest file of Viridian is written this way.
+pub fn write_json_atomic<T: Serialize + ?Sized>(path: &Path, value: &T) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes)
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new file.

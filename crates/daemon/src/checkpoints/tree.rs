@@ -181,10 +181,7 @@ pub fn save(vm_dir: &Path, tree: &Tree) -> Result<(), TreeError> {
         path: path.clone(),
         source,
     };
-    let mut bytes =
-        serde_json::to_vec_pretty(&file).map_err(|e| write(std::io::Error::other(e)))?;
-    bytes.push(b'\n');
-    vm_config::file::write_atomic(&path, &bytes).map_err(write)
+    vm_config::file::write_json_atomic(&path, &file).map_err(write)
 }
 
 impl Tree {

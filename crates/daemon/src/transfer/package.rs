@@ -123,9 +123,7 @@ pub fn read_manifest(folder: &Path) -> Result<Manifest, ManifestError> {
 }
 
 pub fn write_manifest(folder: &Path, m: &Manifest) -> std::io::Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(m).map_err(std::io::Error::other)?;
-    bytes.push(b'\n');
-    vm_config::file::write_atomic(&folder.join(MANIFEST_FILE), &bytes)
+    vm_config::file::write_json_atomic(&folder.join(MANIFEST_FILE), m)
 }
 
 /// Chooses export-relative names: a file under the VM's folder keeps its relative

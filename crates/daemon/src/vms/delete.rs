@@ -105,10 +105,7 @@ pub fn load_intent(vm_dir: &Path) -> Result<Option<Intent>, ApiError> {
 
 fn save_intent(vm_dir: &Path, intent: &Intent) -> Result<(), ApiError> {
     let path = intent_path(vm_dir);
-    let mut bytes =
-        serde_json::to_vec_pretty(intent).map_err(|e| ApiError::internal(e.to_string()))?;
-    bytes.push(b'\n');
-    vm_config::file::write_atomic(&path, &bytes)
+    vm_config::file::write_json_atomic(&path, intent)
         .map_err(|e| ApiError::internal(format!("cannot write {}: {e}", path.display())))
 }
 
