@@ -9,118 +9,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::disk_data::{chain, checkpoint, content_hash, disks, make_base_of, write_noise};
 use common::{wait_job, Daemon};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const SIZE: u64 = 128 << 20;
 /// Written into the layer that gets merged, per disk.
 const ALLOCATED: u64 = 64 << 20;
-
-fn make_base(path: &Path) {
-    let mut none = vhd::NoProgress;
-    if vhd::is_vhdx_name(path) {
-        use vhd::vhdx::create::{NewVhdx, VhdxOptions};
-        let mut o = VhdxOptions::new(NewVhdx::Dynamic { size: SIZE });
-        o.block_size = Some(2 << 20);
-        vhd::vhdx::create::create(path, &o, &mut none).unwrap();
-    } else {
-        use vhd::vhd1::create::{CreateOptions, NewDisk};
-        let o = CreateOptions {
-            kind: NewDisk::Dynamic {
-                size: SIZE,
-                block_size: 2 << 20,
-            },
-            exact_size: true,
-        };
-        vhd::vhd1::create::create(path, &o, &mut none).unwrap();
-    }
-}
-
-/// Writes `len` bytes of a pseudo-random stream seeded by `seed` at `offset`.
-fn write_noise(path: &Path, seed: u64, offset: u64, len: u64) {
-    let d = vhd::open(path, false).unwrap();
-    let mut x = seed | 1;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0;
-    while done < len {
-        for chunk in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = (len - done).min(buf.len() as u64) as usize;
-        d.write_at(&buf[..n], offset + done).unwrap();
-        done += n as u64;
-    }
-    d.flush().unwrap();
-}
-
-/// A digest of everything the chain under `leaf` reads.
-fn content_hash(leaf: &Path) -> u64 {
-    use std::hash::Hasher;
-    let d = vhd::open(leaf, true).unwrap();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    let mut buf = vec![0u8; 4 << 20];
-    let mut off = 0;
-    while off < d.size() {
-        let n = (d.size() - off).min(buf.len() as u64) as usize;
-        d.read_at(&mut buf[..n], off).unwrap();
-        h.write(&buf[..n]);
-        off += n as u64;
-    }
-    h.finish()
-}
-
-fn disks(d: &Daemon, vm: &str) -> Vec<PathBuf> {
-    let r = d.get(&format!("/v1/vms/{vm}"));
-    r.body["settings"]["drives"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| PathBuf::from(x["media"]["path"].as_str().unwrap()))
-        .collect()
-}
-
-fn run_job(d: &Daemon, method: &str, path: &str, body: Option<Value>) -> Value {
-    let r = d.req(method, path, body.map(|b| b.to_string()).as_deref());
-    assert_eq!(r.status, 202, "{}", r.raw);
-    let id = r.body["id"].as_str().unwrap();
-    let mut job = wait_job(d, id);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !matches!(
-        job["state"].as_str(),
-        Some("Completed" | "Exception" | "Terminated" | "Killed")
-    ) {
-        assert!(Instant::now() < deadline, "job {id} did not finish: {job}");
-        job = wait_job(d, id);
-    }
-    assert_eq!(job["state"], "Completed", "{job}");
-    job
-}
-
-fn create(d: &Daemon, vm: &str, name: &str) -> String {
-    let job = run_job(
-        d,
-        "POST",
-        &format!("/v1/vms/{vm}/checkpoints"),
-        Some(json!({ "name": name })),
-    );
-    job["affected_elements"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["kind"] == "checkpoint")
-        .map(|a| a["id"].as_str().unwrap().to_string())
-        .unwrap()
-}
-
-fn chain(leaf: &Path) -> Vec<PathBuf> {
-    vhd::ops::info::info(leaf).unwrap().chain
-}
 
 /// Builds base ← A ← B ← current per disk, 64 MiB written into A's child layer (the
 /// one a delete of A merges into the base), deletes A with the daemon set to stall at
@@ -134,7 +32,7 @@ fn killed_mid_merge_at(stall_at: &str) {
         d.dir.path().join("base.vhdx"),
     ];
     for (loc, p) in bases.iter().enumerate() {
-        make_base(p);
+        make_base_of(p, SIZE);
         write_noise(p, 1 + loc as u64, 0, 4 << 20);
         let r = d.post(
             &format!("/v1/vms/{vm}/drives"),
@@ -143,12 +41,12 @@ fn killed_mid_merge_at(stall_at: &str) {
         );
         assert_eq!(r.status, 201, "{}", r.raw);
     }
-    let a = create(&d, vm, "A");
+    let a = checkpoint(&d, vm, "A");
     for (i, p) in disks(&d, vm).iter().enumerate() {
         // Over the base's own data and beyond it, to the 64 MiB allocated.
         write_noise(p, 10 + i as u64, 2 << 20, ALLOCATED);
     }
-    let b = create(&d, vm, "B");
+    let b = checkpoint(&d, vm, "B");
     for (i, p) in disks(&d, vm).iter().enumerate() {
         write_noise(p, 20 + i as u64, 40 << 20, 1 << 20);
     }

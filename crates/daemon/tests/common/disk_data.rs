@@ -12,17 +12,22 @@ pub const SIZE: u64 = 32 << 20;
 
 /// A dynamic VHD or VHDX (by the name's extension) of `SIZE` with 2 MiB blocks.
 pub fn make_base(path: &Path) {
+    make_base_of(path, SIZE)
+}
+
+/// [`make_base`] of `size` bytes.
+pub fn make_base_of(path: &Path, size: u64) {
     let mut none = vhd::NoProgress;
     if vhd::is_vhdx_name(path) {
         use vhd::vhdx::create::{NewVhdx, VhdxOptions};
-        let mut o = VhdxOptions::new(NewVhdx::Dynamic { size: SIZE });
+        let mut o = VhdxOptions::new(NewVhdx::Dynamic { size });
         o.block_size = Some(2 << 20);
         vhd::vhdx::create::create(path, &o, &mut none).unwrap();
     } else {
         use vhd::vhd1::create::{CreateOptions, NewDisk};
         let o = CreateOptions {
             kind: NewDisk::Dynamic {
-                size: SIZE,
+                size,
                 block_size: 2 << 20,
             },
             exact_size: true,
