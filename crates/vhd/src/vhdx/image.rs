@@ -135,6 +135,11 @@ pub struct VhdxImage {
     pub(super) session: Mutex<Session>,
     started: AtomicBool,
     data_changed: AtomicBool,
+    /// Whether the file may hold writes (or a new length) that no sync has
+    /// covered yet: set after each write, cleared by the sync that covers
+    /// it. A flush with nothing new (a close after a flush) skips its
+    /// fdatasync, never one that data or a log entry depends on.
+    unsynced: AtomicBool,
     /// The DataWriteGuid the next change of content takes, when it must be
     /// known beforehand (a merge records it in the child first).
     planned_data_write_guid: Mutex<Option<Uuid>>,
@@ -423,6 +428,7 @@ impl VhdxImage {
             session: Mutex::new(session),
             started: AtomicBool::new(false),
             data_changed: AtomicBool::new(false),
+            unsynced: AtomicBool::new(true),
             planned_data_write_guid: Mutex::new(None),
             overlay,
             log_found,
@@ -755,11 +761,23 @@ impl VhdxImage {
     pub(super) fn write_file(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.file
             .write_at(buf, offset)
-            .map_err(io_error(&self.path))
+            .map_err(io_error(&self.path))?;
+        // After the write: a sync running meanwhile may not cover it, so the
+        // next one must not be skipped.
+        self.unsynced.store(true, Ordering::Release);
+        Ok(())
     }
 
+    /// Makes every write so far durable (fdatasync), unless none came since
+    /// the last sync.
     pub(super) fn sync(&self) -> Result<()> {
-        self.file.flush().map_err(io_error(&self.path))
+        if !self.unsynced.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.file.flush().map_err(|e| {
+            self.unsynced.store(true, Ordering::Release);
+            io_error(&self.path)(e)
+        })
     }
 
     fn read_data(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -982,6 +1000,7 @@ impl VhdxImage {
             })?;
         if end > st.file_len {
             self.file.set_len(end).map_err(io_error(&self.path))?;
+            self.unsynced.store(true, Ordering::Release);
             st.file_len = end;
         }
         st.end = end;
@@ -1514,6 +1533,9 @@ impl Disk for VhdxImage {
     /// write's data.
     fn commit_extent_write(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
+        // The caller wrote the data through the extent, not `write_file`: the
+        // next flush must sync it before the metadata that points at it.
+        self.unsynced.store(true, Ordering::Release);
         check_range(Some(&self.path), self.size(), offset, len)?;
         let bs = self.layout.block_size;
         let mut pos = offset;
