@@ -22,6 +22,11 @@ const PAGE: u64 = LOG_SECTOR as u64;
 /// The largest metadata region we read into memory.
 const MAX_METADATA_REGION: u64 = 64 * MIB;
 
+/// Memory the cached sector bitmaps of one image may take, as for VHD: 8
+/// bitmaps of 1 MiB, each covering 2^23 sectors (4 GiB of the virtual disk
+/// with 512-byte sectors, 32 GiB with 4 KiB ones).
+pub(super) const BITMAP_CACHE_BYTES: u64 = 8 << 20;
+
 /// What a flush takes from the cache: the pages (to put back if it fails),
 /// their contents at their file offsets, the file's length and end.
 type Dirty = (Vec<Page>, Vec<(u64, Vec<u8>)>, u64, u64);
@@ -46,8 +51,15 @@ enum Page {
 
 pub(super) struct State {
     pub(super) bat: Vec<u64>,
-    /// Sector bitmaps of chunks, loaded on first use (1 MiB each).
+    /// Sector bitmaps of chunks, loaded on first use (1 MiB each). Clean ones
+    /// beyond `bitmap_limit` are dropped and read again when needed, so a
+    /// large differencing disk does not hold its whole bitmap area in memory.
     bitmaps: HashMap<u64, Vec<u8>>,
+    /// Most bitmaps kept in memory (see [`BITMAP_CACHE_BYTES`]).
+    bitmap_limit: usize,
+    /// Chunks whose bitmap pages a flush has taken but not yet written in
+    /// place: the file does not have them yet, so they must stay cached.
+    flushing: BTreeSet<u64>,
     dirty: BTreeSet<Page>,
     /// Where the next block goes (1 MiB aligned, past every structure).
     pub(super) end: u64,
@@ -56,6 +68,36 @@ pub(super) struct State {
 }
 
 /// The headers as this session knows them, and where the log continues.
+impl State {
+    /// Drops clean cached bitmaps (never `keep`, never one with unflushed
+    /// bits or one a flush is writing) until a quarter of the room is free.
+    fn trim_bitmaps(&mut self, keep: Option<u64>) {
+        if self.bitmaps.len() <= self.bitmap_limit {
+            return;
+        }
+        let target = self.bitmap_limit - self.bitmap_limit / 4;
+        let excess = self.bitmaps.len() - target;
+        let dirty: BTreeSet<u64> = self
+            .dirty
+            .range(Page::Bitmap { chunk: 0, page: 0 }..)
+            .filter_map(|p| match p {
+                Page::Bitmap { chunk, .. } => Some(*chunk),
+                Page::Bat(_) => None,
+            })
+            .collect();
+        let victims: Vec<u64> = self
+            .bitmaps
+            .keys()
+            .copied()
+            .filter(|c| Some(*c) != keep && !dirty.contains(c) && !self.flushing.contains(c))
+            .take(excess)
+            .collect();
+        for c in victims {
+            self.bitmaps.remove(&c);
+        }
+    }
+}
+
 pub(super) struct Session {
     pub(super) header: Header,
     /// Slot (0 or 1) holding the current header.
@@ -93,6 +135,11 @@ pub struct VhdxImage {
     pub(super) session: Mutex<Session>,
     started: AtomicBool,
     data_changed: AtomicBool,
+    /// Whether the file may hold writes (or a new length) that no sync has
+    /// covered yet: set after each write, cleared by the sync that covers
+    /// it. A flush with nothing new (a close after a flush) skips its
+    /// fdatasync, never one that data or a log entry depends on.
+    unsynced: AtomicBool,
     /// The DataWriteGuid the next change of content takes, when it must be
     /// known beforehand (a merge records it in the child first).
     planned_data_write_guid: Mutex<Option<Uuid>>,
@@ -372,6 +419,8 @@ impl VhdxImage {
             state: RwLock::new(State {
                 bat,
                 bitmaps: HashMap::new(),
+                bitmap_limit: (BITMAP_CACHE_BYTES / bat::BITMAP_BLOCK).max(2) as usize,
+                flushing: BTreeSet::new(),
                 dirty: BTreeSet::new(),
                 end,
                 file_len,
@@ -379,6 +428,7 @@ impl VhdxImage {
             session: Mutex::new(session),
             started: AtomicBool::new(false),
             data_changed: AtomicBool::new(false),
+            unsynced: AtomicBool::new(true),
             planned_data_write_guid: Mutex::new(None),
             overlay,
             log_found,
@@ -711,11 +761,23 @@ impl VhdxImage {
     pub(super) fn write_file(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.file
             .write_at(buf, offset)
-            .map_err(io_error(&self.path))
+            .map_err(io_error(&self.path))?;
+        // After the write: a sync running meanwhile may not cover it, so the
+        // next one must not be skipped.
+        self.unsynced.store(true, Ordering::Release);
+        Ok(())
     }
 
+    /// Makes every write so far durable (fdatasync), unless none came since
+    /// the last sync.
     pub(super) fn sync(&self) -> Result<()> {
-        self.file.flush().map_err(io_error(&self.path))
+        if !self.unsynced.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.file.flush().map_err(|e| {
+            self.unsynced.store(true, Ordering::Release);
+            io_error(&self.path)(e)
+        })
     }
 
     fn read_data(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -797,24 +859,50 @@ impl VhdxImage {
         self.data_changed.store(false, Ordering::Release);
     }
 
-    /// Loads chunk `chunk`'s sector bitmap into the cache.
-    fn load_bitmap(&self, chunk: u64) -> Result<()> {
-        let offset = {
-            let st = self.state.read().map_err(|_| self.lock_err())?;
-            if st.bitmaps.contains_key(&chunk) {
-                return Ok(());
-            }
+    /// Chunk `chunk`'s sector bitmap, read into the cache when it is not
+    /// there. Read under the lock: a copy read outside it could be older
+    /// than bits a flush wrote after the read, once the cached copy holding
+    /// them was dropped.
+    fn cached_bitmap<'a>(&self, st: &'a mut State, chunk: u64) -> Result<&'a mut Vec<u8>> {
+        if !st.bitmaps.contains_key(&chunk) {
             let i = self.layout.bitmap_index(chunk) as usize;
             let e = BatEntry::parse(st.bat.get(i).copied().unwrap_or(0));
-            (e.state == bat::SB_BLOCK_PRESENT).then(|| e.offset())
-        };
-        let mut b = vec![0u8; bat::BITMAP_BLOCK as usize];
-        if let Some(at) = offset {
-            self.read_meta(&mut b, at)?;
+            let mut b = vec![0u8; bat::BITMAP_BLOCK as usize];
+            if e.state == bat::SB_BLOCK_PRESENT {
+                self.read_meta_locked(st, &mut b, e.offset())?;
+            }
+            st.bitmaps.insert(chunk, b);
+            st.trim_bitmaps(Some(chunk));
+        }
+        // Cached: it was there or was inserted above, and trimming keeps it.
+        Ok(st.bitmaps.entry(chunk).or_default())
+    }
+
+    /// Runs `f` on chunk `chunk`'s sector bitmap (under the read lock when it
+    /// is cached, else loading it under the write lock).
+    fn with_bitmap<R>(&self, chunk: u64, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        {
+            let st = self.state.read().map_err(|_| self.lock_err())?;
+            if let Some(bm) = st.bitmaps.get(&chunk) {
+                return Ok(f(bm));
+            }
         }
         let mut st = self.state.write().map_err(|_| self.lock_err())?;
-        st.bitmaps.entry(chunk).or_insert(b);
-        Ok(())
+        Ok(f(self.cached_bitmap(&mut st, chunk)?))
+    }
+
+    /// How many sector bitmaps are cached.
+    #[cfg(test)]
+    fn cached_bitmaps(&self) -> usize {
+        self.state.read().map(|st| st.bitmaps.len()).unwrap_or(0)
+    }
+
+    /// Caps the bitmap cache at `entries` bitmaps (tests use a small cap).
+    #[cfg(test)]
+    fn set_bitmap_limit(&self, entries: usize) {
+        if let Ok(mut st) = self.state.write() {
+            st.bitmap_limit = entries.max(2);
+        }
     }
 
     /// Bit index (in its chunk's bitmap) of the first sector of `block`.
@@ -843,24 +931,23 @@ impl VhdxImage {
     /// from `in_block`, covering `len` bytes: (present, bytes).
     fn partial_runs(&self, block: u64, in_block: u64, len: u64) -> Result<Vec<(bool, u64)>> {
         let (chunk, base) = self.bitmap_base(block);
-        self.load_bitmap(chunk)?;
-        let st = self.state.read().map_err(|_| self.lock_err())?;
-        let bm = st.bitmaps.get(&chunk).map(Vec::as_slice).unwrap_or(&[]);
         let ss = self.layout.logical_sector_size;
-        let mut runs: Vec<(bool, u64)> = Vec::new();
-        let mut pos = in_block;
-        let end = in_block + len;
-        while pos < end {
-            let present = bat::bit(bm, base + pos / ss);
-            let next = ((pos / ss + 1) * ss).min(end);
-            let n = next - pos;
-            match runs.last_mut() {
-                Some((p, l)) if *p == present => *l += n,
-                _ => runs.push((present, n)),
+        self.with_bitmap(chunk, |bm| {
+            let mut runs: Vec<(bool, u64)> = Vec::new();
+            let mut pos = in_block;
+            let end = in_block + len;
+            while pos < end {
+                let present = bat::bit(bm, base + pos / ss);
+                let next = ((pos / ss + 1) * ss).min(end);
+                let n = next - pos;
+                match runs.last_mut() {
+                    Some((p, l)) if *p == present => *l += n,
+                    _ => runs.push((present, n)),
+                }
+                pos = next;
             }
-            pos = next;
-        }
-        Ok(runs)
+            runs
+        })
     }
 
     fn read_in_block(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -913,6 +1000,7 @@ impl VhdxImage {
             })?;
         if end > st.file_len {
             self.file.set_len(end).map_err(io_error(&self.path))?;
+            self.unsynced.store(true, Ordering::Release);
             st.file_len = end;
         }
         st.end = end;
@@ -957,6 +1045,7 @@ impl VhdxImage {
                 self.set_entry(&mut st, sb_index, BatEntry::new(bat::SB_BLOCK_PRESENT, at));
                 st.bitmaps
                     .insert(chunk, vec![0u8; bat::BITMAP_BLOCK as usize]);
+                st.trim_bitmaps(Some(chunk));
             }
         }
         let at = self.allocate(&mut st, self.layout.block_size)?;
@@ -976,9 +1065,6 @@ impl VhdxImage {
         let (chunk, base) = self.bitmap_base(block);
         let ss = self.layout.logical_sector_size;
         let whole = in_block == 0 && len == self.layout.block_size;
-        if !whole {
-            self.load_bitmap(chunk)?;
-        }
         let mut st = self.state.write().map_err(|_| self.lock_err())?;
         let e = self.entry(&st, block);
         if e.state != bat::PAYLOAD_BLOCK_PARTIALLY_PRESENT {
@@ -995,17 +1081,14 @@ impl VhdxImage {
         }
         let first = base + in_block / ss;
         let count = (in_block + len).div_ceil(ss) - in_block / ss;
-        let State { bitmaps, dirty, .. } = &mut *st;
-        let Some(bm) = bitmaps.get_mut(&chunk) else {
-            return Ok(());
-        };
+        let bm = self.cached_bitmap(&mut st, chunk)?;
         if (first..first + count).all(|i| bat::bit(bm, i)) {
             return Ok(());
         }
         bat::set_bits(bm, first, count);
         let bits_per_page = PAGE * 8;
         for page in first / bits_per_page..=(first + count - 1) / bits_per_page {
-            dirty.insert(Page::Bitmap { chunk, page });
+            st.dirty.insert(Page::Bitmap { chunk, page });
         }
         Ok(())
     }
@@ -1092,6 +1175,7 @@ impl VhdxImage {
                 Page::Bitmap { chunk, page } => {
                     let i = self.layout.bitmap_index(chunk) as usize;
                     let sb = BatEntry::parse(st.bat.get(i).copied().unwrap_or(0));
+                    st.flushing.insert(chunk);
                     if let (bat::SB_BLOCK_PRESENT, Some(bm)) = (sb.state, st.bitmaps.get(&chunk)) {
                         let lo = (page * PAGE) as usize;
                         out.push((
@@ -1189,11 +1273,14 @@ impl VhdxImage {
             }
             self.log_pages(&mut s, &pages, file_len, end)
         });
-        if result.is_err() {
-            // Not durable: write them again at the next flush.
-            if let Ok(mut st) = self.state.write() {
+        if let Ok(mut st) = self.state.write() {
+            if result.is_err() {
+                // Not durable: write them again at the next flush (and keep
+                // their bitmaps cached until then).
                 st.dirty.extend(dirty);
             }
+            st.flushing.clear();
+            st.trim_bitmaps(None);
         }
         result
     }
@@ -1446,6 +1533,9 @@ impl Disk for VhdxImage {
     /// write's data.
     fn commit_extent_write(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
+        // The caller wrote the data through the extent, not `write_file`: the
+        // next flush must sync it before the metadata that points at it.
+        self.unsynced.store(true, Ordering::Release);
         check_range(Some(&self.path), self.size(), offset, len)?;
         let bs = self.layout.block_size;
         let mut pos = offset;
@@ -1465,5 +1555,93 @@ impl Drop for VhdxImage {
             // log; errors were reported to whoever flushed last.
             let _ = self.close_session();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::chain::open_chain;
+    use super::super::create::{create, NewVhdx, VhdxOptions};
+    use super::*;
+    use crate::NoProgress;
+
+    /// With 512-byte sectors one sector bitmap covers 4 GiB of the disk.
+    const CHUNK: u64 = 4 << 30;
+    const CHUNKS: u64 = 6;
+    const SPAN: usize = 64 << 10;
+
+    fn new_vhdx(path: &Path, kind: NewVhdx) {
+        let mut opts = VhdxOptions::new(kind);
+        opts.block_size = Some(MIB as u32);
+        opts.logical_sector_size = 512;
+        create(path, &opts, &mut NoProgress).unwrap();
+    }
+
+    fn byte(chunk: u64, pass: u64, i: usize) -> u8 {
+        (chunk * 31 + pass * 7 + i as u64 / 512) as u8 | 1
+    }
+
+    fn check(disk: &dyn Disk, model: &[Vec<u8>]) {
+        for (c, want) in model.iter().enumerate() {
+            let mut got = vec![0u8; SPAN];
+            disk.read_at(&mut got, c as u64 * CHUNK).unwrap();
+            assert!(got == *want, "chunk {c} reads other bytes");
+        }
+    }
+
+    #[test]
+    fn a_bitmap_cache_smaller_than_the_bitmaps_touched_keeps_every_partial_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dir.path().join("p.vhdx");
+        let child = dir.path().join("c.avhdx");
+        new_vhdx(
+            &parent,
+            NewVhdx::Dynamic {
+                size: CHUNK * CHUNKS,
+            },
+        );
+        // The parent's data at the start of every chunk, which the child's
+        // unmarked sectors must keep showing.
+        let mut model: Vec<Vec<u8>> = (0..CHUNKS)
+            .map(|c| (0..SPAN).map(|i| (c as u8) << 4 | (i % 13) as u8).collect())
+            .collect();
+        {
+            let p = open_chain(&parent, false).unwrap();
+            for (c, data) in model.iter().enumerate() {
+                p.write_at(data, c as u64 * CHUNK).unwrap();
+            }
+            p.close().unwrap();
+        }
+        new_vhdx(
+            &child,
+            NewVhdx::Differencing {
+                parent: parent.clone(),
+            },
+        );
+        let img = open_chain(&child, false).unwrap();
+        img.set_bitmap_limit(2);
+        // Two sectors in every chunk per pass, flushes between: clean bitmaps
+        // are dropped and read back while others are being marked.
+        for pass in 0..3u64 {
+            for (c, m) in model.iter_mut().enumerate() {
+                let at = (pass * 3 * 512) as usize;
+                let data: Vec<u8> = (0..1024).map(|i| byte(c as u64, pass, i)).collect();
+                img.write_at(&data, c as u64 * CHUNK + at as u64).unwrap();
+                m[at..at + 1024].copy_from_slice(&data);
+            }
+            img.flush().unwrap();
+            assert!(img.cached_bitmaps() <= 2, "{} cached", img.cached_bitmaps());
+            check(&img, &model);
+            assert!(img.cached_bitmaps() <= 2, "{} cached", img.cached_bitmaps());
+        }
+        img.close().unwrap();
+        let img = open_chain(&child, true).unwrap();
+        img.set_bitmap_limit(2);
+        check(&img, &model);
+        assert!(img.cached_bitmaps() <= 2, "{} cached", img.cached_bitmaps());
+        // The default cap holds them all here.
+        let img = open_chain(&child, true).unwrap();
+        check(&img, &model);
+        assert_eq!(img.cached_bitmaps(), CHUNKS as usize);
     }
 }

@@ -233,17 +233,36 @@ fn circular(log: &[u8], at: usize, len: usize) -> Vec<u8> {
     out
 }
 
-/// The valid entry at `at` belonging to `guid`, if there is one.
-fn entry_at(log: &[u8], at: usize, guid: &Uuid) -> Option<(LogEntry, usize)> {
+/// Whether sector `k` of the log can continue an entry: every sector of a
+/// valid entry but its first starts with a descriptor (`desc`, `zero`) or is a
+/// data sector (`data`), and none starts with `loge`.
+fn continues_entry(log: &[u8], k: usize) -> bool {
+    let s = &log[k * LOG_SECTOR..k * LOG_SECTOR + 4];
+    s == DATA_DESC_SIGNATURE || s == ZERO_DESC_SIGNATURE || s == DATA_SECTOR_SIGNATURE
+}
+
+/// The valid entry of `guid` starting at sector `k`, with its length in
+/// sectors. `breaks[i]` counts the sectors among the first `i` of the log laid
+/// twice end to end that cannot continue an entry: an entry whose claimed
+/// sectors include one is refused before its bytes are copied and summed
+/// (`parse` would refuse it too). So the entries that get that far never
+/// overlap, and all of them together cost at most one pass over the log.
+fn entry_at(log: &[u8], k: usize, guid: &Uuid, breaks: &[usize]) -> Option<(LogEntry, usize)> {
+    let at = k * LOG_SECTOR;
     let len = LogEntry::peek_length(&log[at..]).ok()?;
     if len > log.len() {
+        return None;
+    }
+    let sectors = len / LOG_SECTOR;
+    // k < n and sectors <= n, so k + sectors < 2n + 1 = breaks.len().
+    if breaks[k + sectors] != breaks[k + 1] || guid_at(log, at + 32) != *guid {
         return None;
     }
     let e = LogEntry::parse(&circular(log, at, len)).ok()?;
     if &e.log_guid != guid || e.tail as usize >= log.len() {
         return None;
     }
-    Some((e, len))
+    Some((e, sectors))
 }
 
 /// The active sequence: the entries to replay, tail first.
@@ -261,54 +280,115 @@ impl ActiveSequence {
 
 /// Finds the newest valid and complete sequence of entries of `guid` in the
 /// log's bytes, by the scan of MS-VHDX 2.3.3; `None` when there is none.
+///
+/// The scan starts a sequence at the current tail (sector 0 first), extends
+/// it entry by entry while each is valid and numbered one past the previous,
+/// keeps it as the candidate when its head's tail lies within it and its head
+/// is newer than the candidate's, then moves the current tail past the
+/// sequence (valid) or one sector on (not valid), until the tail wraps.
+///
+/// Done as written that is quadratic: every start one sector on walks the
+/// same entries again. Here every sector is parsed once, and the entries are
+/// linked into chains (an entry to the one right after it when that one is
+/// numbered one more). Valid entries never share a sector (see [`entry_at`]),
+/// so each entry has at most one predecessor, the chains are disjoint paths,
+/// and the sequence the scan builds from any start is the rest of its chain
+/// from there: its head is the chain's last entry and it is valid when that
+/// entry's tail is a position at or after the start on the same chain. A
+/// chain never covers more than the log (its entries are disjoint), so no
+/// sequence reads past LogLength. Linear in the log's length.
 pub fn find_active_sequence(log: &[u8], guid: &Uuid) -> Option<ActiveSequence> {
     if log.is_empty() || !log.len().is_multiple_of(LOG_SECTOR) || guid.is_nil() {
         return None;
     }
-    let mut candidate: Option<Vec<(usize, LogEntry)>> = None;
+    let n = log.len() / LOG_SECTOR;
+    let mut breaks = Vec::with_capacity(2 * n + 1);
+    breaks.push(0usize);
+    for i in 0..2 * n {
+        breaks.push(breaks[i] + usize::from(!continues_entry(log, i % n)));
+    }
+    let mut found: Vec<Option<(LogEntry, usize)>> =
+        (0..n).map(|k| entry_at(log, k, guid, &breaks)).collect();
+    let seq_at = |found: &[Option<(LogEntry, usize)>], k: usize| {
+        found[k].as_ref().map(|(e, _)| e.sequence_number)
+    };
+    let next: Vec<Option<usize>> = (0..n)
+        .map(|k| {
+            let (e, sectors) = found[k].as_ref()?;
+            let j = (k + sectors) % n;
+            (seq_at(&found, j)? == e.sequence_number.wrapping_add(1)).then_some(j)
+        })
+        .collect();
+    let mut has_pred = vec![false; n];
+    for &j in next.iter().flatten() {
+        has_pred[j] = true;
+    }
+    // Each entry's chain (named by its first entry), its place in it, and
+    // each chain's last entry. Chains start at entries without predecessor;
+    // the second pass would break a loop of entries (impossible: numbers only
+    // grow along a chain), so every entry has a chain.
+    const NONE: usize = usize::MAX;
+    let mut chain = vec![NONE; n];
+    let mut place = vec![0usize; n];
+    let mut last = vec![NONE; n];
+    for pass in 0..2 {
+        for k in 0..n {
+            if found[k].is_none() || chain[k] != NONE || (pass == 0 && has_pred[k]) {
+                continue;
+            }
+            let (mut x, mut i) = (k, 0);
+            loop {
+                chain[x] = k;
+                place[x] = i;
+                match next[x] {
+                    Some(y) if chain[y] == NONE => (x, i) = (y, i + 1),
+                    _ => break,
+                }
+            }
+            last[k] = x;
+        }
+    }
+    let mut candidate: Option<usize> = None;
     let mut candidate_seq = 0u64;
     let mut current_tail = 0usize;
     let mut old_tail = 0usize;
-    for _ in 0..=log.len() / LOG_SECTOR {
-        let mut seq: Vec<(usize, LogEntry)> = Vec::new();
-        let mut head = current_tail;
-        while seq.len() <= log.len() / LOG_SECTOR {
-            let Some((e, len)) = entry_at(log, head, guid) else {
-                break;
-            };
-            if let Some((_, last)) = seq.last() {
-                if e.sequence_number != last.sequence_number.wrapping_add(1) {
-                    break;
+    for _ in 0..=n {
+        let mut valid = false;
+        let mut head_end = current_tail;
+        if let Some((_, _)) = &found[current_tail] {
+            let c = chain[current_tail];
+            let h = last[c];
+            if let Some((he, sectors)) = &found[h] {
+                let t = he.tail as usize / LOG_SECTOR;
+                valid = found[t].is_some() && chain[t] == c && place[t] >= place[current_tail];
+                if valid && he.sequence_number > candidate_seq {
+                    candidate_seq = he.sequence_number;
+                    candidate = Some(current_tail);
                 }
-            }
-            seq.push((head, e));
-            head = (head + len) % log.len();
-        }
-        let valid = seq
-            .last()
-            .is_some_and(|(_, h)| seq.iter().any(|(p, _)| *p == h.tail as usize));
-        if let (true, Some((_, h))) = (valid, seq.last()) {
-            if h.sequence_number > candidate_seq {
-                candidate_seq = h.sequence_number;
-                candidate = Some(seq.clone());
+                head_end = (h + sectors) % n;
             }
         }
         current_tail = if valid {
-            head
+            head_end
         } else {
-            (current_tail + LOG_SECTOR) % log.len()
+            (current_tail + 1) % n
         };
         if current_tail < old_tail {
             break;
         }
         old_tail = current_tail;
     }
-    let seq = candidate?;
-    let tail = seq.last()?.1.tail as usize;
-    let start = seq.iter().position(|(p, _)| *p == tail)?;
-    Some(ActiveSequence {
-        entries: seq.into_iter().skip(start).map(|(_, e)| e).collect(),
-    })
+    let h = last[chain[candidate?]];
+    let mut x = found[h].as_ref()?.0.tail as usize / LOG_SECTOR;
+    let mut entries = Vec::new();
+    loop {
+        entries.push(found[x].take()?.0);
+        if x == h {
+            break;
+        }
+        x = next[x]?;
+    }
+    Some(ActiveSequence { entries })
 }
 
 #[cfg(test)]
@@ -423,6 +503,106 @@ mod tests {
         log[..LOG_SECTOR].copy_from_slice(&b[LOG_SECTOR..]);
         let s = find_active_sequence(&log, &g).unwrap();
         assert_eq!(s.entries, vec![e]);
+    }
+
+    /// A one-sector entry (a zero descriptor only).
+    fn small(seq: u64, tail: usize, guid: Uuid) -> LogEntry {
+        LogEntry {
+            sequence_number: seq,
+            tail: (tail * LOG_SECTOR) as u32,
+            log_guid: guid,
+            flushed_file_offset: 4 << 20,
+            last_file_offset: 5 << 20,
+            ops: vec![LogOp::Zero {
+                offset: 2 << 20,
+                length: 4096,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_log_full_of_small_entries_replays_them_all_in_order() {
+        let g = Uuid::new_v4();
+        let n = 8192;
+        let mut log = vec![0u8; n * LOG_SECTOR];
+        // One sequence of one-sector entries filling the whole log, starting
+        // at sector 5 and wrapping: seq 100 at sector 5, ..., the head
+        // (seq 100 + n - 1) at sector 4, its tail at sector 5.
+        for i in 0..n {
+            let at = (5 + i) % n;
+            place(&mut log, at * LOG_SECTOR, &small(100 + i as u64, 5, g));
+        }
+        let s = find_active_sequence(&log, &g).unwrap();
+        assert_eq!(s.entries.len(), n, "each entry once, none read twice");
+        assert!(s
+            .entries
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.sequence_number == 100 + i as u64));
+        // The head's tail in the middle: only the entries from there on.
+        let head = (5 + n - 1) % n;
+        place(
+            &mut log,
+            head * LOG_SECTOR,
+            &small(100 + n as u64 - 1, 8000, g),
+        );
+        let s = find_active_sequence(&log, &g).unwrap();
+        assert_eq!(s.entries.first().unwrap().sequence_number, 100 + 7995);
+        assert_eq!(s.head().sequence_number, 100 + n as u64 - 1);
+    }
+
+    #[test]
+    fn a_log_full_of_entries_whose_tail_is_never_found_is_searched_in_linear_time() {
+        // Two-sector entries, one chain over the whole log, every head's tail
+        // naming a data sector: no start gives a valid sequence, so the scan
+        // steps one sector at a time through the chain. Walking the chain
+        // again from every start took minutes at this size.
+        let g = Uuid::new_v4();
+        let n = 16384;
+        let mut log = vec![0u8; n * LOG_SECTOR];
+        for i in 0..n / 2 {
+            place(
+                &mut log,
+                2 * i * LOG_SECTOR,
+                &entry(1 + i as u64, LOG_SECTOR as u32, g, 3),
+            );
+        }
+        let t = std::time::Instant::now();
+        assert!(find_active_sequence(&log, &g).is_none());
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn an_entry_claiming_more_than_the_log_length_is_not_read() {
+        let g = Uuid::new_v4();
+        // A valid 2-sector entry, cut to fit a 1-sector log: its header says
+        // 8192 bytes, more than LogLength.
+        let b = entry(4, 0, g, 9).serialize();
+        let log = b[..LOG_SECTOR].to_vec();
+        assert!(find_active_sequence(&log, &g).is_none());
+        // Entries chained all the way round a full log end where they began:
+        // the sequence holds each once (it never runs past LogLength).
+        let n = 6;
+        let mut log = vec![0u8; n * LOG_SECTOR];
+        for i in 0..n / 2 {
+            place(
+                &mut log,
+                2 * i * LOG_SECTOR,
+                &entry(7 + i as u64, 0, g, i as u8),
+            );
+        }
+        let s = find_active_sequence(&log, &g).unwrap();
+        assert_eq!(
+            s.entries
+                .iter()
+                .map(|e| e.sequence_number)
+                .collect::<Vec<_>>(),
+            vec![7, 8, 9]
+        );
     }
 
     #[test]

@@ -34,7 +34,9 @@
 //!    carries any number of BAT changes: an allocating write costs no flush of
 //!    its own. A crash before the log entry is durable loses only unflushed
 //!    allocations (their space is leaked, `compact` reclaims it); after it, the
-//!    entry is replayed on the next open.
+//!    entry is replayed on the next open. A sync with nothing written since
+//!    the last one (the close after a flush) is skipped; data copied in
+//!    through an extent counts as written when it is committed.
 //! 4. **Close**: a clean close rewrites the headers with LogGuid zero, so other
 //!    readers see an empty log.
 //!
