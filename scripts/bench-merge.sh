@@ -28,35 +28,12 @@ FORMATS=${FORMATS:-vhd}
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
-[ "$(id -u)" = 0 ] || { echo "bench-merge: run as root (it drops the page cache between runs)" >&2; exit 1; }
-
-cargo build --release -q -p vhd_bench
-B=$CARGO_TARGET_DIR/release/vhd-bench
-
-BENCH_DIR=${BENCH_DIR:-/var/tmp}
-if [ "$(stat -f -c %T "$BENCH_DIR")" = tmpfs ]; then
-    echo "bench-merge: $BENCH_DIR is tmpfs; set BENCH_DIR to a folder on a real disk" >&2
-    exit 1
-fi
-WORK=$(mktemp -d "$BENCH_DIR/merge-bench.XXXXXX")
-[ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
-LOG=$WORK/log
+BENCH_NAME=bench-merge
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
+bench_init merge-bench
 BYTES=$((MIB << 20))
 COUNT=$((MIB * 16)) # 64 KiB requests
-
-quiesce() { sync; [ "${WARM:-0}" = 1 ] || echo 3 >/proc/sys/vm/drop_caches; }
-
-# seconds LABEL CMD...: prints CMD's wall time.
-seconds() {
-    local label=$1; shift
-    quiesce
-    local t0 t1
-    t0=$(date +%s.%N)
-    echo "== $label: $*" >>"$LOG"
-    "$@" >>"$LOG" 2>&1
-    t1=$(date +%s.%N)
-    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }'
-}
 
 # layer FMT: an empty dynamic parent (4 GiB virtual) and a child holding MIB MiB.
 layer() {
@@ -108,10 +85,6 @@ for ((i = 1; i <= ROUNDS; i++)); do
     echo "$line load$(uptime | sed 's/.*load average://')" >&2
 done
 
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-spread() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { printf "%s–%s", v[1], v[NR] }'; }
-mbs() { awk -v s="$1" -v b="$BYTES" 'BEGIN { printf "%.0f", b / s / 1e6 }'; }
-ratio() { awk -v num="$1" -v den="$2" 'BEGIN { printf "%.2f", num / den }'; }
 
 # shellcheck disable=SC2086
 cpm=$(median ${V[cp]})
@@ -121,7 +94,7 @@ echo
 echo "| what | time | rate | speed vs cp: of the medians | per round: median (min–max) |"
 echo "|---|---|---|---|---|"
 # shellcheck disable=SC2086
-echo "| \`cp\` + \`sync -d\` of a $MIB MiB file | $cpm s ($(spread ${V[cp]})) | $(mbs "$cpm") MB/s | 1.00 | |"
+echo "| \`cp\` + \`sync -d\` of a $MIB MiB file | $cpm s ($(spread ${V[cp]})) | $(mbs "$cpm" "$BYTES") MB/s | 1.00 | |"
 for k in "${cases[@]:1}"; do
     # shellcheck disable=SC2086
     m=$(median ${V[$k]})
@@ -134,5 +107,5 @@ for k in "${cases[@]:1}"; do
     cps=(${V[cp]}) ts=(${V[$k]}) rr=()
     for ((i = 0; i < ROUNDS; i++)); do rr+=("$(ratio "${cps[i]}" "${ts[i]}")"); done
     # shellcheck disable=SC2086
-    echo "| $what | $m s ($(spread ${V[$k]})) | $(mbs "$m") MB/s | $(ratio "$cpm" "$m") | $(median "${rr[@]}") ($(spread "${rr[@]}")) |"
+    echo "| $what | $m s ($(spread ${V[$k]})) | $(mbs "$m" "$BYTES") MB/s | $(ratio "$cpm" "$m") | $(median "${rr[@]}") ($(spread "${rr[@]}")) |"
 done

@@ -17,70 +17,15 @@ ROUNDS=${1:-3}
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
-[ "$(id -u)" = 0 ] || { echo "bench-storage: run as root (it drops the page cache between runs)" >&2; exit 1; }
 command -v qemu-img >/dev/null || { echo "bench-storage: qemu-img missing; run scripts/setup.sh" >&2; exit 1; }
-
-cargo build --release -q -p vhd_bench
-B=$CARGO_TARGET_DIR/release/vhd-bench
-
-BENCH_DIR=${BENCH_DIR:-/var/tmp}
-if [ "$(stat -f -c %T "$BENCH_DIR")" = tmpfs ]; then
-    echo "bench-storage: $BENCH_DIR is tmpfs; set BENCH_DIR to a folder on a real disk" >&2
-    exit 1
-fi
-WORK=$(mktemp -d "$BENCH_DIR/vhd-bench.XXXXXX")
-[ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
-LOG=$WORK/log
+BENCH_NAME=bench-storage
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
+bench_init vhd-bench
 
 GIB=$((1 << 30))
 N64=16384    # 1 GiB in 64 KiB requests
 N4=65536     # 256 MiB in 4 KiB requests, distinct random offsets over 1 GiB
-
-# WARM=1: keep the page cache (to see the engine's CPU cost without the disk).
-quiesce() { sync; [ "${WARM:-0}" = 1 ] || echo 3 >/proc/sys/vm/drop_caches; }
-
-# seconds LABEL CMD...: runs CMD with a cold page cache, prints its wall time.
-seconds() {
-    local label=$1; shift
-    quiesce
-    local t0 t1
-    t0=$(date +%s.%N)
-    echo "== $label: $*" >>"$LOG"
-    "$@" >>"$LOG" 2>&1
-    t1=$(date +%s.%N)
-    local s
-    s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
-    echo "== $label: wall $s s" >>"$LOG"
-    echo "$s"
-}
-
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-spread() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { printf "%s–%s", v[1], v[NR] }'; }
-
-declare -A T S   # median seconds and min–max per case
-# measure KEY SETUP RUN [KEY SETUP RUN]...: ROUNDS rounds; in each round every
-# case in turn runs its SETUP (untimed) and then its RUN (timed), so slow drift
-# of the machine hits all cases alike.
-measure() {
-    local -a args=("$@")
-    local -A vals=()
-    local i j key
-    for ((i = 0; i < ROUNDS; i++)); do
-        for ((j = 0; j < ${#args[@]}; j += 3)); do
-            key=${args[j]}
-            ${args[j + 1]}
-            vals[$key]+="$(seconds "$key" ${args[j + 2]}) "
-        done
-    done
-    for ((j = 0; j < ${#args[@]}; j += 3)); do
-        key=${args[j]}
-        # shellcheck disable=SC2086
-        T[$key]=$(median ${vals[$key]})
-        # shellcheck disable=SC2086
-        S[$key]=$(spread ${vals[$key]})
-        echo "bench-storage: $key ${T[$key]} s (${S[$key]})" >&2
-    done
-}
 
 # --- sequential 64 KiB and random 4 KiB allocating writes, sequential reads ---
 new_raw() { rm -f "$WORK/raw.img"; truncate -s $GIB "$WORK/raw.img"; }
@@ -156,9 +101,6 @@ measure "merge/4G" merge_4G merge_run "merge/8G" merge_8G merge_run \
     "merge/64G" merge_64G merge_run "merge/cp" cp_setup cp_run
 
 # --- the table ---
-mbs() { awk -v s="$1" -v b="$2" 'BEGIN { printf "%.0f", b / s / 1e6 }'; }
-ratio() { awk -v num="$1" -v den="$2" 'BEGIN { printf "%.2f", num / den }'; }   # time ratio
-verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t) ? "met" : "**missed**" }'; }
 cell() { if [ -n "${T[$1]:-}" ]; then echo "${T[$1]} s ($(mbs "${T[$1]}" "$2") MB/s)"; else echo "not run"; fi; }
 
 echo

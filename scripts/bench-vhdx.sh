@@ -18,59 +18,15 @@ ROUNDS=${1:-3}
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
-[ "$(id -u)" = 0 ] || { echo "bench-vhdx: run as root (it drops the page cache between runs)" >&2; exit 1; }
 command -v qemu-img >/dev/null || { echo "bench-vhdx: qemu-img missing; run scripts/setup.sh" >&2; exit 1; }
-
-cargo build --release -q -p vhd_bench
-B=$CARGO_TARGET_DIR/release/vhd-bench
-
-BENCH_DIR=${BENCH_DIR:-/var/tmp}
-if [ "$(stat -f -c %T "$BENCH_DIR")" = tmpfs ]; then
-    echo "bench-vhdx: $BENCH_DIR is tmpfs; set BENCH_DIR to a folder on a real disk" >&2
-    exit 1
-fi
-WORK=$(mktemp -d "$BENCH_DIR/vhdx-bench.XXXXXX")
-[ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
-LOG=$WORK/log
+BENCH_NAME=bench-vhdx
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
+bench_init vhdx-bench
 
 GIB=$((1 << 30))
 N64=16384    # 1 GiB in 64 KiB requests
 N4=65536     # 256 MiB in 4 KiB requests, distinct random offsets over 1 GiB
-
-quiesce() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-seconds() {
-    local label=$1; shift
-    quiesce
-    local t0 t1
-    t0=$(date +%s.%N)
-    echo "== $label: $*" >>"$LOG"
-    "$@" >>"$LOG" 2>&1
-    t1=$(date +%s.%N)
-    local s
-    s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
-    echo "== $label: wall $s s" >>"$LOG"
-    echo "$s"
-}
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-declare -A T
-measure() {
-    local -a args=("$@")
-    local -A vals=()
-    local i j key
-    for ((i = 0; i < ROUNDS; i++)); do
-        for ((j = 0; j < ${#args[@]}; j += 3)); do
-            key=${args[j]}
-            ${args[j + 1]}
-            vals[$key]+="$(seconds "$key" ${args[j + 2]}) "
-        done
-    done
-    for ((j = 0; j < ${#args[@]}; j += 3)); do
-        key=${args[j]}
-        # shellcheck disable=SC2086
-        T[$key]=$(median ${vals[$key]})
-        echo "bench-vhdx: $key ${T[$key]} s (${vals[$key]})" >&2
-    done
-}
 
 new_raw() { rm -f "$WORK/raw.img"; truncate -s $GIB "$WORK/raw.img"; }
 new_ours() { rm -f "$WORK/ours.vhdx"; "$B" create-dynamic "$WORK/ours.vhdx" --size $GIB --block-size 32M; }
@@ -104,9 +60,6 @@ done
 # The files every contender wrote must read back as QEMU sees them.
 qemu-img check -q -f vhdx "$WORK/ours.vhdx"
 
-mbs() { awk -v s="$1" -v b="$2" 'BEGIN { printf "%.0f", b / s / 1e6 }'; }
-ratio() { awk -v num="$1" -v den="$2" 'BEGIN { printf "%.2f", num / den }'; }
-verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t) ? "met" : "**missed**" }'; }
 cell() { echo "${T[$1]} s ($(mbs "${T[$1]}" "$2") MB/s)"; }
 
 echo

@@ -1,7 +1,10 @@
 //! Export and import through a real viridiand, side by side in one run:
 //! - export of an off VM (two dynamic disks of DATA_MIB written each, one checkpoint
 //!   whose layers hold a quarter of that again) against `cp -r` of the same files
-//!   followed by `sync -f`; rounds alternate, best and median are reported;
+//!   followed by `sync -f`; rounds alternate, best and median are reported; before
+//!   every timed copy the file system is synced and left a moment (on a volume
+//!   mounted with `discard`, trimming the blocks a removed copy freed would
+//!   otherwise land in the next timed copy);
 //! - import by copy of that export against `cp -r` of the export folder + sync;
 //! - import by register of a VM with 20 checkpoints (POST until Completed; target
 //!   under 1 s).
@@ -19,9 +22,19 @@ use std::time::{Duration, Instant};
 use bench_client::{add_disk, drives, dynamic, job, loadavg, start_daemon, write_noise, Conn};
 use serde_json::json;
 
+/// Syncs the file system of `dir` and gives it a moment: a volume mounted with
+/// `discard` trims freed blocks after the commit, and that work must not land in
+/// the next timed copy (whichever side it is).
+fn settle(dir: &Path) {
+    let status = Command::new("sync").arg("-f").arg(dir).status().unwrap();
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
 fn cp_r(sources: &[PathBuf], dest: &Path) -> Duration {
     let _ = std::fs::remove_dir_all(dest);
     std::fs::create_dir_all(dest).unwrap();
+    settle(dest);
     let t = Instant::now();
     let status = Command::new("cp")
         .arg("-r")
@@ -119,6 +132,7 @@ fn main() {
     for r in 0..rounds {
         let dest = dir.join(format!("export-{r}"));
         std::fs::create_dir_all(&dest).unwrap();
+        settle(&dest);
         let t = Instant::now();
         job(
             &mut c,
@@ -138,14 +152,22 @@ fn main() {
     for r in 0..rounds {
         let dest = dir.join(format!("import-{r}"));
         std::fs::create_dir_all(&dest).unwrap();
+        settle(&dest);
         let t = Instant::now();
-        job(
+        let done = job(
             &mut c,
             "POST",
             "/v1/vms/import",
             &json!({"source": folder, "mode": "copy", "destination": dest, "new_id": true, "name": format!("copy-{r}")}).to_string(),
         );
         ours.push(t.elapsed());
+        eprintln!(
+            "import round {r}: {:.2} s in all; job created {} started {} finished {}",
+            t.elapsed().as_secs_f64(),
+            done["created"],
+            done["started"],
+            done["finished"]
+        );
         cp.push(cp_r(std::slice::from_ref(&folder), &dir.join("cp")));
     }
     report("import --copy", export_bytes, ours, cp);
