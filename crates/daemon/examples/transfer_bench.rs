@@ -4,7 +4,10 @@
 //!   followed by `sync -f`; rounds alternate, best and median are reported; before
 //!   every timed copy the file system is synced and left a moment (on a volume
 //!   mounted with `discard`, trimming the blocks a removed copy freed would
-//!   otherwise land in the next timed copy);
+//!   otherwise land in the next timed copy); both sides write every round into a
+//!   new folder and keep it (a side that deletes its last copy first writes into
+//!   page cache memory just freed, which on a VM host can be several times faster
+//!   than memory the guest has not touched yet);
 //! - import by copy of that export against `cp -r` of the export folder + sync;
 //! - import by register of a VM with 20 checkpoints (POST until Completed; target
 //!   under 1 s).
@@ -141,7 +144,7 @@ fn main() {
             &json!({"destination": dest}).to_string(),
         );
         ours.push(t.elapsed());
-        cp.push(cp_r(&sources, &dir.join("cp")));
+        cp.push(cp_r(&sources, &dir.join(format!("cp-export-{r}"))));
     }
     report("export (off VM, 2 disks + 1 checkpoint)", bytes, ours, cp);
 
@@ -168,7 +171,10 @@ fn main() {
             done["started"],
             done["finished"]
         );
-        cp.push(cp_r(std::slice::from_ref(&folder), &dir.join("cp")));
+        cp.push(cp_r(
+            std::slice::from_ref(&folder),
+            &dir.join(format!("cp-import-{r}")),
+        ));
     }
     report("import --copy", export_bytes, ours, cp);
 
