@@ -108,20 +108,26 @@ fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
-#[test]
-fn full_export_is_self_contained_and_imports_by_copy_with_its_tree() {
-    let d = Daemon::start(&[]);
-    vm_with_history(&d);
+/// Exports VM "web" (Off) into `<test dir>/out`; returns the folder and its manifest.
+fn export_web(d: &Daemon) -> (PathBuf, Value) {
     let out = d.dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     completed(
-        &d,
+        d,
         "/v1/vms/web/export",
         json!({"destination": out.display().to_string()}),
     );
     let folder = out.join("web");
-    let manifest: Value =
+    let manifest =
         serde_json::from_slice(&std::fs::read(folder.join("export.json")).unwrap()).unwrap();
+    (folder, manifest)
+}
+
+#[test]
+fn full_export_is_self_contained_and_imports_by_copy_with_its_tree() {
+    let d = Daemon::start(&[]);
+    vm_with_history(&d);
+    let (folder, manifest) = export_web(&d);
     assert_eq!(manifest["kind"], "full");
     assert_eq!(manifest["saved"], false);
     // Nothing in the folder refers outside it: every path is relative, and every
@@ -315,16 +321,7 @@ fn refused_exports_change_nothing() {
 fn damaged_export_is_reported_whole_and_nothing_changes() {
     let d = Daemon::start(&[]);
     vm_with_history(&d);
-    let out = d.dir.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    completed(
-        &d,
-        "/v1/vms/web/export",
-        json!({"destination": out.display().to_string()}),
-    );
-    let folder = out.join("web");
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(folder.join("export.json")).unwrap()).unwrap();
+    let (folder, manifest) = export_web(&d);
     let disk_files: Vec<String> = manifest["files"]
         .as_array()
         .unwrap()
@@ -420,14 +417,7 @@ fn damaged_export_is_reported_whole_and_nothing_changes() {
 fn registering_an_export_twice_is_refused_and_a_newer_format_is_named() {
     let d = Daemon::start(&[]);
     vm_with_history(&d);
-    let out = d.dir.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    completed(
-        &d,
-        "/v1/vms/web/export",
-        json!({"destination": out.display().to_string()}),
-    );
-    let folder = out.join("web");
+    let (folder, _) = export_web(&d);
     completed(
         &d,
         "/v1/vms/import",
