@@ -240,6 +240,42 @@ fn copy_file_range(
     Ok(rc as u64)
 }
 
+/// The host's file system for a file this process already holds locked
+/// through another handle (a running chain's parent, during a live merge):
+/// opens take no lock of their own, which would conflict with that one.
+/// Everything else is [`HostStorage`]'s.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HeldStorage;
+
+impl Storage for HeldStorage {
+    fn open(&self, path: &Path, read_only: bool) -> Result<Arc<dyn BackingFile>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(io_error(path))?;
+        Ok(Arc::new(HostFile::new(file)))
+    }
+    fn inspect(&self, path: &Path) -> Result<Arc<dyn BackingFile>> {
+        HostStorage.inspect(path)
+    }
+    fn create_new(&self, path: &Path) -> Result<Arc<dyn BackingFile>> {
+        HostStorage.create_new(path)
+    }
+    fn link(&self, existing: &Path, new: &Path) -> Result<()> {
+        HostStorage.link(existing, new)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        HostStorage.rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> Result<()> {
+        HostStorage.remove(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> Result<()> {
+        HostStorage.sync_dir(dir)
+    }
+}
+
 /// The host's file system.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HostStorage;

@@ -325,7 +325,7 @@ impl Target {
 
 /// Copies the data `layer` itself holds into `target`, and zeroes there what
 /// it records as zeros.
-fn copy_allocated(
+pub(crate) fn copy_allocated(
     layer: &dyn Disk,
     target: &dyn Disk,
     copy: CopyPath,
@@ -358,6 +358,35 @@ fn copy_allocated(
             }
         }
         off += st.len;
+    }
+    Ok(())
+}
+
+/// Copies into `target` what `layer` itself holds in each of `runs`
+/// (offset, length): its data, its zeros; ranges it holds nothing for read
+/// through to the target already. Adds the bytes copied to `done`.
+pub(crate) fn copy_runs(
+    layer: &dyn Disk,
+    target: &dyn Disk,
+    runs: &[(u64, u64)],
+    done: &mut u64,
+) -> Result<()> {
+    let mut buf = Vec::new();
+    for &(start, len) in runs {
+        let end = start + len;
+        let mut off = start;
+        while off < end {
+            let st = layer.block_status(off, (end - off).min(CHUNK))?;
+            match st.allocation {
+                Allocation::Zero => target.write_zeroes(off, st.len)?,
+                Allocation::Data => {
+                    copy_file_to_file(layer, target, off, st.len, &mut buf)?;
+                    *done += st.len;
+                }
+                Allocation::Unallocated => {}
+            }
+            off += st.len;
+        }
     }
     Ok(())
 }

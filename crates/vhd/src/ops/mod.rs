@@ -5,6 +5,7 @@ pub mod check;
 pub mod compact;
 pub mod convert;
 pub mod info;
+pub mod live_merge;
 pub mod merge;
 pub mod resize;
 pub mod set_parent;
