@@ -102,6 +102,22 @@ pub enum Request {
     SwitchDisks {
         disks: Vec<DiskSwitch>,
     },
+    /// Merge `layer`, a layer of the chain served in `slot` (its running leaf or
+    /// a frozen layer under it), into its parent `into` while the VM runs (see
+    /// `vhd::ops::live_merge`). Answered by `progress` lines, then `merged` or
+    /// an error. Once the parent holds the current data, and before the guest
+    /// writes to it, the worker creates `marker` (when given), durably: from
+    /// then on the parent, not the layer, is the disk's current state. A layer
+    /// no longer in the chain, merged into a parent that is, answers `merged`
+    /// with `already` set. A stop, save or shutdown of the VM cancels the merge;
+    /// the chain then reads as before.
+    MergeLayer {
+        slot: vm_config::Slot,
+        layer: PathBuf,
+        into: PathBuf,
+        #[serde(default)]
+        marker: Option<PathBuf>,
+    },
 }
 
 /// One slot of a [`Request::SwitchDisks`]: the image it is to serve from now on.
@@ -126,8 +142,37 @@ pub enum FailureKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Ok { status: WorkerStatus },
-    Error { kind: FailureKind, message: String },
+    Ok {
+        status: WorkerStatus,
+    },
+    Error {
+        kind: FailureKind,
+        message: String,
+    },
+    /// Progress of a long request (bytes done of total), before its answer.
+    Progress {
+        done: u64,
+        total: u64,
+    },
+    /// The answer to [`Request::MergeLayer`].
+    Merged(MergeOutcome),
+}
+
+/// What a live merge did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeOutcome {
+    /// The file the slot's chain is served from now.
+    pub top: PathBuf,
+    /// The merge had been done before (by an earlier request).
+    #[serde(default)]
+    pub already: bool,
+    #[serde(default)]
+    pub bytes_copied: u64,
+    #[serde(default)]
+    pub rounds: u32,
+    /// How long the guest's I/O to the disk was held.
+    #[serde(default)]
+    pub io_paused_ms: u64,
 }
 
 /// Faults talking to a worker.
@@ -192,6 +237,39 @@ impl Client {
 
     /// Sends `request` and waits for its answer; a refusal is [`ClientError::Refused`].
     pub async fn call(&mut self, request: &Request) -> Result<WorkerStatus, ClientError> {
+        match self.exchange(request, &mut |_, _| {}).await? {
+            Response::Ok { status } => Ok(status),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Sends a [`Request::MergeLayer`] and waits for the merge to end, passing
+    /// each progress report to `progress`.
+    pub async fn merge_layer(
+        &mut self,
+        request: &Request,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<MergeOutcome, ClientError> {
+        match self.exchange(request, progress).await? {
+            Response::Merged(outcome) => Ok(outcome),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    fn unexpected(&self, answer: &Response) -> ClientError {
+        ClientError::BadAnswer {
+            socket: self.socket.clone(),
+            detail: format!("an answer of another kind: {answer:?}"),
+        }
+    }
+
+    /// Sends `request`; returns its answer (a refusal as an error), passing
+    /// progress lines before it to `progress`.
+    async fn exchange(
+        &mut self,
+        request: &Request,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<Response, ClientError> {
         let io = |source| ClientError::Io {
             socket: self.socket.clone(),
             source,
@@ -206,27 +284,34 @@ impl Client {
             .write_all(line.as_bytes())
             .await
             .map_err(io)?;
-        let mut answer = String::new();
-        let n = self
-            .stream
-            .read_line(&mut answer)
-            .await
-            .map_err(|source| ClientError::Io {
-                socket: self.socket.clone(),
-                source,
-            })?;
-        if n == 0 {
-            return Err(ClientError::Closed {
-                socket: self.socket.clone(),
-            });
-        }
-        match serde_json::from_str(&answer) {
-            Ok(Response::Ok { status }) => Ok(status),
-            Ok(Response::Error { kind, message }) => Err(ClientError::Refused { kind, message }),
-            Err(e) => Err(ClientError::BadAnswer {
-                socket: self.socket.clone(),
-                detail: format!("{e}: {}", answer.trim()),
-            }),
+        loop {
+            let mut answer = String::new();
+            let n = self
+                .stream
+                .read_line(&mut answer)
+                .await
+                .map_err(|source| ClientError::Io {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+            if n == 0 {
+                return Err(ClientError::Closed {
+                    socket: self.socket.clone(),
+                });
+            }
+            match serde_json::from_str(&answer) {
+                Ok(Response::Progress { done, total }) => progress(done, total),
+                Ok(Response::Error { kind, message }) => {
+                    return Err(ClientError::Refused { kind, message })
+                }
+                Ok(other) => return Ok(other),
+                Err(e) => {
+                    return Err(ClientError::BadAnswer {
+                        socket: self.socket.clone(),
+                        detail: format!("{e}: {}", answer.trim()),
+                    })
+                }
+            }
         }
     }
 

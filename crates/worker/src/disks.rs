@@ -357,6 +357,51 @@ impl ServedDisks {
         Ok(switched)
     }
 
+    /// The disk served in `slot` and the file its chain's top is.
+    pub fn served_in(&self, slot: Slot) -> Option<(Arc<dyn vhd::Disk>, PathBuf)> {
+        if let Some(d) = self.ide.iter().find(|d| d.slot == slot) {
+            return Some((d.disk.clone(), d.path.clone()));
+        }
+        self.synthetic
+            .iter()
+            .find(|d| d.slot == slot)
+            .map(|d| (d.disk.clone(), d.path.clone()))
+    }
+
+    /// Serves `disk` (whose top is `path`) in `slot` in place of what is served
+    /// there: the server switches (requests in flight finish first; the old
+    /// disk is flushed), and the old disk is returned.
+    pub fn replace(
+        &mut self,
+        slot: Slot,
+        disk: Arc<dyn vhd::Disk>,
+        path: PathBuf,
+    ) -> Result<Arc<dyn vhd::Disk>, DiskError> {
+        let switch_err = |source: Box<dyn std::error::Error + Send + Sync>| DiskError::Switch {
+            slot,
+            path: path.clone(),
+            source,
+        };
+        if let Some(d) = self.ide.iter_mut().find(|d| d.slot == slot) {
+            let nbd = self
+                .nbd
+                .as_ref()
+                .ok_or_else(|| switch_err("no NBD server runs".into()))?;
+            nbd.switch(&d.export, disk.clone())
+                .map_err(|e| switch_err(e.into()))?;
+            d.path = path;
+            return Ok(std::mem::replace(&mut d.disk, disk));
+        }
+        if let Some(d) = self.synthetic.iter_mut().find(|d| d.slot == slot) {
+            d.server
+                .switch(disk.clone())
+                .map_err(|e| switch_err(e.into()))?;
+            d.path = path;
+            return Ok(std::mem::replace(&mut d.disk, disk));
+        }
+        Err(DiskError::NotServed { slot, path })
+    }
+
     /// Stops serving and makes every write durable. Called after QEMU has exited.
     pub async fn flush_and_close(self) -> Result<(), DiskError> {
         if let Some(nbd) = self.nbd {

@@ -104,6 +104,9 @@ struct Shared {
     /// written; the worker takes it exclusively before it exits, so the answer to
     /// a stop or save that ended the VM reaches the daemon.
     answering: tokio::sync::RwLock<()>,
+    /// Held by a live merge for its whole run: one at a time, and no disk
+    /// switch meanwhile.
+    merging: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -425,6 +428,7 @@ async fn run_inner(
         drives: Mutex::new(served.metered()),
         served: tokio::sync::Mutex::new(None),
         answering: tokio::sync::RwLock::new(()),
+        merging: tokio::sync::Mutex::new(()),
     });
 
     *shared.served.lock().await = Some(served);
@@ -835,6 +839,19 @@ async fn serve_control(shared: Arc<Shared>, stream: UnixStream) {
                 attach_console(&shared, lines.into_inner(), write).await;
                 return;
             }
+            Ok(Request::MergeLayer {
+                slot,
+                layer,
+                into,
+                marker,
+            }) => {
+                let _answering = shared.answering.read().await;
+                let response = merge_layer(&shared, slot, layer, into, marker, &mut write).await;
+                if write_response(&mut write, &response).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             Ok(request) => {
                 let _answering = shared.answering.read().await;
                 let response = handle(&shared, request).await;
@@ -852,6 +869,174 @@ async fn serve_control(shared: Arc<Shared>, stream: UnixStream) {
             return;
         }
     }
+}
+
+/// [`Request::MergeLayer`]: wraps the slot's disk for the merge, runs it on a
+/// blocking thread (progress lines go to `write` as it goes; a lost
+/// connection does not stop it), and serves the new chain afterwards, or the
+/// old one again if the merge did not finish.
+async fn merge_layer(
+    shared: &Arc<Shared>,
+    slot: vm_config::Slot,
+    layer: PathBuf,
+    into: PathBuf,
+    marker: Option<PathBuf>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) -> Response {
+    let runs = |s: &Shared| matches!(s.state(), WorkerState::Running | WorkerState::Paused);
+    if !runs(shared) {
+        return invalid(shared, "merge a disk layer", "");
+    }
+    let _merging = shared.merging.lock().await;
+    let tracked = {
+        let mut served = shared.served.lock().await;
+        let Some(served) = served.as_mut() else {
+            return invalid(shared, "merge a disk layer", "");
+        };
+        let Some((disk, top)) = served.served_in(slot) else {
+            return Response::Error {
+                kind: FailureKind::Failed,
+                message: format!("no disk is served in slot {slot}"),
+            };
+        };
+        match merged_before(&top, &layer, &into) {
+            Ok(true) => {
+                return Response::Merged(control::MergeOutcome {
+                    top,
+                    already: true,
+                    bytes_copied: 0,
+                    rounds: 0,
+                    io_paused_ms: 0,
+                })
+            }
+            Ok(false) => {}
+            Err(e) => return failed(&format!("cannot read the chain of {}", top.display()), &e),
+        }
+        let tracked = Arc::new(vhd::ops::live_merge::Tracked::new(disk));
+        if let Err(e) = served.replace(slot, tracked.clone(), top) {
+            return failed("cannot start the live merge", &e);
+        }
+        tracked
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<(u64, u64)>();
+    let merge = {
+        let (shared, tracked) = (shared.clone(), tracked.clone());
+        let (layer, into) = (layer.clone(), into.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut commit = || match &marker {
+                Some(m) => write_marker(m, &layer, &into),
+                None => Ok(()),
+            };
+            let stall = stall_live_merge_at();
+            let mut progress = |done: u64, total: u64| {
+                let _ = tx.send((done, total));
+                if stall.is_some_and(|p| done.saturating_mul(100) >= p.saturating_mul(total)) {
+                    tracing::warn!(done, total, "live merge stalled for a crash test");
+                    loop {
+                        std::thread::sleep(Duration::from_secs(3600));
+                    }
+                }
+                runs(&shared)
+            };
+            vhd::ops::live_merge::merge_live(&tracked, &layer, &into, &mut commit, &mut progress)
+        })
+    };
+    tokio::pin!(merge);
+    let mut connected = true;
+    let result = loop {
+        tokio::select! {
+            r = &mut merge => break r,
+            Some((done, total)) = rx.recv() => {
+                if connected {
+                    connected = write_response(write, &Response::Progress { done, total }).await.is_ok();
+                }
+            }
+        }
+    };
+    let mut served = shared.served.lock().await;
+    let outcome = match result {
+        Ok(Ok((new, report))) => {
+            tracing::info!(vm = %shared.name(), %slot, layer = %layer.display(), into = %into.display(),
+                bytes = report.bytes_copied, rounds = report.rounds, io_paused_ms = report.io_paused_ms,
+                "layer merged live");
+            if let Some(served) = served.as_mut() {
+                if let Err(e) = served.replace(slot, new, report.top.clone()) {
+                    // The wrapper keeps serving the new chain: nothing is lost.
+                    tracing::warn!(error = %e, "the merged chain stays served through the merge's wrapper");
+                }
+            }
+            Response::Merged(control::MergeOutcome {
+                top: report.top,
+                already: false,
+                bytes_copied: report.bytes_copied,
+                rounds: report.rounds,
+                io_paused_ms: report.io_paused_ms,
+            })
+        }
+        Ok(Err(e)) => {
+            if let Some(served) = served.as_mut() {
+                let top = vhd::Disk::path(tracked.as_ref()).map(Path::to_path_buf).unwrap_or_default();
+                if let Err(e) = served.replace(slot, tracked.inner(), top) {
+                    tracing::warn!(error = %e, "the chain stays served through the merge's wrapper");
+                }
+            }
+            failed(
+                &format!("the live merge of {} into {} did not finish; the disk reads as before", layer.display(), into.display()),
+                &e,
+            )
+        }
+        Err(e) => Response::Error {
+            kind: FailureKind::Failed,
+            message: format!("the live merge's thread failed: {e}"),
+        },
+    };
+    if let Some(served) = served.as_ref() {
+        *shared.drives.lock().unwrap_or_else(|p| p.into_inner()) = served.metered();
+    }
+    outcome
+}
+
+/// The crash tests' seam: `VIRIDIAN_TEST_STALL_LIVE_MERGE_AT=<percent>` makes a
+/// live merge stop for good once that much is copied, so a test can kill the
+/// worker there. Unset, nothing changes.
+fn stall_live_merge_at() -> Option<u64> {
+    std::env::var("VIRIDIAN_TEST_STALL_LIVE_MERGE_AT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+}
+
+/// Whether `layer` was merged into `into` before: the chain served from
+/// `top` no longer has it but still has `into`.
+fn merged_before(top: &Path, layer: &Path, into: &Path) -> Result<bool, vhd::Error> {
+    let chain = vhd::ops::info::info(top)?.chain;
+    let has = |p: &Path| {
+        let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        chain
+            .iter()
+            .any(|c| c.canonicalize().unwrap_or_else(|_| c.clone()) == p)
+    };
+    Ok(!has(layer) && has(into))
+}
+
+/// Records, durably, that `into` holds the disk's current data now.
+fn write_marker(marker: &Path, layer: &Path, into: &Path) -> Result<(), vhd::Error> {
+    use std::io::Write;
+    let io = |source| vhd::Error::Io {
+        path: marker.to_path_buf(),
+        source,
+    };
+    let text = serde_json::json!({
+        "merged": layer,
+        "into": into,
+        "at_ms": crate::meter::now_unix_ms(),
+    });
+    let mut f = std::fs::File::create(marker).map_err(io)?;
+    f.write_all(text.to_string().as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    if let Some(dir) = marker.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
 }
 
 async fn write_response(
@@ -935,6 +1120,8 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
     };
     match request {
         Request::Status | Request::Console => ok(shared),
+        // Answered by serve_control, which streams its progress.
+        Request::MergeLayer { .. } => ok(shared),
         Request::SetProcessor { processor } => set_processor(shared, processor),
         Request::FlushDisks => {
             if !matches!(state, WorkerState::Running | WorkerState::Paused) {
@@ -950,6 +1137,15 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
             if !matches!(state, WorkerState::Running | WorkerState::Paused) {
                 return invalid(shared, "switch its disks", "");
             }
+            let Ok(_no_merge) = shared.merging.try_lock() else {
+                return Response::Error {
+                    kind: FailureKind::InvalidState,
+                    message: format!(
+                        "VM {} cannot switch its disks while a live merge of a checkpoint runs; try again when it has finished",
+                        shared.name()
+                    ),
+                };
+            };
             let mut served = shared.served.lock().await;
             let Some(served) = served.as_mut() else {
                 return invalid(shared, "switch its disks", "");

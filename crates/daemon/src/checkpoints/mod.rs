@@ -8,7 +8,7 @@ pub mod ops;
 pub mod tree;
 
 use std::cell::Cell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -39,8 +39,9 @@ pub struct Checkpoints {
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     /// Merges running now: deleted node → (job, percent).
     running: Mutex<HashMap<Uuid, (Uuid, u8)>>,
-    /// VMs whose background merge job is queued or running.
-    settling: Mutex<HashSet<Uuid>>,
+    /// VMs whose background merge job is queued or running, and whether it
+    /// was asked for again meanwhile (the VM's state changed: it runs again).
+    settling: Mutex<HashMap<Uuid, bool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -156,19 +157,93 @@ fn repoint_current(
 fn current_mode(svc: &Service, id: Uuid) -> Current {
     match svc.runtime.get(id).state {
         VmState::Off | VmState::Saved | VmState::Critical => Current::Idle,
+        VmState::Running | VmState::Paused if svc.workers.is_some() => Current::Live,
         _ => Current::Running,
     }
 }
 
+/// Has VM `id`'s worker merge a layer of its running chain (blocking; call
+/// on a blocking thread of runtime `rt`), passing its progress on.
+fn merge_live(
+    svc: &Service,
+    rt: &tokio::runtime::Handle,
+    id: Uuid,
+    merge: crate::vms::runtime::LayerMerge,
+    progress: &mut dyn vhd::Progress,
+) -> Result<(), ApiError> {
+    let Some(workers) = svc.workers.clone() else {
+        return Err(ApiError::internal("no worker control"));
+    };
+    let what = format!(
+        "{} into {} in slot {}",
+        merge.layer.display(),
+        merge.into.display(),
+        merge.slot
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
+    let report = Box::new(move |done, total| {
+        let _ = tx.send((done, total));
+    });
+    let outcome = rt.block_on(async {
+        let merge = workers.merge_layer(id, merge, report);
+        tokio::pin!(merge);
+        loop {
+            tokio::select! {
+                r = &mut merge => break r,
+                Some((done, total)) = rx.recv() => {
+                    progress.update(done, total);
+                }
+            }
+        }
+    });
+    match outcome {
+        Ok(o) => {
+            tracing::info!(vm = %id, merged = %what, bytes = o.bytes_copied, rounds = o.rounds,
+                io_paused_ms = o.io_paused_ms, already = o.already, "checkpoint layer merged live");
+            Ok(())
+        }
+        Err(e) => Err(ApiError::new(
+            api::error::ErrorCode::Internal,
+            format!("the running VM's worker did not merge {what}: {}", job_error_text(&e)),
+        )),
+    }
+}
+
+fn job_error_text(e: &JobError) -> String {
+    match e {
+        JobError::Cancelled => "cancelled".into(),
+        JobError::Failed { code, description } => format!("{description} ({code})"),
+    }
+}
+
 /// Runs every merge VM `id` waits for that its state allows, reporting to `ctx`.
+/// When the VM's state changes meanwhile (a worker that died during a live
+/// merge), it goes on with what the new state allows.
 async fn settle(
     svc: &Arc<Service>,
     id: Uuid,
     dir: PathBuf,
     ctx: Option<JobContext>,
 ) -> Result<usize, JobError> {
-    let mode = current_mode(svc, id);
+    let mut done = 0;
+    loop {
+        let mode = current_mode(svc, id);
+        done += settle_once(svc, id, dir.clone(), ctx.clone(), mode).await?;
+        if current_mode(svc, id) == mode {
+            return Ok(done);
+        }
+    }
+}
+
+async fn settle_once(
+    svc: &Arc<Service>,
+    id: Uuid,
+    dir: PathBuf,
+    ctx: Option<JobContext>,
+    mode: Current,
+) -> Result<usize, JobError> {
     let svc2 = svc.clone();
+    let rt = tokio::runtime::Handle::current();
     blocking("a checkpoint operation", move || {
         let job = ctx.as_ref().map(|c| c.id()).unwrap_or_default();
         let running = &svc2.checkpoints.running;
@@ -198,10 +273,24 @@ async fn settle(
             stall.at_step(step);
             Ok(())
         };
+        let mut live = |slot: Slot,
+                        layer: &Path,
+                        into: &Path,
+                        marker: Option<&Path>,
+                        progress: &mut dyn vhd::Progress| {
+            let merge = crate::vms::runtime::LayerMerge {
+                slot,
+                layer: layer.to_path_buf(),
+                into: into.to_path_buf(),
+                marker: marker.map(Path::to_path_buf),
+            };
+            merge_live(&svc2, &rt, id, merge, progress)
+        };
         let done = ops::settle(
             &dir,
             mode,
             &mut write,
+            Some(&mut live),
             &mut on_work,
             &mut progress,
             &mut hook,
@@ -263,8 +352,13 @@ pub fn settle_in_background(svc: &Arc<Service>, id: Uuid) {
     let Some(work) = ops::next_work(&t, current_mode(svc, id)) else {
         return;
     };
-    if !lock(&svc.checkpoints.settling).insert(id) {
-        return;
+    {
+        let mut settling = lock(&svc.checkpoints.settling);
+        if let Some(again) = settling.get_mut(&id) {
+            *again = true;
+            return;
+        }
+        settling.insert(id, false);
     }
     let name = t
         .node(work.node)
@@ -286,7 +380,11 @@ pub fn settle_in_background(svc: &Arc<Service>, id: Uuid) {
         let vm_lock = svc2.checkpoints.vm_lock(id);
         let _held = vm_lock.lock().await;
         let r = settle(&svc2, id, dir, Some(ctx)).await;
-        lock(&svc2.checkpoints.settling).remove(&id);
+        drop(_held);
+        let again = lock(&svc2.checkpoints.settling).remove(&id) == Some(true);
+        if again {
+            settle_in_background(&svc2, id);
+        }
         r.map(drop)
     });
 }

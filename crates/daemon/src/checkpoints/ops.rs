@@ -454,8 +454,32 @@ pub fn delete(vm_dir: &Path, key: &str, subtree: bool) -> Result<Vec<Uuid>, ApiE
 pub enum Current {
     /// The VM is Off or Saved: its disks may be merged and re-pointed.
     Idle,
-    /// The VM runs: its disk chain is held by the worker; merges that touch it wait.
+    /// The VM runs but cannot merge now (starting, stopping, saving, or its
+    /// worker cannot merge live): merges that touch its chain wait.
     Running,
+    /// The VM runs and its worker merges the layers of its chain live.
+    Live,
+}
+
+/// One layer of a running VM's chain for its worker to merge into its parent
+/// while the VM runs: `(slot, layer, into, marker, progress)`. The worker
+/// creates `marker` once the parent holds the disk's current data (for the
+/// running leaf); [`settle`] reads it after a crash.
+pub type LiveMerge<'a> = dyn FnMut(Slot, &Path, &Path, Option<&Path>, &mut dyn vhd::Progress) -> Result<(), ApiError>
+    + 'a;
+
+/// Where the worker records that the current state's layer in `slot` was
+/// merged live into deleted checkpoint `id`'s disk.
+pub fn live_marker(vm_dir: &Path, id: Uuid, slot: Slot) -> PathBuf {
+    tree::node_dir(vm_dir, id).join(format!(
+        "merged-live-{}{}-{}.json",
+        match slot.controller {
+            vm_config::ControllerKind::Ide => "ide",
+            vm_config::ControllerKind::Scsi => "scsi",
+        },
+        slot.controller_number,
+        slot.location
+    ))
 }
 
 /// A merge `settle` would run or runs now: the deleted node and why.
@@ -490,7 +514,7 @@ pub fn next_work(t: &Tree, current: Current) -> Option<Work> {
                     Child::Current => true,
                     Child::Node(c) => descends_to_current(t, *c),
                 };
-                if current == Current::Idle || !touches_running {
+                if current != Current::Running || !touches_running {
                     return Some(Work {
                         node: n.id,
                         kind: WorkKind::Merge,
@@ -519,7 +543,7 @@ fn descends_to_current(t: &Tree, id: Uuid) -> bool {
 pub fn waiting_reason(t: &Tree, id: Uuid, current: Current) -> String {
     match t.children(id).len() {
         0 | 1 if current == Current::Running => {
-            "its disks are in the running VM's chain; they are merged when the VM stops".into()
+            "its disks are in the running VM's chain and the VM cannot merge them now; they are merged when the VM stops or the next time a checkpoint operation runs".into()
         }
         0 | 1 => "about to be merged".into(),
         n => format!("it has {n} descendants; its disks are merged once only one remains"),
@@ -533,15 +557,22 @@ pub type WriteCurrent<'a> = &'a mut dyn FnMut(Slot, &Path, &Path) -> Result<(), 
 /// `current` allows. `write_current` re-points the current state's drives in
 /// `vm.json`; `on_work` hears each piece of work before it starts. Progress counts
 /// bytes of the merge under way.
+/// In [`Current::Live`], `live` merges the layers in the running chain; when
+/// it fails, that merge (and every other touching the running chain) waits
+/// for the VM to stop, and `settle` returns what it did.
 pub fn settle(
     vm_dir: &Path,
-    current: Current,
+    mut current: Current,
     write_current: WriteCurrent<'_>,
+    mut live: Option<&mut LiveMerge<'_>>,
     on_work: &mut dyn FnMut(&Work),
     progress: &mut dyn vhd::Progress,
     hook: Hook<'_>,
 ) -> Result<Vec<Work>, ApiError> {
     let mut done = Vec::new();
+    if live.is_none() && current == Current::Live {
+        current = Current::Running;
+    }
     loop {
         let t = load(vm_dir)?;
         let Some(work) = next_work(&t, current) else {
@@ -550,10 +581,46 @@ pub fn settle(
         on_work(&work);
         match work.kind {
             WorkKind::Remove => remove_node(vm_dir, t, work.node, hook)?,
-            WorkKind::Merge => merge_node(vm_dir, t, work.node, write_current, progress, hook)?,
+            WorkKind::Merge => {
+                let live_now = if current == Current::Live {
+                    live.as_mut().map(|l| &mut **l)
+                } else {
+                    None
+                };
+                match merge_node(vm_dir, t, work.node, write_current, live_now, progress, hook) {
+                    Ok(()) => {}
+                    Err(MergeFailure::Live(e)) => {
+                        tracing::warn!(node = %work.node, error = %e.message,
+                            "a live merge did not run; it waits for the VM to stop");
+                        current = Current::Running;
+                        continue;
+                    }
+                    Err(MergeFailure::Other(e)) => return Err(e),
+                }
+            }
         }
         done.push(work);
     }
+}
+
+/// Why [`merge_node`] stopped.
+enum MergeFailure {
+    /// The running VM's worker could not merge live: the chain reads as before.
+    Live(ApiError),
+    Other(ApiError),
+}
+
+impl From<ApiError> for MergeFailure {
+    fn from(e: ApiError) -> Self {
+        MergeFailure::Other(e)
+    }
+}
+
+/// Whether the chain on top of `top` holds `layer`.
+fn chain_has(top: &Path, layer: &Path) -> bool {
+    vhd::ops::info::info(top)
+        .map(|i| i.chain.iter().any(|c| same(c, layer)))
+        .unwrap_or(false)
 }
 
 fn remove_node(vm_dir: &Path, mut t: Tree, id: Uuid, hook: Hook<'_>) -> Result<(), ApiError> {
@@ -631,17 +698,16 @@ fn merge_node(
     mut t: Tree,
     id: Uuid,
     write_current: WriteCurrent<'_>,
+    mut live: Option<&mut LiveMerge<'_>>,
     progress: &mut dyn vhd::Progress,
     hook: Hook<'_>,
-) -> Result<(), ApiError> {
+) -> Result<(), MergeFailure> {
     let node = t
         .node(id)
         .cloned()
         .ok_or_else(|| ApiError::internal("node vanished"))?;
     let [only] = t.children(id)[..] else {
-        return Err(ApiError::internal(
-            "merge of a node without exactly one child",
-        ));
+        return Err(ApiError::internal("merge of a node without exactly one child").into());
     };
     for x in &node.disks {
         let child_disks = match only {
@@ -677,13 +743,42 @@ fn merge_node(
                 })
                 .collect(),
         };
-        hook("merge")?;
-        vhd::ops::merge::merge_keeping_layers(&l, &x.path, progress).map_err(|e| {
-            engine(
-                format!("cannot merge {} into {}", l.display(), x.path.display()),
-                &e,
-            )
-        })?;
+        // The running VM's worker merges what is in its chain; a merge of its
+        // leaf it finished before a crash left the marker.
+        let marker = live_marker(vm_dir, id, x.slot);
+        let leaf = only == Child::Current;
+        let in_running_chain = leaf
+            || matches!(only, Child::Node(c) if descends_to_current(&t, c))
+                && disk_in(&t.current_disks, x.slot).is_some_and(|top| chain_has(&top, &l));
+        let merged_live = match (leaf && marker.exists(), live.as_mut()) {
+            (true, _) => true,
+            (false, Some(live)) if in_running_chain => {
+                hook("merge")?;
+                if leaf {
+                    std::fs::create_dir_all(tree::node_dir(vm_dir, id))
+                        .map_err(|e| io(format!("cannot create the folder of {}", marker.display()), e))?;
+                }
+                live(x.slot, &l, &x.path, leaf.then_some(marker.as_path()), progress)
+                    .map_err(MergeFailure::Live)?;
+                true
+            }
+            _ => {
+                hook("merge")?;
+                vhd::ops::merge::merge_keeping_layers(&l, &x.path, progress).map_err(|e| {
+                    engine(
+                        format!("cannot merge {} into {}", l.display(), x.path.display()),
+                        &e,
+                    )
+                })?;
+                false
+            }
+        };
+        // A live merge keeps the parent's identity and re-points the running
+        // chain's child itself; the others still link to the merged layer.
+        let grandchildren: Vec<PathBuf> = grandchildren
+            .into_iter()
+            .filter(|g| !merged_live || !parent_of(g).is_some_and(|p| same(&p, &x.path)))
+            .collect();
         for g in &grandchildren {
             hook("reparent")?;
             vhd::ops::set_parent::set_parent(g, &x.path, true).map_err(|e| {
@@ -714,6 +809,9 @@ fn merge_node(
         if tree::owns_layer(vm_dir, &t, &l) {
             hook("remove-layer")?;
             remove_files(std::slice::from_ref(&l));
+        }
+        if leaf {
+            let _ = std::fs::remove_file(&marker);
         }
     }
     hook("forget")?;
@@ -907,6 +1005,7 @@ mod crash_tests {
             &vm_dir,
             Current::Idle,
             &mut write_current,
+            None,
             &mut |_| {},
             &mut vhd::NoProgress,
             &mut hook,
@@ -920,6 +1019,7 @@ mod crash_tests {
             &vm_dir,
             Current::Idle,
             &mut write_current,
+            None,
             &mut |_| {},
             &mut vhd::NoProgress,
             &mut no_hook,

@@ -31,6 +31,16 @@ pub enum StopMode {
     Save,
 }
 
+/// One layer to merge live: see [`WorkerControl::merge_layer`].
+#[derive(Debug, Clone)]
+pub struct LayerMerge {
+    pub slot: vm_config::Slot,
+    pub layer: PathBuf,
+    pub into: PathBuf,
+    /// Created by the worker once `into` holds the disk's current data.
+    pub marker: Option<PathBuf>,
+}
+
 /// Starts and stops VM workers. Each call runs inside a job (the `JobContext` reports
 /// progress and carries cancellation); the implementation calls
 /// `Service::set_runtime` for every state it passes through (Starting, Running,
@@ -59,6 +69,15 @@ pub trait WorkerControl: Send + Sync + 'static {
         id: Uuid,
         disks: Vec<(vm_config::Slot, PathBuf)>,
     ) -> BoxFuture<Result<(), JobError>>;
+    /// Merges `layer` into its parent `into` in the chain a running VM serves
+    /// in `slot`, while it runs (`worker::control::Request::MergeLayer`),
+    /// reporting bytes done of total to `progress`.
+    fn merge_layer(
+        &self,
+        id: Uuid,
+        merge: LayerMerge,
+        progress: Box<dyn FnMut(u64, u64) + Send>,
+    ) -> BoxFuture<Result<worker::control::MergeOutcome, JobError>>;
     /// Applies new reserve, limit and weight to a running VM (same count).
     fn set_processor(
         &self,

@@ -639,6 +639,34 @@ impl WorkerControl for Arc<WorkerSupervisor> {
         })
     }
 
+    fn merge_layer(
+        &self,
+        id: Uuid,
+        merge: crate::vms::runtime::LayerMerge,
+        mut progress: Box<dyn FnMut(u64, u64) + Send>,
+    ) -> BoxFuture<Result<worker::control::MergeOutcome, JobError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let Some(rt) = this.runtime_dir_of(id) else {
+                return Err(JobError::failed(
+                    "InvalidState",
+                    format!("VM {} has no running worker", this.name_of(id)),
+                ));
+            };
+            let mut client = Client::connect(&rt).await.map_err(refused)?;
+            let request = Request::MergeLayer {
+                slot: merge.slot,
+                layer: merge.layer,
+                into: merge.into,
+                marker: merge.marker,
+            };
+            client
+                .merge_layer(&request, &mut *progress)
+                .await
+                .map_err(refused)
+        })
+    }
+
     fn set_processor(
         &self,
         id: Uuid,
