@@ -73,7 +73,8 @@ pub struct PendingMerge {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum MergeState {
-    /// Waits until only one descendant remains (or until the VM stops running).
+    /// Waits until only one descendant remains (or, when the running VM cannot
+    /// merge live, until it stops).
     Pending,
     /// A merge job is running now.
     Running,
