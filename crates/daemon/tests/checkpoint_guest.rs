@@ -90,7 +90,10 @@ fn checkpoint_of_a_running_guest_resumes_its_memory_and_disks_when_applied() {
     let before_checkpoint = wait_count(&d, name, 5);
 
     // Checkpoint the running VM: it completes, names the checkpoint and the downtime,
-    // and the VM runs again, on new layers.
+    // and the VM runs again, on new layers, in the same worker and QEMU (taken in
+    // place: paused, saved beside QEMU, switched, resumed).
+    let worker_before = vm(&d, name)["runtime"]["worker_pid"].clone();
+    assert!(worker_before.is_u64(), "{}", vm(&d, name));
     let job = run_job(
         &d,
         &format!("/v1/vms/{name}/checkpoints"),
@@ -103,6 +106,12 @@ fn checkpoint_of_a_running_guest_resumes_its_memory_and_disks_when_applied() {
         .unwrap_or_else(|| panic!("no guest-downtime-ms in {job}"));
     assert!(downtime > 0, "{job}");
     wait_state(&d, name, "Running");
+    assert_eq!(
+        vm(&d, name)["runtime"]["worker_pid"],
+        worker_before,
+        "the checkpoint restarted the VM's worker\n{}",
+        d.log()
+    );
     let tree = d.get(&format!("/v1/vms/{name}/checkpoints")).body;
     assert_eq!(tree["checkpoints"][0]["id"], cp, "{tree}");
     assert_eq!(tree["checkpoints"][0]["has_memory_state"], true, "{tree}");

@@ -165,7 +165,11 @@ fn deleting_checkpoints_of_a_running_guest_merges_their_disks_live() {
         "the running leaf sits on the base now"
     );
     assert!(!a_layer.exists(), "A's layer {} is gone", a_layer.display());
-    assert!(d.log().contains("checkpoint layer merged live"), "{}", d.log());
+    assert!(
+        d.log().contains("checkpoint layer merged live"),
+        "{}",
+        d.log()
+    );
     let mid = wait_count(&d, name, before + 3);
     assert!(mid > before, "the guest counts on");
 
@@ -186,7 +190,10 @@ fn deleting_checkpoints_of_a_running_guest_merges_their_disks_live() {
     assert_eq!(job["state"], "Completed", "stop: {job}");
     wait_state(&d, name, "Off");
     let last = assert_every_count_on_disk(&v.data);
-    assert!(last >= end, "the disk holds count {last}, the console showed {end}");
+    assert!(
+        last >= end,
+        "the disk holds count {last}, the console showed {end}"
+    );
     qemu_reads_count(&v.data, last);
     let text = console(&d, name);
     assert_eq!(
@@ -332,7 +339,10 @@ fn a_worker_killed_mid_live_merge_leaves_a_merge_that_completes_offline() {
         if job["percent_complete"].as_u64().unwrap_or(0) >= 50 {
             break;
         }
-        assert!(Instant::now() < deadline, "the merge never got half way: {job}");
+        assert!(
+            Instant::now() < deadline,
+            "the merge never got half way: {job}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // SAFETY: kill(2) on the worker this test's daemon started.
@@ -344,7 +354,10 @@ fn a_worker_killed_mid_live_merge_leaves_a_merge_that_completes_offline() {
     wait_state(&d, name, "Critical");
     let deadline = Instant::now() + Duration::from_secs(300);
     while !tree(&d, name)["checkpoints"].as_array().unwrap().is_empty()
-        || !tree(&d, name)["pending_merges"].as_array().unwrap().is_empty()
+        || !tree(&d, name)["pending_merges"]
+            .as_array()
+            .unwrap()
+            .is_empty()
     {
         assert!(
             Instant::now() < deadline,

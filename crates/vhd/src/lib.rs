@@ -144,6 +144,29 @@ fn open_with(
     }
 }
 
+/// Makes a differencing disk at `path` on `parent`, in the format the name
+/// says (`.avhdx`/`.vhdx`: VHDX, else VHD) with the format's defaults for a
+/// checkpoint layer. The parent (and its chain) must open.
+pub fn create_child(path: &Path, parent: &Path) -> Result<()> {
+    let mut none = NoProgress;
+    if is_vhdx_name(path) {
+        use vhdx::create::{NewVhdx, VhdxOptions};
+        let opts = VhdxOptions::new(NewVhdx::Differencing {
+            parent: parent.to_path_buf(),
+        });
+        vhdx::create::create(path, &opts, &mut none).map(drop)
+    } else {
+        use vhd1::create::{CreateOptions, NewDisk};
+        let opts = CreateOptions {
+            kind: NewDisk::Differencing {
+                parent: parent.to_path_buf(),
+            },
+            exact_size: false,
+        };
+        vhd1::create::create(path, &opts, &mut none).map(drop)
+    }
+}
+
 /// Opens a parent in a chain: read-only, shared lock, with its own ancestors.
 pub(crate) fn open_parent(path: &Path, seen: &mut HashSet<PathBuf>) -> Result<Box<dyn Disk>> {
     open_with(&HostStorage, path, true, seen)

@@ -102,6 +102,20 @@ pub enum Request {
     SwitchDisks {
         disks: Vec<DiskSwitch>,
     },
+    /// Save the paused VM's memory and device state into `path` (temp file,
+    /// fsync, rename) and stay paused with QEMU running: a checkpoint of a
+    /// running VM, which resumes afterwards.
+    SaveState {
+        path: PathBuf,
+    },
+    /// Give the disk in each slot a new differencing child at the given path
+    /// and serve that from now on (the paused VM's checkpoint): each served
+    /// chain is flushed and closed while its requests wait, the child made
+    /// over its leaf, the new chain opened. All or nothing: on a failure the
+    /// children made are removed and the old chains served again.
+    NewLayers {
+        layers: Vec<DiskSwitch>,
+    },
     /// Merge `layer`, a layer of the chain served in `slot` (its running leaf or
     /// a frozen layer under it), into its parent `into` while the VM runs (see
     /// `vhd::ops::live_merge`). Answered by `progress` lines, then `merged` or

@@ -402,6 +402,85 @@ impl ServedDisks {
         Err(DiskError::NotServed { slot, path })
     }
 
+    /// Gives each slot's disk a new differencing child at the given path and
+    /// serves it (see [`crate::control::Request::NewLayers`]); all or nothing.
+    pub fn new_layers(&mut self, wanted: &[(Slot, PathBuf)]) -> Result<(), DiskError> {
+        let mut done: Vec<(Slot, PathBuf, PathBuf)> = Vec::new();
+        for (slot, child) in wanted {
+            match self.layer_over(*slot, child) {
+                Ok(old_top) => done.push((*slot, old_top, child.clone())),
+                Err(e) => {
+                    for (slot, old_top, child) in done.into_iter().rev() {
+                        if let Err(e) = self.reopen(
+                            slot,
+                            &child,
+                            || Ok(Arc::from(vhd::open(&old_top, false)?)),
+                            old_top.clone(),
+                        ) {
+                            tracing::error!(%slot, error = %e, "cannot go back to the disk's old chain after a failed checkpoint");
+                            continue;
+                        }
+                        let _ = std::fs::remove_file(&child);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `child` over the leaf served in `slot` and serves it; returns the
+    /// old leaf.
+    fn layer_over(&mut self, slot: Slot, child: &Path) -> Result<PathBuf, DiskError> {
+        let (_, top) = self.served_in(slot).ok_or_else(|| DiskError::NotServed {
+            slot,
+            path: child.to_path_buf(),
+        })?;
+        let parent = top.clone();
+        self.reopen(
+            slot,
+            &top,
+            || {
+                vhd::create_child(child, &parent)?;
+                vhd::open(child, false).map(Arc::from).inspect_err(|_| {
+                    let _ = std::fs::remove_file(child);
+                })
+            },
+            child.to_path_buf(),
+        )?;
+        Ok(top)
+    }
+
+    /// Closes the chain served in `slot` (top `top`) while its requests wait
+    /// and serves what `open_new` opens (top `new_top`); the old chain again
+    /// if that fails.
+    fn reopen(
+        &mut self,
+        slot: Slot,
+        top: &Path,
+        open_new: impl FnOnce() -> Result<Arc<dyn vhd::Disk>, vhd::Error>,
+        new_top: PathBuf,
+    ) -> Result<(), DiskError> {
+        let (disk, _) = self.served_in(slot).ok_or_else(|| DiskError::NotServed {
+            slot,
+            path: new_top.clone(),
+        })?;
+        let gate = Arc::new(vhd::ops::live_merge::Tracked::new(disk));
+        self.replace(slot, gate.clone(), top.to_path_buf())?;
+        let reopened = gate.reopen(open_new);
+        let (served, path) = match &reopened {
+            Ok(()) => (gate.inner(), new_top.clone()),
+            Err(_) => (gate.inner(), top.to_path_buf()),
+        };
+        // Serve the chain itself again, without the gate.
+        self.replace(slot, served, path)?;
+        reopened.map_err(|source| DiskError::Open {
+            slot,
+            path: new_top,
+            source: Box::new(source),
+        })
+    }
+
     /// Stops serving and makes every write durable. Called after QEMU has exited.
     pub async fn flush_and_close(self) -> Result<(), DiskError> {
         if let Some(nbd) = self.nbd {

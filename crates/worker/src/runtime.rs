@@ -975,13 +975,19 @@ async fn merge_layer(
         }
         Ok(Err(e)) => {
             if let Some(served) = served.as_mut() {
-                let top = vhd::Disk::path(tracked.as_ref()).map(Path::to_path_buf).unwrap_or_default();
+                let top = vhd::Disk::path(tracked.as_ref())
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
                 if let Err(e) = served.replace(slot, tracked.inner(), top) {
                     tracing::warn!(error = %e, "the chain stays served through the merge's wrapper");
                 }
             }
             failed(
-                &format!("the live merge of {} into {} did not finish; the disk reads as before", layer.display(), into.display()),
+                &format!(
+                    "the live merge of {} into {} did not finish; the disk reads as before",
+                    layer.display(),
+                    into.display()
+                ),
                 &e,
             )
         }
@@ -1034,7 +1040,9 @@ fn write_marker(marker: &Path, layer: &Path, into: &Path) -> Result<(), vhd::Err
     f.write_all(text.to_string().as_bytes()).map_err(io)?;
     f.sync_all().map_err(io)?;
     if let Some(dir) = marker.parent() {
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
     }
     Ok(())
 }
@@ -1122,6 +1130,53 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
         Request::Status | Request::Console => ok(shared),
         // Answered by serve_control, which streams its progress.
         Request::MergeLayer { .. } => ok(shared),
+        Request::SaveState { path } => {
+            if state != WorkerState::Paused {
+                return invalid(
+                    shared,
+                    "save its state for a checkpoint",
+                    "; pause it first",
+                );
+            }
+            match save_to(shared, &path).await {
+                Ok(()) => ok(shared),
+                Err(message) => Response::Error {
+                    kind: FailureKind::Failed,
+                    message,
+                },
+            }
+        }
+        Request::NewLayers { layers } => {
+            if state != WorkerState::Paused {
+                return invalid(shared, "take new disk layers", "; pause it first");
+            }
+            let Ok(_no_merge) = shared.merging.try_lock() else {
+                return Response::Error {
+                    kind: FailureKind::InvalidState,
+                    message: format!(
+                        "VM {} cannot take new disk layers while a live merge of a checkpoint runs; try again when it has finished",
+                        shared.name()
+                    ),
+                };
+            };
+            let mut served = shared.served.lock().await;
+            let Some(served) = served.as_mut() else {
+                return invalid(shared, "take new disk layers", "");
+            };
+            let wanted: Vec<_> = layers.into_iter().map(|d| (d.slot, d.path)).collect();
+            let made = tokio::task::block_in_place(|| served.new_layers(&wanted));
+            *shared.drives.lock().unwrap_or_else(|p| p.into_inner()) = served.metered();
+            match made {
+                Ok(()) => {
+                    tracing::info!(vm = %shared.name(), disks = wanted.len(), "disks continue on new layers");
+                    ok(shared)
+                }
+                Err(e) => failed(
+                    "making the new disk layers failed; every disk stays on its chain",
+                    &e,
+                ),
+            }
+        }
         Request::SetProcessor { processor } => set_processor(shared, processor),
         Request::FlushDisks => {
             if !matches!(state, WorkerState::Running | WorkerState::Paused) {
@@ -1284,8 +1339,14 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
 
 /// Migrates the paused VM into `<vm_dir>/saved-state.bin` (through a temp file).
 async fn save(shared: &Shared) -> Result<(), String> {
+    save_to(shared, &shared.spec.saved_state_path()).await
+}
+
+/// Pauses the VM (if it runs) and writes its memory and device state into
+/// `target` (temp file, fsync, rename, folder synced); QEMU stays, paused.
+async fn save_to(shared: &Shared, target: &Path) -> Result<(), String> {
     let rt = &shared.spec.runtime_dir;
-    let target = shared.spec.saved_state_path();
+    let target = target.to_path_buf();
     let tmp = target.with_extension("bin.tmp");
     let name = shared.name().to_string();
     let fail = |what: &str, e: &dyn std::fmt::Display| {

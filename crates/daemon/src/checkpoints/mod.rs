@@ -204,7 +204,10 @@ fn merge_live(
         }
         Err(e) => Err(ApiError::new(
             api::error::ErrorCode::Internal,
-            format!("the running VM's worker did not merge {what}: {}", job_error_text(&e)),
+            format!(
+                "the running VM's worker did not merge {what}: {}",
+                job_error_text(&e)
+            ),
         )),
     }
 }
@@ -401,6 +404,26 @@ pub fn resume_at_start(svc: &Arc<Service>) {
         if !tree::tree_path(&dir).exists() {
             continue;
         }
+        let mut repoint =
+            |slot: Slot, old: &Path, new: &Path| repoint_current(svc, id, slot, old, new);
+        match ops::recover_intent(&dir, &mut repoint) {
+            Ok(Some(true)) => {
+                tracing::warn!(vm = %id, "a checkpoint of the running VM interrupted by a crash was finished; resume the VM if it is paused")
+            }
+            Ok(Some(false)) => {
+                tracing::warn!(vm = %id, "a checkpoint of the running VM interrupted by a crash was taken back")
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(vm = %id, error = %e.message, "cannot recover a checkpoint interrupted by a crash")
+            }
+        }
+        let _ = std::fs::remove_file(dir.join(STATE_IN_TRANSIT));
+        let settings = svc
+            .store()
+            .get(id)
+            .and_then(|e| e.settings.clone())
+            .or(settings);
         if let (Some(s), Current::Idle) = (settings, current_mode(svc, id)) {
             match ops::reconcile(&dir, &s) {
                 Ok(Some(fixed)) => {
@@ -499,8 +522,26 @@ pub(crate) async fn take(
                     "this viridiand runs no VMs",
                 ));
             };
-            // Pause, save memory and device state, switch disks, resume. The worker
-            // exits in between (QEMU cannot reopen its disks in place yet).
+            // Pause, save memory and device state, switch disks, resume; QEMU
+            // stays. A worker that cannot (an older one) is saved and started
+            // again instead.
+            let started = Instant::now();
+            match take_in_place(svc, workers.as_ref(), &vm, name.clone(), limit).await {
+                Ok(node) => {
+                    let downtime = started.elapsed();
+                    ctx.add_affected(AffectedElement::new(
+                        "guest-downtime-ms",
+                        downtime.as_millis().to_string(),
+                    ));
+                    tracing::info!(vm = %id, downtime_ms = downtime.as_millis() as u64, "checkpoint of a running VM taken in place");
+                    return Ok(node);
+                }
+                Err(InPlace::Refused(e)) => return Err(e),
+                Err(InPlace::NotDone(e)) => {
+                    tracing::warn!(vm = %id, error = %job_error_text(&e),
+                        "the worker could not take the checkpoint in place; saving the VM and starting it again instead");
+                }
+            }
             let started = Instant::now();
             svc.set_runtime(id, VmRuntime::with_state(VmState::Saving));
             workers.stop(id, StopMode::Save, ctx.clone()).await?;
@@ -544,7 +585,117 @@ pub(crate) async fn take(
     }
 }
 
-/// `POST /v1/vms/{vm}/checkpoints/{checkpoint}/apply`
+/// Why a checkpoint of a running VM was not taken in place.
+enum InPlace {
+    /// Nothing changed and the VM runs as before; the save-and-start way may work.
+    NotDone(JobError),
+    /// The checkpoint itself is refused (a name, the limit): nothing changed.
+    Refused(JobError),
+}
+
+/// The saved state of a checkpoint of a running VM on its way into the
+/// checkpoint's folder.
+const STATE_IN_TRANSIT: &str = "checkpoint-state.bin";
+
+/// A checkpoint of the running (or paused) VM `vm` with its worker and QEMU
+/// staying: pause, save the state beside QEMU, record the checkpoint with its
+/// layers planned (the intent first), have the worker make them over the
+/// leaves it holds and serve them, write `vm.json`, resume.
+async fn take_in_place(
+    svc: &Arc<Service>,
+    workers: &dyn crate::vms::runtime::WorkerControl,
+    vm: &Target,
+    name: Option<String>,
+    limit: usize,
+) -> Result<Uuid, InPlace> {
+    let id = vm.id;
+    let was_running = vm.state == VmState::Running;
+    let resume = |why: JobError| async move {
+        if was_running {
+            if let Err(e) = workers.pause(id, false).await {
+                tracing::error!(vm = %id, error = %job_error_text(&e), "cannot resume the VM after a checkpoint that did not happen");
+            }
+        }
+        why
+    };
+    if was_running {
+        workers.pause(id, true).await.map_err(InPlace::NotDone)?;
+    }
+    let state = vm.dir.join(STATE_IN_TRANSIT);
+    if let Err(e) = workers.save_state(id, state.clone()).await {
+        return Err(InPlace::NotDone(resume(e).await));
+    }
+    let (dir, settings) = (vm.dir.clone(), vm.settings.clone());
+    let planned: Arc<Mutex<Option<ops::Intent>>> = Arc::default();
+    let plan = planned.clone();
+    let memory = state.clone();
+    let created = blocking("a checkpoint operation", move || {
+        let tell = |intent: &ops::Intent| {
+            ops::write_intent(&dir, intent)?;
+            *lock(&plan) = Some(intent.clone());
+            Ok(())
+        };
+        ops::create_with(&dir, &settings, name, Some(&memory), limit, Some(&tell))
+    })
+    .await;
+    let _ = std::fs::remove_file(&state);
+    let created = match created {
+        Ok(c) => c,
+        Err(e) => {
+            let intent = lock(&planned).take();
+            if let Some(intent) = intent {
+                let dir = vm.dir.clone();
+                let _ = blocking("a checkpoint operation", move || {
+                    ops::undo_intent(&dir, &intent)
+                })
+                .await;
+            }
+            return Err(InPlace::Refused(resume(e).await));
+        }
+    };
+    let intent = lock(&planned).take();
+    let intent = intent.unwrap_or(ops::Intent {
+        node: created.node.id,
+        layers: Vec::new(),
+    });
+    let layers = intent
+        .layers
+        .iter()
+        .map(|l| (l.slot, l.layer.clone()))
+        .collect();
+    if let Err(e) = workers.new_layers(id, layers).await {
+        let dir = vm.dir.clone();
+        if let Err(u) = blocking("a checkpoint operation", move || {
+            ops::undo_intent(&dir, &intent)
+        })
+        .await
+        {
+            tracing::error!(vm = %id, error = %job_error_text(&u), "cannot take back a checkpoint whose layers were not made");
+        }
+        return Err(InPlace::NotDone(resume(e).await));
+    }
+    let node = created.node.id;
+    if let Err(e) = write_settings(svc, created.settings) {
+        // The tree and the worker have the new layers; the intent left in
+        // place re-points vm.json at the next start.
+        return Err(InPlace::Refused(resume(JobError::from(e)).await));
+    }
+    let _ = std::fs::remove_file(ops::intent_path(&vm.dir));
+    if was_running {
+        workers.pause(id, false).await.map_err(|e| {
+            InPlace::Refused(JobError::failed(
+                "Failed",
+                format!(
+                    "the checkpoint was taken, but resuming the VM failed: {}",
+                    job_error_text(&e)
+                ),
+            ))
+        })?;
+    }
+    Ok(node)
+}
+
+/// `POST /v1/vms/{vm}/checkpoints/{checkpoint}/apply`/// `POST /v1/vms/{vm}/checkpoints/{checkpoint}/apply`
 pub fn submit_apply(svc: &Arc<Service>, key: &str, cp: &str) -> Result<JobSnapshot, ApiError> {
     let vm = target(svc, key)?;
     if !matches!(vm.state, VmState::Off | VmState::Saved) {

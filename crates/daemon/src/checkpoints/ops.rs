@@ -160,24 +160,7 @@ fn layer_name(parent: &Path) -> String {
 /// Makes a differencing child of `parent` in `dir`.
 fn new_layer(dir: &Path, parent: &Path) -> Result<PathBuf, ApiError> {
     let path = dir.join(layer_name(parent));
-    let mut none = vhd::NoProgress;
-    let made = if path.extension().is_some_and(|e| e == "avhdx") {
-        use vhd::vhdx::create::{NewVhdx, VhdxOptions};
-        let opts = VhdxOptions::new(NewVhdx::Differencing {
-            parent: parent.to_path_buf(),
-        });
-        vhd::vhdx::create::create(&path, &opts, &mut none).map(drop)
-    } else {
-        use vhd::vhd1::create::{CreateOptions, NewDisk};
-        let opts = CreateOptions {
-            kind: NewDisk::Differencing {
-                parent: parent.to_path_buf(),
-            },
-            exact_size: false,
-        };
-        vhd::vhd1::create::create(&path, &opts, &mut none).map(drop)
-    };
-    made.map_err(|e| {
+    vhd::create_child(&path, parent).map_err(|e| {
         engine(
             format!("cannot make a differencing disk on {}", parent.display()),
             &e,
@@ -263,6 +246,47 @@ pub fn create(
     memory_state: Option<&Path>,
     limit: usize,
 ) -> Result<Created, ApiError> {
+    create_with(vm_dir, settings, name, memory_state, limit, None)
+}
+
+/// How a checkpoint of a running VM makes its layers: the VM's worker makes
+/// them over the leaves it holds open ([`Intent`]).
+pub type PlannedLayers<'a> = &'a dyn Fn(&Intent) -> Result<(), ApiError>;
+
+/// A checkpoint of a running VM under way, written before the tree names its
+/// layers and removed once `vm.json` does: the layer each slot's disk gets.
+/// After a crash, [`recover_intent`] finishes it (every layer exists: the
+/// worker switched to them) or takes it back (it did not).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Intent {
+    pub node: Uuid,
+    pub layers: Vec<PlannedLayer>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PlannedLayer {
+    pub slot: Slot,
+    /// The disk the VM runs on now, the new layer's parent.
+    pub parent: PathBuf,
+    pub layer: PathBuf,
+}
+
+/// `checkpoint-intent.json` in the VM's folder.
+pub fn intent_path(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("checkpoint-intent.json")
+}
+
+/// Like [`create`]; with `planned`, the layers are not made here: their
+/// names are decided, `planned` hears them (the caller records the intent
+/// and has the worker make them after this returns), and the tree names them.
+pub fn create_with(
+    vm_dir: &Path,
+    settings: &VmSettings,
+    name: Option<String>,
+    memory_state: Option<&Path>,
+    limit: usize,
+    planned: Option<PlannedLayers<'_>>,
+) -> Result<Created, ApiError> {
     let mut t = load(vm_dir)?;
     let count = t.visible().count();
     if count >= limit {
@@ -312,7 +336,32 @@ pub fn create(
             }
             Ok(())
         });
-        let layers = new_layers(&layer_dir, &disks);
+        let layers = match planned {
+            None => new_layers(&layer_dir, &disks),
+            Some(tell) => {
+                let intent = Intent {
+                    node: id,
+                    layers: disks
+                        .iter()
+                        .map(|d| PlannedLayer {
+                            slot: d.slot,
+                            parent: d.path.clone(),
+                            layer: layer_dir.join(layer_name(&d.path)),
+                        })
+                        .collect(),
+                };
+                tell(&intent).map(|()| {
+                    intent
+                        .layers
+                        .iter()
+                        .map(|l| NodeDisk {
+                            slot: l.slot,
+                            path: l.layer.clone(),
+                        })
+                        .collect()
+                })
+            }
+        };
         let files = files.join().unwrap_or_else(|_| {
             Err(ApiError::internal(
                 "writing the checkpoint's settings failed unexpectedly",
@@ -344,6 +393,62 @@ pub fn create(
         node,
         settings: with_disks(settings, &layers),
     })
+}
+
+/// Writes `intent` durably into the VM's folder.
+pub fn write_intent(vm_dir: &Path, intent: &Intent) -> Result<(), ApiError> {
+    vm_config::file::write_json_atomic(&intent_path(vm_dir), intent).map_err(|e| {
+        ApiError::internal(format!(
+            "cannot record the checkpoint under way in {}: {}",
+            intent_path(vm_dir).display(),
+            error_chain(&e)
+        ))
+    })
+}
+
+/// Takes back checkpoint `intent.node` of a running VM whose worker did not
+/// make its layers: the tree forgets it and the current state is on the old
+/// disks again; its folder and any layer made go.
+pub fn undo_intent(vm_dir: &Path, intent: &Intent) -> Result<(), ApiError> {
+    let mut t = load(vm_dir)?;
+    if let Some(node) = t.node(intent.node).cloned() {
+        t.nodes.retain(|n| n.id != intent.node);
+        t.current_parent = node.parent;
+        t.current_disks = node.disks;
+        save(vm_dir, &t)?;
+    }
+    for l in &intent.layers {
+        let _ = std::fs::remove_file(&l.layer);
+    }
+    remove_node_dir(vm_dir, &t, intent.node);
+    let _ = std::fs::remove_file(intent_path(vm_dir));
+    Ok(())
+}
+
+/// After a crash during a checkpoint of a running VM: finishes it when every
+/// layer exists (the worker serves them: `vm.json` is re-pointed at them
+/// through `write_current`), or takes it back. Returns whether it finished.
+pub fn recover_intent(
+    vm_dir: &Path,
+    write_current: WriteCurrent<'_>,
+) -> Result<Option<bool>, ApiError> {
+    let path = intent_path(vm_dir);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok(None);
+    };
+    let intent: Intent = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::internal(format!("{} is unreadable: {e}", path.display())))?;
+    let t = load(vm_dir)?;
+    let recorded = t.node(intent.node).is_some();
+    if recorded && intent.layers.iter().all(|l| l.layer.exists()) {
+        for l in &intent.layers {
+            write_current(l.slot, &l.parent, &l.layer)?;
+        }
+        let _ = std::fs::remove_file(&path);
+        return Ok(Some(true));
+    }
+    undo_intent(vm_dir, &intent)?;
+    Ok(Some(false))
 }
 
 /// What an apply produced.
@@ -587,7 +692,15 @@ pub fn settle(
                 } else {
                     None
                 };
-                match merge_node(vm_dir, t, work.node, write_current, live_now, progress, hook) {
+                match merge_node(
+                    vm_dir,
+                    t,
+                    work.node,
+                    write_current,
+                    live_now,
+                    progress,
+                    hook,
+                ) {
                     Ok(()) => {}
                     Err(MergeFailure::Live(e)) => {
                         tracing::warn!(node = %work.node, error = %e.message,
@@ -755,11 +868,21 @@ fn merge_node(
             (false, Some(live)) if in_running_chain => {
                 hook("merge")?;
                 if leaf {
-                    std::fs::create_dir_all(tree::node_dir(vm_dir, id))
-                        .map_err(|e| io(format!("cannot create the folder of {}", marker.display()), e))?;
+                    std::fs::create_dir_all(tree::node_dir(vm_dir, id)).map_err(|e| {
+                        io(
+                            format!("cannot create the folder of {}", marker.display()),
+                            e,
+                        )
+                    })?;
                 }
-                live(x.slot, &l, &x.path, leaf.then_some(marker.as_path()), progress)
-                    .map_err(MergeFailure::Live)?;
+                live(
+                    x.slot,
+                    &l,
+                    &x.path,
+                    leaf.then_some(marker.as_path()),
+                    progress,
+                )
+                .map_err(MergeFailure::Live)?;
                 true
             }
             _ => {
@@ -1060,5 +1183,67 @@ mod crash_tests {
             n += 1;
         }
         assert!(n > 6, "the merge has only {n} steps");
+    }
+
+    /// A checkpoint of a running VM recorded with its layers planned, then a
+    /// crash: before the worker made the layers it is taken back, after it
+    /// is finished (vm.json re-pointed), and the disks read the same.
+    #[test]
+    fn a_checkpoint_of_a_running_vm_cut_by_a_crash_is_finished_or_taken_back() {
+        for worker_made_them in [false, true] {
+            let root = tempfile::tempdir().unwrap();
+            let (vm_dir, s) = build(root.path());
+            let before: Vec<Vec<u8>> = paths(&s).iter().map(|p| hash(p)).collect();
+            let tree_before = load(&vm_dir).unwrap();
+            let tell = |intent: &Intent| write_intent(&vm_dir, intent);
+            let created =
+                create_with(&vm_dir, &s, Some("C".into()), None, 50, Some(&tell)).unwrap();
+            assert!(intent_path(&vm_dir).exists());
+            let t = load(&vm_dir).unwrap();
+            assert!(t.node(created.node.id).is_some());
+            let planned = paths(&created.settings);
+            assert!(
+                planned.iter().all(|p| !p.exists()),
+                "planned only: {planned:?}"
+            );
+            if worker_made_them {
+                for (layer, parent) in planned.iter().zip(paths(&s)) {
+                    vhd::create_child(layer, &parent).unwrap();
+                }
+            }
+            // The daemon restarts: vm.json still names the old disks.
+            let current = RefCell::new(s.clone());
+            let mut write_current = |slot: Slot, old: &Path, new: &Path| {
+                for d in current
+                    .borrow_mut()
+                    .drives
+                    .iter_mut()
+                    .filter(|d| d.slot == slot)
+                {
+                    if let DriveMedia::HardDisk { path } = &mut d.media {
+                        if Path::new(path.as_str()) == old {
+                            *path = new.to_string_lossy().into_owned();
+                        }
+                    }
+                }
+                Ok(())
+            };
+            let finished = recover_intent(&vm_dir, &mut write_current).unwrap();
+            assert_eq!(finished, Some(worker_made_them));
+            assert!(!intent_path(&vm_dir).exists());
+            let t = load(&vm_dir).unwrap();
+            if worker_made_them {
+                assert_eq!(paths(&current.borrow()), planned);
+                assert_eq!(t.current_parent, Some(created.node.id));
+            } else {
+                assert_eq!(paths(&current.borrow()), paths(&s));
+                assert_eq!(t, tree_before);
+                assert!(!tree::node_dir(&vm_dir, created.node.id).exists());
+            }
+            let now: Vec<Vec<u8>> = paths(&current.borrow()).iter().map(|p| hash(p)).collect();
+            assert_eq!(now, before);
+            // Nothing left to recover.
+            assert_eq!(recover_intent(&vm_dir, &mut write_current).unwrap(), None);
+        }
     }
 }

@@ -69,6 +69,15 @@ pub trait WorkerControl: Send + Sync + 'static {
         id: Uuid,
         disks: Vec<(vm_config::Slot, PathBuf)>,
     ) -> BoxFuture<Result<(), JobError>>;
+    /// Saves a paused VM's memory and device state into `path`; QEMU stays.
+    fn save_state(&self, id: Uuid, path: PathBuf) -> BoxFuture<Result<(), JobError>>;
+    /// Gives a paused VM's disks in the given slots new differencing children
+    /// at the given paths and serves those (all or nothing).
+    fn new_layers(
+        &self,
+        id: Uuid,
+        layers: Vec<(vm_config::Slot, PathBuf)>,
+    ) -> BoxFuture<Result<(), JobError>>;
     /// Merges `layer` into its parent `into` in the chain a running VM serves
     /// in `slot`, while it runs (`worker::control::Request::MergeLayer`),
     /// reporting bytes done of total to `progress`.

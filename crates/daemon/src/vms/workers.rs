@@ -639,6 +639,24 @@ impl WorkerControl for Arc<WorkerSupervisor> {
         })
     }
 
+    fn save_state(&self, id: Uuid, path: PathBuf) -> BoxFuture<Result<(), JobError>> {
+        let this = self.clone();
+        Box::pin(async move { this.call(id, Request::SaveState { path }).await.map(drop) })
+    }
+
+    fn new_layers(
+        &self,
+        id: Uuid,
+        layers: Vec<(vm_config::Slot, PathBuf)>,
+    ) -> BoxFuture<Result<(), JobError>> {
+        let this = self.clone();
+        let layers = layers
+            .into_iter()
+            .map(|(slot, path)| worker::control::DiskSwitch { slot, path })
+            .collect();
+        Box::pin(async move { this.call(id, Request::NewLayers { layers }).await.map(drop) })
+    }
+
     fn merge_layer(
         &self,
         id: Uuid,

@@ -61,7 +61,9 @@ impl DirtyMap {
     fn new(size: u64) -> Self {
         let grains = size.div_ceil(DIRTY_GRAIN);
         Self {
-            words: (0..grains.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            words: (0..grains.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             size,
         }
     }
@@ -126,6 +128,42 @@ impl Tracked {
             read_only: chain.read_only(),
             path: chain.path().map(Path::to_path_buf),
             inner: RwLock::new(chain),
+        }
+    }
+
+    /// Closes the chain served through this disk and serves what `open_new`
+    /// opens in its place, while requests wait: for a new chain that needs
+    /// the old one's files free (a differencing child made over its leaf,
+    /// which must be flushed, closed and unlocked first). When `open_new`
+    /// fails, the old chain is opened again from its top file and served.
+    pub fn reopen(&self, open_new: impl FnOnce() -> Result<Arc<dyn Disk>>) -> Result<()> {
+        let mut slot = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let top = self
+            .path
+            .clone()
+            .ok_or_else(|| invalid(Path::new(""), "the served disk has no file".into()))?;
+        slot.flush()?;
+        wait_sole_handle(&slot, &top)?;
+        *slot = Arc::new(Detached {
+            size: self.size,
+            logical: self.logical,
+            read_only: self.read_only,
+        });
+        match open_new() {
+            Ok(new) => {
+                *slot = new;
+                Ok(())
+            }
+            Err(e) => Err(match crate::open(&top, self.read_only) {
+                Ok(old) => {
+                    *slot = Arc::from(old);
+                    e
+                }
+                Err(again) => invalid(
+                    &top,
+                    format!("{e}; and the chain cannot be opened again ({again}): the disk fails every request until it is switched"),
+                ),
+            }),
         }
     }
 
@@ -421,7 +459,14 @@ pub fn merge_live(
     {
         let inner = served.inner();
         let from: &dyn Disk = frozen.as_deref().unwrap_or(inner.as_ref());
-        copy_allocated(from, parent.disk(), CopyPath::FileToFile, &mut copied, total, progress)?;
+        copy_allocated(
+            from,
+            parent.disk(),
+            CopyPath::FileToFile,
+            &mut copied,
+            total,
+            progress,
+        )?;
     }
     let mut pending = Vec::new();
     if running_leaf {
@@ -437,7 +482,10 @@ pub fn merge_live(
             if !progress.update(copied.min(total), total) {
                 parent.disk().flush()?;
                 return Err(Error::Cancelled {
-                    what: format!("the chain of {} (it reads as before the merge)", top.display()),
+                    what: format!(
+                        "the chain of {} (it reads as before the merge)",
+                        top.display()
+                    ),
                 });
             }
         }
@@ -459,7 +507,11 @@ pub fn merge_live(
         logical: served.logical,
         read_only: served.read_only,
     });
-    let new_top = if running_leaf { into.to_path_buf() } else { top.clone() };
+    let new_top = if running_leaf {
+        into.to_path_buf()
+    } else {
+        top.clone()
+    };
     let switched = (|| {
         if let Some(c) = &child {
             // The child expected the layer's identity; the parent now reads as
