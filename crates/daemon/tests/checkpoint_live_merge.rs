@@ -1,8 +1,8 @@
 //! Deleting checkpoints of a running VM merges their disks live, end to end
 //! through a real `viridiand`, workers and QEMU (TCG here): the guest keeps
 //! running and writing while its chain gets shorter, without a reboot or a
-//! save. The guest counts, writing `count N` into sector 0 and into sector
-//! 8 + N of its data disk (a VHDX) every ~0.3 s, and 8 MiB of random data
+//! save. The guest counts, writing `count N` into sector 8 + N and then into
+//! sector 0 of its data disk (a VHDX) every ~0.3 s, each write flushed, and 8 MiB of random data
 //! once at count 12; afterwards every one of its writes must be on the disk.
 //!
 //! Also killed mid-merge: the daemon (the worker finishes the disk it was
@@ -27,8 +27,8 @@ use serde_json::{json, Value};
 const COUNTER: &str = "n=0\n\
     while true; do\n\
     n=$((n+1))\n\
-    echo \"count $n\" | dd of=/dev/vda bs=512 count=1 conv=notrunc,sync,fsync 2>/dev/null\n\
     echo \"count $n\" | dd of=/dev/vda bs=512 seek=$((n+8)) count=1 conv=notrunc,sync,fsync 2>/dev/null\n\
+    echo \"count $n\" | dd of=/dev/vda bs=512 count=1 conv=notrunc,sync,fsync 2>/dev/null\n\
     if [ $n -eq 12 ]; then dd if=/dev/urandom of=/dev/vda bs=1M seek=4 count=8 conv=fsync 2>/dev/null; fi\n\
     echo \"count $n\"\n\
     sleep 0.3\n\
