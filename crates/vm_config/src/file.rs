@@ -42,6 +42,30 @@ pub enum FileError {
     },
 }
 
+/// Why [`versioned`] refused a file's bytes.
+#[derive(Debug)]
+pub enum Versioned {
+    /// Not JSON, or no numeric `schema_version`.
+    Parse(String),
+    /// Written by a newer Viridian: the version found.
+    TooNew(u64),
+}
+
+/// Parses a versioned JSON file's bytes (a top-level `schema_version`, at most
+/// `newest`): the document and its version, for the caller's upgrade steps.
+pub fn versioned(bytes: &[u8], newest: u32) -> Result<(serde_json::Value, u64), Versioned> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| Versioned::Parse(e.to_string()))?;
+    let version = value
+        .get("schema_version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| Versioned::Parse("it has no numeric schema_version".into()))?;
+    if version > u64::from(newest) {
+        return Err(Versioned::TooNew(version));
+    }
+    Ok((value, version))
+}
+
 /// Reads and, if older, upgrades a `vm.json`.
 pub fn load(path: &Path) -> Result<VmSettings, FileError> {
     let bytes = fs::read(path).map_err(|source| FileError::Read {
@@ -52,18 +76,13 @@ pub fn load(path: &Path) -> Result<VmSettings, FileError> {
         path: path.into(),
         reason,
     };
-    let value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| parse(e.to_string()))?;
-    let version = value
-        .get("schema_version")
-        .and_then(|v| v.as_u64())
-        .ok_or_else(|| parse("it has no numeric schema_version".into()))?;
-    if version > SCHEMA_VERSION as u64 {
-        return Err(FileError::TooNew {
+    let (value, version) = versioned(&bytes, SCHEMA_VERSION).map_err(|e| match e {
+        Versioned::Parse(reason) => parse(reason),
+        Versioned::TooNew(found) => FileError::TooNew {
             path: path.into(),
-            found: version,
-        });
-    }
+            found,
+        },
+    })?;
     let file: VmFile = serde_json::from_value(value).map_err(|e| parse(e.to_string()))?;
     let mut settings = file.settings;
     // Upgrade steps, oldest first.

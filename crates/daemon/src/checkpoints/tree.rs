@@ -152,18 +152,14 @@ pub fn load(vm_dir: &Path) -> Result<Tree, TreeError> {
         path: path.clone(),
         reason,
     };
-    let value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| parse(e.to_string()))?;
-    let version = value
-        .get("schema_version")
-        .and_then(|v| v.as_u64())
-        .ok_or_else(|| parse("it has no numeric schema_version".into()))?;
-    if version > SCHEMA_VERSION as u64 {
-        return Err(TreeError::TooNew {
-            path: path.clone(),
-            found: version,
-        });
-    }
+    let (value, _version) =
+        vm_config::file::versioned(&bytes, SCHEMA_VERSION).map_err(|e| match e {
+            vm_config::file::Versioned::Parse(reason) => parse(reason),
+            vm_config::file::Versioned::TooNew(found) => TreeError::TooNew {
+                path: path.clone(),
+                found,
+            },
+        })?;
     // Version 1 is the first; later versions add upgrade steps here, oldest first.
     let file: TreeFile = serde_json::from_value(value).map_err(|e| parse(e.to_string()))?;
     file.tree.check().map_err(parse)?;
