@@ -13,6 +13,9 @@ use vhd::ops::check::check;
 use vhd::vhd1::create::{create, create_on, CreateOptions, NewDisk};
 use vhd::{Disk, NoProgress};
 
+mod common;
+use common::Model;
+
 const MODES: [AfterCrash; 3] = [
     AfterCrash::KeepAllWrites,
     AfterCrash::LoseUnflushedWrites,
@@ -117,54 +120,6 @@ fn create_leaves_no_disk_or_a_complete_one_at_every_crash_point() {
         tried > 20,
         "only {tried} crash points: the harness cut nothing"
     );
-}
-
-/// What each sector may read as after a crash: its durable value, or any
-/// value written to it since (the write may or may not have landed).
-struct Model {
-    durable: Vec<u8>,
-    since_flush: Vec<Vec<u8>>,
-}
-
-impl Model {
-    fn new(initial: Vec<u8>) -> Self {
-        let n = initial.len();
-        Model {
-            durable: initial,
-            since_flush: vec![Vec::new(); n],
-        }
-    }
-
-    fn writing(&mut self, first: usize, count: usize, value: u8) {
-        for s in first..first + count {
-            self.since_flush[s].push(value);
-        }
-    }
-
-    fn flushed(&mut self) {
-        for (d, since) in self.durable.iter_mut().zip(&mut self.since_flush) {
-            if let Some(&last) = since.last() {
-                *d = last;
-            }
-            since.clear();
-        }
-    }
-
-    fn assert_matches(&self, data: &[u8], n: u64) {
-        for (s, sector) in data.chunks(SECTOR).enumerate() {
-            let v = sector[0];
-            assert!(
-                sector.iter().all(|&b| b == v),
-                "crash point {n}: sector {s} is torn"
-            );
-            assert!(
-                v == self.durable[s] || self.since_flush[s].contains(&v),
-                "crash point {n}: sector {s} reads {v:#x}; flushed {:#x}, written since {:?}",
-                self.durable[s],
-                self.since_flush[s]
-            );
-        }
-    }
 }
 
 /// Writes of every shape the engine treats differently: whole blocks, parts of

@@ -12,6 +12,9 @@ use vhd::ops::check::check;
 use vhd::vhdx::create::{create, create_on, NewVhdx, VhdxOptions};
 use vhd::{Disk, NoProgress};
 
+mod common;
+use common::Model;
+
 const MODES: [AfterCrash; 3] = [
     AfterCrash::KeepAllWrites,
     AfterCrash::LoseUnflushedWrites,
@@ -112,53 +115,6 @@ fn vhdx_create_leaves_no_disk_or_a_complete_one_at_every_crash_point() {
     }
     println!("create: {tried} crash points tried");
     assert!(tried > 20, "only {tried} crash points");
-}
-
-/// What each sector may read as after a crash.
-struct Model {
-    durable: Vec<u8>,
-    since_flush: Vec<Vec<u8>>,
-}
-
-impl Model {
-    fn new(initial: Vec<u8>) -> Self {
-        let n = initial.len();
-        Model {
-            durable: initial,
-            since_flush: vec![Vec::new(); n],
-        }
-    }
-
-    fn writing(&mut self, first: usize, count: usize, value: u8) {
-        for s in first..first + count {
-            self.since_flush[s].push(value);
-        }
-    }
-
-    fn flushed(&mut self) {
-        for (d, since) in self.durable.iter_mut().zip(&mut self.since_flush) {
-            if let Some(&last) = since.last() {
-                *d = last;
-            }
-            since.clear();
-        }
-    }
-
-    fn assert_matches(&self, data: &[u8], n: u64) {
-        for (s, sector) in data.chunks(SECTOR).enumerate() {
-            let v = sector[0];
-            assert!(
-                sector.iter().all(|&b| b == v),
-                "crash point {n}: sector {s} is torn"
-            );
-            assert!(
-                v == self.durable[s] || self.since_flush[s].contains(&v),
-                "crash point {n}: sector {s} reads {v:#x}; flushed {:#x}, written since {:?}",
-                self.durable[s],
-                self.since_flush[s]
-            );
-        }
-    }
 }
 
 enum Step {
