@@ -190,9 +190,15 @@ impl WorkerSupervisor {
                 runtime.state,
                 VmState::Off | VmState::Saved | VmState::Critical
             );
+            let now_running = matches!(runtime.state, VmState::Running | VmState::Paused)
+                && !matches!(
+                    svc.runtime.get(id).state,
+                    VmState::Running | VmState::Paused
+                );
             svc.set_runtime(id, runtime);
-            // Merges that waited for the VM's disks to be free can run now.
-            if stopped {
+            // Merges that waited for the VM's disks to be free, or for its
+            // worker to merge them live, can run now.
+            if stopped || now_running {
                 crate::checkpoints::settle_in_background(&svc, id);
             }
         }
