@@ -24,9 +24,10 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
-    GuestMemoryMmap,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryMmap, VolatileSlice,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -39,9 +40,9 @@ pub(crate) type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
 pub(crate) type Memory = GuestMemoryAtomic<GuestMemory>;
 type Vring = VringMutex<Memory>;
 type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemory>>;
+/// A run of guest memory in this process, with its region's dirty bitmap.
+type GuestSlice<'m> = VolatileSlice<'m, BitmapMmapRegion>;
 
-/// Largest piece of a request moved through the bounce buffer at a time.
-const CHUNK: usize = 1 << 20;
 /// Most segments accepted in one DISCARD or WRITE_ZEROES request.
 const MAX_SEGMENTS: u32 = 32;
 /// Most sectors in one DISCARD or WRITE_ZEROES segment (1 GiB).
@@ -68,11 +69,6 @@ impl Default for BlkOptions {
     }
 }
 
-/// One queue's scratch state, touched only by that queue's thread.
-struct QueueState {
-    buf: Vec<u8>,
-}
-
 /// The device for one front-end connection.
 pub(crate) struct BlkBackend {
     /// Shared with the server, which can switch it while the front end stays
@@ -84,7 +80,8 @@ pub(crate) struct BlkBackend {
     /// Writeback cache enabled (the guest may turn it off through CONFIG_WCE; then
     /// every write is flushed before it completes).
     wce: AtomicBool,
-    queues: Vec<Mutex<QueueState>>,
+    /// Number of virtqueues (and queue threads).
+    queues: usize,
     /// What the guest did with the disk; shared with the server, so the totals
     /// outlive this connection.
     counters: Arc<DriveCounters>,
@@ -151,6 +148,35 @@ impl Buffers {
         Ok(())
     }
 
+    /// The guest memory behind bytes `skip..skip + len` of `pieces`, as host
+    /// slices in order: descriptors that continue each other in guest memory are
+    /// joined, and a run that crosses from one memory region into the next is
+    /// split at the boundary, so each slice carries its own region's dirty bitmap.
+    fn slices<'m>(
+        mem: &'m GuestMemory,
+        pieces: &[(GuestAddress, u32)],
+        skip: u64,
+        len: u64,
+    ) -> Result<Vec<GuestSlice<'m>>, vm_memory::GuestMemoryError> {
+        let len =
+            usize::try_from(len).map_err(|_| vm_memory::GuestMemoryError::GuestAddressOverflow)?;
+        let mut runs: Vec<(GuestAddress, usize)> = Vec::new();
+        Self::walk(pieces, skip, len, |addr, _, n| {
+            match runs.last_mut() {
+                Some((start, l)) if start.checked_add(*l as u64) == Some(addr) => *l += n,
+                _ => runs.push((addr, n)),
+            }
+            Ok(())
+        })?;
+        let mut out = Vec::with_capacity(runs.len());
+        for (addr, n) in runs {
+            for s in mem.get_slices(addr, n) {
+                out.push(s?);
+            }
+        }
+        Ok(out)
+    }
+
     fn gather(
         &self,
         mem: &GuestMemory,
@@ -177,9 +203,7 @@ impl Buffers {
 
 impl BlkBackend {
     pub(crate) fn new(disk: Arc<DiskCell>, opts: BlkOptions, counters: Arc<DriveCounters>) -> Self {
-        let queues = (0..opts.num_queues.max(1))
-            .map(|_| Mutex::new(QueueState { buf: Vec::new() }))
-            .collect();
+        let queues = usize::from(opts.num_queues.max(1));
         Self {
             disk,
             opts,
@@ -220,7 +244,6 @@ impl BlkBackend {
     fn process_queue(
         &self,
         vring: &mut vhost_user_backend::VringState<Memory>,
-        q: usize,
     ) -> io::Result<bool> {
         let mem = self.memory();
         let chains: Vec<Chain> = match vring.get_queue_mut().iter(mem.clone()) {
@@ -231,12 +254,9 @@ impl BlkBackend {
         if chains.is_empty() {
             return Ok(false);
         }
-        let mut state = self.queues[q % self.queues.len()]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
         for chain in chains {
             let head = chain.head_index();
-            let used = self.process_chain(&mem, chain, &mut state);
+            let used = self.process_chain(&mem, chain);
             vring
                 .add_used(head, used)
                 .map_err(|e| io::Error::other(format!("adding to the used ring: {e}")))?;
@@ -256,7 +276,7 @@ impl BlkBackend {
 
     /// Performs one request; returns the used length for the ring. A request too
     /// malformed to carry a status byte completes with length 0.
-    fn process_chain(&self, mem: &GuestMemory, chain: Chain, state: &mut QueueState) -> u32 {
+    fn process_chain(&self, mem: &GuestMemory, chain: Chain) -> u32 {
         let mut bufs = Buffers {
             readable: Vec::new(),
             writable: Vec::new(),
@@ -278,7 +298,7 @@ impl BlkBackend {
             return 0;
         }
         let status_at = writable - 1;
-        let done = self.perform(self.disk.get().as_ref(), mem, &bufs, status_at, state);
+        let done = self.perform(self.disk.get().as_ref(), mem, &bufs, status_at);
         if bufs.scatter(mem, status_at, &[done.status]).is_err() {
             return 0;
         }
@@ -291,7 +311,6 @@ impl BlkBackend {
         mem: &GuestMemory,
         bufs: &Buffers,
         data_in_len: u64,
-        state: &mut QueueState,
     ) -> Completion {
         let mut header = [0u8; REQUEST_HEADER_SIZE];
         if bufs.gather(mem, 0, &mut header).is_err() {
@@ -303,9 +322,9 @@ impl BlkBackend {
         let data_out_len = Buffers::total(&bufs.readable) - REQUEST_HEADER_SIZE as u64;
         let writable_disk = !disk.read_only();
         let result = match header.request_type {
-            VIRTIO_BLK_T_IN => self.read(disk, mem, bufs, header.sector, data_in_len, state),
+            VIRTIO_BLK_T_IN => self.read(disk, mem, bufs, header.sector, data_in_len),
             VIRTIO_BLK_T_OUT if writable_disk => self
-                .write(disk, mem, bufs, header.sector, data_out_len, state)
+                .write(disk, mem, bufs, header.sector, data_out_len)
                 .and_then(|c| self.write_through(disk, c)),
             VIRTIO_BLK_T_FLUSH => disk.flush().map(|_| 0).map_err(log_io),
             VIRTIO_BLK_T_GET_ID => {
@@ -376,20 +395,34 @@ impl BlkBackend {
         bufs: &Buffers,
         sector: u64,
         len: u64,
-        state: &mut QueueState,
     ) -> Result<u32, u8> {
         let offset = Self::range(disk, sector, len)?;
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            state.buf.resize(n.max(state.buf.len()), 0);
-            let buf = &mut state.buf[..n];
-            disk.read_at(buf, offset + done).map_err(log_io)?;
-            bufs.scatter(mem, done, buf)
-                .map_err(|_| VIRTIO_BLK_S_IOERR)?;
-            done += n as u64;
+        let len32 = u32::try_from(len).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+        let slices =
+            Buffers::slices(mem, &bufs.writable, 0, len).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+        let mut at = offset;
+        for s in &slices {
+            let guard = s.ptr_guard_mut();
+            // SAFETY: the pointer and length come from vm-memory's slice of a guest
+            // memory region, which stays mapped while `mem` (a load guard holding the
+            // region list) is alive, i.e. for this whole call. The region is a shared
+            // mapping of the guest's RAM: the guest (or another queue) may read or
+            // change these bytes while the engine fills them, so Rust's exclusive
+            // `&mut` promise does not hold against them. That is the same contract as
+            // a host `pread`/O_DIRECT into guest memory (what qemu-storage-daemon
+            // does): the engine only stores into the buffer and never reads back
+            // what it stored, so a concurrent change can only change what the guest
+            // sees in a buffer it gave to the device, not this process's behaviour.
+            let buf = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), s.len()) };
+            let r = disk.read_at(buf, at);
+            // The device wrote (or may have partly written) these bytes: mark them in
+            // the front end's dirty log before the request completes, as vm-memory
+            // would have for a copy.
+            s.bitmap().mark_dirty(0, s.len());
+            r.map_err(log_io)?;
+            at += s.len() as u64;
         }
-        u32::try_from(len).map_err(|_| VIRTIO_BLK_S_IOERR)
+        Ok(len32)
     }
 
     fn write(
@@ -399,18 +432,22 @@ impl BlkBackend {
         bufs: &Buffers,
         sector: u64,
         len: u64,
-        state: &mut QueueState,
     ) -> Result<u32, u8> {
         let offset = Self::range(disk, sector, len)?;
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            state.buf.resize(n.max(state.buf.len()), 0);
-            let buf = &mut state.buf[..n];
-            bufs.gather(mem, REQUEST_HEADER_SIZE as u64 + done, buf)
-                .map_err(|_| VIRTIO_BLK_S_IOERR)?;
-            disk.write_at(buf, offset + done).map_err(log_io)?;
-            done += n as u64;
+        let slices = Buffers::slices(mem, &bufs.readable, REQUEST_HEADER_SIZE as u64, len)
+            .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+        let mut at = offset;
+        for s in &slices {
+            let guard = s.ptr_guard();
+            // SAFETY: as in `read`, the slice lies in a guest memory region that stays
+            // mapped while `mem` is alive. The guest may change the bytes while the
+            // engine reads them (as with an O_DIRECT write from guest memory); the
+            // engine then writes a mix of old and new bytes to the disk, which is what
+            // a guest that changes a buffer it handed to the device gets on real
+            // hardware too. Nothing here depends on the bytes staying put.
+            let buf = unsafe { std::slice::from_raw_parts(guard.as_ptr(), s.len()) };
+            disk.write_at(buf, at).map_err(log_io)?;
+            at += s.len() as u64;
         }
         Ok(0)
     }
@@ -463,7 +500,7 @@ impl VhostUserBackend for BlkBackend {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        self.queues.len()
+        self.queues
     }
 
     fn max_queue_size(&self) -> usize {
@@ -541,7 +578,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         // One queue per thread: true multiqueue.
-        (0..self.queues.len()).map(|q| 1u64 << q).collect()
+        (0..self.queues).map(|q| 1u64 << q).collect()
     }
 
     fn handle_event(
@@ -567,7 +604,7 @@ impl VhostUserBackend for BlkBackend {
                 guard
                     .disable_notification()
                     .map_err(|e| io::Error::other(e.to_string()))?;
-                self.process_queue(&mut guard, q)?;
+                self.process_queue(&mut guard)?;
                 if !guard
                     .enable_notification()
                     .map_err(|e| io::Error::other(e.to_string()))?
@@ -576,7 +613,7 @@ impl VhostUserBackend for BlkBackend {
                 }
             }
         } else {
-            self.process_queue(&mut guard, q)?;
+            self.process_queue(&mut guard)?;
         }
         Ok(())
     }
@@ -626,8 +663,7 @@ mod tests {
         }
         bufs.writable.push((GuestAddress(STATUS_AT), 1));
         let data_in = Buffers::total(&bufs.writable) - 1;
-        let mut state = QueueState { buf: Vec::new() };
-        dev.perform(dev.disk.get().as_ref(), mem, &bufs, data_in, &mut state)
+        dev.perform(dev.disk.get().as_ref(), mem, &bufs, data_in)
             .status
     }
 
