@@ -15,6 +15,7 @@
 //! once it has sent SET_LOG_BASE (LOG_ALL with the LOG_SHMFD protocol feature).
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -400,29 +401,14 @@ impl BlkBackend {
         let len32 = u32::try_from(len).map_err(|_| VIRTIO_BLK_S_IOERR)?;
         let slices =
             Buffers::slices(mem, &bufs.writable, 0, len).map_err(|_| VIRTIO_BLK_S_IOERR)?;
-        let mut at = offset;
+        let result = read_into(disk, &slices, offset, len);
+        // The device wrote (or, after a failure, may have partly written) these
+        // bytes: mark them in the front end's dirty log before the request
+        // completes, as vm-memory does after a copy.
         for s in &slices {
-            let guard = s.ptr_guard_mut();
-            // SAFETY: the pointer and length come from vm-memory's slice of a guest
-            // memory region, which stays mapped while `mem` (a load guard holding the
-            // region list) is alive, i.e. for this whole call. The region is a shared
-            // mapping of the guest's RAM: the guest (or another queue) may read or
-            // change these bytes while the engine fills them, so Rust's exclusive
-            // `&mut` promise does not hold against them. That is the same contract as
-            // a host `pread`/O_DIRECT into guest memory (what qemu-storage-daemon
-            // does): the engine only stores into the buffer and never reads back
-            // what it stored, so a concurrent change can only change what the guest
-            // sees in a buffer it gave to the device, not this process's behaviour.
-            let buf = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), s.len()) };
-            let r = disk.read_at(buf, at);
-            // The device wrote (or may have partly written) these bytes: mark them in
-            // the front end's dirty log before the request completes, as vm-memory
-            // would have for a copy.
             s.bitmap().mark_dirty(0, s.len());
-            r.map_err(log_io)?;
-            at += s.len() as u64;
         }
-        Ok(len32)
+        result.map(|_| len32)
     }
 
     fn write(
@@ -484,6 +470,146 @@ impl BlkBackend {
         }
         Ok(0)
     }
+}
+
+/// Fills `slices` (guest memory, `len` bytes together) with the disk's bytes
+/// from `offset`. Where the disk's top layer holds a run contiguously in a file
+/// the kernel can read (all of a fixed VHD, whole blocks of a dynamic one), a
+/// `preadv` goes from the file straight into guest memory, one system call for
+/// every guest page of the run, as qemu-storage-daemon does; the rest goes
+/// through the engine's `read_at`, one call per slice, also straight into guest
+/// memory.
+fn read_into(disk: &dyn Disk, slices: &[GuestSlice<'_>], offset: u64, len: u64) -> Result<(), u8> {
+    let mut done = 0u64;
+    while done < len {
+        let extent = disk
+            .data_extent(offset + done, len - done)
+            .map_err(log_io)?;
+        if let Some(extent) = extent.filter(|e| e.len > 0) {
+            if let Some(fd) = extent.file.read_fd() {
+                let n = extent.len.min(len - done);
+                let mut iov = iovecs(slices, done, n);
+                preadv_exact(fd, &mut iov, extent.offset).map_err(|e| {
+                    tracing::error!(
+                        disk = %disk.path().map(|p| p.display().to_string()).unwrap_or_default(),
+                        offset = offset + done,
+                        len = n,
+                        error = %e,
+                        "virtio-blk read failed"
+                    );
+                    VIRTIO_BLK_S_IOERR
+                })?;
+                done += n;
+                continue;
+            }
+        }
+        // No file run to read from (zeros, a parent's data, a format that cannot
+        // say): the engine reads the rest of the request.
+        let mut at = 0u64;
+        for s in slices {
+            let (start, end) = (at, at + s.len() as u64);
+            at = end;
+            if end <= done {
+                continue;
+            }
+            let skip = done.saturating_sub(start) as usize;
+            let guard = s.ptr_guard_mut();
+            // SAFETY: the pointer and length come from vm-memory's slice of a guest
+            // memory region, which stays mapped while the load guard the caller holds
+            // on the region list is alive, i.e. for this whole call; `skip` is less
+            // than the slice's length. The region is a shared mapping of the guest's
+            // RAM: the guest may read or change these bytes while the engine fills
+            // them, so the exclusivity a `&mut` promises does not hold against the
+            // guest. That is the contract of any host read into guest memory (a
+            // `pread` or O_DIRECT read, as qemu-storage-daemon does): the engine only
+            // stores into the buffer and does not depend on reading back what it
+            // stored, so a guest that changes a buffer it gave the device can only
+            // change what it sees in that buffer, not what this process does.
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(guard.as_ptr().add(skip), s.len() - skip) };
+            disk.read_at(buf, offset + start + skip as u64)
+                .map_err(log_io)?;
+        }
+        done = len;
+    }
+    Ok(())
+}
+
+/// The `iovec`s for bytes `skip..skip + len` of `slices`' concatenation.
+fn iovecs(slices: &[GuestSlice<'_>], skip: u64, len: u64) -> Vec<libc::iovec> {
+    let mut out = Vec::new();
+    let (mut at, end) = (0u64, skip + len);
+    for s in slices {
+        let (start, stop) = (at, at + s.len() as u64);
+        at = stop;
+        if stop <= skip {
+            continue;
+        }
+        if start >= end {
+            break;
+        }
+        let from = skip.max(start) - start;
+        let to = end.min(stop) - start;
+        out.push(libc::iovec {
+            // In bounds: `from < to <= s.len()`. Only the kernel writes through it.
+            iov_base: s
+                .ptr_guard_mut()
+                .as_ptr()
+                .wrapping_add(from as usize)
+                .cast(),
+            iov_len: (to - from) as usize,
+        });
+    }
+    out
+}
+
+/// Reads exactly the `iov` buffers' total from `fd` at `offset`, retrying short
+/// reads; the end of the file before that is an error.
+fn preadv_exact(fd: BorrowedFd<'_>, iov: &mut [libc::iovec], mut offset: u64) -> io::Result<()> {
+    /// Linux's IOV_MAX: the most buffers one `preadv` takes.
+    const IOV_MAX: usize = 1024;
+    let mut first = 0usize;
+    while first < iov.len() {
+        if iov[first].iov_len == 0 {
+            first += 1;
+            continue;
+        }
+        let count = (iov.len() - first).min(IOV_MAX);
+        let at = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        // SAFETY: `iov[first..first + count]` are valid iovecs, each naming memory
+        // that stays mapped for this call (guest memory held by the caller's load
+        // guard, see `iovecs`); the kernel writes at most `iov_len` bytes to each.
+        // `count` is at most IOV_MAX, so it fits in a c_int.
+        let n = unsafe { libc::preadv(fd.as_raw_fd(), iov[first..].as_ptr(), count as i32, at) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the image file ends before the disk's data",
+            ));
+        }
+        let mut n = n as usize;
+        offset += n as u64;
+        while n > 0 {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn log_io(e: vhd::Error) -> u8 {
