@@ -124,7 +124,10 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 
 fn assert_same(what: &str, got: &[u8], want: &[u8]) {
     if let Some(at) = first_difference(got, want) {
-        panic!("{what}: first difference at byte {at} (sector {})", at / 512);
+        panic!(
+            "{what}: first difference at byte {at} (sector {})",
+            at / 512
+        );
     }
 }
 
@@ -223,7 +226,11 @@ fn run(f: Format, frozen: bool) -> vhd::ops::live_merge::LiveMergeReport {
     let requests = writer.join().unwrap();
     assert!(requests > 20, "the guest made only {requests} requests");
     let want = model.lock().unwrap().clone();
-    assert_same("the served disk after the merge", &read_all(tracked.as_ref()), &want);
+    assert_same(
+        "the served disk after the merge",
+        &read_all(tracked.as_ref()),
+        &want,
+    );
     assert_same("the new chain", &read_all(new.as_ref()), &want);
     assert_eq!(new.path(), Some(report.top.as_path()));
     if frozen {
@@ -232,7 +239,10 @@ fn run(f: Format, frozen: bool) -> vhd::ops::live_merge::LiveMergeReport {
         // The leaf links to base now.
         let info = vhd::ops::info::layer_info(&served_top).unwrap();
         let parent = info.parent.unwrap().resolved_path.unwrap();
-        assert_eq!(parent.canonicalize().unwrap(), s.base.canonicalize().unwrap());
+        assert_eq!(
+            parent.canonicalize().unwrap(),
+            s.base.canonicalize().unwrap()
+        );
     } else {
         assert_eq!(report.top, s.base);
         assert!(report.relinked.is_none());
@@ -299,7 +309,11 @@ fn a_cancelled_live_merge_leaves_the_chain_as_it_was() {
                 calls < 2
             },
         );
-        assert!(matches!(r, Err(vhd::Error::Cancelled { .. })), "{:?}", r.err());
+        assert!(
+            matches!(r, Err(vhd::Error::Cancelled { .. })),
+            "{:?}",
+            r.err()
+        );
         // Still served from mid, reading as before; the files reopen as a chain.
         assert_same("the served disk", &read_all(&tracked), &s.model);
         drop(tracked);
@@ -319,7 +333,10 @@ fn a_layer_that_is_not_in_the_served_chain_is_refused() {
     let e = merge_live(&tracked, &other, &s.base, &mut || Ok(()), &mut NoProgress)
         .err()
         .unwrap();
-    assert!(e.to_string().contains("is not in the chain served from"), "{e}");
+    assert!(
+        e.to_string().contains("is not in the chain served from"),
+        "{e}"
+    );
     // mid's parent is base, not mid itself.
     let e = merge_live(&tracked, &s.mid, &s.mid, &mut || Ok(()), &mut NoProgress)
         .err()

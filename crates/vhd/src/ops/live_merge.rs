@@ -61,7 +61,9 @@ impl DirtyMap {
     fn new(size: u64) -> Self {
         let grains = size.div_ceil(DIRTY_GRAIN);
         Self {
-            words: (0..grains.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            words: (0..grains.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             size,
         }
     }
@@ -421,7 +423,14 @@ pub fn merge_live(
     {
         let inner = served.inner();
         let from: &dyn Disk = frozen.as_deref().unwrap_or(inner.as_ref());
-        copy_allocated(from, parent.disk(), CopyPath::FileToFile, &mut copied, total, progress)?;
+        copy_allocated(
+            from,
+            parent.disk(),
+            CopyPath::FileToFile,
+            &mut copied,
+            total,
+            progress,
+        )?;
     }
     let mut pending = Vec::new();
     if running_leaf {
@@ -437,7 +446,10 @@ pub fn merge_live(
             if !progress.update(copied.min(total), total) {
                 parent.disk().flush()?;
                 return Err(Error::Cancelled {
-                    what: format!("the chain of {} (it reads as before the merge)", top.display()),
+                    what: format!(
+                        "the chain of {} (it reads as before the merge)",
+                        top.display()
+                    ),
                 });
             }
         }
@@ -459,7 +471,11 @@ pub fn merge_live(
         logical: served.logical,
         read_only: served.read_only,
     });
-    let new_top = if running_leaf { into.to_path_buf() } else { top.clone() };
+    let new_top = if running_leaf {
+        into.to_path_buf()
+    } else {
+        top.clone()
+    };
     let switched = (|| {
         if let Some(c) = &child {
             // The child expected the layer's identity; the parent now reads as
