@@ -10,9 +10,15 @@
 //! it reads the ring position, so by the time it has the position no request is
 //! in flight: nothing completes after it, and save/migration see a quiet ring.
 //!
-//! Every byte written into guest memory goes through vm-memory with the
-//! `BitmapMmapRegion` bitmap, which marks the page dirty in the front end's log
-//! once it has sent SET_LOG_BASE (LOG_ALL with the LOG_SHMFD protocol feature).
+//! Request data moves between the disk and guest memory without a copy in this
+//! process: `preadv`/`pwritev` on the image file where the disk holds the run
+//! contiguously in one (`read_into`, `write_from`), the engine's `read_at` and
+//! `write_at` on slices of guest memory elsewhere. Each slice carries its
+//! region's `BitmapMmapRegion`, and every slice the device writes is marked in
+//! it before the request completes; headers and status bytes go through
+//! vm-memory, which marks them itself. So once the front end has sent
+//! SET_LOG_BASE (LOG_ALL with the LOG_SHMFD protocol feature) every byte the
+//! device writes into guest memory is in its dirty log.
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd};
