@@ -10,11 +10,18 @@
 //! it reads the ring position, so by the time it has the position no request is
 //! in flight: nothing completes after it, and save/migration see a quiet ring.
 //!
-//! Every byte written into guest memory goes through vm-memory with the
-//! `BitmapMmapRegion` bitmap, which marks the page dirty in the front end's log
-//! once it has sent SET_LOG_BASE (LOG_ALL with the LOG_SHMFD protocol feature).
+//! Request data moves between the disk and guest memory without a copy in this
+//! process: `preadv`/`pwritev` on the image file where the disk holds the run
+//! contiguously in one (`read_into`, `write_from`), the engine's `read_at` and
+//! `write_at` on slices of guest memory elsewhere. Each slice carries its
+//! region's `BitmapMmapRegion`, and every slice the device writes is marked in
+//! it before the request completes; headers and status bytes go through
+//! vm-memory, which marks them itself. So once the front end has sent
+//! SET_LOG_BASE (LOG_ALL with the LOG_SHMFD protocol feature) every byte the
+//! device writes into guest memory is in its dirty log.
 
-use std::io;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -24,9 +31,10 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
-    GuestMemoryMmap,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryMmap, VolatileSlice,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -39,9 +47,9 @@ pub(crate) type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
 pub(crate) type Memory = GuestMemoryAtomic<GuestMemory>;
 type Vring = VringMutex<Memory>;
 type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemory>>;
+/// A run of guest memory in this process, with its region's dirty bitmap.
+type GuestSlice<'m> = VolatileSlice<'m, BitmapMmapRegion>;
 
-/// Largest piece of a request moved through the bounce buffer at a time.
-const CHUNK: usize = 1 << 20;
 /// Most segments accepted in one DISCARD or WRITE_ZEROES request.
 const MAX_SEGMENTS: u32 = 32;
 /// Most sectors in one DISCARD or WRITE_ZEROES segment (1 GiB).
@@ -68,11 +76,6 @@ impl Default for BlkOptions {
     }
 }
 
-/// One queue's scratch state, touched only by that queue's thread.
-struct QueueState {
-    buf: Vec<u8>,
-}
-
 /// The device for one front-end connection.
 pub(crate) struct BlkBackend {
     /// Shared with the server, which can switch it while the front end stays
@@ -84,7 +87,8 @@ pub(crate) struct BlkBackend {
     /// Writeback cache enabled (the guest may turn it off through CONFIG_WCE; then
     /// every write is flushed before it completes).
     wce: AtomicBool,
-    queues: Vec<Mutex<QueueState>>,
+    /// Number of virtqueues (and queue threads).
+    queues: usize,
     /// What the guest did with the disk; shared with the server, so the totals
     /// outlive this connection.
     counters: Arc<DriveCounters>,
@@ -151,6 +155,35 @@ impl Buffers {
         Ok(())
     }
 
+    /// The guest memory behind bytes `skip..skip + len` of `pieces`, as host
+    /// slices in order: descriptors that continue each other in guest memory are
+    /// joined, and a run that crosses from one memory region into the next is
+    /// split at the boundary, so each slice carries its own region's dirty bitmap.
+    fn slices<'m>(
+        mem: &'m GuestMemory,
+        pieces: &[(GuestAddress, u32)],
+        skip: u64,
+        len: u64,
+    ) -> Result<Vec<GuestSlice<'m>>, vm_memory::GuestMemoryError> {
+        let len =
+            usize::try_from(len).map_err(|_| vm_memory::GuestMemoryError::GuestAddressOverflow)?;
+        let mut runs: Vec<(GuestAddress, usize)> = Vec::new();
+        Self::walk(pieces, skip, len, |addr, _, n| {
+            match runs.last_mut() {
+                Some((start, l)) if start.checked_add(*l as u64) == Some(addr) => *l += n,
+                _ => runs.push((addr, n)),
+            }
+            Ok(())
+        })?;
+        let mut out = Vec::with_capacity(runs.len());
+        for (addr, n) in runs {
+            for s in mem.get_slices(addr, n) {
+                out.push(s?);
+            }
+        }
+        Ok(out)
+    }
+
     fn gather(
         &self,
         mem: &GuestMemory,
@@ -177,9 +210,7 @@ impl Buffers {
 
 impl BlkBackend {
     pub(crate) fn new(disk: Arc<DiskCell>, opts: BlkOptions, counters: Arc<DriveCounters>) -> Self {
-        let queues = (0..opts.num_queues.max(1))
-            .map(|_| Mutex::new(QueueState { buf: Vec::new() }))
-            .collect();
+        let queues = usize::from(opts.num_queues.max(1));
         Self {
             disk,
             opts,
@@ -220,7 +251,6 @@ impl BlkBackend {
     fn process_queue(
         &self,
         vring: &mut vhost_user_backend::VringState<Memory>,
-        q: usize,
     ) -> io::Result<bool> {
         let mem = self.memory();
         let chains: Vec<Chain> = match vring.get_queue_mut().iter(mem.clone()) {
@@ -231,12 +261,9 @@ impl BlkBackend {
         if chains.is_empty() {
             return Ok(false);
         }
-        let mut state = self.queues[q % self.queues.len()]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
         for chain in chains {
             let head = chain.head_index();
-            let used = self.process_chain(&mem, chain, &mut state);
+            let used = self.process_chain(&mem, chain);
             vring
                 .add_used(head, used)
                 .map_err(|e| io::Error::other(format!("adding to the used ring: {e}")))?;
@@ -256,7 +283,7 @@ impl BlkBackend {
 
     /// Performs one request; returns the used length for the ring. A request too
     /// malformed to carry a status byte completes with length 0.
-    fn process_chain(&self, mem: &GuestMemory, chain: Chain, state: &mut QueueState) -> u32 {
+    fn process_chain(&self, mem: &GuestMemory, chain: Chain) -> u32 {
         let mut bufs = Buffers {
             readable: Vec::new(),
             writable: Vec::new(),
@@ -278,7 +305,7 @@ impl BlkBackend {
             return 0;
         }
         let status_at = writable - 1;
-        let done = self.perform(self.disk.get().as_ref(), mem, &bufs, status_at, state);
+        let done = self.perform(self.disk.get().as_ref(), mem, &bufs, status_at);
         if bufs.scatter(mem, status_at, &[done.status]).is_err() {
             return 0;
         }
@@ -291,7 +318,6 @@ impl BlkBackend {
         mem: &GuestMemory,
         bufs: &Buffers,
         data_in_len: u64,
-        state: &mut QueueState,
     ) -> Completion {
         let mut header = [0u8; REQUEST_HEADER_SIZE];
         if bufs.gather(mem, 0, &mut header).is_err() {
@@ -303,9 +329,9 @@ impl BlkBackend {
         let data_out_len = Buffers::total(&bufs.readable) - REQUEST_HEADER_SIZE as u64;
         let writable_disk = !disk.read_only();
         let result = match header.request_type {
-            VIRTIO_BLK_T_IN => self.read(disk, mem, bufs, header.sector, data_in_len, state),
+            VIRTIO_BLK_T_IN => self.read(disk, mem, bufs, header.sector, data_in_len),
             VIRTIO_BLK_T_OUT if writable_disk => self
-                .write(disk, mem, bufs, header.sector, data_out_len, state)
+                .write(disk, mem, bufs, header.sector, data_out_len)
                 .and_then(|c| self.write_through(disk, c)),
             VIRTIO_BLK_T_FLUSH => disk.flush().map(|_| 0).map_err(log_io),
             VIRTIO_BLK_T_GET_ID => {
@@ -376,20 +402,19 @@ impl BlkBackend {
         bufs: &Buffers,
         sector: u64,
         len: u64,
-        state: &mut QueueState,
     ) -> Result<u32, u8> {
         let offset = Self::range(disk, sector, len)?;
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            state.buf.resize(n.max(state.buf.len()), 0);
-            let buf = &mut state.buf[..n];
-            disk.read_at(buf, offset + done).map_err(log_io)?;
-            bufs.scatter(mem, done, buf)
-                .map_err(|_| VIRTIO_BLK_S_IOERR)?;
-            done += n as u64;
+        let len32 = u32::try_from(len).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+        let slices =
+            Buffers::slices(mem, &bufs.writable, 0, len).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+        let result = read_into(disk, &slices, offset, len);
+        // The device wrote (or, after a failure, may have partly written) these
+        // bytes: mark them in the front end's dirty log before the request
+        // completes, as vm-memory does after a copy.
+        for s in &slices {
+            s.bitmap().mark_dirty(0, s.len());
         }
-        u32::try_from(len).map_err(|_| VIRTIO_BLK_S_IOERR)
+        result.map(|_| len32)
     }
 
     fn write(
@@ -399,19 +424,26 @@ impl BlkBackend {
         bufs: &Buffers,
         sector: u64,
         len: u64,
-        state: &mut QueueState,
     ) -> Result<u32, u8> {
         let offset = Self::range(disk, sector, len)?;
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            state.buf.resize(n.max(state.buf.len()), 0);
-            let buf = &mut state.buf[..n];
-            bufs.gather(mem, REQUEST_HEADER_SIZE as u64 + done, buf)
-                .map_err(|_| VIRTIO_BLK_S_IOERR)?;
-            disk.write_at(buf, offset + done).map_err(log_io)?;
-            done += n as u64;
-        }
+        let slices = Buffers::slices(mem, &bufs.readable, REQUEST_HEADER_SIZE as u64, len)
+            .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+        let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
+        let data: Vec<&[u8]> = guards
+            .iter()
+            .map(|g| {
+                // SAFETY: the pointer and length come from vm-memory's slice of a guest
+                // memory region, which stays mapped while `mem` (the load guard on the
+                // region list) is alive, i.e. for this whole call. The guest may change
+                // the bytes while they are written out (as with an O_DIRECT write from
+                // guest memory, what qemu-storage-daemon does); the disk then gets a
+                // mix of old and new bytes, which is what a guest that changes a
+                // buffer it handed to the device gets from real hardware too. Nothing
+                // in this process depends on the bytes staying put.
+                unsafe { std::slice::from_raw_parts(g.as_ptr(), g.len()) }
+            })
+            .collect();
+        write_from(disk, &data, offset, len)?;
         Ok(0)
     }
 
@@ -449,6 +481,210 @@ impl BlkBackend {
     }
 }
 
+/// Fills `slices` (guest memory, `len` bytes together) with the disk's bytes
+/// from `offset`. Where the disk's top layer holds a run contiguously in a file
+/// the kernel can read (all of a fixed VHD, whole blocks of a dynamic one), a
+/// `preadv` goes from the file straight into guest memory, one system call for
+/// every guest page of the run, as qemu-storage-daemon does; the rest goes
+/// through the engine's `read_at`, one call per slice, also straight into guest
+/// memory.
+fn read_into(disk: &dyn Disk, slices: &[GuestSlice<'_>], offset: u64, len: u64) -> Result<(), u8> {
+    let mut done = 0u64;
+    while done < len {
+        let extent = disk
+            .data_extent(offset + done, len - done)
+            .map_err(log_io)?;
+        if let Some(extent) = extent.filter(|e| e.len > 0) {
+            if let Some(fd) = extent.file.read_fd() {
+                let n = extent.len.min(len - done);
+                let mut iov = iovecs(slices, done, n);
+                preadv_exact(fd, &mut iov, extent.offset).map_err(|e| {
+                    tracing::error!(
+                        disk = %disk.path().map(|p| p.display().to_string()).unwrap_or_default(),
+                        offset = offset + done,
+                        len = n,
+                        error = %e,
+                        "virtio-blk read failed"
+                    );
+                    VIRTIO_BLK_S_IOERR
+                })?;
+                done += n;
+                continue;
+            }
+        }
+        // No file run to read from (zeros, a parent's data, a format that cannot
+        // say): the engine reads the rest of the request.
+        let mut at = 0u64;
+        for s in slices {
+            let (start, end) = (at, at + s.len() as u64);
+            at = end;
+            if end <= done {
+                continue;
+            }
+            let skip = done.saturating_sub(start) as usize;
+            let guard = s.ptr_guard_mut();
+            // SAFETY: the pointer and length come from vm-memory's slice of a guest
+            // memory region, which stays mapped while the load guard the caller holds
+            // on the region list is alive, i.e. for this whole call; `skip` is less
+            // than the slice's length. The region is a shared mapping of the guest's
+            // RAM: the guest may read or change these bytes while the engine fills
+            // them, so the exclusivity a `&mut` promises does not hold against the
+            // guest. That is the contract of any host read into guest memory (a
+            // `pread` or O_DIRECT read, as qemu-storage-daemon does): the engine only
+            // stores into the buffer and does not depend on reading back what it
+            // stored, so a guest that changes a buffer it gave the device can only
+            // change what it sees in that buffer, not what this process does.
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(guard.as_ptr().add(skip), s.len() - skip) };
+            disk.read_at(buf, offset + start + skip as u64)
+                .map_err(log_io)?;
+        }
+        done = len;
+    }
+    Ok(())
+}
+
+/// Writes `data` (guest memory, `len` bytes together) to the disk at `offset`.
+/// Where the disk can take a run as a write straight into its file (all of a
+/// fixed VHD, a dynamic one block by block: the engine's `prepare_extent_write`
+/// and `commit_extent_write`, which allocate and record it as `write_at`
+/// would), the run goes in one `pwritev` from guest memory; otherwise through
+/// the engine's `write_at`, one call per slice.
+fn write_from(disk: &dyn Disk, data: &[&[u8]], offset: u64, len: u64) -> Result<(), u8> {
+    let mut done = 0u64;
+    while done < len {
+        let extent = disk
+            .prepare_extent_write(offset + done, len - done)
+            .map_err(log_io)?;
+        if let Some(extent) = extent.filter(|e| e.len > 0) {
+            let n = extent.len.min(len - done);
+            let io: Vec<IoSlice<'_>> = pieces(data, done, n).map(IoSlice::new).collect();
+            extent
+                .file
+                .write_vectored_at(&io, extent.offset)
+                .map_err(|e| {
+                    tracing::error!(
+                        disk = %disk.path().map(|p| p.display().to_string()).unwrap_or_default(),
+                        offset = offset + done,
+                        len = n,
+                        error = %e,
+                        "virtio-blk write failed"
+                    );
+                    VIRTIO_BLK_S_IOERR
+                })?;
+            disk.commit_extent_write(offset + done, n).map_err(log_io)?;
+            done += n;
+            continue;
+        }
+        for (at, piece) in pieces(data, done, len - done).scan(done, |at, p| {
+            let here = *at;
+            *at += p.len() as u64;
+            Some((here, p))
+        }) {
+            disk.write_at(piece, offset + at).map_err(log_io)?;
+        }
+        done = len;
+    }
+    Ok(())
+}
+
+/// The parts of `data` that cover bytes `skip..skip + len` of its concatenation.
+fn pieces<'a>(data: &'a [&'a [u8]], skip: u64, len: u64) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let end = skip + len;
+    data.iter()
+        .scan(0u64, |at, d| {
+            let start = *at;
+            *at += d.len() as u64;
+            Some((start, *d))
+        })
+        .filter_map(move |(start, d)| {
+            let stop = start + d.len() as u64;
+            if stop <= skip || start >= end {
+                return None;
+            }
+            let from = (skip.max(start) - start) as usize;
+            let to = (end.min(stop) - start) as usize;
+            Some(&d[from..to])
+        })
+}
+
+/// The `iovec`s for bytes `skip..skip + len` of `slices`' concatenation.
+fn iovecs(slices: &[GuestSlice<'_>], skip: u64, len: u64) -> Vec<libc::iovec> {
+    let mut out = Vec::new();
+    let (mut at, end) = (0u64, skip + len);
+    for s in slices {
+        let (start, stop) = (at, at + s.len() as u64);
+        at = stop;
+        if stop <= skip {
+            continue;
+        }
+        if start >= end {
+            break;
+        }
+        let from = skip.max(start) - start;
+        let to = end.min(stop) - start;
+        out.push(libc::iovec {
+            // In bounds: `from < to <= s.len()`. Only the kernel writes through it.
+            iov_base: s
+                .ptr_guard_mut()
+                .as_ptr()
+                .wrapping_add(from as usize)
+                .cast(),
+            iov_len: (to - from) as usize,
+        });
+    }
+    out
+}
+
+/// Reads exactly the `iov` buffers' total from `fd` at `offset`, retrying short
+/// reads; the end of the file before that is an error.
+fn preadv_exact(fd: BorrowedFd<'_>, iov: &mut [libc::iovec], mut offset: u64) -> io::Result<()> {
+    /// Linux's IOV_MAX: the most buffers one `preadv` takes.
+    const IOV_MAX: usize = 1024;
+    let mut first = 0usize;
+    while first < iov.len() {
+        if iov[first].iov_len == 0 {
+            first += 1;
+            continue;
+        }
+        let count = (iov.len() - first).min(IOV_MAX);
+        let at = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        // SAFETY: `iov[first..first + count]` are valid iovecs, each naming memory
+        // that stays mapped for this call (guest memory held by the caller's load
+        // guard, see `iovecs`); the kernel writes at most `iov_len` bytes to each.
+        // `count` is at most IOV_MAX, so it fits in a c_int.
+        let n = unsafe { libc::preadv(fd.as_raw_fd(), iov[first..].as_ptr(), count as i32, at) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the image file ends before the disk's data",
+            ));
+        }
+        let mut n = n as usize;
+        offset += n as u64;
+        while n > 0 {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn log_io(e: vhd::Error) -> u8 {
     tracing::error!(error = %e, "virtio-blk request failed");
     VIRTIO_BLK_S_IOERR
@@ -463,7 +699,7 @@ impl VhostUserBackend for BlkBackend {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        self.queues.len()
+        self.queues
     }
 
     fn max_queue_size(&self) -> usize {
@@ -541,7 +777,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         // One queue per thread: true multiqueue.
-        (0..self.queues.len()).map(|q| 1u64 << q).collect()
+        (0..self.queues).map(|q| 1u64 << q).collect()
     }
 
     fn handle_event(
@@ -567,7 +803,7 @@ impl VhostUserBackend for BlkBackend {
                 guard
                     .disable_notification()
                     .map_err(|e| io::Error::other(e.to_string()))?;
-                self.process_queue(&mut guard, q)?;
+                self.process_queue(&mut guard)?;
                 if !guard
                     .enable_notification()
                     .map_err(|e| io::Error::other(e.to_string()))?
@@ -576,7 +812,7 @@ impl VhostUserBackend for BlkBackend {
                 }
             }
         } else {
-            self.process_queue(&mut guard, q)?;
+            self.process_queue(&mut guard)?;
         }
         Ok(())
     }
@@ -626,8 +862,7 @@ mod tests {
         }
         bufs.writable.push((GuestAddress(STATUS_AT), 1));
         let data_in = Buffers::total(&bufs.writable) - 1;
-        let mut state = QueueState { buf: Vec::new() };
-        dev.perform(dev.disk.get().as_ref(), mem, &bufs, data_in, &mut state)
+        dev.perform(dev.disk.get().as_ref(), mem, &bufs, data_in)
             .status
     }
 

@@ -11,9 +11,12 @@
 #     qemu-storage-daemon's vhost-user-blk export of a raw file, versus QEMU's own
 #     virtio-blk on the raw file (both QEMU peers through the host page cache, as ours).
 # Usage: crates/worker/bench/runtime.sh [ROUNDS]   (builds release binaries first)
+#        VIRIDIAN_BENCH_ONLY=synthetic crates/worker/bench/runtime.sh [ROUNDS]
+#        runs only part 4, ROUNDS times, alternating ours and the two QEMU peers.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 rounds="${1:-5}"
+only="${VIRIDIAN_BENCH_ONLY:-}"
 export PATH="$HOME/.cargo/bin:$PATH"
 # VIRIDIAN_BENCH_PROFILE=debug only to try the script; figures come from release builds.
 profile="${VIRIDIAN_BENCH_PROFILE:-release}"
@@ -66,7 +69,9 @@ field() { "$bin/viridian" vm show bench --json </dev/null | /usr/bin/python3 -c 
 id="$(field 'v["id"]')"
 log="$tmp/data/vms/$id/runtime/console.log"
 ours=(); byhand=(); bynbd=()
-for r in $(seq 1 "$rounds"); do
+latency_rounds="$rounds"
+[ "$only" = synthetic ] && latency_rounds=0
+for r in $(seq 1 "$latency_rounds"); do
     rm -f "$log" "$log.1"
     start=$(now_ms)
     "$bin/viridian" vm start bench --no-wait </dev/null >/dev/null
@@ -95,6 +100,7 @@ for r in $(seq 1 "$rounds"); do
     kill "$qpid"; wait "$qpid" 2>/dev/null || true
     kill "$npid"; wait "$npid" 2>/dev/null || true
 done
+if [ "$latency_rounds" -gt 0 ]; then
 m_ours=$(printf '%s\n' "${ours[@]}" | median)
 m_hand=$(printf '%s\n' "${byhand[@]}" | median)
 m_nbd=$(printf '%s\n' "${bynbd[@]}" | median)
@@ -113,7 +119,7 @@ cat > "$tmp/direct.json" <<EOF
  "direct_kernel": {"kernel": "$guest/vmlinuz", "initrd": "$guest/initramfs.img", "cmdline": "console=ttyS0 quiet"}}
 EOF
 wk=(); dk=()
-for r in $(seq 1 "$rounds"); do
+for r in $(seq 1 "$latency_rounds"); do
     rm -rf "$tmp/direct/runtime"
     start=$(now_ms)
     "$bin/viridian-worker" --spec "$tmp/direct.json" </dev/null >"$tmp/direct.log" 2>&1 &
@@ -135,6 +141,7 @@ echo "direct kernel boot to first marker, ms (the worker probes the accelerator 
 echo "  viridian-worker:            ${wk[*]}  median $m_wk"
 echo "  qemu-system-x86_64 by hand: ${dk[*]}  median $m_dk"
 echo "  overhead (median): $((m_wk - m_dk)) ms"
+fi
 
 # --- 2 + 3. in-guest IDE throughput and worker memory --------------------------
 truncate -s 600M "$tmp/data-ours.raw"
@@ -154,6 +161,7 @@ qemu-img convert -q -f raw -O vpc -o subformat=fixed,force_size=on "$tmp/cfg.raw
 qemu-img convert -q -f raw -O vpc -o subformat=fixed,force_size=on "$tmp/data-ours.raw" "$tmp/data.vhd"
 v vm disk add bench "$tmp/cfg.vhd" --controller ide --number 0 --location 1
 v vm disk add bench "$tmp/data.vhd" --controller ide --number 1 --location 0
+if [ "$only" != synthetic ]; then
 rm -f "$log" "$log.1"
 v vm start bench
 worker_pid="$(field 'v["runtime"]["worker_pid"]')"
@@ -170,10 +178,15 @@ qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M -no-
     -serial file:"$out" </dev/null
 echo "  QEMU's own IDE on the raw file:                          $(grep -a BENCH "$out" | tr -d '\r' | awk '{print $2"="$4}' | xargs)"
 echo "worker resident memory while the VM runs: $((rss_kib / 1024)) MiB ($rss_kib KiB)"
+fi
 
 # --- 4. in-guest synthetic disk throughput ---------------------------------------
 v vm disk remove bench --controller ide --number 1 --location 0
 v vm disk add bench "$tmp/data.vhd" --controller scsi --number 0 --location 0
+synthetic_rounds=1
+[ "$only" = synthetic ] && synthetic_rounds="$rounds"
+for r in $(seq 1 "$synthetic_rounds"); do
+echo "load average: $(cut -d" " -f1-3 /proc/loadavg)"
 rm -f "$log" "$log.1"
 v vm start bench
 wait_for "$log" "VIRIDIAN-GUEST: poweroff" "$(now_ms)" >/dev/null
@@ -203,3 +216,4 @@ qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M -no-
     -drive file="$tmp/data-qemu.raw",format=raw,if=none,id=v0,cache=writeback -device virtio-blk-pci,drive=v0 \
     -serial file:"$out" </dev/null
 echo "  QEMU's own virtio-blk on the raw file:                           $(grep -a BENCH "$out" | tr -d '\r' | awk '{print $2"="$4}' | xargs)"
+done
