@@ -787,7 +787,7 @@ fn remove_node_dir(vm_dir: &Path, t: &Tree, id: Uuid) {
 }
 
 fn parent_of(path: &Path) -> Option<PathBuf> {
-    vhd::ops::info::info(path)
+    vhd::ops::info::layer_info(path)
         .ok()?
         .parent?
         .resolved_path
