@@ -688,7 +688,7 @@ pub fn settle(
             WorkKind::Remove => remove_node(vm_dir, t, work.node, hook)?,
             WorkKind::Merge => {
                 let live_now = if current == Current::Live {
-                    live.as_mut().map(|l| &mut **l)
+                    live.as_deref_mut()
                 } else {
                     None
                 };
