@@ -28,7 +28,11 @@ use vhd::{Disk, NoProgress};
 const MIB: u64 = 1 << 20;
 
 fn make(dir: &Path, vhdx: bool, mib: u64) -> (PathBuf, PathBuf) {
-    let (b, c) = if vhdx { ("vhdx", "avhdx") } else { ("vhd", "avhd") };
+    let (b, c) = if vhdx {
+        ("vhdx", "avhdx")
+    } else {
+        ("vhd", "avhd")
+    };
     let base = dir.join(format!("base.{b}"));
     let layer = dir.join(format!("layer.{c}"));
     let size = (mib * 2).max(64) * MIB;
@@ -125,7 +129,9 @@ fn main() {
     println!(
         "live merge bench: {mib} MiB in the layer, {rounds} rounds, in {}; load {}",
         root.display(),
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     for vhdx in [false, true] {
         let src = root.join(if vhdx { "src-vhdx" } else { "src-vhd" });
@@ -140,7 +146,9 @@ fn main() {
             let to = f[0].with_extension("copy");
             let ok = Command::new("cp").arg(&f[0]).arg(&to).status().expect("cp");
             assert!(ok.success());
-            std::fs::File::open(&to).and_then(|f| f.sync_all()).expect("fsync");
+            std::fs::File::open(&to)
+                .and_then(|f| f.sync_all())
+                .expect("fsync");
             cp.push(secs(t));
             // Offline merge.
             let f = fresh(&root, &format!("off{r}"), &[&base, &layer]);
@@ -158,9 +166,8 @@ fn main() {
                 std::thread::spawn(move || guest(d, s))
             };
             let t = Instant::now();
-            let (new, report) =
-                merge_live(&tracked, &f[1], &f[0], &mut || Ok(()), &mut NoProgress)
-                    .expect("live merge");
+            let (new, report) = merge_live(&tracked, &f[1], &f[0], &mut || Ok(()), &mut NoProgress)
+                .expect("live merge");
             live.push(secs(t));
             stop.store(true, Ordering::Release);
             g.join().expect("guest thread");
