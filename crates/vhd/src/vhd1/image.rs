@@ -532,7 +532,12 @@ impl VhdImage {
         };
         let bitmap_len = sp.bitmap_size as usize;
         let mut both = vec![0u8; bitmap_len + buf.len()];
-        read_exact(self.file(), &self.path, &mut both, u64::from(entry) * SECTOR)?;
+        read_exact(
+            self.file(),
+            &self.path,
+            &mut both,
+            u64::from(entry) * SECTOR,
+        )?;
         // Judged by the bitmap read with the data: what the file said then.
         let loaded = Bitmap::from_bytes(both[..bitmap_len].to_vec(), sp.block_size / SECTOR);
         let sectors = (buf.len() as u64).div_ceil(SECTOR);
