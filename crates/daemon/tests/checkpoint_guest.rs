@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::disk_data::post_job as run_job;
 use common::guest::{
-    config_disk, console, counts, disk_count, ensure_worker_binary, guest_dir, state, vm,
-    wait_console, wait_count, wait_state, KillWorkersOnDrop,
+    config_disk, console, counts, disk_count, ensure_worker_binary, gen1_vm_with_disks, guest_dir,
+    state, vm, wait_console, wait_count, wait_state, KillWorkersOnDrop,
 };
 use common::Daemon;
 use serde_json::{json, Value};
@@ -71,19 +71,15 @@ fn checkpoint_of_a_running_guest_resumes_its_memory_and_disks_when_applied() {
         };
         create(&data, &o, &mut vhd::NoProgress).unwrap();
     }
-    let r = d.post(
-        "/v1/vms",
-        json!({"name": name, "generation": 1, "processor_count": 1, "memory_mib": 192}),
+    gen1_vm_with_disks(
+        &d,
+        name,
+        &[
+            ("ide", 0, 0, &boot),
+            ("ide", 0, 1, &cfg),
+            ("scsi", 0, 0, &data),
+        ],
     );
-    assert_eq!(r.status, 201, "{}", r.raw);
-    for (controller, location, path) in [("ide", 0, &boot), ("ide", 1, &cfg), ("scsi", 0, &data)] {
-        let r = d.post(
-            &format!("/v1/vms/{name}/drives"),
-            json!({"controller": controller, "controller_number": 0, "location": location,
-                   "media": {"type": "hard_disk", "path": path.display().to_string()}}),
-        );
-        assert_eq!(r.status, 201, "{}", r.raw);
-    }
     let job = run_job(&d, &format!("/v1/vms/{name}/start"), json!({}));
     assert_eq!(job["state"], "Completed", "start: {job}");
     wait_console(&d, name, "VIRIDIAN-GUEST: running command");

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::disk_data::{chain, checkpoint, disks, finish, make_base_of, run_job};
 use common::guest::{
-    config_disk, console, counts, disk_count, ensure_worker_binary, guest_dir, state, vm,
-    wait_console, wait_count, wait_state, KillWorkersOnDrop,
+    config_disk, console, counts, disk_count, ensure_worker_binary, gen1_vm_with_disks, guest_dir,
+    state, vm, wait_console, wait_count, wait_state, KillWorkersOnDrop,
 };
 use common::{wait_job, Daemon};
 use serde_json::{json, Value};
@@ -52,23 +52,30 @@ fn counting_vm(d: &Daemon) -> Vm {
     let cfg = config_disk(d.dir.path(), COUNTER);
     let data = d.dir.path().join("data.vhdx");
     make_base_of(&data, DATA_SIZE);
-    let r = d.post(
-        "/v1/vms",
-        json!({"name": name, "generation": 1, "processor_count": 1, "memory_mib": 192}),
+    gen1_vm_with_disks(
+        d,
+        name,
+        &[
+            ("ide", 0, 0, &boot),
+            ("ide", 0, 1, &cfg),
+            ("scsi", 0, 0, &data),
+        ],
     );
-    assert_eq!(r.status, 201, "{}", r.raw);
-    for (controller, location, path) in [("ide", 0, &boot), ("ide", 1, &cfg), ("scsi", 0, &data)] {
-        let r = d.post(
-            &format!("/v1/vms/{name}/drives"),
-            json!({"controller": controller, "controller_number": 0, "location": location,
-                   "media": {"type": "hard_disk", "path": path.display().to_string()}}),
-        );
-        assert_eq!(r.status, 201, "{}", r.raw);
-    }
     let job = run_job(d, "POST", &format!("/v1/vms/{name}/start"), Some(json!({})));
     assert_eq!(job["state"], "Completed", "start: {job}");
     wait_console(d, name, "VIRIDIAN-GUEST: running command");
     Vm { name, data, boot }
+}
+
+/// [`counting_vm`], checkpoint A taken after count 3, and counting on past
+/// 15 (the 8 MiB written at count 12 land in A's child layer); returns the VM
+/// and the count reached.
+fn counting_with_checkpoint_a(d: &Daemon) -> (Vm, u64) {
+    let v = counting_vm(d);
+    wait_count(d, v.name, 3);
+    checkpoint(d, v.name, "A");
+    let c = wait_count(d, v.name, 15);
+    (v, c)
 }
 
 fn data_disk(d: &Daemon, name: &str) -> PathBuf {
@@ -130,12 +137,8 @@ fn deleting_checkpoints_of_a_running_guest_merges_their_disks_live() {
     ensure_worker_binary();
     let mut d = Daemon::start(&[]);
     let _cleanup = KillWorkersOnDrop(d.data.clone());
-    let v = counting_vm(&d);
+    let (v, c) = counting_with_checkpoint_a(&d);
     let name = v.name;
-    wait_count(&d, name, 3);
-    checkpoint(&d, name, "A");
-    // The 8 MiB written at count 12 land in A's child layer.
-    let c = wait_count(&d, name, 15);
     let b = checkpoint(&d, name, "B");
     wait_count(&d, name, c + 3);
     let leaf = data_disk(&d, name);
@@ -238,11 +241,8 @@ fn a_live_merge_the_daemon_was_killed_in_is_recorded_after_its_restart() {
     // The daemon stalls once the merge reports progress; the worker goes on.
     let mut d = Daemon::start(&[]);
     let _cleanup = KillWorkersOnDrop(d.data.clone());
-    let v = counting_vm(&d);
+    let (v, c) = counting_with_checkpoint_a(&d);
     let name = v.name;
-    wait_count(&d, name, 3);
-    checkpoint(&d, name, "A");
-    let c = wait_count(&d, name, 15);
     let leaf = data_disk(&d, name);
     d.env = vec![("VIRIDIAN_TEST_STALL_MERGE_AT".into(), "copy-1".into())];
     d.restart();
@@ -321,11 +321,8 @@ fn a_worker_killed_mid_live_merge_leaves_a_merge_that_completes_offline() {
     d.env = vec![("VIRIDIAN_TEST_STALL_LIVE_MERGE_AT".into(), "50".into())];
     d.restart();
     let _cleanup = KillWorkersOnDrop(d.data.clone());
-    let v = counting_vm(&d);
+    let (v, _) = counting_with_checkpoint_a(&d);
     let name = v.name;
-    wait_count(&d, name, 3);
-    checkpoint(&d, name, "A");
-    wait_count(&d, name, 15);
     let leaf = data_disk(&d, name);
     let worker_pid = vm(&d, name)["runtime"]["worker_pid"]
         .as_u64()

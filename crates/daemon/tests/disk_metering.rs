@@ -11,10 +11,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::guest::{
-    act, config_disk, ensure_worker_binary, guest_dir, wait_console, KillWorkersOnDrop,
+    act, config_disk, ensure_worker_binary, gen1_vm_with_disks, guest_dir, wait_console,
+    KillWorkersOnDrop,
 };
 use common::Daemon;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 const IDE_DATA_SIZE: u64 = 8 * MIB;
@@ -187,24 +188,16 @@ fn guest_disk_io_is_metered_per_drive_in_runtime_measure_and_metrics() {
     dynamic_vhd(&ide_data, IDE_DATA_SIZE);
     let scsi_data = d.dir.path().join("scsi-data.vhd");
     dynamic_vhd(&scsi_data, SCSI_DATA_SIZE);
-    let r = d.post(
-        "/v1/vms",
-        json!({"name": name, "generation": 1, "processor_count": 1, "memory_mib": 192}),
+    gen1_vm_with_disks(
+        &d,
+        name,
+        &[
+            ("ide", 0, 0, &boot),
+            ("ide", 0, 1, &cfg),
+            ("ide", 1, 0, &ide_data),
+            ("scsi", 0, 0, &scsi_data),
+        ],
     );
-    assert_eq!(r.status, 201, "{}", r.raw);
-    for (controller, number, location, path) in [
-        ("ide", 0, 0, &boot),
-        ("ide", 0, 1, &cfg),
-        ("ide", 1, 0, &ide_data),
-        ("scsi", 0, 0, &scsi_data),
-    ] {
-        let r = d.post(
-            &format!("/v1/vms/{name}/drives"),
-            json!({"controller": controller, "controller_number": number, "location": location,
-                   "media": {"type": "hard_disk", "path": path.display().to_string()}}),
-        );
-        assert_eq!(r.status, 201, "{}", r.raw);
-    }
     let job = act(&d, name, "start");
     assert_eq!(job["state"], "Completed", "start: {job}");
     let console = wait_console(&d, name, "disk-io-done");

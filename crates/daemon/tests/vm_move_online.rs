@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use common::disk_data::post_job as run_job;
 use common::guest::{
-    config_disk, console, counts, disk_count, ensure_worker_binary, guest_dir, vm, wait_console,
-    wait_count, wait_state, KillWorkersOnDrop,
+    config_disk, console, counts, disk_count, ensure_worker_binary, gen1_vm_with_disks, guest_dir,
+    vm, wait_console, wait_count, wait_state, KillWorkersOnDrop,
 };
 use common::Daemon;
 use serde_json::{json, Value};
@@ -128,24 +128,16 @@ fn counting_vm(d: &Daemon, name: &str) -> (PathBuf, u64) {
         disk.write_at(IDE_MARK, 0).unwrap();
         disk.flush().unwrap();
     }
-    let r = d.post(
-        "/v1/vms",
-        json!({"name": name, "generation": 1, "processor_count": 1, "memory_mib": 192}),
+    gen1_vm_with_disks(
+        d,
+        name,
+        &[
+            ("ide", 0, 0, &boot),
+            ("ide", 0, 1, &cfg),
+            ("ide", 1, 0, &ide),
+            ("scsi", 0, 0, &scsi),
+        ],
     );
-    assert_eq!(r.status, 201, "{}", r.raw);
-    for (controller, number, location, path) in [
-        ("ide", 0, 0, &boot),
-        ("ide", 0, 1, &cfg),
-        ("ide", 1, 0, &ide),
-        ("scsi", 0, 0, &scsi),
-    ] {
-        let r = d.post(
-            &format!("/v1/vms/{name}/drives"),
-            json!({"controller": controller, "controller_number": number, "location": location,
-                   "media": {"type": "hard_disk", "path": path.display().to_string()}}),
-        );
-        assert_eq!(r.status, 201, "{}", r.raw);
-    }
     // A checkpoint: the bases are frozen layers, the VM runs on differencing leaves.
     let job = run_job(
         d,

@@ -20,7 +20,7 @@ use api::vms::{VmRuntime, VmState};
 use api::ErrorCode;
 use jobs::{AffectedElement, JobContext, JobError, JobSnapshot, JobSpec};
 use uuid::Uuid;
-use vm_config::{DriveMedia, Slot, VmSettings};
+use vm_config::{Slot, VmSettings};
 
 use crate::error::{blocking, ApiError};
 use crate::service::{damaged_unreadable, find, Service};
@@ -137,16 +137,7 @@ fn repoint_current(
     let Some(mut settings) = store.get(id).and_then(|e| e.settings.clone()) else {
         return Ok(());
     };
-    let mut changed = false;
-    for d in settings.drives.iter_mut().filter(|d| d.slot == slot) {
-        if let DriveMedia::HardDisk { path } = &mut d.media {
-            if Path::new(path.as_str()) == old {
-                *path = new.to_string_lossy().into_owned();
-                changed = true;
-            }
-        }
-    }
-    if changed {
+    if ops::repoint_drive(&mut settings, slot, old, new) {
         store
             .save(settings)
             .map_err(|e| ApiError::internal(error_chain(&e)))?;

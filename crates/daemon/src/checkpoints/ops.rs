@@ -655,6 +655,21 @@ pub fn waiting_reason(t: &Tree, id: Uuid, current: Current) -> String {
     }
 }
 
+/// Points the hard disk in `slot` of `settings` at `new` if it names `old`;
+/// returns whether it did.
+pub fn repoint_drive(settings: &mut VmSettings, slot: Slot, old: &Path, new: &Path) -> bool {
+    let mut changed = false;
+    for d in settings.drives.iter_mut().filter(|d| d.slot == slot) {
+        if let DriveMedia::HardDisk { path } = &mut d.media {
+            if Path::new(path.as_str()) == old {
+                *path = new.to_string_lossy().into_owned();
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
 /// Re-points the current state's drive in a slot from one file to another in `vm.json`.
 pub type WriteCurrent<'a> = &'a mut dyn FnMut(Slot, &Path, &Path) -> Result<(), ApiError>;
 
@@ -1102,18 +1117,7 @@ mod crash_tests {
         let want_kept: Vec<Vec<u8>> = kept.disks.iter().map(|d| hash(&d.path)).collect();
         delete(&vm_dir, victim, false).unwrap();
         let mut write_current = |slot: Slot, old: &Path, new: &Path| {
-            for d in current
-                .borrow_mut()
-                .drives
-                .iter_mut()
-                .filter(|d| d.slot == slot)
-            {
-                if let DriveMedia::HardDisk { path } = &mut d.media {
-                    if Path::new(path.as_str()) == old {
-                        *path = new.to_string_lossy().into_owned();
-                    }
-                }
-            }
+            repoint_drive(&mut current.borrow_mut(), slot, old, new);
             Ok(())
         };
         let mut steps = 0;
@@ -1214,18 +1218,7 @@ mod crash_tests {
             // The daemon restarts: vm.json still names the old disks.
             let current = RefCell::new(s.clone());
             let mut write_current = |slot: Slot, old: &Path, new: &Path| {
-                for d in current
-                    .borrow_mut()
-                    .drives
-                    .iter_mut()
-                    .filter(|d| d.slot == slot)
-                {
-                    if let DriveMedia::HardDisk { path } = &mut d.media {
-                        if Path::new(path.as_str()) == old {
-                            *path = new.to_string_lossy().into_owned();
-                        }
-                    }
-                }
+                repoint_drive(&mut current.borrow_mut(), slot, old, new);
                 Ok(())
             };
             let finished = recover_intent(&vm_dir, &mut write_current).unwrap();

@@ -149,6 +149,24 @@ pub fn wait_console(d: &Daemon, name: &str, needle: &str) -> String {
     }
 }
 
+/// Creates generation-1 VM `name` (1 vCPU, 192 MiB) with these hard disks:
+/// (controller, controller number, location, path).
+pub fn gen1_vm_with_disks(d: &Daemon, name: &str, disks: &[(&str, u8, u8, &Path)]) {
+    let r = d.post(
+        "/v1/vms",
+        json!({"name": name, "generation": 1, "processor_count": 1, "memory_mib": 192}),
+    );
+    assert_eq!(r.status, 201, "{}", r.raw);
+    for (controller, number, location, path) in disks {
+        let r = d.post(
+            &format!("/v1/vms/{name}/drives"),
+            json!({"controller": controller, "controller_number": number, "location": location,
+                   "media": {"type": "hard_disk", "path": path.display().to_string()}}),
+        );
+        assert_eq!(r.status, 201, "{}", r.raw);
+    }
+}
+
 /// A config disk (fixed VHD, 1 MiB) in `dir` whose script the test guest runs at boot.
 pub fn config_disk(dir: &Path, script: &str) -> PathBuf {
     let raw = dir.join("cfg.raw");
