@@ -85,6 +85,17 @@ pub enum JobError {
     Failed { code: String, description: String },
 }
 
+/// The sentence a log line or a wrapping error shows: the description of a
+/// failure, or that the work was cancelled.
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobError::Cancelled => f.write_str("cancelled"),
+            JobError::Failed { description, .. } => f.write_str(description),
+        }
+    }
+}
+
 impl JobError {
     pub fn failed(code: impl Into<String>, description: impl Into<String>) -> Self {
         JobError::Failed {

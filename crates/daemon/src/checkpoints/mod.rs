@@ -197,16 +197,9 @@ fn merge_live(
             api::error::ErrorCode::Internal,
             format!(
                 "the running VM's worker did not merge {what}: {}",
-                job_error_text(&e)
+                e
             ),
         )),
-    }
-}
-
-fn job_error_text(e: &JobError) -> String {
-    match e {
-        JobError::Cancelled => "cancelled".into(),
-        JobError::Failed { code, description } => format!("{description} ({code})"),
     }
 }
 
@@ -529,7 +522,7 @@ pub(crate) async fn take(
                 }
                 Err(InPlace::Refused(e)) => return Err(e),
                 Err(InPlace::NotDone(e)) => {
-                    tracing::warn!(vm = %id, error = %job_error_text(&e),
+                    tracing::warn!(vm = %id, error = %e,
                         "the worker could not take the checkpoint in place; saving the VM and starting it again instead");
                 }
             }
@@ -604,7 +597,7 @@ async fn take_in_place(
     let resume = |why: JobError| async move {
         if was_running {
             if let Err(e) = workers.pause(id, false).await {
-                tracing::error!(vm = %id, error = %job_error_text(&e), "cannot resume the VM after a checkpoint that did not happen");
+                tracing::error!(vm = %id, error = %e, "cannot resume the VM after a checkpoint that did not happen");
             }
         }
         why
@@ -661,7 +654,7 @@ async fn take_in_place(
         })
         .await
         {
-            tracing::error!(vm = %id, error = %job_error_text(&u), "cannot take back a checkpoint whose layers were not made");
+            tracing::error!(vm = %id, error = %u, "cannot take back a checkpoint whose layers were not made");
         }
         return Err(InPlace::NotDone(resume(e).await));
     }
@@ -678,7 +671,7 @@ async fn take_in_place(
                 "Failed",
                 format!(
                     "the checkpoint was taken, but resuming the VM failed: {}",
-                    job_error_text(&e)
+                    e
                 ),
             ))
         })?;

@@ -393,7 +393,7 @@ async fn move_online(
     if let Err(e) = w.flush_disks(id).await {
         return Ok(Online::Unsupported(format!(
             "the VM's worker cannot switch its disks ({})",
-            job_error_text(&e)
+            e
         )));
     }
     ctx.add_affected(AffectedElement::new("move-mode", "online"));
@@ -420,7 +420,7 @@ async fn move_online(
     let resume = || async {
         if !paused {
             if let Err(e) = w.pause(id, false).await {
-                tracing::error!(vm = %id, error = %job_error_text(&e), "cannot resume the guest after its storage move");
+                tracing::error!(vm = %id, error = %e, "cannot resume the guest after its storage move");
             }
         }
     };
@@ -454,7 +454,7 @@ async fn move_online(
             // The copies are the VM's disks now, and the worker cannot take them:
             // finish offline (the paused guest is saved, nothing has changed since
             // the copy, so the copies hold what the sources hold).
-            let why = job_error_text(&e);
+            let why = e;
             tracing::warn!(vm = %id, error = %why, "the worker could not switch to the moved disks; finishing the move offline");
             ctx.set_description(format!(
                 "Move the storage of VM {} to {}: the worker could not switch to the copies ({why}), so the VM was saved and started again on them",
@@ -473,13 +473,6 @@ async fn move_online(
             start_again(svc, w, id, dir, ctx, paused, since, moved).await?;
             Ok(Online::Done)
         }
-    }
-}
-
-fn job_error_text(e: &JobError) -> String {
-    match e {
-        JobError::Failed { description, .. } => description.clone(),
-        other => format!("{other:?}"),
     }
 }
 
@@ -1064,7 +1057,7 @@ pub async fn resume_at_start(svc: &Arc<Service>) {
                         .map(|s| moving_slots(&s, &intent))
                         .unwrap_or_default();
                     if let Err(e) = w.switch_disks(id, slots).await {
-                        tracing::error!(vm = %id, error = %job_error_text(&e), "the running VM's worker cannot switch to the moved disks; the move stays unfinished and the sources are kept until the next start");
+                        tracing::error!(vm = %id, error = %e, "the running VM's worker cannot switch to the moved disks; the move stays unfinished and the sources are kept until the next start");
                         continue;
                     }
                 }
@@ -1076,7 +1069,7 @@ pub async fn resume_at_start(svc: &Arc<Service>) {
         }
         if let (Some(w), true, VmState::Paused) = (&live, intent.guest_paused_by_move, state) {
             if let Err(e) = w.pause(id, false).await {
-                tracing::error!(vm = %id, error = %job_error_text(&e), "cannot resume the guest a storage move paused");
+                tracing::error!(vm = %id, error = %e, "cannot resume the guest a storage move paused");
             }
         }
     }
