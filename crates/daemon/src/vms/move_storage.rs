@@ -454,16 +454,15 @@ async fn move_online(
             // The copies are the VM's disks now, and the worker cannot take them:
             // finish offline (the paused guest is saved, nothing has changed since
             // the copy, so the copies hold what the sources hold).
-            let why = e;
-            tracing::warn!(vm = %id, error = %why, "the worker could not switch to the moved disks; finishing the move offline");
+            tracing::warn!(vm = %id, error = %e, "the worker could not switch to the moved disks; finishing the move offline");
             ctx.set_description(format!(
-                "Move the storage of VM {} to {}: the worker could not switch to the copies ({why}), so the VM was saved and started again on them",
+                "Move the storage of VM {} to {}: the worker could not switch to the copies ({e}), so the VM was saved and started again on them",
                 p.settings.name,
                 dest.display()
             ));
             ctx.add_affected(AffectedElement::new(
                 "move-mode",
-                format!("offline after the copy: the worker could not switch ({why})"),
+                format!("offline after the copy: the worker could not switch ({e})"),
             ));
             svc.set_runtime(id, VmRuntime::with_state(VmState::Saving));
             w.stop(id, StopMode::Save, ctx.clone()).await?;
