@@ -195,10 +195,7 @@ fn merge_live(
         }
         Err(e) => Err(ApiError::new(
             api::error::ErrorCode::Internal,
-            format!(
-                "the running VM's worker did not merge {what}: {}",
-                e
-            ),
+            format!("the running VM's worker did not merge {what}: {}", e),
         )),
     }
 }

@@ -29,7 +29,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::backing::HeldStorage;
-use crate::ops::merge::{copy_allocated, copy_runs, CopyPath};
+use crate::ops::merge::{copy_allocated, copy_runs, same_file, CopyPath};
+use crate::progress::NoProgress;
 use crate::progress::Progress;
 use crate::vhd1::VhdImage;
 use crate::vhdx::VhdxImage;
@@ -41,6 +42,7 @@ const DIRTY_GRAIN: u64 = 64 * 1024;
 const MAX_ROUNDS: u32 = 16;
 /// Written data small enough to copy while the guest's I/O is held.
 const FINAL_COPY_BYTES: u64 = 16 << 20;
+const FILE_TO_FILE: CopyPath = CopyPath::FileToFile;
 
 fn invalid(path: &Path, what: String) -> Error {
     crate::vhd1::Error::Invalid {
@@ -107,7 +109,9 @@ impl DirtyMap {
 /// A served disk during a live merge: forwards every request to the chain it
 /// wraps, records the ranges written, and lets the merge hold I/O for its last
 /// step. Serve it in place of the chain (a disk server's `switch`) before
-/// [`merge_live`] and switch back to what that returns afterwards.
+/// [`merge_live`] and switch back to what that returns afterwards. The same
+/// hold lets [`Tracked::reopen`] close the chain and serve another in its
+/// place (a checkpoint's new layer over the leaf).
 pub struct Tracked {
     inner: RwLock<Arc<dyn Disk>>,
     dirty: DirtyMap,
@@ -331,13 +335,6 @@ fn chain_files(top: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
-}
-
 /// The parent merged into, opened writable without a lock of its own: the
 /// running chain already holds it shared, which keeps every other writer out.
 enum Parent {
@@ -482,17 +479,17 @@ pub fn merge_live(
                 break;
             }
             let inner = served.inner();
-            copy_runs(inner.as_ref(), parent.disk(), &pending, &mut copied)?;
+            let from = inner.as_ref();
+            copy_runs(
+                from,
+                parent.disk(),
+                &pending,
+                FILE_TO_FILE,
+                &mut copied,
+                total,
+                progress,
+            )?;
             rounds += 1;
-            if !progress.update(copied.min(total), total) {
-                parent.disk().flush()?;
-                return Err(Error::Cancelled {
-                    what: format!(
-                        "the chain of {} (it reads as before the merge)",
-                        top.display()
-                    ),
-                });
-            }
         }
     }
     parent.disk().flush()?;
@@ -501,7 +498,17 @@ pub fn merge_live(
     let mut slot = served.inner.write().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
     pending.extend(served.dirty.take());
-    copy_runs(slot.as_ref(), parent.disk(), &pending, &mut copied)?;
+    // No cancel from here: the guest waits.
+    let from = slot.as_ref();
+    copy_runs(
+        from,
+        parent.disk(),
+        &pending,
+        FILE_TO_FILE,
+        &mut copied,
+        total,
+        &mut NoProgress,
+    )?;
     parent.finish(layer)?;
     drop(frozen);
     slot.flush()?;

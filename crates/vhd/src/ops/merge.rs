@@ -52,7 +52,8 @@ fn invalid(path: &Path, what: String) -> Error {
     .into()
 }
 
-fn same_file(a: &Path, b: &Path) -> bool {
+/// Whether two paths name the same existing file.
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,
         _ => false,
@@ -334,42 +335,22 @@ pub(crate) fn copy_allocated(
     progress: &mut dyn Progress,
 ) -> Result<()> {
     let size = layer.size().min(target.size());
-    let mut buf = Vec::new();
-    let mut off = 0;
-    while off < size {
-        let st = layer.block_status(off, (size - off).min(CHUNK))?;
-        if st.allocation == Allocation::Zero {
-            target.write_zeroes(off, st.len)?;
-        }
-        if st.allocation == Allocation::Data {
-            match copy {
-                CopyPath::FileToFile => copy_file_to_file(layer, target, off, st.len, &mut buf)?,
-                CopyPath::Buffered => copy_buffered(layer, target, off, st.len, &mut buf)?,
-            }
-            *done += st.len;
-            if !progress.update((*done).min(total), total) {
-                target.flush()?;
-                return Err(Error::Cancelled {
-                    what: format!(
-                        "the chain of {} (it reads as before the merge)",
-                        layer.path().unwrap_or(Path::new("")).display()
-                    ),
-                });
-            }
-        }
-        off += st.len;
-    }
-    Ok(())
+    copy_runs(layer, target, &[(0, size)], copy, done, total, progress)
 }
 
 /// Copies into `target` what `layer` itself holds in each of `runs`
 /// (offset, length): its data, its zeros; ranges it holds nothing for read
-/// through to the target already. Adds the bytes copied to `done`.
+/// through to the target already. Adds the bytes of data copied to `done`
+/// and reports them against `total`; when `progress` asks to stop, flushes
+/// the target and returns [`Error::Cancelled`].
 pub(crate) fn copy_runs(
     layer: &dyn Disk,
     target: &dyn Disk,
     runs: &[(u64, u64)],
+    copy: CopyPath,
     done: &mut u64,
+    total: u64,
+    progress: &mut dyn Progress,
 ) -> Result<()> {
     let mut buf = Vec::new();
     for &(start, len) in runs {
@@ -380,8 +361,22 @@ pub(crate) fn copy_runs(
             match st.allocation {
                 Allocation::Zero => target.write_zeroes(off, st.len)?,
                 Allocation::Data => {
-                    copy_file_to_file(layer, target, off, st.len, &mut buf)?;
+                    match copy {
+                        CopyPath::FileToFile => {
+                            copy_file_to_file(layer, target, off, st.len, &mut buf)?
+                        }
+                        CopyPath::Buffered => copy_buffered(layer, target, off, st.len, &mut buf)?,
+                    }
                     *done += st.len;
+                    if !progress.update((*done).min(total), total) {
+                        target.flush()?;
+                        return Err(Error::Cancelled {
+                            what: format!(
+                                "the chain of {} (it reads as before the merge)",
+                                layer.path().unwrap_or(Path::new("")).display()
+                            ),
+                        });
+                    }
                 }
                 Allocation::Unallocated => {}
             }
