@@ -1106,6 +1106,23 @@ fn invalid(shared: &Shared, what: &str, hint: &str) -> Response {
     }
 }
 
+/// Holds off live merges while the served disks change underneath (`what` the
+/// VM is about to do); refuses when one runs.
+fn no_live_merge<'a>(
+    shared: &'a Shared,
+    what: &str,
+) -> Result<tokio::sync::MutexGuard<'a, ()>, Box<Response>> {
+    shared.merging.try_lock().map_err(|_| {
+        Box::new(Response::Error {
+        kind: FailureKind::InvalidState,
+        message: format!(
+            "VM {} cannot {what} while a live merge of a checkpoint runs; try again when it has finished",
+            shared.name()
+        ),
+        })
+    })
+}
+
 fn failed(what: &str, e: &dyn std::error::Error) -> Response {
     Response::Error {
         kind: FailureKind::Failed,
@@ -1128,8 +1145,11 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
     };
     match request {
         Request::Status | Request::Console => ok(shared),
-        // Answered by serve_control, which streams its progress.
-        Request::MergeLayer { .. } => ok(shared),
+        // serve_control answers it (with progress lines) and never gets here.
+        Request::MergeLayer { .. } => Response::Error {
+            kind: FailureKind::Failed,
+            message: "merge_layer is answered on its own; this is a bug in the worker".into(),
+        },
         Request::SaveState { path } => {
             if state != WorkerState::Paused {
                 return invalid(
@@ -1150,14 +1170,9 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
             if state != WorkerState::Paused {
                 return invalid(shared, "take new disk layers", "; pause it first");
             }
-            let Ok(_no_merge) = shared.merging.try_lock() else {
-                return Response::Error {
-                    kind: FailureKind::InvalidState,
-                    message: format!(
-                        "VM {} cannot take new disk layers while a live merge of a checkpoint runs; try again when it has finished",
-                        shared.name()
-                    ),
-                };
+            let _no_merge = match no_live_merge(shared, "take new disk layers") {
+                Ok(guard) => guard,
+                Err(refused) => return *refused,
             };
             let mut served = shared.served.lock().await;
             let Some(served) = served.as_mut() else {
@@ -1192,14 +1207,9 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
             if !matches!(state, WorkerState::Running | WorkerState::Paused) {
                 return invalid(shared, "switch its disks", "");
             }
-            let Ok(_no_merge) = shared.merging.try_lock() else {
-                return Response::Error {
-                    kind: FailureKind::InvalidState,
-                    message: format!(
-                        "VM {} cannot switch its disks while a live merge of a checkpoint runs; try again when it has finished",
-                        shared.name()
-                    ),
-                };
+            let _no_merge = match no_live_merge(shared, "switch its disks") {
+                Ok(guard) => guard,
+                Err(refused) => return *refused,
             };
             let mut served = shared.served.lock().await;
             let Some(served) = served.as_mut() else {
