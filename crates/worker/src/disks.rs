@@ -248,113 +248,45 @@ impl ServedDisks {
     /// which releases their files and locks. A slot already on its path is left
     /// alone. Returns the slots that switched.
     pub fn switch(&mut self, wanted: &[(Slot, PathBuf)]) -> Result<Vec<Slot>, DiskError> {
-        enum Place {
-            Ide(usize),
-            Synthetic(usize),
-        }
-        let mut opened: Vec<(Place, PathBuf, Arc<dyn vhd::Disk>)> = Vec::new();
+        let mut opened: Vec<(Slot, PathBuf, Arc<dyn vhd::Disk>)> = Vec::new();
         for (slot, path) in wanted {
-            let (place, current, read_only) =
-                if let Some(i) = self.ide.iter().position(|d| d.slot == *slot) {
-                    (Place::Ide(i), &self.ide[i].path, self.ide[i].read_only)
-                } else if let Some(i) = self.synthetic.iter().position(|d| d.slot == *slot) {
-                    let d = &self.synthetic[i];
-                    (Place::Synthetic(i), &d.path, d.disk.read_only())
-                } else {
-                    return Err(DiskError::NotServed {
-                        slot: *slot,
-                        path: path.clone(),
-                    });
-                };
-            if current == path {
+            let (served, current) = self.served_in(*slot).ok_or_else(|| DiskError::NotServed {
+                slot: *slot,
+                path: path.clone(),
+            })?;
+            if &current == path {
                 continue;
             }
-            let disk = open_disk(path, read_only).map_err(|source| DiskError::Open {
+            let disk = open_disk(path, served.read_only()).map_err(|source| DiskError::Open {
                 slot: *slot,
                 path: path.clone(),
                 source: Box::new(source),
             })?;
-            opened.push((place, path.clone(), disk));
+            opened.push((*slot, path.clone(), disk));
         }
         // Switch; a failure (a disk that does not match, a flush that fails) puts
         // back the ones already switched.
-        let mut done: Vec<(usize, Arc<dyn vhd::Disk>)> = Vec::new();
-        let mut failure = None;
-        for (n, (place, path, disk)) in opened.iter().enumerate() {
-            let result: Result<Arc<dyn vhd::Disk>, Box<dyn std::error::Error + Send + Sync>> =
-                match place {
-                    Place::Ide(i) => match &self.nbd {
-                        Some(nbd) => nbd
-                            .switch(&self.ide[*i].export, disk.clone())
-                            .map_err(Into::into),
-                        None => Err("no NBD server runs".into()),
-                    },
-                    Place::Synthetic(i) => self.synthetic[*i]
-                        .server
-                        .switch(disk.clone())
-                        .map_err(Into::into),
-                };
-            match result {
-                Ok(old) => done.push((n, old)),
-                Err(source) => {
-                    let slot = match place {
-                        Place::Ide(i) => self.ide[*i].slot,
-                        Place::Synthetic(i) => self.synthetic[*i].slot,
-                    };
-                    failure = Some(DiskError::Switch {
-                        slot,
-                        path: path.clone(),
-                        source,
-                    });
-                    break;
+        let mut done: Vec<(Slot, PathBuf, Arc<dyn vhd::Disk>)> = Vec::new();
+        for (slot, path, disk) in opened {
+            let from = self.served_in(slot).map(|(_, p)| p).unwrap_or_default();
+            match self.replace(slot, disk, path.clone()) {
+                Ok(old) => {
+                    tracing::info!(%slot, from = %from.display(), to = %path.display(), "disk switched");
+                    done.push((slot, from, old));
+                }
+                Err(e) => {
+                    for (slot, from, old) in done.into_iter().rev() {
+                        if let Err(why) = self.replace(slot, old, from) {
+                            tracing::error!(error = %why, "cannot switch a disk back after a failed switch");
+                        }
+                    }
+                    return Err(e);
                 }
             }
         }
-        if let Some(e) = failure {
-            for (n, old) in done.into_iter().rev() {
-                let put_back = match &opened[n].0 {
-                    Place::Ide(i) => self.nbd.as_ref().map(|nbd| {
-                        nbd.switch(&self.ide[*i].export, old)
-                            .map(drop)
-                            .map_err(|e| e.to_string())
-                    }),
-                    Place::Synthetic(i) => Some(
-                        self.synthetic[*i]
-                            .server
-                            .switch(old)
-                            .map(drop)
-                            .map_err(|e| e.to_string()),
-                    ),
-                };
-                if let Some(Err(why)) = put_back {
-                    tracing::error!(error = %why, "cannot switch a disk back after a failed switch");
-                }
-            }
-            return Err(e);
-        }
-        let mut switched = Vec::new();
-        for (place, path, disk) in opened {
-            // The old disk's last handle goes here (the server returned its own,
-            // dropped above): its files close and its locks are released.
-            match place {
-                Place::Ide(i) => {
-                    let d = &mut self.ide[i];
-                    tracing::info!(slot = %d.slot, from = %d.path.display(), to = %path.display(), "IDE disk switched");
-                    d.path = path;
-                    d.disk = disk;
-                    switched.push(d.slot);
-                }
-                Place::Synthetic(i) => {
-                    let d = &mut self.synthetic[i];
-                    tracing::info!(slot = %d.slot, from = %d.path.display(), to = %path.display(), "synthetic disk switched");
-                    d.path = path;
-                    d.disk = disk;
-                    switched.push(d.slot);
-                }
-            }
-        }
-        drop(done);
-        Ok(switched)
+        // The old disks' last handles go here: their files close and their
+        // locks are released.
+        Ok(done.into_iter().map(|(slot, _, _)| slot).collect())
     }
 
     /// The disk served in `slot` and the file its chain's top is.
