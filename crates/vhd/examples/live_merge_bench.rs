@@ -36,22 +36,7 @@ fn make(dir: &Path, vhdx: bool, mib: u64) -> (PathBuf, PathBuf) {
     let base = dir.join(format!("base.{b}"));
     let layer = dir.join(format!("layer.{c}"));
     let size = (mib * 2).max(64) * MIB;
-    if vhdx {
-        use vhd::vhdx::create::{create, NewVhdx, VhdxOptions};
-        let mut o = VhdxOptions::new(NewVhdx::Dynamic { size });
-        o.block_size = Some(2 << 20);
-        create(&base, &o, &mut NoProgress).expect("base");
-    } else {
-        use vhd::vhd1::create::{create, CreateOptions, NewDisk};
-        let o = CreateOptions {
-            kind: NewDisk::Dynamic {
-                size,
-                block_size: 2 << 20,
-            },
-            exact_size: true,
-        };
-        create(&base, &o, &mut NoProgress).expect("base");
-    }
+    vhd::create_dynamic(&base, size, Some(2 << 20)).expect("base");
     vhd::create_child(&layer, &base).expect("layer");
     let d = vhd::open(&layer, false).expect("open layer");
     let chunk: Vec<u8> = (0..4 * MIB).map(|i| (i * 7 + i / 4096) as u8).collect();

@@ -144,6 +144,29 @@ fn open_with(
     }
 }
 
+/// Makes an empty dynamic disk of exactly `size` bytes at `path`, in the format
+/// the name says (`.vhdx`/`.avhdx`: VHDX, else VHD), with `block_size` or the
+/// format's default (VHD 2 MiB, VHDX 32 MiB).
+pub fn create_dynamic(path: &Path, size: u64, block_size: Option<u32>) -> Result<()> {
+    let mut none = NoProgress;
+    if is_vhdx_name(path) {
+        use vhdx::create::{NewVhdx, VhdxOptions};
+        let mut opts = VhdxOptions::new(NewVhdx::Dynamic { size });
+        opts.block_size = block_size;
+        vhdx::create::create(path, &opts, &mut none).map(drop)
+    } else {
+        use vhd1::create::{CreateOptions, NewDisk};
+        let opts = CreateOptions {
+            kind: NewDisk::Dynamic {
+                size,
+                block_size: block_size.unwrap_or(2 << 20),
+            },
+            exact_size: true,
+        };
+        vhd1::create::create(path, &opts, &mut none).map(drop)
+    }
+}
+
 /// Makes a differencing disk at `path` on `parent`, in the format the name
 /// says (`.avhdx`/`.vhdx`: VHDX, else VHD) with the format's defaults for a
 /// checkpoint layer. The parent (and its chain) must open.

@@ -80,22 +80,7 @@ pub fn job(c: &mut Conn, method: &str, path: &str, body: &str) -> Value {
 }
 
 pub fn dynamic(path: &Path, size: u64) {
-    let mut none = vhd::NoProgress;
-    if vhd::is_vhdx_name(path) {
-        use vhd::vhdx::create::{NewVhdx, VhdxOptions};
-        let o = VhdxOptions::new(NewVhdx::Dynamic { size });
-        vhd::vhdx::create::create(path, &o, &mut none).unwrap();
-    } else {
-        use vhd::vhd1::create::{CreateOptions, NewDisk};
-        let o = CreateOptions {
-            kind: NewDisk::Dynamic {
-                size,
-                block_size: 2 << 20,
-            },
-            exact_size: true,
-        };
-        vhd::vhd1::create::create(path, &o, &mut none).unwrap();
-    }
+    vhd::create_dynamic(path, size, None).unwrap();
 }
 
 /// Writes `len` bytes of a pseudo-random stream from offset 0.

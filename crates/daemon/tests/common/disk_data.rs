@@ -17,44 +17,12 @@ pub fn make_base(path: &Path) {
 
 /// [`make_base`] of `size` bytes.
 pub fn make_base_of(path: &Path, size: u64) {
-    let mut none = vhd::NoProgress;
-    if vhd::is_vhdx_name(path) {
-        use vhd::vhdx::create::{NewVhdx, VhdxOptions};
-        let mut o = VhdxOptions::new(NewVhdx::Dynamic { size });
-        o.block_size = Some(2 << 20);
-        vhd::vhdx::create::create(path, &o, &mut none).unwrap();
-    } else {
-        use vhd::vhd1::create::{CreateOptions, NewDisk};
-        let o = CreateOptions {
-            kind: NewDisk::Dynamic {
-                size,
-                block_size: 2 << 20,
-            },
-            exact_size: true,
-        };
-        vhd::vhd1::create::create(path, &o, &mut none).unwrap();
-    }
+    vhd::create_dynamic(path, size, Some(2 << 20)).unwrap();
 }
 
 /// A differencing disk on `parent`.
 pub fn make_child(path: &Path, parent: &Path) {
-    let mut none = vhd::NoProgress;
-    if vhd::is_vhdx_name(path) {
-        use vhd::vhdx::create::{NewVhdx, VhdxOptions};
-        let o = VhdxOptions::new(NewVhdx::Differencing {
-            parent: parent.to_path_buf(),
-        });
-        vhd::vhdx::create::create(path, &o, &mut none).unwrap();
-    } else {
-        use vhd::vhd1::create::{CreateOptions, NewDisk};
-        let o = CreateOptions {
-            kind: NewDisk::Differencing {
-                parent: parent.to_path_buf(),
-            },
-            exact_size: false,
-        };
-        vhd::vhd1::create::create(path, &o, &mut none).unwrap();
-    }
+    vhd::create_child(path, parent).unwrap();
 }
 
 /// Writes `len` bytes of a pseudo-random stream seeded by `seed` at `offset`.
