@@ -12,7 +12,9 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::disk_data::{chain, checkpoint, content_hash, disks, make_base_of, write_noise};
+use common::disk_data::{
+    chain, checkpoint, checkpoint_names, content_hash, disks, make_base_of, write_noise,
+};
 use common::{wait_job, Daemon};
 use serde_json::json;
 
@@ -112,12 +114,7 @@ fn killed_mid_merge_at(stall_at: &str) {
     assert_eq!(t["pending_merges"], json!([]), "killed at {stall_at}: {t}");
 
     // A is gone, B stays the current state's parent, and B's disks are the bases.
-    let names: Vec<&str> = t["checkpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let names = checkpoint_names(&t);
     assert_eq!(names, ["B"], "killed at {stall_at}: {t}");
     assert_eq!(t["current_parent"], b.as_str());
     let now = disks(&d, vm);

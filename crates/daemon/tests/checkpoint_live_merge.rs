@@ -16,7 +16,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::disk_data::{chain, checkpoint, disks, finish, make_base_of, run_job};
+use common::disk_data::{
+    chain, checkpoint, checkpoint_names, disks, finish, make_base_of, run_job,
+};
 use common::guest::{
     config_disk, console, counts, disk_count, ensure_worker_binary, gen1_vm_with_disks, guest_dir,
     state, vm, wait_console, wait_count, wait_state, KillWorkersOnDrop,
@@ -153,12 +155,7 @@ fn deleting_checkpoints_of_a_running_guest_merges_their_disks_live() {
     assert_eq!(state(&d, name), "Running", "{job}");
     let t = tree(&d, name);
     assert_eq!(t["pending_merges"], json!([]), "{t}");
-    let names: Vec<&str> = t["checkpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let names = checkpoint_names(&t);
     assert_eq!(names, ["B"], "{t}");
     assert_eq!(t["current_parent"], b.as_str());
     assert_eq!(data_disk(&d, name), leaf, "the VM stays on its leaf");

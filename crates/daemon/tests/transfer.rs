@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::disk_data::post_completed as completed;
+use common::disk_data::{checkpoint_names, post_completed as completed};
 use common::Daemon;
 use serde_json::{json, Value};
 
@@ -176,12 +176,7 @@ fn full_export_is_self_contained_and_imports_by_copy_with_its_tree() {
     );
     assert_eq!(job["type"], "ImportVm");
     let tree = d.get("/v1/vms/web-copy/checkpoints").body;
-    let names: Vec<&str> = tree["checkpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let names = checkpoint_names(&tree);
     assert_eq!(names, ["first", "second"]);
     for p in drive_paths(&d, "web-copy") {
         assert!(p.starts_with(&d.data), "{}", p.display());

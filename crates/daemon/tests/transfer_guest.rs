@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::disk_data::{affected, post_completed as completed};
+use common::disk_data::{affected, checkpoint_names, post_completed as completed};
 use common::guest::{
     config_disk, console, counts, disk_count, ensure_worker_binary, guest_dir, vm, wait_state,
     KillWorkersOnDrop,
@@ -208,12 +208,7 @@ fn vm_exported_while_running_imports_by_copy_and_by_register_with_its_checkpoint
     let seen = counts(&console(&d, name)).len();
     wait_counts(&d, name, seen, 2);
     let tree = d.get(&format!("/v1/vms/{name}/checkpoints")).body;
-    let names: Vec<&str> = tree["checkpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let names = checkpoint_names(&tree);
     assert_eq!(names, ["A", "B", "C"], "{tree}");
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(folder.join("export.json")).unwrap()).unwrap();

@@ -566,6 +566,14 @@ fn process_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Slots and the images for them, as the control protocol names them.
+fn disk_switches(disks: Vec<(vm_config::Slot, PathBuf)>) -> Vec<worker::control::DiskSwitch> {
+    disks
+        .into_iter()
+        .map(|(slot, path)| worker::control::DiskSwitch { slot, path })
+        .collect()
+}
+
 impl WorkerControl for Arc<WorkerSupervisor> {
     fn start(
         &self,
@@ -634,10 +642,7 @@ impl WorkerControl for Arc<WorkerSupervisor> {
         disks: Vec<(vm_config::Slot, PathBuf)>,
     ) -> BoxFuture<Result<(), JobError>> {
         let this = self.clone();
-        let disks = disks
-            .into_iter()
-            .map(|(slot, path)| worker::control::DiskSwitch { slot, path })
-            .collect();
+        let disks = disk_switches(disks);
         Box::pin(async move {
             this.call(id, Request::SwitchDisks { disks })
                 .await
@@ -656,10 +661,7 @@ impl WorkerControl for Arc<WorkerSupervisor> {
         layers: Vec<(vm_config::Slot, PathBuf)>,
     ) -> BoxFuture<Result<(), JobError>> {
         let this = self.clone();
-        let layers = layers
-            .into_iter()
-            .map(|(slot, path)| worker::control::DiskSwitch { slot, path })
-            .collect();
+        let layers = disk_switches(layers);
         Box::pin(async move { this.call(id, Request::NewLayers { layers }).await.map(drop) })
     }
 

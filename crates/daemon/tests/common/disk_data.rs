@@ -127,6 +127,16 @@ pub fn post_completed(d: &Daemon, path: &str, body: Value) -> Value {
     run_job(d, "POST", path, Some(body))
 }
 
+/// The names of the checkpoints in a `GET /v1/vms/{vm}/checkpoints` answer, in order.
+pub fn checkpoint_names(tree: &Value) -> Vec<&str> {
+    tree["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
+}
+
 /// Takes checkpoint `name`; returns its id.
 pub fn checkpoint(d: &Daemon, vm: &str, name: &str) -> String {
     let job = run_job(
