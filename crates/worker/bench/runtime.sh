@@ -185,35 +185,52 @@ v vm disk remove bench --controller ide --number 1 --location 0
 v vm disk add bench "$tmp/data.vhd" --controller scsi --number 0 --location 0
 synthetic_rounds=1
 [ "$only" = synthetic ] && synthetic_rounds="$rounds"
+bench_line() { grep -a BENCH "$1" | tr -d '\r' | awk '{print $2"="$4}' | xargs; }
+syn_ours() {
+    rm -f "$log" "$log.1"
+    v vm start bench
+    wait_for "$log" "VIRIDIAN-GUEST: poweroff" "$(now_ms)" >/dev/null
+    res_ours="$(bench_line "$log")"
+}
+syn_qsd() {
+    rm -f "$tmp/qsd.sock"
+    qemu-storage-daemon \
+        --blockdev driver=file,node-name=f0,filename="$tmp/data-qemu.raw",cache.direct=off \
+        --blockdev driver=raw,node-name=d0,file=f0 \
+        --export type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path="$tmp/qsd.sock",writable=on,num-queues=1 \
+        </dev/null >"$tmp/qsd.log" 2>&1 &
+    local qsd_pid=$!
+    while [ ! -S "$tmp/qsd.sock" ]; do sleep 0.01; done
+    local out="$tmp/qsd-guest.log"
+    qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc,memory-backend=m0 -m 256M -no-reboot \
+        -object memory-backend-memfd,id=m0,size=256M,share=on \
+        -drive file="$tmp/boot.raw",format=raw,if=ide,index=0 \
+        -drive file="$tmp/cfg.raw",format=raw,if=ide,index=1 \
+        -chardev socket,id=q0,path="$tmp/qsd.sock" -device vhost-user-blk-pci,chardev=q0,num-queues=1 \
+        -serial file:"$out" </dev/null
+    kill "$qsd_pid"; wait "$qsd_pid" 2>/dev/null || true
+    res_qsd="$(bench_line "$out")"
+}
+syn_virtio() {
+    local out="$tmp/virtio-guest.log"
+    qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M -no-reboot \
+        -drive file="$tmp/boot.raw",format=raw,if=ide,index=0 \
+        -drive file="$tmp/cfg.raw",format=raw,if=ide,index=1 \
+        -drive file="$tmp/data-qemu.raw",format=raw,if=none,id=v0,cache=writeback -device virtio-blk-pci,drive=v0 \
+        -serial file:"$out" </dev/null
+    res_virtio="$(bench_line "$out")"
+}
+# The contenders take turns going first (a round's order is rotated by one each
+# round), and each starts with no dirty pages left by the one before (`sync`), so
+# neither the order nor another's writeback favours anyone.
+contenders=(syn_ours syn_qsd syn_virtio)
 for r in $(seq 1 "$synthetic_rounds"); do
-echo "load average: $(cut -d" " -f1-3 /proc/loadavg)"
-rm -f "$log" "$log.1"
-v vm start bench
-wait_for "$log" "VIRIDIAN-GUEST: poweroff" "$(now_ms)" >/dev/null
-echo "in-guest sequential 1 MiB O_DIRECT on a synthetic disk, 512 MiB, two passes (MB/s)"
-echo "  ours (virtio-blk over the worker's vhost-user-blk, fixed VHD):   $(grep -a BENCH "$log" | tr -d '\r' | awk '{print $2"="$4}' | xargs)"
-rm -f "$tmp/qsd.sock"
-qemu-storage-daemon \
-    --blockdev driver=file,node-name=f0,filename="$tmp/data-qemu.raw",cache.direct=off \
-    --blockdev driver=raw,node-name=d0,file=f0 \
-    --export type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path="$tmp/qsd.sock",writable=on,num-queues=1 \
-    </dev/null >"$tmp/qsd.log" 2>&1 &
-qsd_pid=$!
-while [ ! -S "$tmp/qsd.sock" ]; do sleep 0.01; done
-out="$tmp/qsd-guest.log"
-qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc,memory-backend=m0 -m 256M -no-reboot \
-    -object memory-backend-memfd,id=m0,size=256M,share=on \
-    -drive file="$tmp/boot.raw",format=raw,if=ide,index=0 \
-    -drive file="$tmp/cfg.raw",format=raw,if=ide,index=1 \
-    -chardev socket,id=q0,path="$tmp/qsd.sock" -device vhost-user-blk-pci,chardev=q0,num-queues=1 \
-    -serial file:"$out" </dev/null
-kill "$qsd_pid"; wait "$qsd_pid" 2>/dev/null || true
-echo "  qemu-storage-daemon vhost-user-blk on the raw file:              $(grep -a BENCH "$out" | tr -d '\r' | awk '{print $2"="$4}' | xargs)"
-out="$tmp/virtio-guest.log"
-qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M -no-reboot \
-    -drive file="$tmp/boot.raw",format=raw,if=ide,index=0 \
-    -drive file="$tmp/cfg.raw",format=raw,if=ide,index=1 \
-    -drive file="$tmp/data-qemu.raw",format=raw,if=none,id=v0,cache=writeback -device virtio-blk-pci,drive=v0 \
-    -serial file:"$out" </dev/null
-echo "  QEMU's own virtio-blk on the raw file:                           $(grep -a BENCH "$out" | tr -d '\r' | awk '{print $2"="$4}' | xargs)"
+    echo "load average: $(cut -d" " -f1-3 /proc/loadavg)"
+    order=()
+    for i in 0 1 2; do order+=("${contenders[$(((r - 1 + i) % 3))]}"); done
+    for c in "${order[@]}"; do sync; "$c"; done
+    echo "in-guest sequential 1 MiB O_DIRECT on a synthetic disk, 512 MiB, two passes (MB/s); order: ${order[*]}"
+    echo "  ours (virtio-blk over the worker's vhost-user-blk, fixed VHD):   $res_ours"
+    echo "  qemu-storage-daemon vhost-user-blk on the raw file:              $res_qsd"
+    echo "  QEMU's own virtio-blk on the raw file:                           $res_virtio"
 done
