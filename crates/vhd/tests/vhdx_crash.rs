@@ -5,122 +5,66 @@
 //! write flushed before the cut, and read every other sector as its old or
 //! one of its new contents.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use vhd::crash::{for_every_crash_point, AfterCrash, CrashStorage};
+use vhd::crash::{AfterCrash, CrashStorage};
 use vhd::ops::check::check;
-use vhd::vhdx::create::{create, create_on, NewVhdx, VhdxOptions};
-use vhd::{Disk, NoProgress};
+use vhd::vhdx::create::{create_on, NewVhdx, VhdxOptions};
+use vhd::{NoProgress, Storage};
 
 mod common;
-use common::Model;
+use common::{
+    assert_still_writable, at_every_crash_point_in_every_mode, create_at_every_crash_point,
+    new_disk, patterned_parent, read_all, report_crash_points, workload_at_every_crash_point,
+    Format, Kind, Step, LIMIT,
+};
 
-const MODES: [AfterCrash; 3] = [
-    AfterCrash::KeepAllWrites,
-    AfterCrash::LoseUnflushedWrites,
-    AfterCrash::KeepOnlyLastUnflushedWrite,
-];
-const SECTOR: usize = 512;
 const MIB: u64 = 1 << 20;
-const SIZE: u64 = 16 * MIB;
-const SPB: usize = (MIB as usize) / SECTOR;
-const LIMIT: u64 = 10_000;
+/// Sectors per block.
+const SPB: usize = (MIB as usize) / common::SECTOR;
 
-fn opts(kind: NewVhdx) -> VhdxOptions {
-    let mut o = VhdxOptions::new(kind);
-    o.block_size = Some(MIB as u32);
-    o
-}
+/// VHDX disks of 16 MiB, dynamic ones in 1 MiB blocks.
+struct Vhdx;
 
-fn new_disk(path: &Path, kind: NewVhdx) {
-    create(path, &opts(kind), &mut NoProgress).unwrap();
-}
+impl Format for Vhdx {
+    const EXT: &'static str = "vhdx";
+    const SIZE: u64 = 16 * MIB;
+    const BLOCK: u64 = MIB;
 
-/// The file opens (a writable open replays its log) and then checks clean.
-fn assert_consistent(path: &Path, n: u64) {
-    let repaired = check(path, true).unwrap();
-    assert!(
-        repaired.clean(),
-        "crash point {n}: {} has {:?}",
-        path.display(),
-        repaired.problems
-    );
-    let report = check(path, false).unwrap();
-    assert!(
-        report.problems.is_empty(),
-        "crash point {n}: {:?}",
-        report.problems
-    );
-}
+    fn create_on(storage: &dyn Storage, path: &Path, kind: Kind) -> vhd::Result<()> {
+        let kind = match kind {
+            Kind::Fixed => NewVhdx::Fixed { size: Self::SIZE },
+            Kind::Dynamic => NewVhdx::Dynamic { size: Self::SIZE },
+            Kind::Differencing { parent } => NewVhdx::Differencing {
+                parent: parent.to_path_buf(),
+            },
+        };
+        let mut opts = VhdxOptions::new(kind);
+        opts.block_size = Some(Self::BLOCK as u32);
+        create_on(storage, path, &opts, &mut NoProgress).map(drop)
+    }
 
-fn read_all(path: &Path) -> Vec<u8> {
-    let disk = vhd::open(path, true).unwrap();
-    let mut buf = vec![0u8; disk.size() as usize];
-    disk.read_at(&mut buf, 0).unwrap();
-    buf
-}
-
-fn assert_still_writable(path: &Path, n: u64) {
-    let disk = vhd::open(path, false).unwrap();
-    let last = disk.size() - SECTOR as u64;
-    disk.write_at(&[0x5a; SECTOR], last).unwrap();
-    disk.flush().unwrap();
-    drop(disk);
-    assert_consistent(path, n);
-    let disk = vhd::open(path, true).unwrap();
-    let mut buf = [0u8; SECTOR];
-    disk.read_at(&mut buf, last).unwrap();
-    assert_eq!(
-        buf, [0x5a; SECTOR],
-        "crash point {n}: write after the crash lost"
-    );
+    /// The file opens (a writable open replays its log) and then checks clean.
+    fn assert_consistent(path: &Path, n: u64) {
+        let repaired = check(path, true).unwrap();
+        assert!(
+            repaired.clean(),
+            "crash point {n}: {} has {:?}",
+            path.display(),
+            repaired.problems
+        );
+        let report = check(path, false).unwrap();
+        assert!(
+            report.problems.is_empty(),
+            "crash point {n}: {:?}",
+            report.problems
+        );
+    }
 }
 
 #[test]
 fn vhdx_create_leaves_no_disk_or_a_complete_one_at_every_crash_point() {
-    let mut tried = 0;
-    for mode in MODES {
-        for kind in ["fixed", "dynamic", "differencing"] {
-            tried += for_every_crash_point(mode, LIMIT, |storage, n| {
-                let dir = tempfile::tempdir().unwrap();
-                let path = dir.path().join("new.vhdx");
-                let base = dir.path().join("base.vhdx");
-                let k = match kind {
-                    "fixed" => NewVhdx::Fixed { size: SIZE },
-                    "dynamic" => NewVhdx::Dynamic { size: SIZE },
-                    _ => {
-                        new_disk(&base, NewVhdx::Dynamic { size: SIZE });
-                        NewVhdx::Differencing {
-                            parent: base.clone(),
-                        }
-                    }
-                };
-                let result = create_on(storage, &path, &opts(k), &mut NoProgress);
-                storage.power_cut().unwrap();
-                if !storage.tripped() {
-                    assert!(result.is_ok(), "{kind}: {result:?}");
-                }
-                if path.exists() {
-                    assert_consistent(&path, n);
-                    assert!(read_all(&path) == vec![0u8; SIZE as usize], "{kind} at {n}");
-                    assert_still_writable(&path, n);
-                } else {
-                    assert!(
-                        result.is_err(),
-                        "{kind} at {n}: create said Ok without a file"
-                    );
-                }
-            });
-        }
-    }
-    println!("create: {tried} crash points tried");
-    assert!(tried > 20, "only {tried} crash points");
-}
-
-enum Step {
-    Write(usize, usize),
-    Discard(usize, usize),
-    Flush,
+    report_crash_points("create", create_at_every_crash_point::<Vhdx>(), 20);
 }
 
 /// Writes of every shape the engine treats differently, discards of whole
@@ -146,84 +90,17 @@ fn workload() -> Vec<Step> {
     ]
 }
 
-fn run_workload(disk: &dyn Disk, model: &mut Model) {
-    for (i, step) in workload().into_iter().enumerate() {
-        let ok = match step {
-            Step::Flush => {
-                let ok = disk.flush().is_ok();
-                if ok {
-                    model.flushed();
-                }
-                ok
-            }
-            Step::Write(first, count) => {
-                let value = 1 + (i as u8 % 100);
-                model.writing(first, count, value);
-                disk.write_at(&vec![value; count * SECTOR], (first * SECTOR) as u64)
-                    .is_ok()
-            }
-            Step::Discard(first, count) => {
-                model.writing(first, count, 0);
-                disk.discard((first * SECTOR) as u64, (count * SECTOR) as u64)
-                    .is_ok()
-            }
-        };
-        if !ok {
-            return;
-        }
-    }
-}
-
-/// A parent whose every other block reads as 0xc0 + block number.
-fn patterned_parent(path: &Path) -> Vec<u8> {
-    new_disk(path, NewVhdx::Dynamic { size: SIZE });
-    let disk = vhd::open(path, false).unwrap();
-    for b in (0..SIZE / MIB).step_by(2) {
-        disk.write_at(&vec![0xc0 + b as u8; MIB as usize], b * MIB)
-            .unwrap();
-    }
-    disk.flush().unwrap();
-    drop(disk);
-    read_all(path)
-}
-
 #[test]
 fn vhdx_allocating_writes_and_discards_keep_flushed_data_at_every_crash_point() {
-    let mut tried = 0;
-    for mode in MODES {
-        for differencing in [false, true] {
-            tried += for_every_crash_point(mode, LIMIT, |storage: &CrashStorage, n| {
-                let dir = tempfile::tempdir().unwrap();
-                let path = dir.path().join("disk.avhdx");
-                let initial = if differencing {
-                    let base = dir.path().join("base.vhdx");
-                    let content = patterned_parent(&base);
-                    new_disk(&path, NewVhdx::Differencing { parent: base });
-                    content
-                } else {
-                    new_disk(&path, NewVhdx::Dynamic { size: SIZE });
-                    vec![0; SIZE as usize]
-                };
-                let mut model = Model::new(initial.chunks(SECTOR).map(|s| s[0]).collect());
-                let disk = vhd::open_on(storage, &path, false).unwrap();
-                run_workload(disk.as_ref(), &mut model);
-                drop(disk);
-                storage.power_cut().unwrap();
-                assert_consistent(&path, n);
-                model.assert_matches(&read_all(&path), n);
-                assert_still_writable(&path, n);
-            });
-        }
-    }
-    println!("allocating writes: {tried} crash points tried");
-    assert!(tried > 100, "only {tried} crash points");
+    let tried = workload_at_every_crash_point::<Vhdx>(&workload());
+    report_crash_points("allocating writes", tried, 100);
 }
 
 /// A dynamic VHDX with an unapplied log entry, and what it must read as.
-fn crashed_with_log(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
+fn crashed_with_log(dir: &Path) -> (PathBuf, Vec<u8>) {
     let src = dir.join("src.vhdx");
-    new_disk(&src, NewVhdx::Dynamic { size: SIZE });
-    let mut model = vec![0u8; SIZE as usize];
+    new_disk::<Vhdx>(&src, Kind::Dynamic);
+    let mut model = vec![0u8; Vhdx::SIZE as usize];
     model[(MIB / 2) as usize..(MIB / 2 + 3 * MIB) as usize].fill(0x3c);
     for n in 0.. {
         let path = dir.join("crashed.vhdx");
@@ -248,118 +125,103 @@ fn crashed_with_log(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
 
 #[test]
 fn vhdx_log_replay_survives_a_crash_at_every_point() {
-    let mut tried = 0;
     let dir = tempfile::tempdir().unwrap();
     let (crashed, model) = crashed_with_log(dir.path());
-    for mode in MODES {
-        tried += for_every_crash_point(mode, LIMIT, |storage, n| {
-            let path = dir.path().join("replay.vhdx");
-            let _ = std::fs::remove_file(&path);
-            std::fs::copy(&crashed, &path).unwrap();
-            // The open replays the log; drop closes.
-            let _ = vhd::open_on(storage, &path, false);
-            storage.power_cut().unwrap();
-            assert!(read_all(&path) == model, "crash point {n}: content differs");
-            assert_consistent(&path, n);
-            assert!(
-                read_all(&path) == model,
-                "crash point {n}: content differs after repair"
-            );
-        });
-    }
-    println!("log replay: {tried} crash points tried");
-    assert!(tried > 10, "only {tried} crash points");
+    let tried = at_every_crash_point_in_every_mode(|storage, n| {
+        let path = dir.path().join("replay.vhdx");
+        let _ = std::fs::remove_file(&path);
+        std::fs::copy(&crashed, &path).unwrap();
+        // The open replays the log; drop closes.
+        let _ = vhd::open_on(storage, &path, false);
+        storage.power_cut().unwrap();
+        assert!(read_all(&path) == model, "crash point {n}: content differs");
+        Vhdx::assert_consistent(&path, n);
+        assert!(
+            read_all(&path) == model,
+            "crash point {n}: content differs after repair"
+        );
+    });
+    report_crash_points("log replay", tried, 10);
 }
 
 #[test]
 fn vhdx_merge_leaves_a_chain_that_reads_the_same_at_every_crash_point() {
-    let mut tried = 0;
-    for mode in MODES {
-        tried += for_every_crash_point(mode, LIMIT, |storage, n| {
-            let dir = tempfile::tempdir().unwrap();
-            let base = dir.path().join("base.vhdx");
-            let child = dir.path().join("child.avhdx");
-            patterned_parent(&base);
-            new_disk(
-                &child,
-                NewVhdx::Differencing {
-                    parent: base.clone(),
-                },
-            );
-            {
-                let d = vhd::open(&child, false).unwrap();
-                d.write_at(&vec![0x11; 3 * MIB as usize], MIB / 2).unwrap();
-                d.write_at(&vec![0x22; 4096], 9 * MIB + 512).unwrap();
-                d.discard(12 * MIB, MIB).unwrap();
-            }
-            let expected = read_all(&child);
-            let result = vhd::ops::merge::merge_on(storage, &child, None, &mut NoProgress);
-            storage.power_cut().unwrap();
-            if !storage.tripped() {
-                result.unwrap();
-            }
-            let top = if child.exists() { &child } else { &base };
-            assert_consistent(top, n);
-            assert!(
-                read_all(top) == expected,
-                "crash point {n}: {} reads differently",
-                top.display()
-            );
-        });
-    }
-    println!("merge: {tried} crash points tried");
-    assert!(tried > 20, "only {tried} crash points");
+    let tried = at_every_crash_point_in_every_mode(|storage, n| {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.vhdx");
+        let child = dir.path().join("child.avhdx");
+        patterned_parent::<Vhdx>(&base);
+        new_disk::<Vhdx>(&child, Kind::Differencing { parent: &base });
+        {
+            let d = vhd::open(&child, false).unwrap();
+            d.write_at(&vec![0x11; 3 * MIB as usize], MIB / 2).unwrap();
+            d.write_at(&vec![0x22; 4096], 9 * MIB + 512).unwrap();
+            d.discard(12 * MIB, MIB).unwrap();
+        }
+        let expected = read_all(&child);
+        let result = vhd::ops::merge::merge_on(storage, &child, None, &mut NoProgress);
+        storage.power_cut().unwrap();
+        if !storage.tripped() {
+            result.unwrap();
+        }
+        let top = if child.exists() { &child } else { &base };
+        Vhdx::assert_consistent(top, n);
+        assert!(
+            read_all(top) == expected,
+            "crash point {n}: {} reads differently",
+            top.display()
+        );
+    });
+    report_crash_points("merge", tried, 20);
 }
 
 #[test]
 fn vhdx_resize_leaves_the_old_or_the_new_size_at_every_crash_point() {
     let mut tried = 0;
-    for mode in MODES {
-        // Grow past the BAT region (it moves), then shrink back.
-        for (from, to) in [(SIZE, 200u64 << 30), (SIZE, 8 * MIB)] {
-            tried += for_every_crash_point(mode, LIMIT, |storage, n| {
-                let dir = tempfile::tempdir().unwrap();
-                let path = dir.path().join("d.vhdx");
-                new_disk(&path, NewVhdx::Dynamic { size: from });
-                {
-                    let d = vhd::open(&path, false).unwrap();
-                    d.write_at(&vec![0x42; 2 * MIB as usize], MIB).unwrap();
-                }
-                let result = vhd::ops::resize::resize_vhdx(storage, &path, to);
-                storage.power_cut().unwrap();
-                if !storage.tripped() {
-                    result.unwrap();
-                }
-                assert_consistent(&path, n);
-                let d = vhd::open(&path, true).unwrap();
-                assert!(
-                    d.size() == from || d.size() == to,
-                    "crash point {n}: size {}",
-                    d.size()
-                );
-                let mut buf = vec![0u8; 8 * MIB as usize];
-                d.read_at(&mut buf, 0).unwrap();
-                assert!(
-                    buf[..MIB as usize].iter().all(|&b| b == 0),
-                    "crash point {n}"
-                );
-                assert!(
-                    buf[MIB as usize..3 * MIB as usize]
-                        .iter()
-                        .all(|&b| b == 0x42),
-                    "crash point {n}"
-                );
-                assert!(
-                    buf[3 * MIB as usize..].iter().all(|&b| b == 0),
-                    "crash point {n}"
-                );
-                drop(d);
-                assert_still_writable(&path, n);
-            });
-        }
+    let from = Vhdx::SIZE;
+    // Grow past the BAT region (it moves), then shrink back.
+    for to in [200u64 << 30, 8 * MIB] {
+        tried += at_every_crash_point_in_every_mode(|storage, n| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("d.vhdx");
+            new_disk::<Vhdx>(&path, Kind::Dynamic);
+            {
+                let d = vhd::open(&path, false).unwrap();
+                d.write_at(&vec![0x42; 2 * MIB as usize], MIB).unwrap();
+            }
+            let result = vhd::ops::resize::resize_vhdx(storage, &path, to);
+            storage.power_cut().unwrap();
+            if !storage.tripped() {
+                result.unwrap();
+            }
+            Vhdx::assert_consistent(&path, n);
+            let d = vhd::open(&path, true).unwrap();
+            assert!(
+                d.size() == from || d.size() == to,
+                "crash point {n}: size {}",
+                d.size()
+            );
+            let mut buf = vec![0u8; 8 * MIB as usize];
+            d.read_at(&mut buf, 0).unwrap();
+            assert!(
+                buf[..MIB as usize].iter().all(|&b| b == 0),
+                "crash point {n}"
+            );
+            assert!(
+                buf[MIB as usize..3 * MIB as usize]
+                    .iter()
+                    .all(|&b| b == 0x42),
+                "crash point {n}"
+            );
+            assert!(
+                buf[3 * MIB as usize..].iter().all(|&b| b == 0),
+                "crash point {n}"
+            );
+            drop(d);
+            assert_still_writable::<Vhdx>(&path, n);
+        });
     }
-    println!("resize: {tried} crash points tried");
-    assert!(tried > 20, "only {tried} crash points");
+    report_crash_points("resize", tried, 20);
 }
 
 /// A flush with nothing new written skips its fdatasync; data a merge copies
@@ -369,7 +231,7 @@ fn vhdx_resize_leaves_the_old_or_the_new_size_at_every_crash_point() {
 fn data_written_through_an_extent_survives_a_crash_once_flushed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d.vhdx");
-    new_disk(&path, NewVhdx::Dynamic { size: SIZE });
+    new_disk::<Vhdx>(&path, Kind::Dynamic);
     {
         let d = vhd::open(&path, false).unwrap();
         d.write_at(&vec![0x11; MIB as usize], 0).unwrap();
