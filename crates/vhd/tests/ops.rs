@@ -21,6 +21,27 @@ fn mk(path: &Path, kind: NewDisk) {
     .unwrap();
 }
 
+/// A dynamic VHD of `size` bytes in 2 MiB blocks.
+fn mk_dynamic(path: &Path, size: u64) {
+    mk(
+        path,
+        NewDisk::Dynamic {
+            size,
+            block_size: 2 << 20,
+        },
+    );
+}
+
+/// A differencing VHD on `parent`.
+fn mk_child(path: &Path, parent: &Path) {
+    mk(
+        path,
+        NewDisk::Differencing {
+            parent: parent.to_path_buf(),
+        },
+    );
+}
+
 fn write(path: &Path, offset: u64, len: usize, byte: u8) {
     let d = vhd::open(path, false).unwrap();
     d.write_at(&vec![byte; len], offset).unwrap();
@@ -34,33 +55,32 @@ fn content(path: &Path) -> Vec<u8> {
     v
 }
 
+/// qemu-img reads the VHD at `vhd_path` as the raw image `raw`.
+fn qemu_compare(vhd_path: &Path, raw: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "vpc", "-F", "raw"])
+        .arg(vhd_path)
+        .arg(raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// base (dynamic) <- mid <- top, each layer writing its own ranges, some overlapping.
 fn three_layer_chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let base = dir.join("base.vhd");
     let mid = dir.join("mid.avhd");
     let top = dir.join("top.avhd");
-    mk(
-        &base,
-        NewDisk::Dynamic {
-            size: 16 << 20,
-            block_size: 2 << 20,
-        },
-    );
+    mk_dynamic(&base, 16 << 20);
     write(&base, 0, 6 << 20, 0x11);
-    mk(
-        &mid,
-        NewDisk::Differencing {
-            parent: base.clone(),
-        },
-    );
+    mk_child(&mid, &base);
     write(&mid, (1 << 20) + 512, 3000, 0x22);
     write(&mid, 8 << 20, 2 << 20, 0x23);
-    mk(
-        &top,
-        NewDisk::Differencing {
-            parent: mid.clone(),
-        },
-    );
+    mk_child(&top, &mid);
     write(&top, 2 << 20, 4096, 0x33);
     write(&top, (9 << 20) - 100, 200, 0x34);
     (base, mid, top)
@@ -112,13 +132,7 @@ fn merge_refuses_a_target_that_is_not_an_ancestor() {
     let dir = tempfile::tempdir().unwrap();
     let (_base, _mid, top) = three_layer_chain(dir.path());
     let other = dir.path().join("other.vhd");
-    mk(
-        &other,
-        NewDisk::Dynamic {
-            size: 16 << 20,
-            block_size: 2 << 20,
-        },
-    );
+    mk_dynamic(&other, 16 << 20);
     let before = content(&top);
     let err = merge(&top, Some(&other), &mut NoProgress)
         .unwrap_err()
@@ -145,17 +159,7 @@ fn convert_flattens_a_chain_to_raw_and_to_a_sparse_dynamic_vhd_qemu_img_agrees_w
         "allocated {}",
         info.allocated_bytes
     );
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "vpc", "-F", "raw"])
-        .arg(&dynamic)
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    qemu_compare(&dynamic, &raw);
     let fixed = dir.path().join("fixed.vhd");
     convert(&dynamic, &fixed, Target::VhdFixed, &mut NoProgress).unwrap();
     assert!(content(&fixed) == want);
@@ -169,20 +173,6 @@ fn convert_refuses_an_existing_destination_and_leaves_it_alone() {
     std::fs::write(&dst, b"keep me").unwrap();
     assert!(convert(&base, &dst, Target::Raw, &mut NoProgress).is_err());
     assert_eq!(std::fs::read(&dst).unwrap(), b"keep me");
-}
-
-fn qemu_compare(vhd_path: &Path, raw: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "vpc", "-F", "raw"])
-        .arg(vhd_path)
-        .arg(raw)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
 }
 
 #[test]
@@ -231,13 +221,7 @@ fn compact_drops_zero_blocks_shrinks_the_file_and_keeps_content_and_identity() {
     use vhd::ops::compact::compact;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.vhd");
-    mk(
-        &p,
-        NewDisk::Dynamic {
-            size: 32 << 20,
-            block_size: 2 << 20,
-        },
-    );
+    mk_dynamic(&p, 32 << 20);
     write(&p, 0, 20 << 20, 0x55);
     write(&p, 2 << 20, 16 << 20, 0); // zeros over eight whole blocks
     let id_before = vhd::ops::info::info(&p).unwrap().unique_id;
@@ -251,7 +235,7 @@ fn compact_drops_zero_blocks_shrinks_the_file_and_keeps_content_and_identity() {
     qemu_compare(&p, &raw);
     // A child made before the compact still opens on the compacted parent.
     let child = dir.path().join("c-child.avhd");
-    mk(&child, NewDisk::Differencing { parent: p.clone() });
+    mk_child(&child, &p);
     compact(&p, &mut NoProgress).unwrap();
     assert!(content(&child) == want);
 }
@@ -260,21 +244,10 @@ fn compact_drops_zero_blocks_shrinks_the_file_and_keeps_content_and_identity() {
 fn whole_block_write_over_a_partly_written_child_block_hides_the_parent() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("b.vhd");
-    mk(
-        &base,
-        NewDisk::Dynamic {
-            size: 8 << 20,
-            block_size: 2 << 20,
-        },
-    );
+    mk_dynamic(&base, 8 << 20);
     write(&base, 0, 4 << 20, 0x11);
     let child = dir.path().join("c.avhd");
-    mk(
-        &child,
-        NewDisk::Differencing {
-            parent: base.clone(),
-        },
-    );
+    mk_child(&child, &base);
     write(&child, 4096, 512, 0x22); // allocates block 0 with one sector present
     write(&child, 0, 2 << 20, 0x33); // then the whole block
     write(&child, (2 << 20) + 100, 10, 0x44); // a partial sector in a new block
@@ -298,13 +271,7 @@ fn check_repairs_a_damaged_footer_copy_and_a_lost_trailing_footer() {
     use vhd::ops::check::check;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("r.vhd");
-    mk(
-        &p,
-        NewDisk::Dynamic {
-            size: 8 << 20,
-            block_size: 2 << 20,
-        },
-    );
+    mk_dynamic(&p, 8 << 20);
     write(&p, 0, 4096, 0x61);
     let want = content(&p);
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
@@ -347,13 +314,7 @@ fn set_parent_reconnects_a_child_after_its_parent_moved_and_refuses_a_stranger()
 
     // A disk with another identity is refused, and the child is not changed.
     let stranger = dir.path().join("stranger.vhd");
-    mk(
-        &stranger,
-        NewDisk::Dynamic {
-            size: 16 << 20,
-            block_size: 2 << 20,
-        },
-    );
+    mk_dynamic(&stranger, 16 << 20);
     let before = std::fs::read(&top).unwrap();
     let err = set_parent(&top, &stranger, false).unwrap_err().to_string();
     assert!(err.contains("unique ID"), "{err}");
