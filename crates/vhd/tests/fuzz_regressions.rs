@@ -17,11 +17,7 @@ fn dynamic(path: &Path) -> Vec<u8> {
         exact_size: true,
     };
     create(path, &opts, &mut NoProgress).unwrap();
-    {
-        let disk = vhd::open(path, false).unwrap();
-        disk.write_at(&[7u8; 4096], 4096).unwrap();
-        disk.flush().unwrap();
-    }
+    write_4k(path, 4096, 7);
     std::fs::read(path).unwrap()
 }
 
@@ -37,6 +33,28 @@ fn open_error(path: &Path, bytes: &[u8]) -> String {
         Ok(_) => panic!("a damaged image opened for writing"),
         Err(e) => e.to_string(),
     }
+}
+
+/// Writes 4 KiB of `byte` at `offset` of the disk at `path` and flushes.
+fn write_4k(path: &Path, offset: u64, byte: u8) {
+    let disk = vhd::open(path, false).unwrap();
+    disk.write_at(&[byte; 4096], offset).unwrap();
+    disk.flush().unwrap();
+}
+
+/// The disk at `path` opens again and reads 4 KiB of `byte` at `offset`.
+fn assert_reopens_reading(path: &Path, offset: u64, byte: u8) {
+    let disk = vhd::open(path, true).expect("the written file opens again");
+    let mut b = [0u8; 4096];
+    disk.read_at(&mut b, offset).unwrap();
+    assert_eq!(b, [byte; 4096]);
+}
+
+/// Puts the undamaged file made by `dynamic` or `vhdx_dynamic` back at
+/// `path`: it opens and reads the data written into it.
+fn assert_clean_file_still_reads(path: &Path, clean: &[u8]) {
+    std::fs::write(path, clean).unwrap();
+    assert_reopens_reading(path, 4096, 7);
 }
 
 /// A BAT entry pointing at the start of the file put block 0's bitmap on the
@@ -60,12 +78,7 @@ fn block_over_the_header_or_bat_is_refused_at_open() {
             "sector {sector}: {err}"
         );
     }
-    // The clean file still opens and reads.
-    std::fs::write(&path, &clean).unwrap();
-    let disk = vhd::open(&path, true).unwrap();
-    let mut b = [0u8; 4096];
-    disk.read_at(&mut b, 4096).unwrap();
-    assert_eq!(b, [7u8; 4096]);
+    assert_clean_file_still_reads(&path, &clean);
 }
 
 /// A BAT placed over the dynamic header: a flush of the BAT would overwrite
@@ -112,15 +125,8 @@ fn locator_claiming_past_the_end_does_not_block_allocation() {
     loc.data_length = 1 << 20;
     bytes[512..1536].copy_from_slice(&header.serialize());
     std::fs::write(&child, &bytes).unwrap();
-    {
-        let disk = vhd::open(&child, false).expect("opens");
-        disk.write_at(&[9u8; 4096], 8 * 4096).unwrap();
-        disk.flush().unwrap();
-    }
-    let disk = vhd::open(&child, true).expect("the written file opens again");
-    let mut b = [0u8; 4096];
-    disk.read_at(&mut b, 8 * 4096).unwrap();
-    assert_eq!(b, [9u8; 4096]);
+    write_4k(&child, 8 * 4096, 9);
+    assert_reopens_reading(&child, 8 * 4096, 9);
 }
 
 // VHDX (vhdx_* targets).
@@ -132,11 +138,7 @@ fn vhdx_dynamic(path: &Path) -> Vec<u8> {
         ..VhdxOptions::new(NewVhdx::Dynamic { size: 4 << 20 })
     };
     create(path, &opts, &mut NoProgress).unwrap();
-    {
-        let disk = vhd::open(path, false).unwrap();
-        disk.write_at(&[7u8; 4096], 4096).unwrap();
-        disk.flush().unwrap();
-    }
+    write_4k(path, 4096, 7);
     std::fs::read(path).unwrap()
 }
 
@@ -176,11 +178,7 @@ fn vhdx_block_over_metadata_bat_or_log_is_refused_at_open() {
             "{what}: {err}"
         );
     }
-    std::fs::write(&path, &clean).unwrap();
-    let disk = vhd::open(&path, true).unwrap();
-    let mut b = [0u8; 4096];
-    disk.read_at(&mut b, 4096).unwrap();
-    assert_eq!(b, [7u8; 4096]);
+    assert_clean_file_still_reads(&path, &clean);
 }
 
 /// An optional region this version does not know, lying past the end of the
@@ -206,15 +204,8 @@ fn vhdx_new_block_goes_past_an_unknown_region_beyond_the_end() {
         bytes[at as usize..at as usize + TABLE_SIZE].copy_from_slice(&table.serialize());
     }
     std::fs::write(&path, &bytes).unwrap();
-    {
-        let disk = vhd::open(&path, false).unwrap();
-        disk.write_at(&[9u8; 4096], 3 << 20).unwrap();
-        disk.flush().unwrap();
-    }
-    let disk = vhd::open(&path, true).expect("the written file opens again");
-    let mut b = [0u8; 4096];
-    disk.read_at(&mut b, 3 << 20).unwrap();
-    assert_eq!(b, [9u8; 4096]);
+    write_4k(&path, 3 << 20, 9);
+    assert_reopens_reading(&path, 3 << 20, 9);
 }
 
 /// Two BAT entries placing their blocks on the same bytes: writing either would
