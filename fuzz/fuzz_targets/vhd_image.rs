@@ -10,8 +10,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use vhd::vhd1::VhdImage;
-use vhd::Disk;
-use viridian_fuzz::image_checks::{exercise, reads_back};
+use viridian_fuzz::image_checks::{exercise, open_writable, reads_back};
 use viridian_fuzz::MemStorage;
 
 /// `vhd::open_on` tells the format from the file on the host, so the input is
@@ -29,16 +28,17 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let storage = MemStorage::new(data);
-    let disk: Box<dyn Disk> = match vhd::open_on(&storage, path, false) {
-        Ok(d) => d,
-        // A differencing disk whose parent is not here: the layer alone.
-        Err(vhd::Error::Vhd(
-            vhd::vhd1::Error::ParentNotFound { .. } | vhd::vhd1::Error::ParentIdMismatch { .. },
-        )) => match VhdImage::open_layer_on(&storage, path, false) {
-            Ok(img) => Box::new(img),
-            Err(_) => return,
-        },
-        Err(_) => return,
+    // A differencing disk whose parent is not here: the layer alone.
+    let parent_missing = |e: &vhd::Error| {
+        matches!(
+            e,
+            vhd::Error::Vhd(
+                vhd::vhd1::Error::ParentNotFound { .. } | vhd::vhd1::Error::ParentIdMismatch { .. },
+            )
+        )
+    };
+    let Some(disk) = open_writable(&storage, path, parent_missing, VhdImage::open_layer_on) else {
+        return;
     };
     let written = exercise(disk.as_ref());
     drop(disk);

@@ -13,8 +13,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use vhd::vhdx::VhdxImage;
-use vhd::Disk;
-use viridian_fuzz::image_checks::{exercise, reads_back};
+use viridian_fuzz::image_checks::{exercise, open_writable, reads_back};
 use viridian_fuzz::vhdx_input::{decode, fix_checksums};
 use viridian_fuzz::MemStorage;
 
@@ -39,19 +38,20 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let storage = MemStorage::from_vec(file);
-    let disk: Box<dyn Disk> = match vhd::open_on(&storage, path, false) {
-        Ok(d) => d,
-        // A differencing disk whose parent is not here: the layer alone.
-        Err(vhd::Error::Vhdx(
-            vhd::vhdx::Error::ParentNotFound { .. }
-            | vhd::vhdx::Error::ParentLinkageMismatch { .. }
-            | vhd::vhdx::Error::ParentLoop { .. }
-            | vhd::vhdx::Error::SectorSizeMismatch { .. },
-        )) => match VhdxImage::open_layer_on(&storage, path, false) {
-            Ok(img) => Box::new(img),
-            Err(_) => return,
-        },
-        Err(_) => return,
+    // A differencing disk whose parent is not here: the layer alone.
+    let parent_missing = |e: &vhd::Error| {
+        matches!(
+            e,
+            vhd::Error::Vhdx(
+                vhd::vhdx::Error::ParentNotFound { .. }
+                    | vhd::vhdx::Error::ParentLinkageMismatch { .. }
+                    | vhd::vhdx::Error::ParentLoop { .. }
+                    | vhd::vhdx::Error::SectorSizeMismatch { .. },
+            )
+        )
+    };
+    let Some(disk) = open_writable(&storage, path, parent_missing, VhdxImage::open_layer_on) else {
+        return;
     };
     let written = exercise(disk.as_ref());
     drop(disk);

@@ -2,7 +2,29 @@
 //! it is open, whatever its format: read it, walk it with `block_status`,
 //! write, flush and read back, then check the write after a reopen.
 
-use vhd::{Allocation, Disk};
+use std::path::Path;
+
+use vhd::{Allocation, Disk, Storage};
+
+/// Opens the image at `path` for writing the way the worker opens disks
+/// (`vhd::open_on`). A differencing disk whose parent is not here (an error
+/// `parent_missing` accepts) opens as the layer alone, through `open_layer`.
+/// `None` if the image does not open.
+pub fn open_writable<L: Disk + 'static, E>(
+    storage: &dyn Storage,
+    path: &Path,
+    parent_missing: fn(&vhd::Error) -> bool,
+    open_layer: fn(&dyn Storage, &Path, bool) -> Result<L, E>,
+) -> Option<Box<dyn Disk>> {
+    match vhd::open_on(storage, path, false) {
+        Ok(d) => Some(d),
+        Err(e) if parent_missing(&e) => match open_layer(storage, path, false) {
+            Ok(img) => Some(Box::new(img)),
+            Err(_) => None,
+        },
+        Err(_) => None,
+    }
+}
 
 /// Reads spread over the disk, walks its allocation, then (if it is writable)
 /// zeroes its start, discards its end, writes a pattern a third into it and
