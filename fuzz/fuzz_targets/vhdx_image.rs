@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use vhd::vhdx::VhdxImage;
-use vhd::{Allocation, Disk};
+use viridian_fuzz::image_checks::{exercise, open_writable, reads_back};
 use viridian_fuzz::vhdx_input::{decode, fix_checksums};
 use viridian_fuzz::MemStorage;
 
@@ -30,78 +30,6 @@ fn host_copy() -> &'static PathBuf {
     })
 }
 
-fn exercise(disk: &dyn Disk) -> Option<(u64, Vec<u8>)> {
-    let size = disk.size();
-    let mut buf = vec![0u8; 4096];
-    // Reads spread over the disk, some unaligned and crossing block edges.
-    for k in 0..=8u64 {
-        let at = (size / 8).saturating_mul(k);
-        for (skew, len) in [(0u64, 4096u64), (1, 513), (511, 2)] {
-            let off = (at / 512 * 512).saturating_sub(skew);
-            let len = len.min(size.saturating_sub(off));
-            let _ = disk.read_at(&mut buf[..len as usize], off);
-        }
-    }
-    assert!(
-        disk.read_at(&mut buf[..1], size).is_err(),
-        "read past the end"
-    );
-    // Walk the allocation from start to end in at most 64 runs.
-    let mut off = 0;
-    for _ in 0..64 {
-        if off >= size {
-            break;
-        }
-        let Ok(st) = disk.block_status(off, size - off) else {
-            break;
-        };
-        assert!(
-            st.len > 0 && st.len <= size - off,
-            "{st:?} at {off} of {size}"
-        );
-        off += st.len;
-    }
-    if disk.read_only() || size < 512 {
-        return None;
-    }
-    // Zero the start and discard the end; zeroed bytes read as zeros.
-    let zeroed = size.min(1024);
-    if disk.write_zeroes(0, zeroed).is_ok() {
-        let mut back = vec![0xffu8; zeroed as usize];
-        disk.read_at(&mut back, 0).expect("zeroed range reads");
-        assert!(back.iter().all(|&b| b == 0), "write_zeroes left data");
-    }
-    let _ = disk.discard(size - zeroed, zeroed);
-    // Then write a pattern a third into the disk, flush, read it back.
-    let at = size / 3 / 512 * 512;
-    let len = (size - at).min(1536);
-    let pattern: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ 0x5a).collect();
-    if disk.write_at(&pattern, at).is_err() || disk.flush().is_err() {
-        return None;
-    }
-    let mut back = vec![0u8; len as usize];
-    disk.read_at(&mut back, at)
-        .expect("a flushed write reads back");
-    assert_eq!(back, pattern, "flushed write at {at} reads back different");
-    Some((at, pattern))
-}
-
-fn reads_back(img: &VhdxImage, at: u64, pattern: &[u8], how: &str) {
-    let mut back = vec![0u8; pattern.len()];
-    img.read_at(&mut back, at)
-        .unwrap_or_else(|e| panic!("reads after reopening {how}: {e}"));
-    assert_eq!(
-        back, pattern,
-        "flushed write at {at} lost after reopening {how}"
-    );
-    let st = img.block_status(at, pattern.len() as u64).expect("status");
-    assert_ne!(
-        st.allocation,
-        Allocation::Unallocated,
-        "written range unallocated ({how})"
-    );
-}
-
 fuzz_target!(|data: &[u8]| {
     let (flags, mut file) = decode(data);
     fix_checksums(flags, &mut file);
@@ -110,19 +38,20 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let storage = MemStorage::from_vec(file);
-    let disk: Box<dyn Disk> = match vhd::open_on(&storage, path, false) {
-        Ok(d) => d,
-        // A differencing disk whose parent is not here: the layer alone.
-        Err(vhd::Error::Vhdx(
-            vhd::vhdx::Error::ParentNotFound { .. }
-            | vhd::vhdx::Error::ParentLinkageMismatch { .. }
-            | vhd::vhdx::Error::ParentLoop { .. }
-            | vhd::vhdx::Error::SectorSizeMismatch { .. },
-        )) => match VhdxImage::open_layer_on(&storage, path, false) {
-            Ok(img) => Box::new(img),
-            Err(_) => return,
-        },
-        Err(_) => return,
+    // A differencing disk whose parent is not here: the layer alone.
+    let parent_missing = |e: &vhd::Error| {
+        matches!(
+            e,
+            vhd::Error::Vhdx(
+                vhd::vhdx::Error::ParentNotFound { .. }
+                    | vhd::vhdx::Error::ParentLinkageMismatch { .. }
+                    | vhd::vhdx::Error::ParentLoop { .. }
+                    | vhd::vhdx::Error::SectorSizeMismatch { .. },
+            )
+        )
+    };
+    let Some(disk) = open_writable(&storage, path, parent_missing, VhdxImage::open_layer_on) else {
+        return;
     };
     let written = exercise(disk.as_ref());
     drop(disk);

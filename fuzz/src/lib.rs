@@ -1,6 +1,7 @@
 //! What the fuzz targets share: a [`vhd::Storage`] whose one file is a byte
 //! vector in memory (the fuzz input), so the engine opens, reads and writes an
-//! image without touching the host's files.
+//! image without touching the host's files, and the checks the whole-image
+//! targets run on a disk once it is open ([`image_checks`]).
 
 use std::io;
 use std::path::Path;
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use vhd::{BackingFile, Storage};
 
+pub mod image_checks;
 pub mod vhdx_input;
 
 /// Writes that would grow the file past this fail like a full disk, so an

@@ -31,6 +31,16 @@ impl From<Controller> for ControllerKind {
     }
 }
 
+impl Controller {
+    /// The controller as the drive URLs and messages name it.
+    fn name(self) -> &'static str {
+        match self {
+            Controller::Ide => "ide",
+            Controller::Scsi => "scsi",
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
     /// Create a VM.
@@ -269,6 +279,15 @@ fn vm_path(vm: &str) -> String {
     format!("/v1/vms/{}", segment(vm))
 }
 
+/// The URL of the VM's drive at `controller` `number`:`location`.
+fn drive_path(vm: &str, controller: Controller, number: u8, location: u8) -> String {
+    format!(
+        "{}/drives/{}/{number}/{location}",
+        vm_path(vm),
+        controller.name()
+    )
+}
+
 /// The disks a finished delete or move deleted, kept (and why) or moved.
 fn print_disk_outcome(conn: &Connection, job: &api::jobs::Job) {
     if conn.json || conn.no_wait {
@@ -450,15 +469,12 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                     location,
                 },
         } => {
-            let kind = match controller {
-                Controller::Ide => "ide",
-                Controller::Scsi => "scsi",
-            };
             client.call_empty(
                 Method::DELETE,
-                &format!("{}/drives/{kind}/{number}/{location}", vm_path(&vm)),
+                &drive_path(&vm, controller, number, location),
             )?;
             if !conn.json {
+                let kind = controller.name();
                 println!("removed the drive at {kind} {number}:{location} from {vm}");
             }
         }
@@ -472,16 +488,12 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                     location,
                 },
         } => {
-            let kind = match controller {
-                Controller::Ide => "ide",
-                Controller::Scsi => "scsi",
-            };
             let req = api::vms::UpdateDriveRequest {
                 media: DriveMedia::HardDisk {
                     path: conn.host_path(path),
                 },
             };
-            let url = format!("{}/drives/{kind}/{number}/{location}", vm_path(&vm));
+            let url = drive_path(&vm, controller, number, location);
             let (d, _) = client.call::<Drive>(Method::PUT, &url, Some(&req))?;
             if conn.json {
                 output::print_json(&d);

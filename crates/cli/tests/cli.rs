@@ -213,6 +213,10 @@ fn vm_commands_work_by_name_or_id_with_text_and_json_output() {
         "0",
     ]);
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "removed the drive at ide 0:0 from web 01\n"
+    );
 
     let renamed = d.json(&["vm", "set", &id, "--name", "web02", "--memory", "512M"]);
     assert_eq!(renamed["settings"]["memory"]["startup_mib"], 512);

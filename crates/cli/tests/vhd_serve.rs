@@ -33,6 +33,32 @@ fn stop(server: &mut KillOnDrop, signal: i32) -> bool {
     server.0.wait().unwrap().success()
 }
 
+/// `viridian vhd serve <options> <image> --socket <sock>`.
+fn serve_command(options: &[&str], image: &Path, sock: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_viridian"));
+    command
+        .args(["vhd", "serve"])
+        .args(options)
+        .arg(image)
+        .arg("--socket")
+        .arg(sock);
+    command
+}
+
+/// Starts [`serve_command`], waits for the socket to appear, and returns the
+/// server and its NBD URI.
+fn serve(options: &[&str], image: &Path, sock: &Path) -> (KillOnDrop, String) {
+    let server = KillOnDrop(
+        serve_command(options, image, sock)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(sock);
+    (server, format!("nbd+unix://?socket={}", sock.display()))
+}
+
 fn qemu_io(args: &[&str], uri: &str) -> std::process::Output {
     qemu_io_with(&[], args, uri)
 }
@@ -53,19 +79,7 @@ fn serve_exports_a_disk_that_qemu_io_writes_and_qemu_img_compares() {
     let image = dir.path().join("disk.raw");
     std::fs::write(&image, vec![0u8; 8 << 20]).unwrap();
     let sock = dir.path().join("nbd.sock");
-    let mut server = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_viridian"))
-            .args(["vhd", "serve"])
-            .arg(&image)
-            .arg("--socket")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&sock);
-    let uri = format!("nbd+unix://?socket={}", sock.display());
+    let (mut server, uri) = serve(&[], &image, &sock);
 
     let out = qemu_io(
         &["write -P 0x5a 1M 256k", "flush", "read -P 0x5a 1M 256k"],
@@ -105,19 +119,7 @@ fn serve_read_only_refuses_writes_and_leaves_the_file_alone() {
     let image = dir.path().join("disk.raw");
     std::fs::write(&image, vec![9u8; 1 << 20]).unwrap();
     let sock = dir.path().join("nbd.sock");
-    let mut server = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_viridian"))
-            .args(["vhd", "serve", "--read-only"])
-            .arg(&image)
-            .arg("--socket")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&sock);
-    let uri = format!("nbd+unix://?socket={}", sock.display());
+    let (mut server, uri) = serve(&["--read-only"], &image, &sock);
     let write = qemu_io(&["write -P 1 0 4096"], &uri);
     assert!(
         !write.status.success(),
@@ -141,13 +143,7 @@ fn serve_refuses_a_socket_path_that_exists() {
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let sock = dir.path().join("taken");
     std::fs::write(&sock, b"").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_viridian"))
-        .args(["vhd", "serve"])
-        .arg(&image)
-        .arg("--socket")
-        .arg(&sock)
-        .output()
-        .unwrap();
+    let out = serve_command(&[], &image, &sock).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
 }

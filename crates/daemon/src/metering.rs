@@ -223,6 +223,9 @@ pub struct MetricsRow<'a> {
     pub meter: &'a Meter,
 }
 
+/// A per-VM gauge family: name, help, and the value it shows.
+type VmGauge = (&'static str, &'static str, fn(&MetricsRow<'_>) -> u64);
+
 /// A per-drive counter family: name, help, and the counter it shows.
 type DiskFamily = (&'static str, &'static str, fn(&DriveMeter) -> u64);
 
@@ -257,46 +260,41 @@ pub fn prometheus(rows: &[MetricsRow<'_>]) -> String {
                 .map(move |(i, ns)| format!("{{{},vcpu=\"{i}\"}} {}", labels(r), *ns as f64 / 1e9))
         }),
     );
-    family(
-        "viridian_vm_memory_bytes",
-        "gauge",
-        "Resident memory of the VM's QEMU.",
-        &mut rows
-            .iter()
-            .map(|r| format!("{{{}}} {}", labels(r), r.meter.memory_bytes)),
-    );
-    family(
-        "viridian_vm_processor_count",
-        "gauge",
-        "Virtual processors.",
-        &mut rows
-            .iter()
-            .map(|r| format!("{{{}}} {}", labels(r), r.processor.count)),
-    );
-    family(
-        "viridian_vm_processor_limit_percent",
-        "gauge",
-        "Processor limit, % of one logical processor per virtual processor.",
-        &mut rows
-            .iter()
-            .map(|r| format!("{{{}}} {}", labels(r), r.processor.limit_percent)),
-    );
-    family(
-        "viridian_vm_processor_reserve_percent",
-        "gauge",
-        "Processor reserve, % of one logical processor per virtual processor.",
-        &mut rows
-            .iter()
-            .map(|r| format!("{{{}}} {}", labels(r), r.processor.reserve_percent)),
-    );
-    family(
-        "viridian_vm_processor_weight",
-        "gauge",
-        "Relative processor weight (1-10000).",
-        &mut rows
-            .iter()
-            .map(|r| format!("{{{}}} {}", labels(r), r.processor.relative_weight)),
-    );
+    let vm_gauges: [VmGauge; 5] = [
+        (
+            "viridian_vm_memory_bytes",
+            "Resident memory of the VM's QEMU.",
+            |r| r.meter.memory_bytes,
+        ),
+        ("viridian_vm_processor_count", "Virtual processors.", |r| {
+            r.processor.count.into()
+        }),
+        (
+            "viridian_vm_processor_limit_percent",
+            "Processor limit, % of one logical processor per virtual processor.",
+            |r| r.processor.limit_percent.into(),
+        ),
+        (
+            "viridian_vm_processor_reserve_percent",
+            "Processor reserve, % of one logical processor per virtual processor.",
+            |r| r.processor.reserve_percent.into(),
+        ),
+        (
+            "viridian_vm_processor_weight",
+            "Relative processor weight (1-10000).",
+            |r| r.processor.relative_weight.into(),
+        ),
+    ];
+    for (name, help, value) in vm_gauges {
+        family(
+            name,
+            "gauge",
+            help,
+            &mut rows
+                .iter()
+                .map(|r| format!("{{{}}} {}", labels(r), value(r))),
+        );
+    }
     let disk_families: [DiskFamily; 7] = [
         (
             "viridian_vm_disk_read_bytes_total",

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use common::disk_data::{
     add_disk, affected, chain, checkpoint, content_hash, disks, files_under, finish, make_base,
-    make_child, run_job, wait_stalled, write_noise,
+    make_child, run_job, vm_with_vhd_and_vhdx, wait_stalled, write_noise, write_noise_to_disks,
 };
 use common::Daemon;
 use serde_json::json;
@@ -19,33 +19,18 @@ use serde_json::json;
 /// A was applied), A then deleted (its merge waits: two descendants), and data
 /// written at every step. Returns the bases and what the current state reads.
 fn branched_vm(d: &Daemon, vm: &str) -> (Vec<PathBuf>, Vec<u64>) {
-    d.create_vm(vm);
-    let bases = vec![
-        d.dir.path().join(format!("{vm}-0.vhd")),
-        d.dir.path().join(format!("{vm}-1.vhdx")),
-    ];
-    for (i, b) in bases.iter().enumerate() {
-        make_base(b);
-        write_noise(b, 1 + i as u64, 0, 4 << 20);
-        add_disk(d, vm, i as u8, b);
-    }
+    let bases = vm_with_vhd_and_vhdx(d, vm, 4 << 20);
     checkpoint(d, vm, "A");
-    for (i, p) in disks(d, vm).iter().enumerate() {
-        write_noise(p, 10 + i as u64, 2 << 20, 12 << 20);
-    }
+    write_noise_to_disks(d, vm, 10, 2 << 20, 12 << 20);
     checkpoint(d, vm, "B");
-    for (i, p) in disks(d, vm).iter().enumerate() {
-        write_noise(p, 20 + i as u64, 20 << 20, 2 << 20);
-    }
+    write_noise_to_disks(d, vm, 20, 20 << 20, 2 << 20);
     run_job(
         d,
         "POST",
         &format!("/v1/vms/{vm}/checkpoints/A/apply"),
         None,
     );
-    for (i, p) in disks(d, vm).iter().enumerate() {
-        write_noise(p, 30 + i as u64, 6 << 20, 8 << 20);
-    }
+    write_noise_to_disks(d, vm, 30, 6 << 20, 8 << 20);
     run_job(d, "DELETE", &format!("/v1/vms/{vm}/checkpoints/A"), None);
     let t = d.get(&format!("/v1/vms/{vm}/checkpoints")).body;
     assert_eq!(t["pending_merges"].as_array().unwrap().len(), 1, "{t}");

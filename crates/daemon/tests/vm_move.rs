@@ -10,8 +10,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::disk_data::{
-    add_disk, affected, checkpoint, content_hash, disks, files_under, make_base, run_job,
-    wait_stalled, write_noise,
+    affected, checkpoint, content_hash, disks, files_under, run_job, vm_with_vhd_and_vhdx,
+    wait_stalled, write_noise_to_disks,
 };
 use common::Daemon;
 use serde_json::{json, Value};
@@ -64,24 +64,11 @@ fn named_files(d: &Daemon, vm: &str) -> Vec<PathBuf> {
 
 /// A VM with a VHD and a VHDX disk and checkpoints A → B, data written between.
 fn vm_with_checkpoints(d: &Daemon, vm: &str) -> Vec<PathBuf> {
-    d.create_vm(vm);
-    let bases = vec![
-        d.dir.path().join(format!("{vm}-0.vhd")),
-        d.dir.path().join(format!("{vm}-1.vhdx")),
-    ];
-    for (i, b) in bases.iter().enumerate() {
-        make_base(b);
-        write_noise(b, 1 + i as u64, 0, 6 << 20);
-        add_disk(d, vm, i as u8, b);
-    }
+    let bases = vm_with_vhd_and_vhdx(d, vm, 6 << 20);
     checkpoint(d, vm, "A");
-    for (i, p) in disks(d, vm).iter().enumerate() {
-        write_noise(p, 10 + i as u64, 4 << 20, 8 << 20);
-    }
+    write_noise_to_disks(d, vm, 10, 4 << 20, 8 << 20);
     checkpoint(d, vm, "B");
-    for (i, p) in disks(d, vm).iter().enumerate() {
-        write_noise(p, 20 + i as u64, 16 << 20, 2 << 20);
-    }
+    write_noise_to_disks(d, vm, 20, 16 << 20, 2 << 20);
     bases
 }
 

@@ -9,6 +9,7 @@ pub mod tree;
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -352,10 +353,7 @@ pub fn settle_in_background(svc: &Arc<Service>, id: Uuid) {
         job_type: "MergeCheckpoint".into(),
         description: format!("Merge the disks of deleted checkpoint {name:?}"),
         cancellable: false,
-        affected: vec![
-            AffectedElement::new("vm", id.to_string()),
-            AffectedElement::new("checkpoint", work.node.to_string()),
-        ],
+        affected: affected_checkpoint(id, work.node),
     };
     let svc2 = svc.clone();
     let guard = svc.checkpoints.clone().claim(id);
@@ -426,6 +424,31 @@ fn affected(vm: Uuid) -> Vec<AffectedElement> {
     vec![AffectedElement::new("vm", vm.to_string())]
 }
 
+/// [`affected`] and the checkpoint the job works on.
+fn affected_checkpoint(vm: Uuid, checkpoint: Uuid) -> Vec<AffectedElement> {
+    vec![
+        AffectedElement::new("vm", vm.to_string()),
+        AffectedElement::new("checkpoint", checkpoint.to_string()),
+    ]
+}
+
+/// Submits checkpoint job `spec` on VM `vm`: the VM is claimed (it may not start)
+/// from now until the job ends, and `work` runs holding the VM's checkpoint lock.
+fn submit_locked<F, Fut>(svc: &Arc<Service>, vm: Uuid, spec: JobSpec, work: F) -> JobSnapshot
+where
+    F: FnOnce(Arc<Service>, JobContext) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), JobError>> + Send + 'static,
+{
+    let svc2 = svc.clone();
+    let guard = svc.checkpoints.clone().claim(vm);
+    svc.jobs.submit(spec, move |ctx| async move {
+        let _guard = guard;
+        let vm_lock = svc2.checkpoints.vm_lock(vm);
+        let _held = vm_lock.lock().await;
+        work(svc2, ctx).await
+    })
+}
+
 /// `POST /v1/vms/{vm}/checkpoints`
 pub fn submit_create(
     svc: &Arc<Service>,
@@ -460,12 +483,8 @@ pub fn submit_create(
         cancellable: false,
         affected: affected(vm.id),
     };
-    let svc2 = svc.clone();
-    let guard = svc.checkpoints.clone().claim(vm.id);
-    Ok(svc.jobs.submit(spec, move |ctx| async move {
-        let _guard = guard;
-        let vm_lock = svc2.checkpoints.vm_lock(vm.id);
-        let _held = vm_lock.lock().await;
+    let id = vm.id;
+    Ok(submit_locked(svc, id, spec, move |svc2, ctx| async move {
         let node = take(&svc2, vm.id, req.name, ctx.clone()).await?;
         ctx.add_affected(AffectedElement::new("checkpoint", node.to_string()));
         Ok(())
@@ -676,7 +695,7 @@ async fn take_in_place(
     Ok(node)
 }
 
-/// `POST /v1/vms/{vm}/checkpoints/{checkpoint}/apply`/// `POST /v1/vms/{vm}/checkpoints/{checkpoint}/apply`
+/// `POST /v1/vms/{vm}/checkpoints/{checkpoint}/apply`
 pub fn submit_apply(svc: &Arc<Service>, key: &str, cp: &str) -> Result<JobSnapshot, ApiError> {
     let vm = target(svc, key)?;
     if !matches!(vm.state, VmState::Off | VmState::Saved) {
@@ -692,18 +711,11 @@ pub fn submit_apply(svc: &Arc<Service>, key: &str, cp: &str) -> Result<JobSnapsh
         job_type: "ApplyCheckpoint".into(),
         description: format!("Apply checkpoint {:?} to VM {}", node.name, vm.name),
         cancellable: false,
-        affected: vec![
-            AffectedElement::new("vm", vm.id.to_string()),
-            AffectedElement::new("checkpoint", node.id.to_string()),
-        ],
+        affected: affected_checkpoint(vm.id, node.id),
     };
-    let svc2 = svc.clone();
-    let guard = svc.checkpoints.clone().claim(vm.id);
     let cp = node.id.to_string();
-    Ok(svc.jobs.submit(spec, move |ctx| async move {
-        let _guard = guard;
-        let vm_lock = svc2.checkpoints.vm_lock(vm.id);
-        let _held = vm_lock.lock().await;
+    let id = vm.id;
+    Ok(submit_locked(svc, id, spec, move |svc2, ctx| async move {
         let vm = target(&svc2, &vm.id.to_string()).map_err(JobError::from)?;
         if !matches!(vm.state, VmState::Off | VmState::Saved) {
             return Err(JobError::from(invalid_state(
@@ -792,18 +804,11 @@ pub fn submit_delete(
             vm.name
         ),
         cancellable: false,
-        affected: vec![
-            AffectedElement::new("vm", vm.id.to_string()),
-            AffectedElement::new("checkpoint", node.id.to_string()),
-        ],
+        affected: affected_checkpoint(vm.id, node.id),
     };
-    let svc2 = svc.clone();
-    let guard = svc.checkpoints.clone().claim(vm.id);
     let cp = node.id.to_string();
-    Ok(svc.jobs.submit(spec, move |ctx| async move {
-        let _guard = guard;
-        let vm_lock = svc2.checkpoints.vm_lock(vm.id);
-        let _held = vm_lock.lock().await;
+    let id = vm.id;
+    Ok(submit_locked(svc, id, spec, move |svc2, ctx| async move {
         let dir = vm.dir.clone();
         blocking("a checkpoint operation", move || {
             ops::delete(&dir, &cp, subtree)

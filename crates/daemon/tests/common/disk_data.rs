@@ -45,6 +45,14 @@ pub fn write_noise(path: &Path, seed: u64, offset: u64, len: u64) {
     d.flush().unwrap();
 }
 
+/// Writes noise into every disk the VM has now, in drive order: `len` bytes at
+/// `offset`, seeded `seed` for the first drive, `seed + 1` for the next, and so on.
+pub fn write_noise_to_disks(d: &Daemon, vm: &str, seed: u64, offset: u64, len: u64) {
+    for (i, p) in disks(d, vm).iter().enumerate() {
+        write_noise(p, seed + i as u64, offset, len);
+    }
+}
+
 /// A digest of everything the chain under `leaf` reads.
 pub fn content_hash(leaf: &Path) -> u64 {
     use std::hash::Hasher;
@@ -84,6 +92,23 @@ pub fn add_disk(d: &Daemon, vm: &str, location: u8, path: &Path) {
                "media": {"type": "hard_disk", "path": path}}),
     );
     assert_eq!(r.status, 201, "{}", r.raw);
+}
+
+/// Creates the VM `vm` with two base disks in the daemon's folder, `{vm}-0.vhd` at
+/// SCSI 0:0 and `{vm}-1.vhdx` at SCSI 0:1, each with `len` bytes of noise at its
+/// start (seeds 1 and 2); returns the bases.
+pub fn vm_with_vhd_and_vhdx(d: &Daemon, vm: &str, len: u64) -> Vec<PathBuf> {
+    d.create_vm(vm);
+    let bases = vec![
+        d.dir.path().join(format!("{vm}-0.vhd")),
+        d.dir.path().join(format!("{vm}-1.vhdx")),
+    ];
+    for (i, b) in bases.iter().enumerate() {
+        make_base(b);
+        write_noise(b, 1 + i as u64, 0, len);
+        add_disk(d, vm, i as u8, b);
+    }
+    bases
 }
 
 /// Sends a request that answers 202 and waits for its job to end; returns the job.
