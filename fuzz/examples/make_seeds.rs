@@ -10,7 +10,7 @@ use vhd::vhd1::create::{create, CreateOptions, NewDisk};
 use vhd::vhd1::header::{
     encode_locator_path, DynamicHeader, Locator, PLATFORM_W2KU, PLATFORM_W2RU,
 };
-use vhd::{Disk, NoProgress};
+use vhd::NoProgress;
 
 fn make(path: &Path, kind: NewDisk, writes: &[(u64, usize, u8)]) -> Vec<u8> {
     let _ = std::fs::remove_file(path);
