@@ -14,7 +14,7 @@ use vhd::vhdx::header::{Header, FILE_ID_SIZE, HEADER_OFFSETS, HEADER_SIZE};
 use vhd::vhdx::metadata::{self, TABLE_SIZE};
 use vhd::vhdx::region::{RegionTable, METADATA_GUID, TABLE_OFFSETS};
 use vhd::vhdx::MIB;
-use vhd::{Disk as _, NoProgress};
+use vhd::NoProgress;
 use viridian_fuzz::vhdx_input::{encode, FIX_HEADERS, FIX_LOG};
 
 /// Writes `(offset, length, byte)` into the disk, flushes, and returns the
