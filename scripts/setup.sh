@@ -47,3 +47,6 @@ if ! command -v cargo >/dev/null 2>&1; then
     fi
 fi
 echo "setup: $(cargo --version), $(qemu-system-x86_64 --version | head -1), $(qemu-img --version | head -1)"
+
+# Generation 1 firmware: Debian's SeaBIOS rebuilt with ATA DMA (see the script).
+"$(dirname "$0")/build-seabios.sh"

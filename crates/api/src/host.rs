@@ -20,6 +20,20 @@ pub struct HostInfo {
     pub resources: HostResources,
     /// Processor settings every new VM starts with (`PATCH /v1/host` changes them).
     pub new_vm_defaults: NewVmDefaults,
+    /// The firmware VMs boot.
+    #[serde(default)]
+    pub firmware: FirmwareInfo,
+}
+
+/// The firmware each generation boots, and why.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FirmwareInfo {
+    /// Generation 1's SeaBIOS image, or `qemu` for QEMU's own `bios-256k.bin`.
+    pub generation1: String,
+    /// One sentence: why that one (viridiand's `--bios`).
+    pub generation1_reason: String,
+    /// Generation 2's UEFI code (OVMF).
+    pub generation2: String,
 }
 
 /// Processor reserve, limit and weight a new VM gets unless it says otherwise; kept

@@ -178,6 +178,12 @@ fn print_host(conn: &connection::Connection, info: &api::host::HostInfo) {
         info.accelerator.kind, info.accelerator.reason
     );
     println!("data dir:    {}", info.data_dir);
+    let f = &info.firmware;
+    println!(
+        "firmware:    generation 1: {} ({})",
+        f.generation1, f.generation1_reason
+    );
+    println!("             generation 2: {}", f.generation2);
     let l = &info.limits;
     println!(
         "limits:      up to {} processors per VM, {}-{} MiB memory",

@@ -325,6 +325,15 @@ fn host_and_completions() {
     let d = Daemon::start();
     let host = d.json(&["host"]);
     assert!(host["accelerator"]["reason"].as_str().is_some());
+    let out = d.cli(&["host"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "firmware:    generation 1: {}",
+            host["firmware"]["generation1"].as_str().unwrap()
+        )),
+        "{text}"
+    );
     let out = d.cli(&["completions", "bash"]);
     assert_eq!(code(&out), 0);
     assert!(String::from_utf8_lossy(&out.stdout).contains("viridian"));

@@ -34,6 +34,10 @@ pub struct DaemonConfig {
     /// virtualization, else TCG), kvm, or tcg.
     #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
     pub accel: String,
+    /// SeaBIOS for generation 1 VMs: auto (Viridian's build with ATA DMA when
+    /// scripts/setup.sh installed it, else QEMU's own), qemu, or an image's path.
+    #[arg(long, default_value = "auto", value_name = "auto|qemu|PATH", value_parser = worker::firmware::BiosChoice::parse)]
+    pub bios: worker::firmware::BiosChoice,
     /// Most checkpoints a VM may have.
     #[arg(long, default_value_t = crate::checkpoints::DEFAULT_LIMIT)]
     pub checkpoint_limit: usize,

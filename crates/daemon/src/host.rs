@@ -100,5 +100,10 @@ pub fn info(config: &DaemonConfig, limits: &HostLimits) -> HostInfo {
         processor_control: "none: this viridiand runs no VMs".into(),
         resources: capacity(config, limits).report(Default::default()),
         new_vm_defaults: Default::default(),
+        firmware: api::host::FirmwareInfo {
+            generation1: "none".into(),
+            generation1_reason: "this viridiand runs no VMs".into(),
+            generation2: "none".into(),
+        },
     }
 }

@@ -78,6 +78,61 @@ fn socket_is_mode_0660_and_host_reports_limits() {
     assert!(!host["accelerator"]["reason"].as_str().unwrap().is_empty());
     assert_eq!(host["limits"]["scsi_locations"], 64);
     assert_eq!(host["limits"]["job_limit"], 4096);
+    // scripts/setup.sh builds Viridian's SeaBIOS; by default generation 1 boots it.
+    let fw = &host["firmware"];
+    assert_eq!(
+        fw["generation1"],
+        worker::firmware::VIRIDIAN_SEABIOS,
+        "{host}"
+    );
+    assert!(
+        fw["generation1_reason"]
+            .as_str()
+            .unwrap()
+            .contains("ATA DMA"),
+        "{host}"
+    );
+    assert_eq!(fw["generation2"], worker::runtime::OVMF_CODE, "{host}");
+}
+
+#[test]
+fn bios_option_picks_qemus_own_and_a_bad_image_stops_the_daemon_with_the_reason() {
+    let d = Daemon::start(&["--bios", "qemu"]);
+    let fw = d.get("/v1/host").body["firmware"].clone();
+    assert_eq!(fw["generation1"], "qemu", "{fw}");
+    assert!(
+        fw["generation1_reason"]
+            .as_str()
+            .unwrap()
+            .contains("one sector per request"),
+        "{fw}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_bios = dir.path().join("bios.bin");
+    std::fs::write(&not_a_bios, b"MZ not a firmware image").unwrap();
+    for (image, says) in [
+        (dir.path().join("missing.bin"), "No such file"),
+        (not_a_bios, "23 bytes"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_viridiand"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--socket")
+            .arg(dir.path().join("s.sock"))
+            .arg("--bios")
+            .arg(&image)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&image.display().to_string()) && err.contains(says),
+            "{err}"
+        );
+        assert!(!dir.path().join("s.sock").exists(), "it must not serve");
+    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! and answers the daemon on its control socket.
 //!
 //! - [`qemu`]: QEMU's configuration as types and the one builder of its argv.
-//! - [`accel`]: KVM or TCG, and why.
+//! - [`accel`]: KVM or TCG, and why; [`firmware`]: which SeaBIOS generation 1 boots.
 //! - [`disks`] / [`nbd`]: the VM's disks opened through the engine and served to QEMU.
 //! - [`runtime`]: the worker's life; [`control`]: the daemon's protocol and client.
 //! - [`console`]: the size-capped serial console log.
@@ -12,6 +12,7 @@ pub mod accel;
 pub mod console;
 pub mod control;
 pub mod disks;
+pub mod firmware;
 pub mod meter;
 pub mod qemu;
 pub mod runtime;

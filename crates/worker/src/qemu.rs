@@ -27,8 +27,9 @@ impl Accel {
 /// is Q35 with OVMF (UEFI).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Platform {
-    /// i440FX + PIIX3 IDE, SeaBIOS (QEMU's default `bios-256k.bin`).
-    Generation1,
+    /// i440FX + PIIX3 IDE, SeaBIOS: this image, or QEMU's default `bios-256k.bin`
+    /// (see [`crate::firmware`]).
+    Generation1 { bios: Option<PathBuf> },
     /// Q35 with OVMF: read-only code and this VM's own writable variable store.
     Generation2 { code: PathBuf, vars: PathBuf },
 }
@@ -133,7 +134,7 @@ impl QemuConfig {
         }
 
         let machine = match self.platform {
-            Platform::Generation1 => "pc",
+            Platform::Generation1 { .. } => "pc",
             Platform::Generation2 { .. } => "q35",
         };
         let mut machine_opts = format!("{machine},memory-backend=ram0");
@@ -155,6 +156,9 @@ impl QemuConfig {
                 self.memory_mib
             ),
         );
+        if let Platform::Generation1 { bios: Some(bios) } = &self.platform {
+            a.opt("-bios", bios.display().to_string());
+        }
         if let Platform::Generation2 { code, vars } = &self.platform {
             a.opt(
                 "-blockdev",
@@ -316,7 +320,7 @@ mod tests {
         QemuConfig {
             name: "web1".into(),
             uuid: "6f1c1d4e-0000-4000-8000-000000000001".into(),
-            platform: Platform::Generation1,
+            platform: Platform::Generation1 { bios: None },
             accel: Accel::Tcg,
             cpus: 2,
             memory_mib: 256,
@@ -441,6 +445,21 @@ mod tests {
                 "vhost-user-blk-pci,chardev=scsi3-63-chr,id=scsi3-63,num-queues=2,bus=scsi3.1,addr=0x1f",
             ]
         );
+    }
+
+    #[test]
+    fn generation1_takes_the_given_seabios_image_and_otherwise_qemus_own() {
+        assert_eq!(values(&base().to_args(), "-bios"), Vec::<String>::new());
+        let mut c = base();
+        c.platform = Platform::Generation1 {
+            bios: Some("/usr/local/share/viridian/firmware/seabios.bin".into()),
+        };
+        let args = c.to_args();
+        assert_eq!(
+            values(&args, "-bios"),
+            ["/usr/local/share/viridian/firmware/seabios.bin"]
+        );
+        assert_eq!(values(&args, "-machine"), ["pc,memory-backend=ram0"]);
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub enum WorkerError {
     Restore { path: PathBuf, detail: String },
     #[error("the UEFI firmware file {} is missing; generation 2 VMs need Debian's ovmf package (scripts/setup.sh installs it)", path.display())]
     Firmware { path: PathBuf },
+    #[error(transparent)]
+    Bios(#[from] crate::firmware::FirmwareError),
     #[error("cannot put the VM into its cgroup")]
     Cgroup(#[from] cgroups::CgroupError),
     #[error("the serial console log in {} cannot be written", path.display())]
@@ -315,15 +317,21 @@ async fn run_inner(
     tracing::info!(accel = decision.accel.as_str(), reason = %decision.reason, "accelerator chosen");
     status.accel = Some(decision.clone());
 
-    if spec.settings.generation == 2 {
+    let bios = if spec.settings.generation == 2 {
         ensure_uefi_vars(&spec.vm_dir)?;
-    }
+        None
+    } else {
+        let bios =
+            crate::firmware::resolve(&spec.bios, Path::new(crate::firmware::VIRIDIAN_SEABIOS))?;
+        tracing::info!(bios = ?bios.path, reason = %bios.reason, "generation 1 firmware");
+        bios.path
+    };
     let served = ServedDisks::open_and_serve(&spec.settings, &rt.join(NBD_SOCKET), &rt).await?;
     let sandbox = match spec.sandbox {
         Some(known) => known,
         None => sandbox_supported(&qemu_bin).await,
     };
-    let config = build_config(&spec, &decision, &served, sandbox);
+    let config = build_config(&spec, &decision, &served, sandbox, bios);
     let args = config.to_args();
     tracing::info!(?args, "starting QEMU");
 
@@ -562,6 +570,7 @@ fn build_config(
     decision: &AccelDecision,
     served: &ServedDisks,
     sandbox: bool,
+    bios: Option<PathBuf>,
 ) -> QemuConfig {
     let settings = &spec.settings;
     let rt = &spec.runtime_dir;
@@ -571,7 +580,7 @@ fn build_config(
             vars: spec.vm_dir.join(UEFI_VARS_FILE),
         }
     } else {
-        Platform::Generation1
+        Platform::Generation1 { bios }
     };
     let boot_slots: Vec<vm_config::Slot> = settings
         .boot_order

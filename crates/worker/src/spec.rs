@@ -57,6 +57,9 @@ pub struct WorkerSpec {
     /// Absent: no cgroup, nothing enforced.
     #[serde(default)]
     pub cgroup: Option<cgroups::Hierarchy>,
+    /// Generation 1 firmware (viridiand's `--bios`); generation 2 boots OVMF.
+    #[serde(default)]
+    pub bios: crate::firmware::BiosChoice,
 }
 
 fn default_console_log_limit() -> u64 {

@@ -98,6 +98,25 @@ async fn guest_boots_from_a_vhd_on_ide_0_0_reads_its_dvd_and_its_writes_to_an_id
     vm.wait_console("SYSLINUX", Duration::from_secs(120));
     vm.wait_console("VIRIDIAN-GUEST: booted", Duration::from_secs(120));
 
+    // The firmware (Viridian's SeaBIOS build, ATA DMA) read the boot loader, kernel
+    // and initramfs in whole requests, not one NBD round trip per 512-byte sector.
+    let meter = vm
+        .call(worker::control::Request::Status)
+        .await
+        .unwrap()
+        .meter
+        .unwrap();
+    let boot_io = meter
+        .drives
+        .iter()
+        .find(|d| d.path == boot.display().to_string())
+        .expect("the boot disk is metered")
+        .io;
+    assert!(
+        boot_io.read_bytes > 10 << 20 && boot_io.read_bytes / boot_io.read_ops >= 8192,
+        "{boot_io:?}"
+    );
+
     // While it runs, the writable disks are locked: a second VM cannot open them.
     let mut other = Vm::new(settings("intruder", vec![ide(0, 0, &data)]), None);
     other.start();

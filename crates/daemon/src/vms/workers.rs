@@ -58,6 +58,8 @@ pub struct WorkerSupervisor {
     service: OnceLock<Weak<Service>>,
     worker_binary: PathBuf,
     accel: AccelChoice,
+    /// Generation 1 firmware, as decided at start-up.
+    bios: worker::firmware::BiosChoice,
     /// Decided once at daemon start and handed to every worker (no probe per start).
     decision: Mutex<Option<worker::accel::AccelDecision>>,
     sandbox: OnceLock<bool>,
@@ -166,9 +168,14 @@ fn refused(e: ClientError) -> JobError {
 }
 
 impl WorkerSupervisor {
-    pub fn new(accel: AccelChoice, cgroup: Option<cgroups::Hierarchy>) -> Arc<Self> {
+    pub fn new(
+        accel: AccelChoice,
+        cgroup: Option<cgroups::Hierarchy>,
+        bios: worker::firmware::BiosChoice,
+    ) -> Arc<Self> {
         Arc::new(Self {
             cgroup,
+            bios,
             service: OnceLock::new(),
             worker_binary: find_worker_binary(),
             accel,
@@ -434,6 +441,7 @@ impl WorkerSupervisor {
             console_log_limit: worker::console::DEFAULT_LOG_LIMIT,
             qemu: None,
             cgroup: self.cgroup.clone(),
+            bios: self.bios.clone(),
         };
         let spec_path = rt.join("spec.json");
         let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| fail("writing its spec", &e))?;
@@ -822,6 +830,25 @@ pub fn install(
     let accel: AccelChoice = config.accel.parse()?;
     let host = worker::accel::probe_host(Path::new("qemu-system-x86_64"));
     let decision = worker::accel::decide(accel, &host)?;
+    let bios =
+        worker::firmware::resolve(&config.bios, Path::new(worker::firmware::VIRIDIAN_SEABIOS))
+            .map_err(|e| e.to_string())?;
+    tracing::info!(bios = ?bios.path, reason = %bios.reason, "generation 1 firmware");
+    svc.host.firmware = api::host::FirmwareInfo {
+        generation1: bios
+            .path
+            .as_ref()
+            .map_or_else(|| "qemu".to_string(), |p| p.display().to_string()),
+        generation1_reason: bios.reason,
+        generation2: worker::runtime::OVMF_CODE.into(),
+    };
+    // Workers boot what was decided here, so `viridian host` tells the truth.
+    let bios = match (&config.bios, bios.path) {
+        (worker::firmware::BiosChoice::Auto, Some(path)) => {
+            worker::firmware::BiosChoice::File(path)
+        }
+        (choice, _) => choice.clone(),
+    };
     svc.host.accelerator.kind = decision.accel.as_str().to_string();
     svc.host.accelerator.reason = decision.reason.clone();
     let cgroup = match cgroups::Hierarchy::detect() {
@@ -841,7 +868,7 @@ pub fn install(
             None
         }
     };
-    let supervisor = WorkerSupervisor::new(accel, cgroup);
+    let supervisor = WorkerSupervisor::new(accel, cgroup, bios);
     *supervisor
         .decision
         .lock()

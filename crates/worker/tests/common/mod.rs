@@ -110,6 +110,7 @@ impl Vm {
             console_log_limit: 1 << 20,
             qemu: None,
             cgroup: None,
+            bios: Default::default(),
         };
         Self {
             dir,
