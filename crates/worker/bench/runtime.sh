@@ -2,7 +2,8 @@
 # Side-by-side measurements of the VM runtime, in one run, under the same accelerator:
 #  1. start latency: `viridian vm start` (API call) to the guest's first console marker,
 #     booting the test guest's VHD from IDE 0:0 through SeaBIOS, versus the same boot
-#     with qemu-system-x86_64 started by hand on the raw image (QEMU's own IDE + file);
+#     with qemu-system-x86_64 started by hand on the raw image (QEMU's own IDE + file,
+#     the same firmware as viridiand uses; and QEMU's own SeaBIOS for reference);
 #  2. in-guest sequential 1 MiB O_DIRECT read and write on an IDE disk: ours (PIIX IDE
 #     over the worker's NBD server) versus QEMU's own IDE on the raw file;
 #  3. the worker's resident memory while its VM runs (QEMU and guest RAM excluded);
@@ -59,6 +60,11 @@ v() { "$bin/viridian" "$@" </dev/null >/dev/null; }
 
 accel="$("$bin/viridian" host </dev/null | sed -n 's/^accelerator: *//p')"
 echo "accelerator: $accel"
+# The same firmware by hand as viridiand gives generation 1 VMs (`viridian host`).
+fw="$("$bin/viridian" host --json </dev/null | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["firmware"]["generation1"])')"
+bios=()
+[ "$fw" != qemu ] && bios=(-bios "$fw")
+echo "generation 1 firmware: $fw"
 
 # --- 1. start latency -----------------------------------------------------------
 cp "$guest/boot-fixed.vhd" "$tmp/boot.vhd"
@@ -68,7 +74,7 @@ v vm disk add bench "$tmp/boot.vhd" --controller ide --number 0 --location 0
 field() { "$bin/viridian" vm show bench --json </dev/null | /usr/bin/python3 -c "import json,sys; v=json.load(sys.stdin); print($1)"; }
 id="$(field 'v["id"]')"
 log="$tmp/data/vms/$id/runtime/console.log"
-ours=(); byhand=(); bynbd=()
+ours=(); byhand=(); bynbd=(); byhand_pio=()
 latency_rounds="$rounds"
 [ "$only" = synthetic ] && latency_rounds=0
 for r in $(seq 1 "$latency_rounds"); do
@@ -80,10 +86,18 @@ for r in $(seq 1 "$latency_rounds"); do
     out="$tmp/byhand.log"
     rm -f "$out"
     start=$(now_ms)
-    qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M \
+    qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M "${bios[@]}" \
         -drive file="$tmp/boot.raw",format=raw,if=ide,index=0 -serial file:"$out" </dev/null &
     qpid=$!
     byhand+=("$(wait_for "$out" "VIRIDIAN-GUEST: booted" "$start")")
+    kill "$qpid"; wait "$qpid" 2>/dev/null || true
+    # For reference: QEMU's own SeaBIOS (PIO), on the file.
+    rm -f "$out"
+    start=$(now_ms)
+    qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M \
+        -drive file="$tmp/boot.raw",format=raw,if=ide,index=0 -serial file:"$out" </dev/null &
+    qpid=$!
+    byhand_pio+=("$(wait_for "$out" "VIRIDIAN-GUEST: booted" "$start")")
     kill "$qpid"; wait "$qpid" 2>/dev/null || true
     # The same disk path by hand: QEMU's IDE over NBD, served by qemu-nbd.
     out="$tmp/bynbd.log"
@@ -92,7 +106,7 @@ for r in $(seq 1 "$latency_rounds"); do
     npid=$!
     while [ ! -S "$tmp/qnbd.sock" ]; do sleep 0.01; done
     start=$(now_ms)
-    qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M \
+    qemu-system-x86_64 -nodefaults -display none -accel tcg -machine pc -m 256M "${bios[@]}" \
         -blockdev driver=nbd,node-name=d0,server.type=unix,server.path="$tmp/qnbd.sock",export=boot \
         -device ide-hd,drive=d0,bus=ide.0,unit=0,bootindex=0 -serial file:"$out" </dev/null &
     qpid=$!
@@ -104,10 +118,12 @@ if [ "$latency_rounds" -gt 0 ]; then
 m_ours=$(printf '%s\n' "${ours[@]}" | median)
 m_hand=$(printf '%s\n' "${byhand[@]}" | median)
 m_nbd=$(printf '%s\n' "${bynbd[@]}" | median)
-echo "start to first marker, ms (rounds: $rounds)"
+m_pio=$(printf '%s\n' "${byhand_pio[@]}" | median)
+echo "start to first marker, ms (rounds: $rounds; firmware boot from IDE 0:0 with $fw)"
 echo "  viridian vm start (API, worker, NBD):       ${ours[*]}  median $m_ours"
 echo "  qemu-system-x86_64 by hand (file):          ${byhand[*]}  median $m_hand"
 echo "  qemu-system-x86_64 by hand (IDE on qemu-nbd): ${bynbd[*]}  median $m_nbd"
+echo "  by hand (file) with QEMU's own SeaBIOS (PIO): ${byhand_pio[*]}  median $m_pio"
 echo "  overhead vs file (median): $((m_ours - m_hand)) ms; vs the same NBD disk path: $((m_ours - m_nbd)) ms"
 
 # --- 1b. the worker alone, direct kernel boot (no disks, no daemon) --------------
