@@ -44,7 +44,10 @@ pub fn vm_details(vm: &Vm) {
     match &vm.settings {
         None => println!("  (unreadable)"),
         Some(s) => {
-            println!("  generation:  {}", s.generation);
+            println!(
+                "  generation:  {} (configuration version {})",
+                s.generation, s.configuration_version
+            );
             let p = &s.processor;
             println!(
                 "  processors:  {} (reserve {} %, limit {} %, weight {})",

@@ -11,6 +11,10 @@ fn vm_create_show_update_delete_round_trip() {
     let vm = d.create_vm("web01");
     let id = vm["id"].as_str().unwrap().to_string();
     assert_eq!(vm["settings"]["processor"]["count"], 1);
+    assert_eq!(
+        vm["settings"]["configuration_version"],
+        vm_config::CURRENT_CONFIGURATION_VERSION
+    );
     assert_eq!(vm["runtime"], json!({"state": "Off"}));
 
     for key in ["web01", id.as_str()] {
@@ -35,6 +39,11 @@ fn vm_create_show_update_delete_round_trip() {
     .unwrap();
     assert_eq!(on_disk["schema_version"], vm_config::file::SCHEMA_VERSION);
     assert_eq!(on_disk["settings"]["notes"], "front end");
+    assert_eq!(
+        on_disk["settings"]["configuration_version"],
+        vm_config::CURRENT_CONFIGURATION_VERSION,
+        "an update keeps the version"
+    );
 
     let r = d.req("DELETE", "/v1/vms/web02", None);
     assert_eq!(r.status, 202, "{}", r.raw);

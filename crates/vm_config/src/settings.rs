@@ -24,6 +24,23 @@ pub struct VmSettings {
     pub boot_order: Vec<BootEntry>,
     #[serde(default)]
     pub notes: String,
+    /// The virtual hardware's version (Hyper-V's configuration version). A saved
+    /// state resumes only on the version it was saved with, so a VM keeps its
+    /// version; new VMs get [`CURRENT_CONFIGURATION_VERSION`]. A `vm.json` without
+    /// it is version 1.
+    /// - 1: generation 1's PCI bridges (where synthetic disks sit) take ACPI
+    ///   hotplug, as QEMU has it by default.
+    /// - 2: they do not. Viridian never hot-plugs, and with it a QEMU 7.2 guest
+    ///   reads its synthetic disks 5–10 % slower (BENCHMARKS.md).
+    #[serde(default = "first_configuration_version")]
+    pub configuration_version: u32,
+}
+
+/// The configuration version new VMs get.
+pub const CURRENT_CONFIGURATION_VERSION: u32 = 2;
+
+fn first_configuration_version() -> u32 {
+    1
 }
 
 /// Virtual processors and how much host CPU they may use.

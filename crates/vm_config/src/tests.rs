@@ -14,6 +14,26 @@ fn vm(generation: u8) -> VmSettings {
         network_adapters: vec![],
         boot_order: vec![],
         notes: String::new(),
+        configuration_version: crate::CURRENT_CONFIGURATION_VERSION,
+    }
+}
+
+#[test]
+fn a_vm_json_without_a_configuration_version_is_version_1_and_unknown_versions_are_refused() {
+    let mut v = serde_json::to_value(vm(1)).unwrap();
+    v.as_object_mut().unwrap().remove("configuration_version");
+    let old: VmSettings = serde_json::from_value(v).unwrap();
+    assert_eq!(old.configuration_version, 1);
+    assert!(validate(&old, &HostLimits::default()).is_ok());
+    for bad in [0, crate::CURRENT_CONFIGURATION_VERSION + 1] {
+        let mut s = vm(1);
+        s.configuration_version = bad;
+        let e = validate(&s, &HostLimits::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("configuration version {bad} is not one")),
+            "{e}"
+        );
     }
 }
 

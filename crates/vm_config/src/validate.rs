@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::settings::{
     AdapterKind, BootEntry, ControllerKind, Drive, DriveMedia, Slot, VmSettings,
+    CURRENT_CONFIGURATION_VERSION,
 };
 
 /// What the host allows; the daemon fills it in from the machine it runs on.
@@ -43,6 +44,8 @@ pub enum ConfigError {
         "generation {0} does not exist; use 1 (BIOS, boots from IDE) or 2 (UEFI, boots from SCSI)"
     )]
     Generation(u8),
+    #[error("configuration version {0} is not one this Viridian knows; it runs versions 1 to {CURRENT_CONFIGURATION_VERSION} (a VM from a newer Viridian needs that Viridian)")]
+    ConfigurationVersion(u32),
     #[error("{count} virtual processors is out of range; this host allows 1 to {max}")]
     ProcessorCount { count: u32, max: u32 },
     #[error("processor reserve {0} % is out of range; use 0 to 100")]
@@ -190,6 +193,9 @@ pub fn validate(s: &VmSettings, limits: &HostLimits) -> Result<(), ConfigError> 
     validate_name(&s.name)?;
     if s.generation != 1 && s.generation != 2 {
         return Err(ConfigError::Generation(s.generation));
+    }
+    if !(1..=CURRENT_CONFIGURATION_VERSION).contains(&s.configuration_version) {
+        return Err(ConfigError::ConfigurationVersion(s.configuration_version));
     }
     let p = &s.processor;
     if p.count == 0 || p.count > limits.max_processors {

@@ -28,8 +28,12 @@ impl Accel {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Platform {
     /// i440FX + PIIX3 IDE, SeaBIOS: this image, or QEMU's default `bios-256k.bin`
-    /// (see [`crate::firmware`]).
-    Generation1 { bios: Option<PathBuf> },
+    /// (see [`crate::firmware`]). `bridge_hotplug`: the PCI bridges take ACPI
+    /// hotplug (configuration version 1; see `VmSettings::configuration_version`).
+    Generation1 {
+        bios: Option<PathBuf>,
+        bridge_hotplug: bool,
+    },
     /// Q35 with OVMF: read-only code and this VM's own writable variable store.
     Generation2 { code: PathBuf, vars: PathBuf },
 }
@@ -156,8 +160,20 @@ impl QemuConfig {
                 self.memory_mib
             ),
         );
-        if let Platform::Generation1 { bios: Some(bios) } = &self.platform {
-            a.opt("-bios", bios.display().to_string());
+        if let Platform::Generation1 {
+            bios,
+            bridge_hotplug,
+        } = &self.platform
+        {
+            if let Some(bios) = bios {
+                a.opt("-bios", bios.display().to_string());
+            }
+            if !bridge_hotplug {
+                a.opt(
+                    "-global",
+                    "PIIX4_PM.acpi-pci-hotplug-with-bridge-support=off",
+                );
+            }
         }
         if let Platform::Generation2 { code, vars } = &self.platform {
             a.opt(
@@ -320,7 +336,10 @@ mod tests {
         QemuConfig {
             name: "web1".into(),
             uuid: "6f1c1d4e-0000-4000-8000-000000000001".into(),
-            platform: Platform::Generation1 { bios: None },
+            platform: Platform::Generation1 {
+                bios: None,
+                bridge_hotplug: false,
+            },
             accel: Accel::Tcg,
             cpus: 2,
             memory_mib: 256,
@@ -453,6 +472,7 @@ mod tests {
         let mut c = base();
         c.platform = Platform::Generation1 {
             bios: Some("/usr/local/share/viridian/firmware/seabios.bin".into()),
+            bridge_hotplug: false,
         };
         let args = c.to_args();
         assert_eq!(
@@ -460,6 +480,18 @@ mod tests {
             ["/usr/local/share/viridian/firmware/seabios.bin"]
         );
         assert_eq!(values(&args, "-machine"), ["pc,memory-backend=ram0"]);
+    }
+
+    #[test]
+    fn configuration_version_1_keeps_qemus_acpi_hotplug_on_pci_bridges_and_2_turns_it_off() {
+        let hotplug_off = || "PIIX4_PM.acpi-pci-hotplug-with-bridge-support=off".to_string();
+        assert_eq!(values(&base().to_args(), "-global"), [hotplug_off()]);
+        let mut c = base();
+        c.platform = Platform::Generation1 {
+            bios: None,
+            bridge_hotplug: true,
+        };
+        assert_eq!(values(&c.to_args(), "-global"), Vec::<String>::new());
     }
 
     #[test]

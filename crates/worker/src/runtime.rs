@@ -580,7 +580,11 @@ fn build_config(
             vars: spec.vm_dir.join(UEFI_VARS_FILE),
         }
     } else {
-        Platform::Generation1 { bios }
+        Platform::Generation1 {
+            bios,
+            // Version 1 VMs keep QEMU's default: their saved states need it.
+            bridge_hotplug: settings.configuration_version < 2,
+        }
     };
     let boot_slots: Vec<vm_config::Slot> = settings
         .boot_order

@@ -1020,6 +1020,7 @@ mod crash_tests {
 
     fn settings(disks: &[PathBuf]) -> VmSettings {
         VmSettings {
+            configuration_version: vm_config::CURRENT_CONFIGURATION_VERSION,
             id: Uuid::new_v4(),
             name: "crash".into(),
             generation: 2,

@@ -51,6 +51,7 @@ pub async fn create(svc: &Arc<Service>, body: Incoming) -> Answer {
         network_adapters: vec![],
         boot_order: vec![],
         notes: req.notes,
+        configuration_version: vm_config::CURRENT_CONFIGURATION_VERSION,
     };
     let vm = svc.create_vm(settings)?;
     tracing::info!(vm = %vm.id, name = %vm.name, "VM created");

@@ -31,6 +31,7 @@ pub fn guest_dir() -> &'static Path {
 
 pub fn settings(name: &str, drives: Vec<vm_config::Drive>) -> vm_config::VmSettings {
     vm_config::VmSettings {
+        configuration_version: vm_config::CURRENT_CONFIGURATION_VERSION,
         id: uuid::Uuid::new_v4(),
         name: name.to_string(),
         generation: 1,
