@@ -133,6 +133,14 @@ pub fn routes() -> Vec<Route> {
             Some(s::<jobs::Job>),
         ),
         r(
+            "post",
+            "/v1/vms/{vm}/upgrade",
+            "Move an Off VM to the current configuration version (its virtual hardware; a saved state resumes only on its own version)",
+            None,
+            200,
+            Some(s::<vms::Vm>),
+        ),
+        r(
             "put",
             "/v1/vms/{vm}/settings",
             "Replace all settings (repairs a damaged VM)",

@@ -90,6 +90,8 @@ pub enum VmCmd {
         /// An absolute path: an empty folder or a new one.
         destination: String,
     },
+    /// Move an Off VM to the current configuration version (its virtual hardware).
+    Upgrade { vm: String },
     /// Processor settings.
     Processor {
         #[command(subcommand)]
@@ -368,6 +370,11 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
             let path = format!("{}?delete_disks={delete_disks}&force={force}", vm_path(&vm));
             let job = crate::job_cmd::start_job(&client, conn, Method::DELETE, &path, None::<&()>)?;
             print_disk_outcome(conn, &job);
+        }
+        VmCmd::Upgrade { vm } => {
+            let path = format!("{}/upgrade", vm_path(&vm));
+            let (vm, _) = client.call::<Vm>(Method::POST, &path, None::<&()>)?;
+            print_vm(conn, &vm);
         }
         VmCmd::MoveStorage { vm, destination } => {
             let req = api::vms::MoveStorageRequest { destination };

@@ -343,6 +343,11 @@ impl Service {
         let mut store = self.store();
         let entry = find(&store, key)?;
         vm_config::devices::assign_identity(&mut settings, entry.settings.as_ref());
+        // The version only changes through `upgrade` (a client's settings without
+        // it would otherwise read as version 1).
+        if let Some(old) = &entry.settings {
+            settings.configuration_version = old.configuration_version;
+        }
         if settings.id != entry.id {
             return Err(ApiError::invalid(format!(
                 "the settings carry id {}, but the VM's id is {}; keep the id",

@@ -57,6 +57,9 @@ fn running_vm_survives_daemon_restart_and_a_killed_worker_makes_it_critical_unti
     let worker_pid = running["runtime"]["worker_pid"]
         .as_u64()
         .expect("worker pid");
+    // A running VM's virtual hardware cannot change under it.
+    let r = d.post("/v1/vms/runner/upgrade", json!({}));
+    assert_eq!(r.code(), "InvalidState", "{}", r.raw);
     let r = d.post("/v1/vms/runner/start", json!({}));
     assert_eq!(r.code(), "InvalidState", "{}", r.raw);
 

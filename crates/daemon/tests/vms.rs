@@ -56,6 +56,53 @@ fn vm_create_show_update_delete_round_trip() {
 }
 
 #[test]
+fn a_vm_from_before_configuration_versions_is_version_1_until_upgraded() {
+    let mut d = Daemon::start(&[]);
+    let id = d.create_vm("old")["id"].as_str().unwrap().to_string();
+    // A vm.json written before versions existed has no configuration_version.
+    d.stop();
+    let file = d.data.join("vms").join(&id).join("vm.json");
+    let mut doc: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    doc["settings"]
+        .as_object_mut()
+        .unwrap()
+        .remove("configuration_version");
+    std::fs::write(&file, serde_json::to_vec(&doc).unwrap()).unwrap();
+    d.launch();
+    let vm = d.get("/v1/vms/old").body;
+    assert_eq!(vm["settings"]["configuration_version"], 1, "{vm}");
+
+    // Replacing the settings keeps the version; only an upgrade changes it.
+    let mut settings = vm["settings"].clone();
+    settings["configuration_version"] = json!(2);
+    settings["notes"] = json!("replaced");
+    let r = d.req("PUT", "/v1/vms/old/settings", Some(&settings.to_string()));
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(r.body["settings"]["notes"], "replaced");
+    assert_eq!(r.body["settings"]["configuration_version"], 1, "{}", r.raw);
+
+    let r = d.post("/v1/vms/old/upgrade", json!({}));
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(
+        r.body["settings"]["configuration_version"],
+        vm_config::CURRENT_CONFIGURATION_VERSION
+    );
+    let on_disk: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(
+        on_disk["settings"]["configuration_version"],
+        vm_config::CURRENT_CONFIGURATION_VERSION
+    );
+    // Again: nothing to do, same answer.
+    let r = d.post("/v1/vms/old/upgrade", json!({}));
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(
+        r.body["settings"]["configuration_version"],
+        vm_config::CURRENT_CONFIGURATION_VERSION
+    );
+    assert_eq!(d.post("/v1/vms/nope/upgrade", json!({})).code(), "NotFound");
+}
+
+#[test]
 fn validation_errors_carry_stable_codes_and_change_nothing() {
     let d = Daemon::start(&[]);
     d.create_vm("taken");

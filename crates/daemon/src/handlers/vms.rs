@@ -88,6 +88,17 @@ pub async fn update(svc: &Arc<Service>, key: &str, body: Incoming) -> Answer {
     Ok(json(200, &vm))
 }
 
+/// `POST /v1/vms/{vm}/upgrade`: the VM to the current configuration version (it must
+/// be Off: a saved state only resumes on the version it was saved with). A VM
+/// already at the current version is left as it is.
+pub fn upgrade(svc: &Arc<Service>, key: &str) -> Answer {
+    let (_, vm) = svc.update_vm(key, |s| {
+        s.configuration_version = vm_config::CURRENT_CONFIGURATION_VERSION;
+        Ok(())
+    })?;
+    Ok(json(200, &vm))
+}
+
 /// `DELETE /v1/vms/{vm}[?force=true][&delete_disks=true]`: a job (`vms::delete`).
 pub fn delete(svc: &Arc<Service>, key: &str, query: Option<&str>) -> Answer {
     let job = crate::vms::delete::submit_from_query(svc, key, query)?;

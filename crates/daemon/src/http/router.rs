@@ -138,6 +138,7 @@ async fn route(
         (&M::PATCH, ["v1", "vms", vm]) => vms::update(svc, vm, body).await,
         (&M::DELETE, ["v1", "vms", vm]) => vms::delete(svc, vm, query.as_deref()),
         (&M::POST, ["v1", "vms", vm, "move-storage"]) => vms::move_storage(svc, vm, body).await,
+        (&M::POST, ["v1", "vms", vm, "upgrade"]) => vms::upgrade(svc, vm),
         (&M::PUT, ["v1", "vms", vm, "settings"]) => vms::replace_settings(svc, vm, body).await,
         (&M::GET, ["v1", "vms", vm, "processor"]) => vms::processor(svc, vm),
         (&M::PATCH, ["v1", "vms", vm, "processor"]) => vms::update_processor(svc, vm, body).await,
