@@ -62,7 +62,7 @@ pub fn resolve(choice: &BiosChoice, installed: &Path) -> Result<Bios, FirmwareEr
     match choice {
         BiosChoice::Qemu => Ok(Bios {
             path: None,
-            reason: format!("QEMU's own bios-256k.bin, as configured (--bios qemu); {PIO}"),
+            reason: format!("QEMU's own bios-256k.bin (--bios qemu); {PIO}"),
         }),
         BiosChoice::File(path) => {
             check_image(path)?;

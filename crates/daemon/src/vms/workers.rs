@@ -842,12 +842,11 @@ pub fn install(
         generation1_reason: bios.reason,
         generation2: worker::runtime::OVMF_CODE.into(),
     };
-    // Workers boot what was decided here, so `viridian host` tells the truth.
-    let bios = match (&config.bios, bios.path) {
-        (worker::firmware::BiosChoice::Auto, Some(path)) => {
-            worker::firmware::BiosChoice::File(path)
-        }
-        (choice, _) => choice.clone(),
+    // Workers boot what was decided here (not a later look at what is installed),
+    // so `viridian host` tells the truth.
+    let bios = match bios.path {
+        Some(path) => worker::firmware::BiosChoice::File(path),
+        None => worker::firmware::BiosChoice::Qemu,
     };
     svc.host.accelerator.kind = decision.accel.as_str().to_string();
     svc.host.accelerator.reason = decision.reason.clone();
