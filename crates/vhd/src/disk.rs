@@ -72,6 +72,16 @@ pub trait Disk: Send + Sync {
     /// Makes every completed write durable, data and metadata.
     fn flush(&self) -> Result<()>;
 
+    /// Flushes, and leaves the files as a clean close would, while the disk
+    /// stays open: a copy taken now, or another program reading the file,
+    /// sees a file that needs no recovery step (a VHDX's log applied and
+    /// emptied; the next write starts a new session). For formats without such
+    /// a step it is [`Self::flush`]. The caller keeps new writes from arriving
+    /// (a paused guest) when it copies the files after it.
+    fn settle(&self) -> Result<()> {
+        self.flush()
+    }
+
     /// Makes the range read as zeros, releasing space where the format can.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
 

@@ -379,3 +379,73 @@ fn set_parent_repoints_a_vhdx_child_and_refuses_another_disk() {
         .unwrap()
         .ends_with("moved-base.vhdx"));
 }
+
+/// What a storage move or an export of a running VM does: the worker keeps the
+/// VHDX open for writing and the daemon copies its file. After a flush the copy
+/// holds a log to replay (what made online moves fail); after a settle the copy
+/// checks clean with no replay, reads what was written, and the open image
+/// takes further writes that persist.
+#[test]
+fn settle_leaves_an_open_vhdx_whose_copy_checks_clean_and_later_writes_persist() {
+    use vhd::ops::check::check;
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("parent.vhdx");
+    new_vhdx(&parent, NewVhdx::Dynamic { size: 16 * MIB });
+    write(&parent, 0, &pattern(MIB as usize, 1));
+    for kind in ["dynamic", "differencing"] {
+        let path = dir.path().join(format!("{kind}.vhdx"));
+        if kind == "dynamic" {
+            new_vhdx(&path, NewVhdx::Dynamic { size: 16 * MIB });
+        } else {
+            new_vhdx(
+                &path,
+                NewVhdx::Differencing {
+                    parent: parent.clone(),
+                },
+            );
+        }
+        let mut model = if kind == "dynamic" {
+            vec![0u8; 16 * MIB as usize]
+        } else {
+            read_all(&parent)
+        };
+        let disk = vhd::open(&path, false).unwrap();
+        let first = pattern(512, 7);
+        disk.write_at(&first, 3 * MIB).unwrap();
+        model[3 * MIB as usize..3 * MIB as usize + 512].copy_from_slice(&first);
+        disk.flush().unwrap();
+
+        let flushed = dir.path().join(format!("{kind}-flushed.vhdx"));
+        std::fs::copy(&path, &flushed).unwrap();
+        let report = check(&flushed, false).unwrap();
+        assert!(
+            report.needs_only_log_replay(),
+            "{kind}: a copy after a flush alone should hold a log to replay, got {:?}",
+            report.problems
+        );
+
+        disk.settle().unwrap();
+        let settled = dir.path().join(format!("{kind}-settled.vhdx"));
+        std::fs::copy(&path, &settled).unwrap();
+        let report = check(&settled, false).unwrap();
+        assert!(
+            report.problems.is_empty(),
+            "{kind}: a copy after a settle should need nothing, got {}",
+            report.summary()
+        );
+        assert!(read_all(&settled) == model, "{kind}: the settled copy reads other data");
+        if kind == "dynamic" {
+            let (ok, out) = qemu_img(&["check", s(&settled)]);
+            assert!(ok, "qemu-img check of the settled copy: {out}");
+        }
+
+        let second = pattern(512, 9);
+        disk.write_at(&second, 9 * MIB).unwrap();
+        model[9 * MIB as usize..9 * MIB as usize + 512].copy_from_slice(&second);
+        disk.flush().unwrap();
+        drop(disk);
+        let report = check(&path, false).unwrap();
+        assert!(report.problems.is_empty(), "{kind}: {}", report.summary());
+        assert!(read_all(&path) == model, "{kind}: a write after the settle was lost");
+    }
+}

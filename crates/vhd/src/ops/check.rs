@@ -11,6 +11,19 @@ use crate::{Format, Result};
 pub struct Problem {
     pub what: String,
     pub repaired: bool,
+    pub kind: ProblemKind,
+}
+
+/// What kind of problem: the one a file may have by design, or damage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProblemKind {
+    /// A VHDX whose log holds entries to replay, as the format intends after a
+    /// crash or when the file was copied while open for writing: nothing is
+    /// damaged; the first writable open (or `--repair`) replays it.
+    LogReplay,
+    /// The file is damaged or its chain does not resolve.
+    Damage,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -23,6 +36,26 @@ impl CheckReport {
     /// Whether nothing is wrong now (every problem found was repaired).
     pub fn clean(&self) -> bool {
         self.problems.iter().all(|p| p.repaired)
+    }
+
+    /// Whether what remains is only a log to replay (no damage).
+    pub fn needs_only_log_replay(&self) -> bool {
+        !self.clean()
+            && self
+                .problems
+                .iter()
+                .all(|p| p.repaired || p.kind == ProblemKind::LogReplay)
+    }
+
+    /// The problems that remain, as one sentence for a message.
+    pub fn summary(&self) -> String {
+        let left: Vec<&str> = self
+            .problems
+            .iter()
+            .filter(|p| !p.repaired)
+            .map(|p| p.what.as_str())
+            .collect();
+        left.join("; ")
     }
 }
 
@@ -55,6 +88,7 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
             report.problems.push(Problem {
                 what: e.to_string(),
                 repaired: false,
+                kind: ProblemKind::Damage,
             });
             return Ok(report);
         }
@@ -65,6 +99,7 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
             report.problems.push(Problem {
                 what: e.to_string(),
                 repaired: false,
+                kind: ProblemKind::Damage,
             });
         }
     }
@@ -109,6 +144,7 @@ fn check_footer_copy(img: &mut VhdImage, repair: bool, report: &mut CheckReport)
         report.problems.push(Problem {
             what,
             repaired: repair,
+            kind: ProblemKind::Damage,
         });
     }
     Ok(())
@@ -124,6 +160,7 @@ fn check_vhdx(path: &Path, repair: bool, report: &mut CheckReport) -> Result<()>
             report.problems.push(Problem {
                 what: e.to_string(),
                 repaired: false,
+                kind: ProblemKind::Damage,
             });
             return Ok(());
         }
@@ -143,7 +180,11 @@ fn check_vhdx(path: &Path, repair: bool, report: &mut CheckReport) -> Result<()>
         } else {
             false
         };
-        report.problems.push(Problem { what, repaired });
+        report.problems.push(Problem {
+            what,
+            repaired,
+            kind: ProblemKind::LogReplay,
+        });
     } else {
         drop(img);
     }
@@ -153,6 +194,7 @@ fn check_vhdx(path: &Path, repair: bool, report: &mut CheckReport) -> Result<()>
             report.problems.push(Problem {
                 what: e.to_string(),
                 repaired: false,
+                kind: ProblemKind::Damage,
             });
         }
     }

@@ -212,6 +212,9 @@ impl Disk for Tracked {
     fn flush(&self) -> Result<()> {
         self.get().flush()
     }
+    fn settle(&self) -> Result<()> {
+        self.get().settle()
+    }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let r = self.get().write_zeroes(offset, len);
         self.written(r, offset, len)

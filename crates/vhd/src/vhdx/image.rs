@@ -143,6 +143,9 @@ pub struct VhdxImage {
     /// The DataWriteGuid the next change of content takes, when it must be
     /// known beforehand (a merge records it in the child first).
     planned_data_write_guid: Mutex<Option<Uuid>>,
+    /// Held shared by every change ([`Disk::write_at`], `write_zeroes`,
+    /// `discard`, extent writes) and exclusively by [`Disk::settle`].
+    write_gate: RwLock<()>,
     /// Log updates replayed in memory (read-only open of a file with a log).
     overlay: Vec<LogOp>,
     pub(super) log_found: Option<LogState>,
@@ -430,6 +433,7 @@ impl VhdxImage {
             data_changed: AtomicBool::new(false),
             unsynced: AtomicBool::new(true),
             planned_data_write_guid: Mutex::new(None),
+            write_gate: RwLock::new(()),
             overlay,
             log_found,
             parent: None,
@@ -819,6 +823,11 @@ impl VhdxImage {
             return Ok(());
         }
         let mut s = self.session.lock().map_err(|_| self.lock_err())?;
+        self.begin_session_locked(&mut s, data)
+    }
+
+    /// [`Self::begin_session`] with the session already locked.
+    fn begin_session_locked(&self, s: &mut Session, data: bool) -> Result<()> {
         if s.started && (s.data_changed || !data) {
             return Ok(());
         }
@@ -834,7 +843,7 @@ impl VhdxImage {
                 .take();
             h.data_write_guid = planned.unwrap_or_else(new_guid);
         }
-        write_headers(self.file.as_ref(), &self.path, &mut s, h)?;
+        write_headers(self.file.as_ref(), &self.path, s, h)?;
         s.started = true;
         s.data_changed |= data;
         self.started.store(true, Ordering::Release);
@@ -1263,15 +1272,27 @@ impl VhdxImage {
     /// Flushes: data first, then the metadata that refers to it, through the log.
     fn flush_inner(&self) -> Result<()> {
         let mut s = self.session.lock().map_err(|_| self.lock_err())?;
+        self.flush_locked(&mut s)
+    }
+
+    /// [`Self::flush_inner`] with the session already locked.
+    fn flush_locked(&self, s: &mut Session) -> Result<()> {
         if !s.started {
-            return Ok(());
+            // Metadata changed outside a session (an extent write committed
+            // after a settle ended the session) still reaches the file: in a
+            // new session, so the headers say the file is being changed.
+            let pending = !self.state.read().map_err(|_| self.lock_err())?.dirty.is_empty();
+            if !pending {
+                return Ok(());
+            }
+            self.begin_session_locked(s, true)?;
         }
         let (dirty, pages, file_len, end) = self.take_dirty()?;
         let result = self.sync().and_then(|()| {
             if pages.is_empty() {
                 return Ok(());
             }
-            self.log_pages(&mut s, &pages, file_len, end)
+            self.log_pages(s, &pages, file_len, end)
         });
         if let Ok(mut st) = self.state.write() {
             if result.is_err() {
@@ -1288,16 +1309,33 @@ impl VhdxImage {
     /// Rewrites the headers with an empty log, after a flush: the clean state
     /// other readers expect.
     fn close_session(&self) -> Result<()> {
-        self.flush_inner()?;
         let mut s = self.session.lock().map_err(|_| self.lock_err())?;
+        self.close_locked(&mut s)
+    }
+
+    /// [`Self::close_session`] with the session already locked.
+    fn close_locked(&self, s: &mut Session) -> Result<()> {
+        self.flush_locked(s)?;
         if !s.started {
             return Ok(());
         }
         let mut h = s.header.clone();
         h.log_guid = Uuid::nil();
-        write_headers(self.file.as_ref(), &self.path, &mut s, h)?;
-        self.end_session(&mut s);
+        write_headers(self.file.as_ref(), &self.path, s, h)?;
+        self.end_session(s);
         Ok(())
+    }
+
+    /// Flushes and leaves the file as a clean close would: every log entry
+    /// applied and the headers naming no log, while the image stays open (the
+    /// next change starts a new session with new write GUIDs). What a copy of
+    /// the file taken now holds verifies and opens anywhere without a replay.
+    /// Writes wait meanwhile (`write_gate`), so none can begin in a session
+    /// that is being closed under it.
+    fn settle_inner(&self) -> Result<()> {
+        let _no_writes = self.write_gate.write().map_err(|_| self.lock_err())?;
+        let mut s = self.session.lock().map_err(|_| self.lock_err())?;
+        self.close_locked(&mut s)
     }
 
     /// Closes the image, reporting what a drop would swallow.
@@ -1397,6 +1435,7 @@ impl Disk for VhdxImage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
+        let _gate = self.write_gate.read().map_err(|_| self.lock_err())?;
         check_range(Some(&self.path), self.size(), offset, buf.len() as u64)?;
         self.begin_session(true)?;
         let bs = self.layout.block_size;
@@ -1417,8 +1456,16 @@ impl Disk for VhdxImage {
         self.flush_inner()
     }
 
+    fn settle(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.settle_inner()
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
+        let _gate = self.write_gate.read().map_err(|_| self.lock_err())?;
         check_range(Some(&self.path), self.size(), offset, len)?;
         self.begin_session(true)?;
         let bs = self.layout.block_size;
@@ -1513,6 +1560,7 @@ impl Disk for VhdxImage {
     /// the run ends at the block's end.
     fn prepare_extent_write(&self, offset: u64, len: u64) -> Result<Option<FileExtent>> {
         self.check_writable()?;
+        let _gate = self.write_gate.read().map_err(|_| self.lock_err())?;
         check_range(Some(&self.path), self.size(), offset, len)?;
         let ss = self.layout.logical_sector_size;
         let in_block = offset % self.layout.block_size;
@@ -1533,6 +1581,7 @@ impl Disk for VhdxImage {
     /// write's data.
     fn commit_extent_write(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
+        let _gate = self.write_gate.read().map_err(|_| self.lock_err())?;
         // The caller wrote the data through the extent, not `write_file`: the
         // next flush must sync it before the metadata that points at it.
         self.unsynced.store(true, Ordering::Release);
