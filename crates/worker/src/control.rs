@@ -93,7 +93,8 @@ pub enum Request {
     SetProcessor {
         processor: vm_config::ProcessorSettings,
     },
-    /// Make every write to the VM's writable disks durable (the VM keeps running).
+    /// Make every write to the VM's writable disks durable and leave their
+    /// files as a clean close would (a VHDX's log emptied), the VM running on.
     FlushDisks,
     /// Switch the disks in these slots to other images (copies of what they serve,
     /// after a storage move) while QEMU stays connected: all or nothing; the old

@@ -218,8 +218,11 @@ impl ServedDisks {
         drives.into_iter().map(|(_, d)| d).collect()
     }
 
-    /// Makes every write to the writable disks durable (the VM keeps running).
-    pub fn flush(&self) -> Result<(), DiskError> {
+    /// Makes every write to the writable disks durable and leaves their files
+    /// as a clean close would (a VHDX's log applied and emptied), while the VM
+    /// keeps running: what the daemon copies from outside the worker next (a
+    /// storage move's leaves, with the guest paused) verifies as it is.
+    pub fn settle(&self) -> Result<(), DiskError> {
         let synthetic = self.synthetic.iter().map(|d| (&d.path, &d.disk));
         let ide = self
             .ide
@@ -230,7 +233,7 @@ impl ServedDisks {
             if disk.read_only() {
                 continue;
             }
-            disk.flush().map_err(|source| DiskError::Flush {
+            disk.settle().map_err(|source| DiskError::Flush {
                 path: path.clone(),
                 source: Box::new(source),
             })?;

@@ -1211,7 +1211,7 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
                 return invalid(shared, "flush its disks", "");
             }
             let served = shared.served.lock().await;
-            match served.as_ref().map(ServedDisks::flush) {
+            match served.as_ref().map(ServedDisks::settle) {
                 Some(Err(e)) => failed("flushing the disks failed", &e),
                 Some(Ok(())) | None => ok(shared),
             }
