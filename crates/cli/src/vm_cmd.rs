@@ -83,8 +83,10 @@ pub enum VmCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Move the VM's disks and checkpoint disks to another folder (a job; the VM
-    /// must be Off or Saved).
+    /// Move the VM's disks and checkpoint disks to another folder (a job). A
+    /// Running or Paused VM moves online: the guest pauses only while its
+    /// current disks copy, then runs on the copies; an Off or Saved VM moves
+    /// offline.
     MoveStorage {
         vm: String,
         /// An absolute path: an empty folder or a new one.

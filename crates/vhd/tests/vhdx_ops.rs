@@ -433,7 +433,10 @@ fn settle_leaves_an_open_vhdx_whose_copy_checks_clean_and_later_writes_persist()
             "{kind}: a copy after a settle should need nothing, got {}",
             report.summary()
         );
-        assert!(read_all(&settled) == model, "{kind}: the settled copy reads other data");
+        assert!(
+            read_all(&settled) == model,
+            "{kind}: the settled copy reads other data"
+        );
         if kind == "dynamic" {
             let (ok, out) = qemu_img(&["check", s(&settled)]);
             assert!(ok, "qemu-img check of the settled copy: {out}");
@@ -446,6 +449,9 @@ fn settle_leaves_an_open_vhdx_whose_copy_checks_clean_and_later_writes_persist()
         drop(disk);
         let report = check(&path, false).unwrap();
         assert!(report.problems.is_empty(), "{kind}: {}", report.summary());
-        assert!(read_all(&path) == model, "{kind}: a write after the settle was lost");
+        assert!(
+            read_all(&path) == model,
+            "{kind}: a write after the settle was lost"
+        );
     }
 }

@@ -399,6 +399,24 @@ fn write_all(
             .map_err(|e| disk_err(child, &e))?;
     }
 
+    // Every disk in the folder verifies as it is: a VHDX copied while its
+    // worker held it (a running VM's frozen layers are closed, but a copy of
+    // an open file holds a log) has its log replayed here, in our copy; damage
+    // (already in the source) fails the export rather than hide in it.
+    for f in files.iter().filter(|f| f.role == FileRole::Disk) {
+        let path = folder.join(&f.path);
+        match vhd::ops::check::verify_copy(&path) {
+            Ok(vhd::ops::check::Verified::Damaged(what)) => {
+                return Err(failed(format!(
+                    "the exported disk {} is damaged: {what}; check the VM's disk with `viridian vhd check`",
+                    path.display()
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(disk_err(&path, &e)),
+        }
+    }
+
     // Settings with export-relative paths.
     let settings = mapped(&src.settings, &map);
     vm_config::file::save(&folder.join(crate::vms::store::SETTINGS_FILE), &settings)

@@ -851,16 +851,20 @@ fn not_verified(what: String) -> JobError {
     JobError::failed("Internal", format!("the copy does not verify: {what}"))
 }
 
-/// `vhd check` of each copy: clean.
+/// `vhd check` of each copy: clean. The leaves were settled by the worker
+/// with the guest paused (their logs applied and emptied), so their copies
+/// need nothing; a copy that still holds a log (a worker from before `settle`,
+/// which only flushes) is not damaged: the copy is ours and unused, so its log
+/// is replayed ([`vhd::ops::check::verify_copy`]). Only damage fails the move.
 fn check_copies(files: &[&FileMove]) -> Result<(), JobError> {
+    use vhd::ops::check::{verify_copy, Verified};
     for m in files {
-        let report = vhd::ops::check::check(&m.to, false)
+        let verified = verify_copy(&m.to)
             .map_err(|e| not_verified(format!("{}: {}", m.to.display(), error_chain(&e))))?;
-        if !report.clean() {
+        if let Verified::Damaged(what) = verified {
             return Err(not_verified(format!(
-                "{} has problems: {:?}",
-                m.to.display(),
-                report.problems
+                "{} is damaged: {what}",
+                m.to.display()
             )));
         }
     }
@@ -992,6 +996,28 @@ fn roll_forward(
     {
         if let Some(to) = moved(&d.path) {
             d.path = to;
+        }
+    }
+    // Each checkpoint's settings (its drives, as they were when it was taken)
+    // name the moved files too: an export, or a restore of the settings, reads
+    // the drives from there. Rewritten before the sources go, like vm.json; a
+    // roll forward after a crash rewrites what is left.
+    for n in t.nodes.iter().filter(|n| !n.deleted) {
+        let file = tree::node_dir(vm_dir, n.id).join(tree::SETTINGS_FILE);
+        let Ok(mut ns) = vm_config::file::load(&file) else {
+            continue;
+        };
+        let mut changed = false;
+        for d in &mut ns.drives {
+            if let DriveMedia::HardDisk { path } = &mut d.media {
+                if let Some(to) = moved(Path::new(path.as_str())) {
+                    *path = to.to_string_lossy().into_owned();
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            vm_config::file::save(&file, &ns).map_err(|e| ApiError::internal(error_chain(&e)))?;
         }
     }
     // New checkpoints' layers go to the destination too.

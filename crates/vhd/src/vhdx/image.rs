@@ -1281,7 +1281,12 @@ impl VhdxImage {
             // Metadata changed outside a session (an extent write committed
             // after a settle ended the session) still reaches the file: in a
             // new session, so the headers say the file is being changed.
-            let pending = !self.state.read().map_err(|_| self.lock_err())?.dirty.is_empty();
+            let pending = !self
+                .state
+                .read()
+                .map_err(|_| self.lock_err())?
+                .dirty
+                .is_empty();
             if !pending {
                 return Ok(());
             }
