@@ -327,3 +327,262 @@ fn daemon_killed_between_the_commit_and_the_switch_switches_the_worker_and_resum
         "{on_scsi} vs {printed}"
     );
 }
+
+/// Marks of the data disks (sector 0), so the guest finds each by content.
+const VHD_MARK: &[u8] = b"#vhd-data";
+const DIFF_MARK: &[u8] = b"#vhdx-dif";
+const DYN_MARK: &[u8] = b"#vhdx-dyn";
+/// MiB of each VHDX data disk; the guest writes each count into a new block.
+const VHDX_MIB: u64 = 64;
+
+/// Counts forever on three disks at once: `count N`, each write flushed, at
+/// sector 1 of the VHD (IDE) and of both VHDX disks (SCSI), and on the VHDX
+/// disks also at MiB (N mod 60) + 1, so blocks keep being allocated (VHDX
+/// metadata changes through the log) while the storage moves.
+const COUNTER3: &str = "ide=; dif=; dyn=\n\
+    for dev in /dev/sd? /dev/vd?; do\n\
+    case \"$(head -c 9 $dev)\" in\n\
+    '#vhd-data') ide=$dev;;\n\
+    '#vhdx-dif') dif=$dev;;\n\
+    '#vhdx-dyn') dyn=$dev;;\n\
+    esac\n\
+    done\n\
+    echo \"data disks vhd=$ide dif=$dif dyn=$dyn\"\n\
+    n=0\n\
+    while true; do\n\
+    n=$((n+1))\n\
+    far=$(( (n % 60) * 2048 + 2048 ))\n\
+    for dev in $ide $dif $dyn; do\n\
+    echo \"count $n\" | dd of=$dev bs=512 seek=1 count=1 conv=notrunc,sync,fsync 2>/dev/null\n\
+    done\n\
+    for dev in $dif $dyn; do\n\
+    echo \"count $n\" | dd of=$dev bs=512 seek=$far count=1 conv=notrunc,sync,fsync 2>/dev/null\n\
+    done\n\
+    echo \"count $n\"\n\
+    sleep 0.2\n\
+    done\n";
+
+fn new_marked(path: &Path, mark: &[u8]) {
+    if path.extension().is_some_and(|e| e == "vhdx") {
+        use vhd::vhdx::create::{create, NewVhdx, VhdxOptions};
+        let mut o = VhdxOptions::new(NewVhdx::Dynamic {
+            size: VHDX_MIB << 20,
+        });
+        o.block_size = Some(1 << 20);
+        create(path, &o, &mut vhd::NoProgress).unwrap();
+    } else {
+        new_dynamic(path, 8 << 20);
+    }
+    let disk = vhd::open(path, false).unwrap();
+    disk.write_at(mark, 0).unwrap();
+    disk.flush().unwrap();
+}
+
+/// Every disk file (VHD, VHDX and their checkpoint layers) under `dir`.
+fn disk_files_in(dir: &Path) -> Vec<PathBuf> {
+    files_in(dir)
+        .into_iter()
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "avhd" || e == "avhdx" || e == "vhd" || e == "vhdx")
+        })
+        .collect()
+}
+
+/// The count of every one of the last 60 writes to the far sectors of a VHDX
+/// data disk is there: at MiB (n mod 60) + 1 each n of the last 60 (or, for
+/// the one the guest wrote after it printed its last, that next n).
+fn assert_far_counts(path: &Path, printed: u64) {
+    let disk = vhd::open(path, true).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    for n in printed.saturating_sub(59).max(1)..=printed {
+        let mut buf = [0u8; 512];
+        disk.read_at(&mut buf, ((n % 60) * 2048 + 2048) * 512)
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        let got: Option<u64> = text
+            .trim_end_matches('\0')
+            .trim()
+            .strip_prefix("count ")
+            .and_then(|x| x.parse().ok());
+        assert!(
+            got == Some(n) || got == Some(n + 60),
+            "{} holds {got:?} at MiB {}, not count {n}",
+            path.display(),
+            n % 60 + 1
+        );
+    }
+}
+
+#[test]
+fn a_guest_writing_to_vhdx_and_vhd_disks_moves_online_five_times_and_exports_while_running() {
+    ensure_worker_binary();
+    let d = Daemon::start(&[]);
+    let _cleanup = KillWorkersOnDrop(d.data.clone());
+    let name = "writer";
+    let src = d.dir.path().join("source");
+    std::fs::create_dir_all(&src).unwrap();
+    let boot = src.join("boot.vhd");
+    std::fs::copy(guest_dir().join("boot-fixed.vhd"), &boot).unwrap();
+    let cfg = config_disk(&src, COUNTER3);
+    let vhd_disk = src.join("data.vhd");
+    new_marked(&vhd_disk, VHD_MARK);
+    let diff = src.join("diff.vhdx");
+    new_marked(&diff, DIFF_MARK);
+    gen1_vm_with_disks(
+        &d,
+        name,
+        &[
+            ("ide", 0, 0, &boot),
+            ("ide", 0, 1, &cfg),
+            ("ide", 1, 0, &vhd_disk),
+            ("scsi", 0, 0, &diff),
+        ],
+    );
+    // The checkpoint makes the VM run on differencing leaves of those; the disk
+    // added after it stays a dynamic VHDX.
+    let job = run_job(
+        &d,
+        &format!("/v1/vms/{name}/checkpoints"),
+        json!({"name": "before"}),
+    );
+    assert_eq!(job["state"], "Completed", "{job}");
+    let dynamic = src.join("dyn.vhdx");
+    new_marked(&dynamic, DYN_MARK);
+    common::disk_data::add_disk(&d, name, 1, &dynamic);
+    assert!(drive_path(&d, name, "scsi", 0, 0)
+        .extension()
+        .is_some_and(|e| e == "avhdx"));
+    let job = run_job(&d, &format!("/v1/vms/{name}/start"), json!({}));
+    assert_eq!(job["state"], "Completed", "start: {job}");
+    let text = wait_console(&d, name, "data disks vhd=");
+    let line = text
+        .lines()
+        .find(|l| l.contains("data disks vhd="))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains("vhd=/dev/sd")
+            && line.contains("dif=/dev/vd")
+            && line.contains("dyn=/dev/vd"),
+        "the guest did not find its three data disks: {line}"
+    );
+    let mut seen = wait_count(&d, name, 5);
+    let pid = vm(&d, name)["runtime"]["worker_pid"].as_u64().unwrap();
+
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let mut sources: Vec<PathBuf> = disk_files_in(&src)
+        .into_iter()
+        .chain(disk_files_in(&d.data.join("vms")))
+        .collect();
+    assert!(sources.len() >= 7, "{sources:?}");
+    for round in 1..=5 {
+        let dest = shm.path().join(format!("round-{round}"));
+        let job = run_job(
+            &d,
+            &format!("/v1/vms/{name}/move-storage"),
+            json!({ "destination": dest }),
+        );
+        assert_eq!(
+            job["state"],
+            "Completed",
+            "move {round}: {job}\n{}",
+            d.log()
+        );
+        assert_eq!(affected(&job, "move-mode"), Some("online"), "{job}");
+        downtime(&job);
+        assert_eq!(vm(&d, name)["runtime"]["state"], "Running");
+        assert_eq!(vm(&d, name)["runtime"]["worker_pid"].as_u64(), Some(pid));
+        for f in &sources {
+            assert!(!f.exists(), "move {round}: {} was not removed", f.display());
+        }
+        for slot in [("ide", 1, 0), ("scsi", 0, 0), ("scsi", 0, 1)] {
+            let leaf = drive_path(&d, name, slot.0, slot.1, slot.2);
+            assert!(leaf.starts_with(&dest), "{slot:?} names {}", leaf.display());
+        }
+        sources = disk_files_in(&dest);
+        // It goes on writing on the moved disks.
+        seen = wait_count(&d, name, seen + 3);
+    }
+    let text = console(&d, name);
+    let all = counts(&text);
+    assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "a gap: {all:?}");
+    assert_eq!(text.matches("VIRIDIAN-GUEST: booted").count(), 1, "{text}");
+
+    // Exported while it writes: every exported disk checks clean (ours and,
+    // where QEMU 7.2 can open it, qemu-img's), holds counts, and imports.
+    let out = shm.path().join("exports");
+    std::fs::create_dir_all(&out).unwrap();
+    let job = run_job(
+        &d,
+        &format!("/v1/vms/{name}/export"),
+        json!({"destination": out.display().to_string()}),
+    );
+    assert_eq!(job["state"], "Completed", "export: {job}\n{}", d.log());
+    assert_eq!(vm(&d, name)["runtime"]["state"], "Running");
+    let exported = disk_files_in(&out.join(name));
+    assert!(exported.len() >= 7, "{exported:?}");
+    for f in &exported {
+        let report = vhd::ops::check::check(f, false).unwrap();
+        assert!(
+            report.problems.is_empty(),
+            "{}: {}",
+            f.display(),
+            report.summary()
+        );
+    }
+    let base_of_dyn = exported
+        .iter()
+        .find(|f| f.file_name().is_some_and(|n| n == "dyn.vhdx"))
+        .unwrap_or_else(|| panic!("no dyn.vhdx in {exported:?}"));
+    let qemu = std::process::Command::new("qemu-img")
+        .args(["check", "-f", "vhdx"])
+        .arg(base_of_dyn)
+        .output()
+        .unwrap();
+    assert!(
+        qemu.status.success(),
+        "qemu-img check {}: {}",
+        base_of_dyn.display(),
+        String::from_utf8_lossy(&qemu.stdout)
+    );
+    let job = run_job(
+        &d,
+        "/v1/vms/import",
+        json!({"source": out.display().to_string(), "mode": "copy", "new_id": true,
+               "name": "writer-copy"}),
+    );
+    assert_eq!(job["state"], "Completed", "import: {job}\n{}", d.log());
+    for slot in [("ide", 1, 0), ("scsi", 0, 0), ("scsi", 0, 1)] {
+        let leaf = drive_path(&d, "writer-copy", slot.0, slot.1, slot.2);
+        let n = disk_count(&leaf, 1);
+        assert!(
+            n >= seen,
+            "{slot:?} of the import holds count {n}, below {seen}"
+        );
+    }
+
+    // Stopped: every count is on the moved disks.
+    let job = run_job(&d, &format!("/v1/vms/{name}/stop"), json!({}));
+    assert_eq!(job["state"], "Completed", "stop: {job}");
+    wait_state(&d, name, "Off");
+    let text = console(&d, name);
+    let all = counts(&text);
+    let printed = *all.last().unwrap();
+    assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "a gap: {all:?}");
+    for slot in [("ide", 1, 0), ("scsi", 0, 0), ("scsi", 0, 1)] {
+        let leaf = drive_path(&d, name, slot.0, slot.1, slot.2);
+        assert!(
+            leaf.starts_with(shm.path().join("round-5")),
+            "{}",
+            leaf.display()
+        );
+        let n = disk_count(&leaf, 1);
+        assert!(
+            n == printed || n == printed + 1,
+            "{slot:?} holds {n}; the guest last printed {printed}"
+        );
+        if slot.0 == "scsi" {
+            assert_far_counts(&leaf, printed);
+        }
+    }
+}
