@@ -79,6 +79,9 @@ pub struct DaemonConfig {
     /// Most `GET /v1/events` listeners at once; more are answered 429.
     #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_event_listeners: u32,
+    /// Longest `GET /v1/jobs/{id}/wait` in seconds; a longer `timeout` is shortened to it.
+    #[arg(long, default_value_t = api::jobs::DEFAULT_MAX_WAIT_SECONDS, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub max_wait: u64,
     /// Serve the diagnostic endpoints (`/v1/diagnostics/...`) over TCP too; they are
     /// always served on the unix socket.
     #[arg(long)]

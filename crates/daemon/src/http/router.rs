@@ -176,6 +176,7 @@ async fn dispatch(
 ) -> Result<Response<Body>, ApiError> {
     let m = req.method().clone();
     let timeout = query_param(&req, "timeout");
+    let (limit, after) = (query_param(&req, "limit"), query_param(&req, "after"));
     let query = req.uri().query().map(str::to_string);
     let body = req.into_body();
     use Method as M;
@@ -235,7 +236,7 @@ async fn dispatch(
             lifecycle::action(svc, vm, action, body).await
         }
 
-        (&M::GET, ["v1", "jobs"]) => jobs::list(svc),
+        (&M::GET, ["v1", "jobs"]) => jobs::list(svc, limit.as_deref(), after.as_deref()),
         (&M::GET, ["v1", "jobs", id]) => jobs::get(svc, id),
         (&M::DELETE, ["v1", "jobs", id]) => jobs::cancel(svc, id),
         (&M::GET, ["v1", "jobs", id, "wait"]) => jobs::wait(svc, id, timeout.as_deref()).await,
