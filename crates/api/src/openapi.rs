@@ -462,7 +462,8 @@ pub fn routes() -> Vec<Route> {
 }
 
 /// The bounds every client meets, as the document states them.
-const LIMITS: &str = "Limits (viridiand flags, defaults in brackets): request bodies of at most 1 MiB \
+const LIMITS: &str =
+    "Limits (viridiand flags, defaults in brackets): request bodies of at most 1 MiB \
 (a larger Content-Length is answered 413 PayloadTooLarge before anything is read); a whole body \
 within --body-timeout [30 s] (else 408 RequestTimeout); TCP connections --max-connections [1024] \
 in all and --max-connections-per-client [64] per address, the unix socket --max-unix-connections \
@@ -639,7 +640,12 @@ mod tests {
     fn the_document_states_the_limits_clients_meet() {
         let doc = document();
         let jobs = &doc["paths"]["/v1/jobs"]["get"]["parameters"];
-        let limit = jobs.as_array().unwrap().iter().find(|p| p["name"] == "limit").unwrap();
+        let limit = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "limit")
+            .unwrap();
         assert_eq!(limit["schema"]["maximum"], 1000);
         let wait = &doc["paths"]["/v1/jobs/{id}/wait"]["get"]["parameters"][1];
         assert!(wait["description"].as_str().unwrap().contains("at most"));
@@ -648,6 +654,9 @@ mod tests {
             assert!(r429["headers"]["Retry-After"].is_object(), "{path}");
         }
         assert!(doc["paths"]["/v1/jobs/{id}"]["delete"]["responses"]["429"].is_null());
-        assert!(doc["info"]["description"].as_str().unwrap().contains("--max-connections"));
+        assert!(doc["info"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("--max-connections"));
     }
 }

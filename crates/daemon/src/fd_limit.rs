@@ -37,7 +37,7 @@ pub fn raise_nofile() -> u64 {
             );
         }
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 /// How many connections may be open at once, on each listener.

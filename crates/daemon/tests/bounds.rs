@@ -104,14 +104,19 @@ impl Tls {
 
     /// One request with the token over TLS from `from`; status 0 when the daemon
     /// closed the connection without an answer.
-    fn request(&self, from: Ipv4Addr, port: u16, method: &str, path: &str, body: Option<&str>) -> Reply {
+    fn request(
+        &self,
+        from: Ipv4Addr,
+        port: u16,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Reply {
         let auth = format!("Bearer {}", self.token);
         let request = build(method, path, body, &[("Authorization", &auth)]);
-        let conn = rustls::ClientConnection::new(
-            self.config.clone(),
-            "localhost".try_into().unwrap(),
-        )
-        .unwrap();
+        let conn =
+            rustls::ClientConnection::new(self.config.clone(), "localhost".try_into().unwrap())
+                .unwrap();
         let tcp = connect_from(from, port).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut tls = rustls::StreamOwned::new(conn, tcp);
@@ -149,8 +154,8 @@ fn closed_by_daemon(s: &mut TcpStream, within: Duration) -> bool {
 }
 
 #[test]
-fn two_thousand_idle_tcp_connections_lock_out_neither_the_unix_socket_nor_a_client_with_the_token(
-) {
+fn two_thousand_idle_tcp_connections_lock_out_neither_the_unix_socket_nor_a_client_with_the_token()
+{
     let port = free_port();
     let d = start_with_1024_descriptors(&["--listen", &format!("127.0.0.1:{port}")]);
     wait_for_tcp(&d, port);
@@ -167,7 +172,11 @@ fn two_thousand_idle_tcp_connections_lock_out_neither_the_unix_socket_nor_a_clie
     let t = Instant::now();
     let r = tls.request(Ipv4Addr::LOCALHOST, port, "GET", "/v1/host", None);
     let tcp_took = t.elapsed();
-    assert_eq!(r.status, 200, "TCP with the token during the flood: {}", r.raw);
+    assert_eq!(
+        r.status, 200,
+        "TCP with the token during the flood: {}",
+        r.raw
+    );
     eprintln!("during the flood: unix GET /v1/vms {unix_took:?}, TLS GET /v1/host {tcp_took:?}");
     assert!(unix_took < PROMPT, "the unix socket took {unix_took:?}");
     assert!(tcp_took < PROMPT, "TCP with the token took {tcp_took:?}");
@@ -211,7 +220,11 @@ fn when_all_tcp_places_are_taken_the_unix_socket_still_answers_and_new_tcp_clien
     let t = Instant::now();
     let r = unix_request(&d.socket, &build("GET", "/v1/vms", None, &[]));
     assert_eq!(r.status, 200, "{}", r.raw);
-    assert!(t.elapsed() < PROMPT, "the unix socket took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < PROMPT,
+        "the unix socket took {:?}",
+        t.elapsed()
+    );
 
     let mut late = connect_from(Ipv4Addr::new(127, 0, 0, 99), port).unwrap();
     let t = Instant::now();
@@ -231,7 +244,11 @@ fn when_all_tcp_places_are_taken_the_unix_socket_still_answers_and_new_tcp_clien
         if r.status == 200 {
             break;
         }
-        assert!(Instant::now() < deadline, "TCP places never came back: {}", r.raw);
+        assert!(
+            Instant::now() < deadline,
+            "TCP places never came back: {}",
+            r.raw
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -259,7 +276,10 @@ fn a_body_sent_one_byte_a_second_is_cut_with_408_at_the_body_time_out() {
     let mut status = String::new();
     reader.read_line(&mut status).unwrap();
     let took = t.elapsed();
-    assert!(status.contains(" 408 "), "answer: {status:?} after {took:?}");
+    assert!(
+        status.contains(" 408 "),
+        "answer: {status:?} after {took:?}"
+    );
     assert!(
         took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
         "cut after {took:?}, the time-out is 2 s"
@@ -284,8 +304,7 @@ fn a_content_length_over_the_body_limit_is_refused_with_413_at_once_on_both_list
     let tls = Tls::of(&d);
     let auth = format!("Bearer {}", tls.token);
     let conn =
-        rustls::ClientConnection::new(tls.config.clone(), "localhost".try_into().unwrap())
-            .unwrap();
+        rustls::ClientConnection::new(tls.config.clone(), "localhost".try_into().unwrap()).unwrap();
     let tcp = connect_from(Ipv4Addr::LOCALHOST, port).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut s = rustls::StreamOwned::new(conn, tcp);
@@ -425,8 +444,15 @@ fn twenty_thousand_job_submissions_get_429_past_the_cap_and_4096_waiting_jobs_co
     std::thread::sleep(Duration::from_secs(5));
     let used = (cpu_ticks(pid) - c0) as f64 / ticks_per_second() as f64;
     let share = used / t0.elapsed().as_secs_f64();
-    eprintln!("viridiand at rest with 4096 waiting jobs: {:.2} % of one CPU", share * 100.0);
-    assert!(share < 0.01, "the daemon used {:.2} % of a CPU at rest", share * 100.0);
+    eprintln!(
+        "viridiand at rest with 4096 waiting jobs: {:.2} % of one CPU",
+        share * 100.0
+    );
+    assert!(
+        share < 0.01,
+        "the daemon used {:.2} % of a CPU at rest",
+        share * 100.0
+    );
 
     // Listing stays bounded, and its pages together hold every job once.
     let mut c = Conn::open(&d.socket);
@@ -439,7 +465,9 @@ fn twenty_thousand_job_submissions_get_429_past_the_cap_and_4096_waiting_jobs_co
         let jobs = page["jobs"].as_array().unwrap();
         assert!(jobs.len() <= 1000);
         seen.extend(jobs.iter().map(|j| j["id"].as_str().unwrap().to_string()));
-        let Some(after) = page["next_after"].as_u64() else { break };
+        let Some(after) = page["next_after"].as_u64() else {
+            break;
+        };
         let a = c.call("GET", &format!("/v1/jobs?after={after}&limit=1000"), "");
         page = serde_json::from_str(&a.body).unwrap();
     }
@@ -450,8 +478,14 @@ fn twenty_thousand_job_submissions_get_429_past_the_cap_and_4096_waiting_jobs_co
     assert_eq!(c.call("DELETE", &format!("/v1/jobs/{id}"), "").status, 202);
     let done = c.call("GET", &format!("/v1/jobs/{id}/wait?timeout=10"), "");
     assert!(done.body.contains("Terminated"), "{}", done.body);
-    assert_eq!(c.call("POST", "/v1/diagnostics/sleep-job", hour).status, 202);
-    assert_eq!(c.call("POST", "/v1/diagnostics/sleep-job", hour).status, 429);
+    assert_eq!(
+        c.call("POST", "/v1/diagnostics/sleep-job", hour).status,
+        202
+    );
+    assert_eq!(
+        c.call("POST", "/v1/diagnostics/sleep-job", hour).status,
+        429
+    );
 }
 
 #[test]
@@ -478,18 +512,35 @@ fn each_tcp_address_and_the_local_client_have_their_own_share_of_running_jobs() 
     let r = tls.request(a, port, "POST", "/v1/diagnostics/sleep-job", minute);
     assert_eq!((r.status, r.code()), (429, "TooManyRequests"), "{}", r.raw);
     assert_eq!(r.header("retry-after").as_deref(), Some("5"));
-    assert!(r.body["message"].as_str().unwrap().contains("127.0.0.1"), "{}", r.raw);
+    assert!(
+        r.body["message"].as_str().unwrap().contains("127.0.0.1"),
+        "{}",
+        r.raw
+    );
     for _ in 0..3 {
         let r = tls.request(b, port, "POST", "/v1/diagnostics/sleep-job", minute);
         assert_eq!(r.status, 202, "{}", r.raw);
     }
     // The unix socket's clients are one local client with a share of their own, up
     // to the total.
-    let r = d.post("/v1/diagnostics/sleep-job", serde_json::json!({"milliseconds": 60000}));
+    let r = d.post(
+        "/v1/diagnostics/sleep-job",
+        serde_json::json!({"milliseconds": 60000}),
+    );
     assert_eq!(r.status, 202, "{}", r.raw);
-    let r = d.post("/v1/diagnostics/sleep-job", serde_json::json!({"milliseconds": 60000}));
+    let r = d.post(
+        "/v1/diagnostics/sleep-job",
+        serde_json::json!({"milliseconds": 60000}),
+    );
     assert_eq!((r.status, r.code()), (429, "TooManyRequests"), "{}", r.raw);
-    assert!(r.body["message"].as_str().unwrap().contains("7 jobs are running"), "{}", r.raw);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("7 jobs are running"),
+        "{}",
+        r.raw
+    );
     // Requests that start no job are never refused for it.
     let r = tls.request(a, port, "GET", "/v1/jobs", None);
     assert_eq!(r.status, 200);
@@ -510,8 +561,14 @@ fn the_diagnostic_sleep_job_is_served_over_tcp_only_when_enabled() {
     );
     assert_eq!((r.status, r.code()), (404, "NotFound"), "{}", r.raw);
     assert!(r.raw.contains("--enable-diagnostics"), "{}", r.raw);
-    assert!(d.get("/v1/jobs").body["jobs"].as_array().unwrap().is_empty());
-    let r = d.post("/v1/diagnostics/sleep-job", serde_json::json!({"milliseconds": 1}));
+    assert!(d.get("/v1/jobs").body["jobs"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let r = d.post(
+        "/v1/diagnostics/sleep-job",
+        serde_json::json!({"milliseconds": 1}),
+    );
     assert_eq!(r.status, 202, "the unix socket keeps it: {}", r.raw);
 }
 
@@ -519,7 +576,8 @@ fn the_diagnostic_sleep_job_is_served_over_tcp_only_when_enabled() {
 fn listen_events(socket: &Path) -> (u16, BufReader<UnixStream>) {
     let mut s = UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
@@ -538,14 +596,20 @@ fn event_listeners_past_the_cap_get_429_and_a_closed_one_frees_its_place() {
     assert_eq!(r.header("retry-after").as_deref(), Some("5"));
     drop(l1);
     // The daemon notices the closed listener on its next event.
-    d.post("/v1/diagnostics/sleep-job", serde_json::json!({"milliseconds": 1}));
+    d.post(
+        "/v1/diagnostics/sleep-job",
+        serde_json::json!({"milliseconds": 1}),
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (status, _l3) = listen_events(&d.socket);
         if status == 200 {
             break;
         }
-        assert!(Instant::now() < deadline, "the closed listener's place never came back");
+        assert!(
+            Instant::now() < deadline,
+            "the closed listener's place never came back"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -553,7 +617,10 @@ fn event_listeners_past_the_cap_get_429_and_a_closed_one_frees_its_place() {
 #[test]
 fn a_wait_longer_than_max_wait_is_shortened_and_says_the_job_still_runs() {
     let d = Daemon::start(&["--max-wait", "1"]);
-    let job = d.post("/v1/diagnostics/sleep-job", serde_json::json!({"milliseconds": 60000}));
+    let job = d.post(
+        "/v1/diagnostics/sleep-job",
+        serde_json::json!({"milliseconds": 60000}),
+    );
     let id = job.body["id"].as_str().unwrap();
     let t = Instant::now();
     let r = d.get(&format!("/v1/jobs/{id}/wait?timeout=100000"));

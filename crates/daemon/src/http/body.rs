@@ -56,21 +56,23 @@ pub async fn read_bytes(body: Incoming) -> Result<Bytes, ApiError> {
         return Err(too_large());
     }
     let timeout = body_timeout();
-    let collected =
-        match tokio::time::timeout(timeout, Limited::new(body, api::MAX_BODY_BYTES).collect())
-            .await
-        {
-            Ok(collected) => collected,
-            Err(_) => {
-                return Err(ApiError::new(
-                    ErrorCode::RequestTimeout,
-                    format!(
-                        "the request body did not arrive within {} s; send it in one go",
-                        timeout.as_secs_f64()
-                    ),
-                ))
-            }
-        };
+    let collected = match tokio::time::timeout(
+        timeout,
+        Limited::new(body, api::MAX_BODY_BYTES).collect(),
+    )
+    .await
+    {
+        Ok(collected) => collected,
+        Err(_) => {
+            return Err(ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "the request body did not arrive within {} s; send it in one go",
+                    timeout.as_secs_f64()
+                ),
+            ))
+        }
+    };
     match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),

@@ -154,9 +154,10 @@ async fn route(
     if !starts_job(req.method(), &segs) {
         return dispatch(svc, req, &segs, shutdown).await;
     }
-    let place = svc.job_quota.reserve(client).map_err(|full| {
-        ApiError::too_many(full.to_string(), RETRY_AFTER_SECONDS)
-    })?;
+    let place = svc
+        .job_quota
+        .reserve(client)
+        .map_err(|full| ApiError::too_many(full.to_string(), RETRY_AFTER_SECONDS))?;
     let resp = dispatch(svc, req, &segs, shutdown).await?;
     if let Some(id) = started_job(&resp) {
         place.bind(id);
