@@ -198,7 +198,11 @@ mod caps {
             self.r.get_mut().write_all(req.as_bytes()).unwrap();
             let mut line = String::new();
             self.r.read_line(&mut line).unwrap();
-            let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let status = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             let mut len = 0usize;
             loop {
                 line.clear();
@@ -229,10 +233,15 @@ mod caps {
 
     impl Running {
         fn start(exe: &Path, tag: &str) -> Running {
-            let dir = std::env::temp_dir().join(format!("viridian-caps-{tag}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("viridian-caps-{tag}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             let socket = dir.join("v.sock");
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
             let child = Command::new(exe)
                 .arg("--data-dir")
                 .arg(dir.join("data"))
@@ -244,7 +253,9 @@ mod caps {
                 .stderr(Stdio::inherit())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
-            while TcpStream::connect(("127.0.0.1", port)).is_err() || UnixStream::connect(&socket).is_err() {
+            while TcpStream::connect(("127.0.0.1", port)).is_err()
+                || UnixStream::connect(&socket).is_err()
+            {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let data = dir.join("data");
@@ -271,14 +282,22 @@ mod caps {
         }
 
         fn unix(&self) -> Http<UnixStream> {
-            Http { r: BufReader::new(UnixStream::connect(&self.socket).unwrap()), auth: String::new() }
+            Http {
+                r: BufReader::new(UnixStream::connect(&self.socket).unwrap()),
+                auth: String::new(),
+            }
         }
 
         fn tcp(&self) -> Http<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
-            let conn = rustls::ClientConnection::new(self.tls.clone(), "localhost".try_into().unwrap()).unwrap();
+            let conn =
+                rustls::ClientConnection::new(self.tls.clone(), "localhost".try_into().unwrap())
+                    .unwrap();
             let tcp = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
             tcp.set_nodelay(true).unwrap();
-            Http { r: BufReader::new(rustls::StreamOwned::new(conn, tcp)), auth: self.auth.clone() }
+            Http {
+                r: BufReader::new(rustls::StreamOwned::new(conn, tcp)),
+                auth: self.auth.clone(),
+            }
         }
 
         fn stop(mut self) {
@@ -337,7 +356,10 @@ mod caps {
 
     pub fn compare() {
         let args: Vec<String> = std::env::args().collect();
-        let other = PathBuf::from(args.get(2).expect("usage: api_bench caps OTHER_VIRIDIAND [ROUNDS]"));
+        let other = PathBuf::from(
+            args.get(2)
+                .expect("usage: api_bench caps OTHER_VIRIDIAND [ROUNDS]"),
+        );
         let rounds: usize = args.get(3).and_then(|r| r.parse().ok()).unwrap_or(3);
         let exe = std::env::current_exe().unwrap();
         let this = exe.parent().unwrap().parent().unwrap().join("viridiand");
@@ -356,7 +378,12 @@ mod caps {
             }
         }
         let us = |d: Duration| d.as_secs_f64() * 1e6;
-        println!("{} rounds; other = {}, this = {}", rounds, builds[0].1.display(), builds[1].1.display());
+        println!(
+            "{} rounds; other = {}, this = {}",
+            rounds,
+            builds[0].1.display(),
+            builds[1].1.display()
+        );
         println!("| what | n | other p50 | this p50 | other p99 | this p99 |");
         println!("|---|---|---|---|---|---|");
         for (i, case) in CASES.iter().enumerate() {
