@@ -201,7 +201,14 @@ fn two_thousand_idle_tcp_connections_lock_out_neither_the_unix_socket_nor_a_clie
 
     // Over the per-client cap (64 by default) the flood's connections were closed
     // as soon as they were accepted; the ones within it are still open (until the
-    // TLS handshake time-out).
+    // TLS handshake time-out). The daemon holds a few dozen descriptors of its own.
+    let held = std::fs::read_dir(format!("/proc/{}/fd", d.child.as_ref().unwrap().id()))
+        .unwrap()
+        .count();
+    assert!(
+        held < 64 + 100,
+        "the daemon holds {held} descriptors during the flood"
+    );
     let closed = flood
         .iter_mut()
         .map(|s| {
@@ -210,8 +217,10 @@ fn two_thousand_idle_tcp_connections_lock_out_neither_the_unix_socket_nor_a_clie
         })
         .filter(|&closed| closed)
         .count();
+    // A few the kernel may still hold unaccepted (a full accept queue drops their
+    // final ACK): they look open from here without holding anything in the daemon.
     assert!(
-        (2000 - 64..=2000 - 60).contains(&closed),
+        (1000..=2000 - 60).contains(&closed),
         "{closed} of 2000 flood connections were closed by the daemon"
     );
     assert!(d.log().contains("connection caps"), "{}", d.log());
@@ -232,6 +241,16 @@ fn when_all_tcp_places_are_taken_the_unix_socket_still_answers_and_new_tcp_clien
         "60",
     ]);
     wait_for_tcp(&d, port);
+    // wait_for_tcp's probe holds a place until the daemon sees it close.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !d.log().contains("TLS handshake failed") {
+        assert!(
+            Instant::now() < deadline,
+            "the probe was never let go: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // Four addresses take every place.
     let flood: Vec<TcpStream> = (0..40)
         .map(|i| connect_from(Ipv4Addr::new(127, 0, 0, 10 + i / 10), port).unwrap())
@@ -248,13 +267,11 @@ fn when_all_tcp_places_are_taken_the_unix_socket_still_answers_and_new_tcp_clien
     );
 
     let mut late = connect_from(Ipv4Addr::new(127, 0, 0, 99), port).unwrap();
-    let t = Instant::now();
     assert!(
-        closed_by_daemon(&mut late, Duration::from_secs(5)),
-        "a connection over the cap must be closed, not left hanging; log:\n{}",
+        closed_by_daemon(&mut late, PROMPT),
+        "a connection over the cap must be closed at once, not left hanging; log:\n{}",
         d.log()
     );
-    assert!(t.elapsed() < PROMPT, "closing took {:?}", t.elapsed());
 
     // Places come back when connections close.
     drop(flood);
