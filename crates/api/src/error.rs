@@ -35,6 +35,11 @@ pub enum ErrorCode {
     /// An import cannot go ahead; `details` is the whole report (`ImportReport`)
     /// with every problem found and what to do about each.
     ImportIncompatible,
+    /// The request body did not arrive in time (see `--body-timeout`).
+    RequestTimeout,
+    /// A cap on running jobs or event listeners is reached; the `Retry-After`
+    /// header says in how many seconds to try again.
+    TooManyRequests,
     /// The service failed in a way that is not the caller's fault; see its log.
     Internal,
 }
@@ -55,6 +60,8 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::JobExpired => 410,
+            ErrorCode::RequestTimeout => 408,
+            ErrorCode::TooManyRequests => 429,
             ErrorCode::Internal => 500,
         }
     }
@@ -74,6 +81,8 @@ impl ErrorCode {
             ErrorCode::ImportIncompatible => "ImportIncompatible",
             ErrorCode::Damaged => "Damaged",
             ErrorCode::InsufficientResources => "InsufficientResources",
+            ErrorCode::RequestTimeout => "RequestTimeout",
+            ErrorCode::TooManyRequests => "TooManyRequests",
             ErrorCode::Internal => "Internal",
         }
     }

@@ -71,10 +71,21 @@ pub struct JobOutcome {
     pub finished: String,
 }
 
-/// `GET /v1/jobs`
+/// Most jobs one page of `GET /v1/jobs` holds (also its default `limit`).
+pub const MAX_JOBS_PER_PAGE: usize = 1000;
+
+/// Longest `GET /v1/jobs/{id}/wait?timeout=` the service honours by default, in
+/// seconds (`viridiand --max-wait`); a longer time-out is shortened to it.
+pub const DEFAULT_MAX_WAIT_SECONDS: u64 = 300;
+
+/// `GET /v1/jobs?limit=N&after=CURSOR`: one page of the jobs held in full, oldest
+/// submitted first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct JobList {
     pub jobs: Vec<Job>,
+    /// Present when more jobs follow: pass it as `after` to get the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<u64>,
 }
 
 /// `POST /v1/diagnostics/sleep-job`: a job that only waits, to check the job

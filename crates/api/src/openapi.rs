@@ -220,14 +220,17 @@ pub fn routes() -> Vec<Route> {
             204,
             None,
         ),
-        r(
-            "get",
-            "/v1/jobs",
-            "Jobs held in full",
-            None,
-            200,
-            Some(s::<jobs::JobList>),
-        ),
+        Route {
+            query: &["limit", "after"],
+            ..r(
+                "get",
+                "/v1/jobs",
+                "Jobs held in full, oldest first, a page at a time (next_after: the cursor of the next page)",
+                None,
+                200,
+                Some(s::<jobs::JobList>),
+            )
+        },
         r(
             "get",
             "/v1/jobs/{id}",
@@ -249,7 +252,7 @@ pub fn routes() -> Vec<Route> {
             ..r(
                 "get",
                 "/v1/jobs/{id}/wait",
-                "Wait up to timeout seconds for a job to finish",
+                "Wait up to timeout seconds for a job to finish (at most 300 by default, viridiand --max-wait; a longer timeout is shortened to it, and the job's state says whether it finished)",
                 None,
                 200,
                 Some(s::<jobs::Job>),
@@ -458,6 +461,38 @@ pub fn routes() -> Vec<Route> {
     ]
 }
 
+/// The bounds every client meets, as the document states them.
+const LIMITS: &str =
+    "Limits (viridiand flags, defaults in brackets): request bodies of at most 1 MiB \
+(a larger Content-Length is answered 413 PayloadTooLarge before anything is read); a whole body \
+within --body-timeout [30 s] (else 408 RequestTimeout); TCP connections --max-connections [1024] \
+in all and --max-connections-per-client [64] per address, the unix socket --max-unix-connections \
+[256] of its own (a connection over its cap is closed at once, before TLS; caps are lowered to fit \
+the file-descriptor limit); the TLS handshake within --tls-handshake-timeout [10 s]; running jobs \
+--max-running-jobs [4096] in all and --max-running-jobs-per-client [1024] per client (a TCP \
+address; the unix socket is one local client), event listeners --max-event-listeners [64], both \
+answered 429 TooManyRequests with Retry-After; a wait of at most --max-wait [300 s]; GET /v1/jobs \
+pages of at most 1000 jobs. /v1/diagnostics is served over TCP only with --enable-diagnostics.";
+
+fn query_parameter(name: &str) -> Value {
+    let (schema, description) = match name {
+        "timeout" => (
+            json!({"type": "number", "minimum": 0}),
+            "seconds; at most --max-wait (300 by default), a longer one is shortened to it",
+        ),
+        "limit" => (
+            json!({"type": "integer", "minimum": 1, "maximum": jobs::MAX_JOBS_PER_PAGE}),
+            "most jobs in this page (1000 by default and at most; a bigger one is shortened)",
+        ),
+        "after" => (
+            json!({"type": "integer", "minimum": 0}),
+            "the next_after of the previous page",
+        ),
+        _ => (json!({"type": "boolean"}), ""),
+    };
+    json!({"name": name, "in": "query", "required": false, "description": description, "schema": schema})
+}
+
 fn json_content(schema: Schema) -> Value {
     json!({ "application/json": { "schema": schema } })
 }
@@ -485,9 +520,7 @@ pub fn document() -> Value {
             }
         }
         for q in route.query {
-            params.push(
-                json!({"name": q, "in": "query", "required": false, "schema": {"type": if *q == "timeout" { "number" } else { "boolean" }}}),
-            );
+            params.push(query_parameter(q));
         }
         if !params.is_empty() {
             op.insert("parameters".into(), Value::Array(params));
@@ -508,6 +541,18 @@ pub fn document() -> Value {
         }
         let mut responses = Map::new();
         responses.insert(route.status.to_string(), ok);
+        if (route.status == 202 && !route.path.starts_with("/v1/jobs"))
+            || route.path == "/v1/events"
+        {
+            responses.insert(
+                "429".into(),
+                json!({
+                    "description": "TooManyRequests: the cap on running jobs (in all or of this client) or on event listeners is reached",
+                    "headers": {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}},
+                    "content": json_content(error_schema.clone())
+                }),
+            );
+        }
         responses.insert(
             "default".into(),
             json!({"description": "Error with a stable code", "content": json_content(error_schema.clone())}),
@@ -521,7 +566,11 @@ pub fn document() -> Value {
     let schemas = serde_json::to_value(gen.definitions()).unwrap_or(Value::Null);
     json!({
         "openapi": "3.0.3",
-        "info": {"title": "Viridian management API", "version": env!("CARGO_PKG_VERSION")},
+        "info": {
+            "title": "Viridian management API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": LIMITS,
+        },
         "paths": paths,
         "components": {
             "schemas": schemas,
@@ -585,5 +634,29 @@ mod tests {
             let name = &part[..part.find('"').unwrap()];
             assert!(schemas.contains_key(name), "dangling $ref to {name}");
         }
+    }
+
+    #[test]
+    fn the_document_states_the_limits_clients_meet() {
+        let doc = document();
+        let jobs = &doc["paths"]["/v1/jobs"]["get"]["parameters"];
+        let limit = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "limit")
+            .unwrap();
+        assert_eq!(limit["schema"]["maximum"], 1000);
+        let wait = &doc["paths"]["/v1/jobs/{id}/wait"]["get"]["parameters"][1];
+        assert!(wait["description"].as_str().unwrap().contains("at most"));
+        for (path, method) in [("/v1/diagnostics/sleep-job", "post"), ("/v1/events", "get")] {
+            let r429 = &doc["paths"][path][method]["responses"]["429"];
+            assert!(r429["headers"]["Retry-After"].is_object(), "{path}");
+        }
+        assert!(doc["paths"]["/v1/jobs/{id}"]["delete"]["responses"]["429"].is_null());
+        assert!(doc["info"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("--max-connections"));
     }
 }

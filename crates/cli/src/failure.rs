@@ -5,7 +5,8 @@
 //! 4 NotFound · 5 invalid request (InvalidParameter, MalformedRequest, PayloadTooLarge) ·
 //! 6 InvalidState, Damaged or JobExpired · 7 AlreadyExists · 8 InUse · 9 Unauthorized ·
 //! 10 the job failed (Exception or Killed) · 11 the job was cancelled (Terminated) ·
-//! 12 waiting timed out while the job still runs · 13 InsufficientResources.
+//! 12 waiting timed out while the job still runs · 13 InsufficientResources ·
+//! 14 TooManyRequests (a cap on running jobs or listeners; retry later).
 
 use api::{ErrorBody, ErrorCode};
 
@@ -51,7 +52,8 @@ impl Failure {
                 ErrorCode::InUse => 8,
                 ErrorCode::Unauthorized => 9,
                 ErrorCode::InsufficientResources => 13,
-                ErrorCode::MethodNotAllowed | ErrorCode::Internal => 1,
+                ErrorCode::TooManyRequests => 14,
+                ErrorCode::MethodNotAllowed | ErrorCode::RequestTimeout | ErrorCode::Internal => 1,
             },
             Failure::JobFailed {
                 cancelled: true, ..

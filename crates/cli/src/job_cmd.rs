@@ -32,7 +32,13 @@ pub fn run(cmd: JobCmd, conn: &Connection) -> Result<(), Failure> {
     let client = conn.client()?;
     match cmd {
         JobCmd::List => {
-            let list: JobList = client.get("/v1/jobs")?;
+            // Every page, following the cursor (each answer is bounded by the daemon).
+            let mut list: JobList = client.get("/v1/jobs")?;
+            while let Some(after) = list.next_after.take() {
+                let page: JobList = client.get(&format!("/v1/jobs?after={after}"))?;
+                list.jobs.extend(page.jobs);
+                list.next_after = page.next_after;
+            }
             if conn.json {
                 output::print_json(&list);
             } else {

@@ -5,6 +5,13 @@
 //! target/release/examples/api_bench [JOBS]
 //!
 //! Runs the `viridiand` built next to this example on a temporary data dir.
+//!
+//! target/release/examples/api_bench caps OTHER_VIRIDIAND [ROUNDS]
+//!
+//! Latency of `GET /v1/vms` and `GET /v1/host` over the unix socket and TCP+TLS (one
+//! keep-alive connection, and a new connection per request), for OTHER_VIRIDIAND
+//! (e.g. a build without the connection caps) and the `viridiand` next to this
+//! example, in alternating rounds of the same run.
 
 #[path = "bench_client/mod.rs"]
 mod bench_client;
@@ -45,6 +52,9 @@ fn job_id(body: &str) -> String {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("caps") {
+        return caps::compare();
+    }
     let jobs_total: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
@@ -145,15 +155,250 @@ fn main() {
         start.elapsed().as_secs_f64(),
         jobs_total as f64 / start.elapsed().as_secs_f64()
     );
-    let (_, list) = c.call("GET", "/v1/jobs", "");
-    let kept = serde_json::from_str::<serde_json::Value>(&list).unwrap()["jobs"]
-        .as_array()
-        .unwrap()
-        .len();
+    let mut kept = 0;
+    let mut path = "/v1/jobs".to_string();
+    loop {
+        let (_, list) = c.call("GET", &path, "");
+        let page: serde_json::Value = serde_json::from_str(&list).unwrap();
+        kept += page["jobs"].as_array().unwrap().len();
+        match page["next_after"].as_u64() {
+            Some(after) => path = format!("/v1/jobs?after={after}"),
+            None => break,
+        }
+    }
     println!("  jobs held in full at the end: {kept}");
 
     // SAFETY: kill(2) on the pid of the child this program spawned and has not reaped.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `api_bench caps`: request latency with the connection caps in place vs another build.
+mod caps {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    use std::os::unix::net::UnixStream;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::bench_client::percentile;
+
+    /// One keep-alive HTTP/1.1 connection over any stream.
+    struct Http<S: Read + Write> {
+        r: BufReader<S>,
+        auth: String,
+    }
+
+    impl<S: Read + Write> Http<S> {
+        fn get(&mut self, path: &str) -> u16 {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: b\r\n{}\r\n", self.auth);
+            self.r.get_mut().write_all(req.as_bytes()).unwrap();
+            let mut line = String::new();
+            self.r.read_line(&mut line).unwrap();
+            let status = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let mut len = 0usize;
+            loop {
+                line.clear();
+                self.r.read_line(&mut line).unwrap();
+                if line == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut buf = vec![0; len];
+            self.r.read_exact(&mut buf).unwrap();
+            status
+        }
+    }
+
+    struct Running {
+        child: Child,
+        dir: PathBuf,
+        socket: PathBuf,
+        port: u16,
+        tls: Arc<rustls::ClientConfig>,
+        auth: String,
+    }
+
+    impl Running {
+        fn start(exe: &Path, tag: &str) -> Running {
+            let dir =
+                std::env::temp_dir().join(format!("viridian-caps-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let socket = dir.join("v.sock");
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = Command::new(exe)
+                .arg("--data-dir")
+                .arg(dir.join("data"))
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .env("VIRIDIAN_LOG", "warn")
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+            while TcpStream::connect(("127.0.0.1", port)).is_err()
+                || UnixStream::connect(&socket).is_err()
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let data = dir.join("data");
+            let cert = std::fs::read(data.join("tls/cert.pem")).unwrap();
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut &cert[..]) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let token = std::fs::read_to_string(data.join("token")).unwrap();
+            Running {
+                child,
+                dir,
+                socket,
+                port,
+                tls: Arc::new(tls),
+                auth: format!("Authorization: Bearer {}\r\n", token.trim()),
+            }
+        }
+
+        fn unix(&self) -> Http<UnixStream> {
+            Http {
+                r: BufReader::new(UnixStream::connect(&self.socket).unwrap()),
+                auth: String::new(),
+            }
+        }
+
+        fn tcp(&self) -> Http<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+            let conn =
+                rustls::ClientConnection::new(self.tls.clone(), "localhost".try_into().unwrap())
+                    .unwrap();
+            let tcp = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+            tcp.set_nodelay(true).unwrap();
+            Http {
+                r: BufReader::new(rustls::StreamOwned::new(conn, tcp)),
+                auth: self.auth.clone(),
+            }
+        }
+
+        fn stop(mut self) {
+            // SAFETY: kill(2) on the pid of a child this program spawned and has not reaped.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    const CASES: [&str; 8] = [
+        "unix keep-alive GET /v1/vms",
+        "unix keep-alive GET /v1/host",
+        "unix new connection GET /v1/vms",
+        "unix new connection GET /v1/host",
+        "TLS keep-alive GET /v1/vms",
+        "TLS keep-alive GET /v1/host",
+        "TLS new connection GET /v1/vms",
+        "TLS new connection GET /v1/host",
+    ];
+
+    /// One round of every case against one daemon: samples per case.
+    fn round(d: &Running, keep_alive: usize, fresh: usize) -> Vec<Vec<Duration>> {
+        let time = |n: usize, mut f: Box<dyn FnMut() -> u16 + '_>| -> Vec<Duration> {
+            (0..n)
+                .map(|_| {
+                    let t = Instant::now();
+                    assert_eq!(f(), 200);
+                    t.elapsed()
+                })
+                .collect()
+        };
+        let mut out = Vec::new();
+        for path in ["/v1/vms", "/v1/host"] {
+            let mut c = d.unix();
+            for _ in 0..200 {
+                c.get(path);
+            }
+            out.push(time(keep_alive, Box::new(move || c.get(path))));
+        }
+        for path in ["/v1/vms", "/v1/host"] {
+            out.push(time(fresh, Box::new(move || d.unix().get(path))));
+        }
+        for path in ["/v1/vms", "/v1/host"] {
+            let mut c = d.tcp();
+            for _ in 0..200 {
+                c.get(path);
+            }
+            out.push(time(keep_alive, Box::new(move || c.get(path))));
+        }
+        for path in ["/v1/vms", "/v1/host"] {
+            out.push(time(fresh, Box::new(move || d.tcp().get(path))));
+        }
+        out
+    }
+
+    pub fn compare() {
+        let args: Vec<String> = std::env::args().collect();
+        let other = PathBuf::from(
+            args.get(2)
+                .expect("usage: api_bench caps OTHER_VIRIDIAND [ROUNDS]"),
+        );
+        let rounds: usize = args.get(3).and_then(|r| r.parse().ok()).unwrap_or(3);
+        let exe = std::env::current_exe().unwrap();
+        let this = exe.parent().unwrap().parent().unwrap().join("viridiand");
+        let builds = [("other", other), ("this", this)];
+        let mut all: Vec<Vec<Vec<Duration>>> = vec![vec![Vec::new(); CASES.len()]; 2];
+        for r in 0..rounds {
+            // Alternate which build goes first, so drift of the host's load falls on both.
+            let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+            for b in order {
+                let (tag, exe) = &builds[b];
+                let d = Running::start(exe, tag);
+                for (i, samples) in round(&d, 3000, 300).into_iter().enumerate() {
+                    all[b][i].extend(samples);
+                }
+                d.stop();
+            }
+        }
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!(
+            "{} rounds; other = {}, this = {}",
+            rounds,
+            builds[0].1.display(),
+            builds[1].1.display()
+        );
+        println!("| what | n | other p50 | this p50 | other p99 | this p99 |");
+        println!("|---|---|---|---|---|---|");
+        for (i, case) in CASES.iter().enumerate() {
+            let mut o = all[0][i].clone();
+            let mut t = all[1][i].clone();
+            o.sort();
+            t.sort();
+            println!(
+                "| {case} | {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs |",
+                t.len(),
+                us(percentile(&o, 0.5)),
+                us(percentile(&t, 0.5)),
+                us(percentile(&o, 0.99)),
+                us(percentile(&t, 0.99)),
+            );
+        }
+    }
 }

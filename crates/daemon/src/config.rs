@@ -51,4 +51,39 @@ pub struct DaemonConfig {
     /// Memory kept for the host: running VMs may hold at most the host's memory minus this.
     #[arg(long, default_value_t = 1024, value_name = "MIB")]
     pub memory_headroom_mib: u64,
+    /// Most TCP connections open at once (from all clients together); more are closed
+    /// at once, before the TLS handshake. Lowered at start when the file-descriptor
+    /// limit cannot hold it.
+    #[arg(long, default_value_t = 1024, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Most TCP connections open at once from one client address.
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_client: u32,
+    /// Connections kept for the unix socket apart from TCP's, so a TCP flood never
+    /// locks the local administrator out.
+    #[arg(long, default_value_t = 256, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_unix_connections: u32,
+    /// Seconds a TCP client gets to finish the TLS handshake.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub tls_handshake_timeout: u64,
+    /// Seconds a client gets to send a whole request body; a slower one is answered 408.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout: u64,
+    /// Most jobs running at once (from all clients together); more are answered 429.
+    #[arg(long, default_value_t = 4096, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_running_jobs: u32,
+    /// Most jobs running at once submitted by one client (a TCP address; every unix
+    /// socket client together counts as one local client).
+    #[arg(long, default_value_t = 1024, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_running_jobs_per_client: u32,
+    /// Most `GET /v1/events` listeners at once; more are answered 429.
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_event_listeners: u32,
+    /// Longest `GET /v1/jobs/{id}/wait` in seconds; a longer `timeout` is shortened to it.
+    #[arg(long, default_value_t = api::jobs::DEFAULT_MAX_WAIT_SECONDS, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub max_wait: u64,
+    /// Serve the diagnostic endpoints (`/v1/diagnostics/...`) over TCP too; they are
+    /// always served on the unix socket.
+    #[arg(long)]
+    pub enable_diagnostics: bool,
 }

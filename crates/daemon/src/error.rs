@@ -9,6 +9,8 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     pub details: Option<serde_json::Value>,
+    /// Seconds to send in `Retry-After` (with `TooManyRequests`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -17,7 +19,15 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            retry_after: None,
         }
+    }
+
+    /// 429 `TooManyRequests` with `Retry-After: seconds`.
+    pub fn too_many(message: impl Into<String>, seconds: u64) -> Self {
+        let mut e = ApiError::new(ErrorCode::TooManyRequests, message);
+        e.retry_after = Some(seconds);
+        e
     }
 
     pub fn with_details(mut self, details: serde_json::Value) -> Self {

@@ -11,6 +11,8 @@ use crate::vms::store::error_chain;
 
 /// Runs the service until SIGTERM or SIGINT, then shuts down cleanly.
 pub async fn run(config: DaemonConfig) -> Result<(), String> {
+    // First, before workers' sockets and disk files are opened.
+    let nofile = crate::fd_limit::raise_nofile();
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         format!(
             "cannot create the data directory {}: {e}",
@@ -27,10 +29,35 @@ pub async fn run(config: DaemonConfig) -> Result<(), String> {
     crate::checkpoints::resume_at_start(&svc);
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    let caps = crate::fd_limit::connection_caps(
+        crate::fd_limit::ConnectionCaps {
+            tcp_total: config.max_connections,
+            tcp_per_client: config.max_connections_per_client,
+            unix: config.max_unix_connections,
+        },
+        nofile,
+    );
+    tracing::info!(
+        file_descriptors = nofile,
+        max_connections = caps.tcp_total,
+        max_connections_per_client = caps.tcp_per_client,
+        max_unix_connections = caps.unix,
+        "connection caps"
+    );
+    if caps.tcp_total < config.max_connections || caps.unix < config.max_unix_connections {
+        tracing::warn!(
+            file_descriptors = nofile,
+            "the file-descriptor limit cannot hold the connections asked for; the caps were lowered to fit (raise the hard limit, e.g. LimitNOFILE=, to keep them)"
+        );
+    }
+    let limits = crate::http::limits::ConnectionLimits::new(caps);
+    crate::http::body::set_body_timeout(std::time::Duration::from_secs(config.body_timeout));
+
     let unix = crate::http::bind_unix(&config.socket).map_err(|e| error_chain(&e))?;
     let mut tasks = vec![tokio::spawn(crate::http::serve_unix(
         svc.clone(),
         unix,
+        limits.clone(),
         stop_rx.clone(),
     ))];
     tracing::info!(socket = %config.socket.display(), data_dir = %config.data_dir.display(), "viridiand serving");
@@ -52,6 +79,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), String> {
             svc.clone(),
             listener,
             TlsAcceptor::from(tls),
+            limits.clone(),
+            std::time::Duration::from_secs(config.tls_handshake_timeout),
             stop_rx.clone(),
         )));
     }

@@ -37,6 +37,10 @@ pub struct Service {
     pub token: Option<String>,
     /// Checkpoint work in flight per VM.
     pub checkpoints: Arc<crate::checkpoints::Checkpoints>,
+    /// Places of running jobs, in all and per client.
+    pub job_quota: Arc<crate::job_quota::JobQuota>,
+    /// `GET /v1/events` listeners connected now.
+    pub event_listeners: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Service {
@@ -55,7 +59,15 @@ impl Service {
         });
         let events = Arc::new(EventBus::default());
         let sink_events = events.clone();
+        let job_quota = crate::job_quota::JobQuota::new(
+            config.max_running_jobs,
+            config.max_running_jobs_per_client,
+        );
+        let sink_quota = job_quota.clone();
         let sink: EventSink = Arc::new(move |s| {
+            if s.state.is_finished() {
+                sink_quota.finished(s.id);
+            }
             sink_events.publish(EventBody::Job {
                 job: convert::job(s),
             })
@@ -81,6 +93,8 @@ impl Service {
             workers: None,
             token,
             checkpoints: Arc::default(),
+            job_quota,
+            event_listeners: Arc::default(),
         })
     }
 

@@ -62,8 +62,11 @@ struct CancelFlag {
 struct Tables {
     /// Every job held in full, by id.
     jobs: HashMap<Uuid, Entry>,
-    /// Ids of the jobs in `jobs` submitted so far, in submission order (for listing).
-    order: VecDeque<Uuid>,
+    /// Submission numbers and ids of the jobs in `jobs` submitted so far, in
+    /// submission order (for listing, and as the cursor of a listing's pages).
+    order: VecDeque<(u64, Uuid)>,
+    /// The submission number of the next job.
+    next_seq: u64,
     /// Finished jobs in the order they finished: the expiry queue.
     finished: VecDeque<(Uuid, SystemTime)>,
     outcomes: HashMap<Uuid, JobOutcome>,
@@ -247,7 +250,7 @@ impl Shared {
         }
         if tables.order.len() > tables.jobs.len() * 2 + 64 {
             let jobs = &tables.jobs;
-            tables.order.retain(|id| jobs.contains_key(id));
+            tables.order.retain(|(_, id)| jobs.contains_key(id));
         }
         while let Some(&(id, finished)) = tables.outcome_order.front() {
             let too_old =
@@ -320,7 +323,9 @@ impl JobEngine {
                     cancel: cancel.clone(),
                 },
             );
-            tables.order.push_back(id);
+            let seq = tables.next_seq;
+            tables.next_seq += 1;
+            tables.order.push_back((seq, id));
             if let Some(sink) = &self.shared.sink {
                 sink(&snapshot);
             }
@@ -389,14 +394,30 @@ impl JobEngine {
 
     /// Every job held in full, oldest submitted first.
     pub fn list(&self) -> Vec<JobSnapshot> {
+        self.list_page(None, usize::MAX).0
+    }
+
+    /// At most `limit` jobs held in full, oldest submitted first, starting after the
+    /// cursor `after` (from an earlier page); with the cursor of the next page when
+    /// more jobs follow.
+    pub fn list_page(&self, after: Option<u64>, limit: usize) -> (Vec<JobSnapshot>, Option<u64>) {
         let mut tables = self.shared.lock();
         self.shared.expire_locked(&mut tables, SystemTime::now());
-        tables
+        let start = after.map_or(0, |a| tables.order.partition_point(|&(seq, _)| seq <= a));
+        let mut page = Vec::new();
+        let mut last = None;
+        let live = tables
             .order
-            .iter()
-            .filter_map(|id| tables.jobs.get(id))
-            .map(|e| e.record.borrow().clone())
-            .collect()
+            .range(start..)
+            .filter_map(|(seq, id)| tables.jobs.get(id).map(|e| (*seq, e)));
+        for (seq, entry) in live {
+            if page.len() == limit {
+                return (page, last);
+            }
+            page.push(entry.record.borrow().clone());
+            last = Some(seq);
+        }
+        (page, None)
     }
 
     /// Number of jobs held in full and outcome records held, for tests and benchmarks.

@@ -1,12 +1,14 @@
 //! Reading request bodies and writing JSON responses.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use api::{ErrorBody, ErrorCode};
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::{Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -19,17 +21,61 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed()
 }
 
-/// Reads a request body of at most `MAX_BODY_BYTES`.
+/// Milliseconds a client gets to send a whole request body (`--body-timeout`).
+static BODY_TIMEOUT_MS: AtomicU64 = AtomicU64::new(30_000);
+
+/// Sets how long a client gets to send a whole request body (once, at start).
+pub fn set_body_timeout(timeout: Duration) {
+    let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    BODY_TIMEOUT_MS.store(ms, Ordering::Relaxed);
+}
+
+pub fn body_timeout() -> Duration {
+    Duration::from_millis(BODY_TIMEOUT_MS.load(Ordering::Relaxed))
+}
+
+pub fn too_large() -> ApiError {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!(
+            "the request body is larger than {} bytes, the most this service takes",
+            api::MAX_BODY_BYTES
+        ),
+    )
+}
+
+/// Whether the request announces (`Content-Length`) a body over `MAX_BODY_BYTES`:
+/// such a request is refused before anything of it is read.
+pub fn announced_too_large(body: &Incoming) -> bool {
+    body.size_hint().lower() > api::MAX_BODY_BYTES as u64
+}
+
+/// Reads a request body of at most `MAX_BODY_BYTES` within the body time-out.
 pub async fn read_bytes(body: Incoming) -> Result<Bytes, ApiError> {
-    match Limited::new(body, api::MAX_BODY_BYTES).collect().await {
+    if announced_too_large(&body) {
+        return Err(too_large());
+    }
+    let timeout = body_timeout();
+    let collected = match tokio::time::timeout(
+        timeout,
+        Limited::new(body, api::MAX_BODY_BYTES).collect(),
+    )
+    .await
+    {
+        Ok(collected) => collected,
+        Err(_) => {
+            return Err(ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "the request body did not arrive within {} s; send it in one go",
+                    timeout.as_secs_f64()
+                ),
+            ))
+        }
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!(
-                "the request body is larger than {} bytes",
-                api::MAX_BODY_BYTES
-            ),
-        )),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(ApiError::new(
             ErrorCode::MalformedRequest,
             format!("cannot read the request body: {e}"),
@@ -92,6 +138,9 @@ pub fn error(e: &ApiError) -> Response<Body> {
         details: e.details.clone(),
     };
     let mut resp = json(e.code.http_status(), &body);
+    if let Some(v) = e.retry_after.and_then(|s| s.to_string().parse().ok()) {
+        resp.headers_mut().insert("retry-after", v);
+    }
     if e.code == ErrorCode::Unauthorized {
         if let Ok(v) = "Bearer".parse() {
             resp.headers_mut().insert("www-authenticate", v);

@@ -11,6 +11,7 @@ use crate::error::ApiError;
 use crate::handlers::{checkpoints, disks, jobs, lifecycle, metrics, transfer, vms};
 use crate::http::body::{self, json, Body};
 use crate::http::sse;
+use crate::job_quota::Client;
 use crate::service::Service;
 
 /// Where a request came from.
@@ -24,11 +25,12 @@ pub async fn handle(
     svc: Arc<Service>,
     req: Request<Incoming>,
     transport: Transport,
+    client: Client,
     shutdown: watch::Receiver<bool>,
 ) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = match route(&svc, req, transport, shutdown).await {
+    let resp = match route(&svc, req, transport, client, shutdown).await {
         Ok(resp) => resp,
         Err(e) => body::error(&e),
     };
@@ -99,10 +101,34 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     })
 }
 
+/// Seconds a client told `TooManyRequests` is asked to wait before retrying.
+const RETRY_AFTER_SECONDS: u64 = 5;
+
+/// Whether `method` on `segs` starts a job: a route answering 202 outside `/v1/jobs`
+/// (where 202 is a cancellation, which starts nothing).
+fn starts_job(method: &Method, segs: &[&str]) -> bool {
+    segs.get(1) != Some(&"jobs")
+        && api::openapi::routes().into_iter().any(|r| {
+            r.status == 202
+                && r.method.eq_ignore_ascii_case(method.as_str())
+                && matches_template(r.path, segs)
+        })
+}
+
+/// The job id in a 202 answer's `Location: /v1/jobs/<id>`.
+fn started_job(resp: &Response<Body>) -> Option<uuid::Uuid> {
+    if resp.status() != hyper::StatusCode::ACCEPTED {
+        return None;
+    }
+    let location = resp.headers().get("location")?.to_str().ok()?;
+    uuid::Uuid::parse_str(location.strip_prefix("/v1/jobs/")?).ok()
+}
+
 async fn route(
     svc: &Arc<Service>,
     req: Request<Incoming>,
     transport: Transport,
+    client: Client,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Response<Body>, ApiError> {
     if transport == Transport::Tcp && !authorized(svc, &req) {
@@ -111,14 +137,51 @@ async fn route(
             "requests over TCP need `Authorization: Bearer <token>`; the token is in <data-dir>/token on the host",
         ));
     }
+    if body::announced_too_large(req.body()) {
+        return Err(body::too_large());
+    }
     let segs = segments(req.uri().path())?;
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    if segs.get(1) == Some(&"diagnostics")
+        && transport == Transport::Tcp
+        && !svc.config.enable_diagnostics
+    {
+        return Err(ApiError::not_found(format!(
+            "/{} is served on the unix socket only; start viridiand with --enable-diagnostics to serve it over TCP",
+            segs.join("/")
+        )));
+    }
+    if !starts_job(req.method(), &segs) {
+        return dispatch(svc, req, &segs, shutdown).await;
+    }
+    let place = svc
+        .job_quota
+        .reserve(client)
+        .map_err(|full| ApiError::too_many(full.to_string(), RETRY_AFTER_SECONDS))?;
+    let resp = dispatch(svc, req, &segs, shutdown).await?;
+    if let Some(id) = started_job(&resp) {
+        place.bind(id);
+        // The job may have finished before its place was tied to it.
+        if svc.jobs.get(id).map_or(true, |j| j.state.is_finished()) {
+            svc.job_quota.finished(id);
+        }
+    }
+    Ok(resp)
+}
+
+async fn dispatch(
+    svc: &Arc<Service>,
+    req: Request<Incoming>,
+    segs: &[&str],
+    shutdown: watch::Receiver<bool>,
+) -> Result<Response<Body>, ApiError> {
     let m = req.method().clone();
     let timeout = query_param(&req, "timeout");
+    let (limit, after) = (query_param(&req, "limit"), query_param(&req, "after"));
     let query = req.uri().query().map(str::to_string);
     let body = req.into_body();
     use Method as M;
-    match (&m, segs.as_slice()) {
+    match (&m, segs) {
         (&M::GET, ["v1", "host"]) => Ok(json(200, &svc.host_info())),
         (&M::PATCH, ["v1", "host"]) => {
             let req: api::host::UpdateHostRequest = crate::http::body::read_json(body).await?;
@@ -127,7 +190,7 @@ async fn route(
         (&M::GET, ["v1", "metrics"]) => metrics::metrics(svc),
         (&M::GET, ["v1", "vms", vm, "measure"]) => metrics::measure(svc, vm),
         (&M::GET, ["v1", "openapi.json"]) => Ok(json(200, &api::openapi::document())),
-        (&M::GET, ["v1", "events"]) => Ok(sse::events(svc, shutdown)),
+        (&M::GET, ["v1", "events"]) => sse::events(svc, shutdown),
 
         (&M::POST, ["v1", "vms", "import"]) => transfer::import(svc, body).await,
         (&M::POST, ["v1", "vms", "import", "check"]) => transfer::check_import(svc, body).await,
@@ -174,7 +237,7 @@ async fn route(
             lifecycle::action(svc, vm, action, body).await
         }
 
-        (&M::GET, ["v1", "jobs"]) => jobs::list(svc),
+        (&M::GET, ["v1", "jobs"]) => jobs::list(svc, limit.as_deref(), after.as_deref()),
         (&M::GET, ["v1", "jobs", id]) => jobs::get(svc, id),
         (&M::DELETE, ["v1", "jobs", id]) => jobs::cancel(svc, id),
         (&M::GET, ["v1", "jobs", id, "wait"]) => jobs::wait(svc, id, timeout.as_deref()).await,
@@ -183,7 +246,7 @@ async fn route(
 
         (&M::POST, ["v1", "disks", op]) => disks::submit(svc, op, body).await,
 
-        _ => Err(unknown_route(&m, &segs)),
+        _ => Err(unknown_route(&m, segs)),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `GET /v1/events`: server-sent events from the event bus.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use api::events::Event;
@@ -9,6 +10,7 @@ use hyper::body::Frame;
 use hyper::Response;
 use tokio::sync::{broadcast, mpsc, watch};
 
+use crate::error::ApiError;
 use crate::http::body::Body;
 use crate::service::Service;
 
@@ -25,13 +27,48 @@ fn frame(event: &Event) -> Bytes {
     ))
 }
 
-/// Streams events in order. A listener that falls behind gets a final
+/// Seconds a listener turned away is asked to wait before trying again.
+const RETRY_AFTER_SECONDS: u64 = 5;
+
+/// One connected listener; dropping it frees its place.
+struct ListenerPlace(Arc<AtomicU32>);
+
+impl ListenerPlace {
+    fn take(count: &Arc<AtomicU32>, max: u32) -> Option<ListenerPlace> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ListenerPlace(count.clone()))
+    }
+}
+
+impl Drop for ListenerPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Streams events in order; at most `--max-event-listeners` at once, more are
+/// answered `TooManyRequests`. A listener that falls behind gets a final
 /// `event: overflow` after the last event it was sent, then the stream ends: it is
 /// disconnected, never silently skipped.
-pub fn events(svc: &Arc<Service>, mut shutdown: watch::Receiver<bool>) -> Response<Body> {
+pub fn events(
+    svc: &Arc<Service>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Response<Body>, ApiError> {
+    let max = svc.config.max_event_listeners;
+    let place = ListenerPlace::take(&svc.event_listeners, max).ok_or_else(|| {
+        ApiError::too_many(
+            format!("{max} event listeners are connected, the most this service serves at once; retry later"),
+            RETRY_AFTER_SECONDS,
+        )
+    })?;
     let mut rx = svc.events.subscribe();
     let (tx, out) = mpsc::channel::<Bytes>(LISTENER_BUFFER);
     tokio::spawn(async move {
+        let _place = place;
         let overflow = |why: &str| {
             Bytes::from(format!(
                 "event: overflow\ndata: {{\"reason\":\"{why}\"}}\n\n"
@@ -62,9 +99,9 @@ pub fn events(svc: &Arc<Service>, mut shutdown: watch::Receiver<bool>) -> Respon
     let stream = futures_util::stream::unfold(out, |mut out| async move {
         out.recv().await.map(|b| (Ok(Frame::data(b)), out))
     });
-    Response::builder()
+    Ok(Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
         .body(StreamBody::new(stream).boxed())
-        .unwrap_or_else(|_| Response::new(crate::http::body::full("")))
+        .unwrap_or_else(|_| Response::new(crate::http::body::full(""))))
 }

@@ -129,7 +129,9 @@ impl Daemon {
     pub fn raw(&self, request: &[u8]) -> Reply {
         let mut s = UnixStream::connect(&self.socket).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(request).unwrap();
+        // The daemon may answer (413) and close before the whole request is sent;
+        // its answer is still there to read.
+        let _ = s.write_all(request);
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out);
         parse_reply(&out)

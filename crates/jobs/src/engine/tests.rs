@@ -205,3 +205,35 @@ async fn unknown_job_is_not_found() {
         Err(JobsError::NotFound(_))
     ));
 }
+
+#[tokio::test]
+async fn listing_in_pages_gives_every_job_once_in_submission_order() {
+    let engine = JobEngine::new(JobEngineConfig::default(), None);
+    let ids: Vec<Uuid> = (0..7)
+        .map(|_| {
+            engine
+                .submit(spec("Page", true), |ctx| async move {
+                    ctx.cancelled().await;
+                    Ok(())
+                })
+                .id
+        })
+        .collect();
+    let mut seen = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let (page, next) = engine.list_page(after, 3);
+        assert!(page.len() <= 3);
+        seen.extend(page.iter().map(|j| j.id));
+        pages += 1;
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+    assert_eq!(pages, 3);
+    let (all, next) = engine.list_page(None, 7);
+    assert_eq!((all.len(), next), (7, None));
+}
