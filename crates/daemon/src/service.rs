@@ -385,6 +385,15 @@ impl Service {
         old: Option<&VmSettings>,
     ) -> Result<(), ApiError> {
         validate::validate(new, &self.limits)?;
+        // A name being set must be visible text and not look like an id; a VM
+        // stored under an older, laxer rule keeps its name through other changes.
+        let kept_name = store
+            .get(new.id)
+            .and_then(|e| e.settings.as_ref())
+            .is_some_and(|s| s.name == new.name);
+        if !kept_name {
+            validate::validate_new_name(&new.name)?;
+        }
         if let Some(other) = store.others(new.id).find(|o| o.name == new.name) {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
