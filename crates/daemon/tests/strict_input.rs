@@ -479,3 +479,129 @@ fn generated_certificates_last_three_years_and_are_renewed_near_their_end() {
     renewing.kill().unwrap();
     renewing.wait().unwrap();
 }
+
+/// One documented bound of a request field, read from the served document.
+struct Bound {
+    keyword: &'static str,
+    limit: i64,
+}
+
+fn bounds(doc: &Value, schema: &str, field: &str) -> Vec<Bound> {
+    let prop = &doc["components"]["schemas"][schema]["properties"][field];
+    assert!(prop.is_object(), "{schema}.{field} is not in the document");
+    ["minimum", "maximum", "minLength", "maxLength"]
+        .into_iter()
+        .filter_map(|k| {
+            prop[k].as_f64().map(|v| Bound {
+                keyword: k,
+                limit: v as i64,
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn every_documented_limit_is_the_one_the_daemon_enforces() {
+    let d = Daemon::start(&[]);
+    let doc = d.get("/v1/openapi.json").body;
+    let vm = vm_id(&d, "limits");
+    let r = d.post(&format!("/v1/vms/{vm}/checkpoints"), json!({"name": "cp"}));
+    common::wait_job(&d, r.body["id"].as_str().unwrap());
+    let cp = d.get(&format!("/v1/vms/{vm}/checkpoints")).body["checkpoints"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vm_path = format!("/v1/vms/{vm}");
+    let processor = format!("/v1/vms/{vm}/processor");
+    let checkpoints = format!("/v1/vms/{vm}/checkpoints");
+    let checkpoint = format!("/v1/vms/{vm}/checkpoints/{cp}");
+    // (method, path, schema, field, the limits it must document)
+    let cases: Vec<(&str, &str, &str, &str, &[&str])> = vec![
+        ("PATCH", "/v1/host", "UpdateHostRequest", "default_reserve_percent", &["maximum"]),
+        ("PATCH", "/v1/host", "UpdateHostRequest", "default_limit_percent", &["maximum"]),
+        ("PATCH", "/v1/host", "UpdateHostRequest", "default_relative_weight", &["minimum", "maximum"]),
+        ("POST", "/v1/vms", "CreateVmRequest", "name", &["minLength", "maxLength"]),
+        ("POST", "/v1/vms", "CreateVmRequest", "generation", &["minimum", "maximum"]),
+        ("POST", "/v1/vms", "CreateVmRequest", "processor_count", &["minimum"]),
+        ("POST", "/v1/vms", "CreateVmRequest", "memory_mib", &["minimum"]),
+        ("POST", "/v1/vms", "CreateVmRequest", "notes", &["maxLength"]),
+        ("PATCH", &vm_path, "UpdateVmRequest", "name", &["minLength", "maxLength"]),
+        ("PATCH", &vm_path, "UpdateVmRequest", "memory_mib", &["minimum"]),
+        ("PATCH", &vm_path, "UpdateVmRequest", "notes", &["maxLength"]),
+        ("PATCH", &processor, "UpdateProcessorRequest", "count", &["minimum"]),
+        ("PATCH", &processor, "UpdateProcessorRequest", "reserve_percent", &["maximum"]),
+        ("PATCH", &processor, "UpdateProcessorRequest", "limit_percent", &["maximum"]),
+        ("PATCH", &processor, "UpdateProcessorRequest", "relative_weight", &["minimum", "maximum"]),
+        ("POST", &checkpoints, "CreateCheckpointRequest", "name", &["minLength", "maxLength"]),
+        ("PATCH", &checkpoint, "RenameCheckpointRequest", "name", &["minLength", "maxLength"]),
+        ("POST", "/v1/diagnostics/sleep-job", "SleepJobRequest", "milliseconds", &["maximum"]),
+        ("PUT", "/v1/vms/limits/settings", "ProcessorSettings", "relative_weight", &["minimum", "maximum"]),
+    ];
+    let mut unique = 0u32;
+    let mut text = |len: i64| {
+        unique += 1;
+        // A distinct letter first so no two names collide.
+        let first = char::from_u32(0x100 + unique).unwrap();
+        let rest = "n".repeat((len - 1).max(0) as usize);
+        if len == 0 {
+            String::new()
+        } else {
+            format!("{first}{rest}")
+        }
+    };
+    for (method, path, schema, field, expected) in cases {
+        let found = bounds(&doc, schema, field);
+        for keyword in expected {
+            assert!(
+                found.iter().any(|b| b.keyword == *keyword),
+                "{schema}.{field} documents no {keyword}"
+            );
+        }
+        for b in found {
+            if b.keyword == "minimum" && b.limit == 0 {
+                continue; // unsigned: below 0 is a type error, not a limit
+            }
+            let (at, beyond) = match b.keyword {
+                "minimum" => (json!(b.limit), json!(b.limit - 1)),
+                "maximum" => (json!(b.limit), json!(b.limit + 1)),
+                "minLength" => (json!(text(b.limit)), json!(text(b.limit - 1))),
+                _ => (json!(text(b.limit)), json!(text(b.limit + 1))),
+            };
+            if *path == *"/v1/vms/limits/settings" {
+                continue; // VmSettings shares ProcessorSettings with PATCH processor (same checks); only its document is checked here
+            }
+            for (value, accepted) in [(beyond, false), (at, true)] {
+                let body = json!({ field: value });
+                let body = if *path == *"/v1/vms" && field != "name" {
+                    json!({"name": text(8), field: value})
+                } else {
+                    body
+                };
+                let r = d.req(method, path, Some(&body.to_string()));
+                if accepted {
+                    assert!(
+                        matches!(r.status, 200 | 201 | 202),
+                        "{method} {path} {body}: the documented {} {} must be accepted: {}",
+                        b.keyword,
+                        b.limit,
+                        r.raw
+                    );
+                    if r.status == 202 {
+                        let id = r.body["id"].as_str().unwrap();
+                        d.req("DELETE", &format!("/v1/jobs/{id}"), None);
+                        common::wait_job(&d, id);
+                    }
+                } else {
+                    assert_eq!(
+                        (r.status, r.code()),
+                        (422, "InvalidParameter"),
+                        "{method} {path} {body}: beyond the documented {} {} must be refused: {}",
+                        b.keyword,
+                        b.limit,
+                        r.raw
+                    );
+                }
+            }
+        }
+    }
+}

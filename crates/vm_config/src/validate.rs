@@ -20,13 +20,25 @@ impl Default for HostLimits {
     fn default() -> Self {
         HostLimits {
             max_processors: 64,
-            min_memory_mib: 32,
+            min_memory_mib: MIN_MEMORY_MIB,
             max_memory_mib: 1024 * 1024,
         }
     }
 }
 
+// The limits of settings and of the requests that carry them. The OpenAPI document
+// takes its minimum/maximum/length figures from these (schemars attributes), so the
+// document and the checks below cannot drift apart.
 pub const MAX_NAME_CHARS: usize = 100;
+pub const MIN_GENERATION: u8 = 1;
+pub const MAX_GENERATION: u8 = 2;
+pub const MIN_PROCESSORS: u32 = 1;
+/// Reserve and limit are percentages of a processor: 0 to 100.
+pub const MAX_PERCENT: u8 = 100;
+pub const MIN_RELATIVE_WEIGHT: u32 = 1;
+pub const MAX_RELATIVE_WEIGHT: u32 = 10_000;
+/// Smallest startup memory on any host.
+pub const MIN_MEMORY_MIB: u64 = 32;
 pub const MAX_CHECKPOINT_NAME_CHARS: usize = 100;
 pub const MAX_NOTES_CHARS: usize = 4000;
 pub const MAX_SYNTHETIC_ADAPTERS: usize = 8;
@@ -272,26 +284,26 @@ pub fn canonical_mac(mac: &str) -> Result<String, ConfigError> {
 /// Checks every rule that depends on the settings alone (not on files or other VMs).
 pub fn validate(s: &VmSettings, limits: &HostLimits) -> Result<(), ConfigError> {
     validate_name(&s.name)?;
-    if s.generation != 1 && s.generation != 2 {
+    if !(MIN_GENERATION..=MAX_GENERATION).contains(&s.generation) {
         return Err(ConfigError::Generation(s.generation));
     }
     if !(1..=CURRENT_CONFIGURATION_VERSION).contains(&s.configuration_version) {
         return Err(ConfigError::ConfigurationVersion(s.configuration_version));
     }
     let p = &s.processor;
-    if p.count == 0 || p.count > limits.max_processors {
+    if p.count < MIN_PROCESSORS || p.count > limits.max_processors {
         return Err(ConfigError::ProcessorCount {
             count: p.count,
             max: limits.max_processors,
         });
     }
-    if p.reserve_percent > 100 {
+    if p.reserve_percent > MAX_PERCENT {
         return Err(ConfigError::ProcessorReserve(p.reserve_percent));
     }
-    if p.limit_percent > 100 {
+    if p.limit_percent > MAX_PERCENT {
         return Err(ConfigError::ProcessorLimit(p.limit_percent));
     }
-    if p.relative_weight == 0 || p.relative_weight > 10_000 {
+    if !(MIN_RELATIVE_WEIGHT..=MAX_RELATIVE_WEIGHT).contains(&p.relative_weight) {
         return Err(ConfigError::ProcessorWeight(p.relative_weight));
     }
     let mib = s.memory.startup_mib;
