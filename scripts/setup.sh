@@ -50,3 +50,9 @@ echo "setup: $(cargo --version), $(qemu-system-x86_64 --version | head -1), $(qe
 
 # Generation 1 firmware: Debian's SeaBIOS rebuilt with ATA DMA (see the script).
 "$(dirname "$0")/build-seabios.sh"
+
+# Schemathesis (API fuzzing against the daemon's own OpenAPI document), pinned.
+if ! python3 -m pip show schemathesis 2>/dev/null | grep -qx "Version: $(sed -n 's/^schemathesis==//p' "$(dirname "$0")/requirements-test.txt")"; then
+    echo "setup: installing $(grep '^schemathesis' "$(dirname "$0")/requirements-test.txt")"
+    python3 -m pip install -q -r "$(dirname "$0")/requirements-test.txt"
+fi

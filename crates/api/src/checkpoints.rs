@@ -10,6 +10,7 @@ use uuid::Uuid;
 pub struct CreateCheckpointRequest {
     /// Unique within the VM; default `<VM name> - (<YYYY-MM-DD> - <HH:MM:SS>)` (UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = "vm_config::validate::MAX_CHECKPOINT_NAME_CHARS"))]
     pub name: Option<String>,
 }
 
@@ -17,6 +18,7 @@ pub struct CreateCheckpointRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenameCheckpointRequest {
+    #[schemars(length(min = 1, max = "vm_config::validate::MAX_CHECKPOINT_NAME_CHARS"))]
     pub name: String,
 }
 

@@ -88,11 +88,15 @@ pub struct JobList {
     pub next_after: Option<u64>,
 }
 
+/// Longest diagnostic sleep job, in milliseconds.
+pub const MAX_SLEEP_MILLISECONDS: u64 = 3_600_000;
+
 /// `POST /v1/diagnostics/sleep-job`: a job that only waits, to check the job
 /// machinery end to end (and to measure it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SleepJobRequest {
     /// How long the job runs, 0 to 3,600,000 ms.
+    #[schemars(range(max = "MAX_SLEEP_MILLISECONDS"))]
     pub milliseconds: u64,
 }

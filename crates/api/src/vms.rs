@@ -203,17 +203,22 @@ pub struct VmList {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVmRequest {
+    #[schemars(length(min = 1, max = "vm_config::validate::MAX_NAME_CHARS"))]
     pub name: String,
     /// 1 or 2 (default 2).
     #[serde(default = "default_generation")]
+    #[schemars(range(min = "vm_config::validate::MIN_GENERATION", max = "vm_config::validate::MAX_GENERATION"))]
     pub generation: u8,
     /// Virtual processors (default 1).
     #[serde(default = "default_cpus")]
+    #[schemars(range(min = "vm_config::validate::MIN_PROCESSORS"))]
     pub processor_count: u32,
     /// Startup memory in MiB (default 1024).
     #[serde(default = "default_memory")]
+    #[schemars(range(min = "vm_config::validate::MIN_MEMORY_MIB"))]
     pub memory_mib: u64,
     #[serde(default)]
+    #[schemars(length(max = "vm_config::validate::MAX_NOTES_CHARS"))]
     pub notes: String,
 }
 
@@ -232,10 +237,13 @@ fn default_memory() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct UpdateVmRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = "vm_config::validate::MAX_NAME_CHARS"))]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = "vm_config::validate::MIN_MEMORY_MIB"))]
     pub memory_mib: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = "vm_config::validate::MAX_NOTES_CHARS"))]
     pub notes: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_order: Option<Vec<BootEntry>>,
@@ -246,12 +254,16 @@ pub struct UpdateVmRequest {
 #[serde(deny_unknown_fields)]
 pub struct UpdateProcessorRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = "vm_config::validate::MIN_PROCESSORS"))]
     pub count: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = "vm_config::validate::MAX_PERCENT"))]
     pub reserve_percent: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = "vm_config::validate::MAX_PERCENT"))]
     pub limit_percent: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = "vm_config::validate::MIN_RELATIVE_WEIGHT", max = "vm_config::validate::MAX_RELATIVE_WEIGHT"))]
     pub relative_weight: Option<u32>,
 }
 

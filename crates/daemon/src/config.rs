@@ -24,6 +24,10 @@ pub struct DaemonConfig {
     /// TLS private key (PEM) for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Make the self-signed certificate in <data-dir>/tls again at start (clients must
+    /// trust the new one). It is also made again by itself when it ends within 30 days.
+    #[arg(long, requires = "listen", conflicts_with = "tls_cert")]
+    pub renew_certificate: bool,
     /// Seconds a finished job is kept in full.
     #[arg(long, default_value_t = 300)]
     pub job_retention: u64,

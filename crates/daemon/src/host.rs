@@ -24,8 +24,8 @@ pub fn limits() -> HostLimits {
         .unwrap_or(1024);
     HostLimits {
         max_processors: cpus,
-        min_memory_mib: 32,
-        max_memory_mib: mem_mib.max(32),
+        min_memory_mib: vm_config::validate::MIN_MEMORY_MIB,
+        max_memory_mib: mem_mib.max(vm_config::validate::MIN_MEMORY_MIB),
     }
 }
 

@@ -125,13 +125,14 @@ impl Service {
             new.reserve_percent = req.default_reserve_percent.unwrap_or(new.reserve_percent);
             new.limit_percent = req.default_limit_percent.unwrap_or(new.limit_percent);
             new.relative_weight = req.default_relative_weight.unwrap_or(new.relative_weight);
-            if new.reserve_percent > 100 {
+            use vm_config::validate::{MAX_PERCENT, MAX_RELATIVE_WEIGHT, MIN_RELATIVE_WEIGHT};
+            if new.reserve_percent > MAX_PERCENT {
                 return Err(vm_config::ConfigError::ProcessorReserve(new.reserve_percent).into());
             }
-            if new.limit_percent > 100 {
+            if new.limit_percent > MAX_PERCENT {
                 return Err(vm_config::ConfigError::ProcessorLimit(new.limit_percent).into());
             }
-            if !(1..=10_000).contains(&new.relative_weight) {
+            if !(MIN_RELATIVE_WEIGHT..=MAX_RELATIVE_WEIGHT).contains(&new.relative_weight) {
                 return Err(vm_config::ConfigError::ProcessorWeight(new.relative_weight).into());
             }
             crate::host_settings::save(&self.config.data_dir, new).map_err(|e| {
@@ -399,6 +400,15 @@ impl Service {
         old: Option<&VmSettings>,
     ) -> Result<(), ApiError> {
         validate::validate(new, &self.limits)?;
+        // A name being set must be visible text and not look like an id; a VM
+        // stored under an older, laxer rule keeps its name through other changes.
+        let kept_name = store
+            .get(new.id)
+            .and_then(|e| e.settings.as_ref())
+            .is_some_and(|s| s.name == new.name);
+        if !kept_name {
+            validate::validate_new_name(&new.name)?;
+        }
         if let Some(other) = store.others(new.id).find(|o| o.name == new.name) {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,

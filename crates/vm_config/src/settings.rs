@@ -10,8 +10,10 @@ use uuid::Uuid;
 pub struct VmSettings {
     pub id: Uuid,
     /// Unique on the host; 1–100 characters, no path separators or control characters.
+    #[schemars(length(min = 1, max = "crate::validate::MAX_NAME_CHARS"))]
     pub name: String,
     /// 1: BIOS, boots from IDE. 2: UEFI, boots from SCSI.
+    #[schemars(range(min = "crate::validate::MIN_GENERATION", max = "crate::validate::MAX_GENERATION"))]
     pub generation: u8,
     pub processor: ProcessorSettings,
     pub memory: MemorySettings,
@@ -23,6 +25,7 @@ pub struct VmSettings {
     #[serde(default)]
     pub boot_order: Vec<BootEntry>,
     #[serde(default)]
+    #[schemars(length(max = "crate::validate::MAX_NOTES_CHARS"))]
     pub notes: String,
     /// The virtual hardware's version (Hyper-V's configuration version). A saved
     /// state resumes only on the version it was saved with, so a VM keeps its
@@ -48,15 +51,19 @@ fn first_configuration_version() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ProcessorSettings {
     /// Number of virtual processors, 1 up to the host's limit.
+    #[schemars(range(min = "crate::validate::MIN_PROCESSORS"))]
     pub count: u32,
     /// Percent of each processor's capacity set aside for this VM, 0–100.
     #[serde(default)]
+    #[schemars(range(max = "crate::validate::MAX_PERCENT"))]
     pub reserve_percent: u8,
     /// Percent of each processor's capacity this VM may use at most, 0–100.
     #[serde(default = "default_limit")]
+    #[schemars(range(max = "crate::validate::MAX_PERCENT"))]
     pub limit_percent: u8,
     /// Share against other VMs when the host is busy, 1–10000 (default 100).
     #[serde(default = "default_weight")]
+    #[schemars(range(min = "crate::validate::MIN_RELATIVE_WEIGHT", max = "crate::validate::MAX_RELATIVE_WEIGHT"))]
     pub relative_weight: u32,
 }
 
@@ -83,6 +90,7 @@ impl ProcessorSettings {
 #[serde(deny_unknown_fields)]
 pub struct MemorySettings {
     /// Startup memory in MiB.
+    #[schemars(range(min = "crate::validate::MIN_MEMORY_MIB"))]
     pub startup_mib: u64,
 }
 

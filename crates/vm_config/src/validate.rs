@@ -20,13 +20,26 @@ impl Default for HostLimits {
     fn default() -> Self {
         HostLimits {
             max_processors: 64,
-            min_memory_mib: 32,
+            min_memory_mib: MIN_MEMORY_MIB,
             max_memory_mib: 1024 * 1024,
         }
     }
 }
 
+// The limits of settings and of the requests that carry them. The OpenAPI document
+// takes its minimum/maximum/length figures from these (schemars attributes), so the
+// document and the checks below cannot drift apart.
 pub const MAX_NAME_CHARS: usize = 100;
+pub const MIN_GENERATION: u8 = 1;
+pub const MAX_GENERATION: u8 = 2;
+pub const MIN_PROCESSORS: u32 = 1;
+/// Reserve and limit are percentages of a processor: 0 to 100.
+pub const MAX_PERCENT: u8 = 100;
+pub const MIN_RELATIVE_WEIGHT: u32 = 1;
+pub const MAX_RELATIVE_WEIGHT: u32 = 10_000;
+/// Smallest startup memory on any host.
+pub const MIN_MEMORY_MIB: u64 = 32;
+pub const MAX_CHECKPOINT_NAME_CHARS: usize = 100;
 pub const MAX_NOTES_CHARS: usize = 4000;
 pub const MAX_SYNTHETIC_ADAPTERS: usize = 8;
 pub const MAX_LEGACY_ADAPTERS: usize = 4;
@@ -40,6 +53,14 @@ pub enum ConfigError {
     NameTooLong(usize),
     #[error("the VM name {name:?} contains {what}, which is not allowed in a VM name")]
     NameInvalid { name: String, what: &'static str },
+    #[error("the VM name {name:?} contains U+{code_point:04X}, {what}; a VM name may hold only visible characters")]
+    NameCharacter {
+        name: String,
+        code_point: u32,
+        what: &'static str,
+    },
+    #[error("the VM name {0:?} reads as a UUID; VMs are found by id or by name, so a name may not look like an id: choose another name")]
+    NameIsUuid(String),
     #[error(
         "generation {0} does not exist; use 1 (BIOS, boots from IDE) or 2 (UEFI, boots from SCSI)"
     )]
@@ -159,6 +180,78 @@ pub fn validate_name(name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Checks a name given to a new VM, or a VM's new name: the rules of
+/// [`validate_name`], and no UUID and no invisible characters (see
+/// [`invisible_character`]). A VM already stored under such a name keeps loading:
+/// only a name being set is checked this way.
+pub fn validate_new_name(name: &str) -> Result<(), ConfigError> {
+    validate_name(name)?;
+    if let Some((c, what)) = invisible_character(name) {
+        return Err(ConfigError::NameCharacter {
+            name: name.to_string(),
+            code_point: u32::from(c),
+            what,
+        });
+    }
+    if looks_like_uuid(name) {
+        return Err(ConfigError::NameIsUuid(name.to_string()));
+    }
+    Ok(())
+}
+
+/// Whether `name` parses as a UUID in any form the API's lookups take.
+pub fn looks_like_uuid(name: &str) -> bool {
+    uuid::Uuid::parse_str(name).is_ok()
+}
+
+/// The first character of `s` that shows nothing or changes how the text around
+/// it is shown, and what it is: control characters (Unicode category Cc), format
+/// characters (Cf: bidirectional controls, zero-width characters, the byte order
+/// mark, ...), line and paragraph separators, private-use code points and
+/// noncharacters. Names made of visible text cannot pass for other names.
+pub fn invisible_character(s: &str) -> Option<(char, &'static str)> {
+    s.chars()
+        .find_map(|c| invisible_kind(c).map(|what| (c, what)))
+}
+
+fn invisible_kind(c: char) -> Option<&'static str> {
+    let u = u32::from(c);
+    if c.is_control() {
+        return Some("a control character");
+    }
+    Some(match u {
+        0x202A..=0x202E | 0x2066..=0x2069 | 0x200E | 0x200F | 0x061C => {
+            "a bidirectional control character"
+        }
+        0x200B..=0x200D | 0x2060 | 0xFEFF => "a zero-width character",
+        // The rest of Unicode's format characters (category Cf).
+        0x00AD
+        | 0x0600..=0x0605
+        | 0x06DD
+        | 0x070F
+        | 0x0890..=0x0891
+        | 0x08E2
+        | 0x180E
+        | 0x2061..=0x2064
+        | 0x206A..=0x206F
+        | 0xFFF9..=0xFFFB
+        | 0x110BD
+        | 0x110CD
+        | 0x13430..=0x1343F
+        | 0x1BCA0..=0x1BCA3
+        | 0x1D173..=0x1D17A
+        | 0xE0001
+        | 0xE0020..=0xE007F => "an invisible format character",
+        0x2028 | 0x2029 => "a line or paragraph separator",
+        0xE000..=0xF8FF | 0xF0000..=0xFFFFD | 0x100000..=0x10FFFD => {
+            "a private-use character"
+        }
+        0xFDD0..=0xFDEF => "a noncharacter",
+        _ if u & 0xFFFE == 0xFFFE => "a noncharacter",
+        _ => return None,
+    })
+}
+
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff` (hex, either case); rejects multicast.
 pub fn parse_mac(mac: &str) -> Result<[u8; 6], ConfigError> {
     let bad = || ConfigError::MacInvalid(mac.to_string());
@@ -191,26 +284,26 @@ pub fn canonical_mac(mac: &str) -> Result<String, ConfigError> {
 /// Checks every rule that depends on the settings alone (not on files or other VMs).
 pub fn validate(s: &VmSettings, limits: &HostLimits) -> Result<(), ConfigError> {
     validate_name(&s.name)?;
-    if s.generation != 1 && s.generation != 2 {
+    if !(MIN_GENERATION..=MAX_GENERATION).contains(&s.generation) {
         return Err(ConfigError::Generation(s.generation));
     }
     if !(1..=CURRENT_CONFIGURATION_VERSION).contains(&s.configuration_version) {
         return Err(ConfigError::ConfigurationVersion(s.configuration_version));
     }
     let p = &s.processor;
-    if p.count == 0 || p.count > limits.max_processors {
+    if p.count < MIN_PROCESSORS || p.count > limits.max_processors {
         return Err(ConfigError::ProcessorCount {
             count: p.count,
             max: limits.max_processors,
         });
     }
-    if p.reserve_percent > 100 {
+    if p.reserve_percent > MAX_PERCENT {
         return Err(ConfigError::ProcessorReserve(p.reserve_percent));
     }
-    if p.limit_percent > 100 {
+    if p.limit_percent > MAX_PERCENT {
         return Err(ConfigError::ProcessorLimit(p.limit_percent));
     }
-    if p.relative_weight == 0 || p.relative_weight > 10_000 {
+    if !(MIN_RELATIVE_WEIGHT..=MAX_RELATIVE_WEIGHT).contains(&p.relative_weight) {
         return Err(ConfigError::ProcessorWeight(p.relative_weight));
     }
     let mib = s.memory.startup_mib;

@@ -83,11 +83,25 @@ pub fn default_name(vm_name: &str, t: &Tree, at: SystemTime) -> String {
     name
 }
 
-/// A checkpoint name: 1–100 characters, no control characters, unique in the VM.
+/// A checkpoint name: 1–100 characters, visible ones only (no control, format or
+/// bidirectional characters), not a UUID (checkpoints are found by id or name),
+/// unique in the VM.
 pub fn check_name(t: &Tree, name: &str, except: Option<Uuid>) -> Result<(), ApiError> {
-    if name.trim().is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+    let max = vm_config::validate::MAX_CHECKPOINT_NAME_CHARS;
+    if name.trim().is_empty() || name.chars().count() > max {
         return Err(ApiError::invalid(format!(
-            "{name:?} is not a valid checkpoint name: use 1 to 100 characters, no control characters"
+            "{name:?} is not a valid checkpoint name: use 1 to {max} characters, not only white space"
+        )));
+    }
+    if let Some((c, what)) = vm_config::validate::invisible_character(name) {
+        return Err(ApiError::invalid(format!(
+            "the checkpoint name {name:?} contains U+{:04X}, {what}; a checkpoint name may hold only visible characters",
+            u32::from(c)
+        )));
+    }
+    if vm_config::validate::looks_like_uuid(name) {
+        return Err(ApiError::invalid(format!(
+            "the checkpoint name {name:?} reads as a UUID; checkpoints are found by id or by name, so a name may not look like an id: choose another name"
         )));
     }
     if let Some(other) = t.visible().find(|c| c.name == name && Some(c.id) != except) {

@@ -94,10 +94,11 @@ pub async fn wait(svc: &Arc<Service>, id: &str, timeout: Option<&str>) -> Answer
 
 pub async fn sleep_job(svc: &Arc<Service>, body: Incoming) -> Answer {
     let req: SleepJobRequest = read_json(body).await?;
-    if req.milliseconds > 3_600_000 {
+    if req.milliseconds > api::jobs::MAX_SLEEP_MILLISECONDS {
         return Err(ApiError::invalid(format!(
-            "{} ms is out of range; use 0 to 3600000",
-            req.milliseconds
+            "{} ms is out of range; use 0 to {}",
+            req.milliseconds,
+            api::jobs::MAX_SLEEP_MILLISECONDS
         )));
     }
     let spec = JobSpec {

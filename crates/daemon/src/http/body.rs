@@ -83,13 +83,39 @@ pub async fn read_bytes(body: Incoming) -> Result<Bytes, ApiError> {
     }
 }
 
-/// Parses a JSON body of type `T` (no unknown fields: the types deny them).
+/// Parses a JSON body of type `T` (no unknown fields: the types deny them). Every
+/// body the API takes is an object: anything else is refused here, before serde,
+/// whose derived structs would also take a positional array (`[null, null]`).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if let Some(kind) = not_an_object(bytes) {
+        return Err(ApiError::new(
+            ErrorCode::MalformedRequest,
+            format!("the request body is {kind}, but this endpoint takes a JSON object ({{...}})"),
+        ));
+    }
     serde_json::from_slice(bytes).map_err(|e| {
         ApiError::new(
             ErrorCode::MalformedRequest,
             format!("the request body is not valid here: {e}"),
         )
+    })
+}
+
+/// What the body is when it is not a JSON object: `None` when it starts like one
+/// (serde then checks the rest).
+fn not_an_object(bytes: &[u8]) -> Option<&'static str> {
+    // JSON's white space: space, tab, line feed, carriage return.
+    let first = bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))?;
+    Some(match first {
+        b'{' => return None,
+        b'[' => "a JSON array",
+        b'"' => "a JSON string",
+        b'n' => "JSON null",
+        b't' | b'f' => "a JSON boolean",
+        b'-' | b'0'..=b'9' => "a JSON number",
+        _ => "not JSON",
     })
 }
 

@@ -32,7 +32,20 @@ pub async fn handle(
     let path = req.uri().path().to_string();
     let resp = match route(&svc, req, transport, client, shutdown).await {
         Ok(resp) => resp,
-        Err(e) => body::error(&e),
+        Err(e) => {
+            let mut resp = body::error(&e);
+            if e.code == ErrorCode::MethodNotAllowed {
+                // RFC 9110: a 405 lists the methods the resource has.
+                if let Some(allow) = segments(&path)
+                    .ok()
+                    .and_then(|segs| allowed_methods(&segs))
+                    .and_then(|a| a.parse().ok())
+                {
+                    resp.headers_mut().insert(hyper::header::ALLOW, allow);
+                }
+            }
+            resp
+        }
     };
     tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
     resp
@@ -49,9 +62,13 @@ fn authorized(svc: &Service, req: &Request<Incoming>) -> bool {
     else {
         return false;
     };
-    let Some(given) = given.strip_prefix("Bearer ") else {
+    // RFC 7235: the scheme is case-insensitive; the credentials follow white space.
+    let Some((scheme, given)) = given.trim_start().split_once([' ', '\t']) else {
         return false;
     };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return false;
+    }
     constant_time_eq(given.trim().as_bytes(), token.as_bytes())
 }
 
@@ -263,6 +280,28 @@ fn unknown_route(method: &Method, segs: &[&str]) -> ApiError {
     } else {
         ApiError::not_found(format!("there is no endpoint {path}; see /v1/openapi.json"))
     }
+}
+
+/// The methods of the route-table path that `segs` names, as an `Allow` value
+/// (`GET, PATCH`). Where several templates match (`/v1/vms/import` and
+/// `/v1/vms/{vm}`), the one with the most literal segments names the path.
+fn allowed_methods(segs: &[String]) -> Option<String> {
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let routes = api::openapi::routes();
+    let literals = |path: &str| path.split('/').filter(|s| !s.starts_with('{')).count();
+    let best = routes
+        .iter()
+        .filter(|r| matches_template(r.path, &segs))
+        .map(|r| literals(r.path))
+        .max()?;
+    let mut methods: Vec<String> = routes
+        .iter()
+        .filter(|r| matches_template(r.path, &segs) && literals(r.path) == best)
+        .map(|r| r.method.to_uppercase())
+        .collect();
+    methods.sort();
+    methods.dedup();
+    Some(methods.join(", "))
 }
 
 fn matches_template(template: &str, segs: &[&str]) -> bool {

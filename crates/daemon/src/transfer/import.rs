@@ -363,7 +363,9 @@ fn inspect_into(
         .clone()
         .unwrap_or_else(|| data_dir.join("vms").join(new.id.to_string()));
     let as_placed = resolved(&new, &check_root);
-    if let Err(e) = validate::validate(&as_placed, limits) {
+    if let Err(e) = validate::validate(&as_placed, limits)
+        .and_then(|()| validate::validate_new_name(&as_placed.name))
+    {
         p.add(
             "InvalidSettings",
             e.to_string(),
