@@ -154,6 +154,5 @@ fn vhd_resize_past_2040_gib_is_refused_and_keeps_the_size() {
         }
         assert_eq!(size_of(&path), made);
     }
-    let shrink = vhd::ops::resize::check(&path, MIB).unwrap_err().to_string();
-    assert!(shrink.contains("cannot shrink a VHD"), "{shrink}");
+    vhd::ops::resize::check(&path, VHD_MAX).unwrap();
 }

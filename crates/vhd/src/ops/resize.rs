@@ -22,27 +22,16 @@ fn invalid(path: &Path, what: String) -> Error {
     .into()
 }
 
-/// Checks, without changing the file, that `path` can be resized to
-/// `requested` bytes as far as its format's limits and (for a VHD) its current
-/// size tell: what a caller can refuse before starting the work. Whether a
-/// VHDX can shrink that far is only known once its blocks are read.
+/// Checks, without changing the file, that `requested` bytes is within the
+/// limits of `path`'s format: what a caller can refuse before starting the
+/// work. Whether the disk can shrink that far is left to [`resize`].
 pub fn check(path: &Path, requested: u64) -> Result<()> {
     if crate::detect_format(path)? == crate::Format::Vhdx {
         let img = crate::vhdx::VhdxImage::inspect(path)?;
         crate::vhdx::create::virtual_size(path, requested, img.metadata().logical_sector_size)?;
         return Ok(());
     }
-    let old_size = VhdImage::inspect(path)?.footer().current_size;
-    virtual_size(path, requested, false)?;
-    if requested < old_size {
-        return Err(invalid(
-            path,
-            format!(
-                "cannot shrink a VHD ({old_size} bytes) to {requested} bytes: data past the new end would be lost; convert it to a smaller disk with a partition tool first"
-            ),
-        ));
-    }
-    Ok(())
+    virtual_size(path, requested, false).map(|_| ())
 }
 
 /// Grows the VHD at `path` to at least `requested` bytes (rounded up to a
