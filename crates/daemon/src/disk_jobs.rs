@@ -68,6 +68,12 @@ pub fn error_code(e: &vhd::Error) -> &'static str {
     }
 }
 
+/// A request the engine's checks refuse before any work starts (a size beyond
+/// the format's maximum, a bad block size): 422 InvalidParameter.
+fn refused(e: vhd::Error) -> ApiError {
+    ApiError::invalid(error_chain(&e))
+}
+
 /// The source must exist.
 fn existing(path: &Path) -> Result<(), ApiError> {
     if path.is_file() {
@@ -170,15 +176,15 @@ pub async fn submit(
                 });
                 // VHDX has its own default (32 MiB, as Hyper-V).
                 opts.block_size = r.block_size_bytes;
+                vhd::vhdx::create::check_options(&path, &opts).map_err(refused)?;
                 Box::new(move |progress| vhd::vhdx::create::create(&p, &opts, progress).map(|_| ()))
             } else {
-                Box::new(move |progress| {
-                    let opts = CreateOptions {
-                        kind,
-                        exact_size: false,
-                    };
-                    create(&p, &opts, progress).map(|_| ())
-                })
+                let opts = CreateOptions {
+                    kind,
+                    exact_size: false,
+                };
+                vhd::vhd1::create::check_options(&path, &opts).map_err(refused)?;
+                Box::new(move |progress| create(&p, &opts, progress).map(|_| ()))
             };
             (None, path, Some(run))
         }
@@ -223,6 +229,11 @@ pub async fn submit(
             let r: ResizeDiskRequest = read_json(body).await?;
             let path = resolve(&base, &r.path)?;
             existing(&path)?;
+            match vhd::ops::resize::check(&path, r.size_bytes) {
+                // A file that cannot be read fails as the job, with its code.
+                Err(vhd::Error::Io { .. }) | Ok(()) => {}
+                Err(e) => return Err(refused(e)),
+            }
             let p = path.clone();
             let run: EngineOp = Box::new(move |progress| {
                 vhd::ops::resize::resize(&p, r.size_bytes, false)?;

@@ -132,3 +132,79 @@ fn vhdx_names_create_vhdx_disks_and_their_chains_merge_as_jobs() {
         .unwrap();
     assert!(got.iter().all(|&b| b == 0x77));
 }
+
+/// `POST /v1/disks/{op}` answers 422 InvalidParameter naming the limit, starts
+/// no job and leaves no file.
+fn refused(d: &Daemon, op: &str, body: serde_json::Value, limit: &str) {
+    let jobs_before = d.get("/v1/jobs").body.as_array().map_or(0, Vec::len);
+    let r = d.post(&format!("/v1/disks/{op}"), body.clone());
+    assert_eq!(
+        (r.status, r.code()),
+        (422, "InvalidParameter"),
+        "{body}: {}",
+        r.raw
+    );
+    let message = r.body["message"].as_str().unwrap_or_default();
+    assert!(message.contains(limit), "{body}: {message}");
+    let jobs_after = d.get("/v1/jobs").body.as_array().map_or(0, Vec::len);
+    assert_eq!(jobs_after, jobs_before, "{body} started a job");
+}
+
+#[test]
+fn create_with_a_size_past_the_formats_maximum_is_refused_before_any_job() {
+    let d = Daemon::start(&[]);
+    let dir = d.dir.path();
+    for size in [u64::MAX, u64::MAX - 1, (64u64 << 40) + 1] {
+        for kind in ["dynamic", "fixed"] {
+            let path = dir.join("big.vhdx");
+            refused(
+                &d,
+                "create",
+                json!({"path": path, "kind": kind, "size_bytes": size}),
+                &format!("size {size} bytes is beyond the VHDX maximum of 64 TiB"),
+            );
+            assert!(!path.exists());
+        }
+    }
+    for size in [u64::MAX, (2040u64 << 30) + 1] {
+        let path = dir.join("big.vhd");
+        refused(
+            &d,
+            "create",
+            json!({"path": path, "kind": "dynamic", "size_bytes": size, "block_size_bytes": 512}),
+            &format!("size {size} bytes is beyond the VHD maximum of 2040 GiB"),
+        );
+        assert!(!path.exists());
+    }
+    // Not even a temporary file was made.
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("big."))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn resize_to_a_size_past_the_formats_maximum_is_refused_before_any_job() {
+    let d = Daemon::start(&[]);
+    let dir = d.dir.path();
+    for (name, limit) in [
+        ("r.vhdx", "beyond the VHDX maximum of 64 TiB"),
+        ("r.vhd", "beyond the VHD maximum of 2040 GiB"),
+    ] {
+        let path = dir.join(name);
+        let job = run(
+            &d,
+            "create",
+            json!({"path": path, "kind": "dynamic", "size_bytes": 8 << 20}),
+        );
+        assert_eq!(job["state"], "Completed", "{job}");
+        let size = vhd::open(&path, true).unwrap().size();
+        for to in [u64::MAX, u64::MAX - 511, (64u64 << 40) + 1] {
+            refused(&d, "resize", json!({"path": path, "size_bytes": to}), limit);
+            assert_eq!(vhd::open(&path, true).unwrap().size(), size, "{name}");
+        }
+    }
+}

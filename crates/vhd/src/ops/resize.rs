@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::vhd1::create::{actual_size, MAX_SIZE};
+use crate::vhd1::create::virtual_size;
 use crate::vhd1::VhdImage;
 use crate::{Error, Result};
 
@@ -22,6 +22,18 @@ fn invalid(path: &Path, what: String) -> Error {
     .into()
 }
 
+/// Checks, without changing the file, that `requested` bytes is within the
+/// limits of `path`'s format: what a caller can refuse before starting the
+/// work. Whether the disk can shrink that far is left to [`resize`].
+pub fn check(path: &Path, requested: u64) -> Result<()> {
+    if crate::detect_format(path)? == crate::Format::Vhdx {
+        let img = crate::vhdx::VhdxImage::inspect(path)?;
+        crate::vhdx::create::virtual_size(path, requested, img.metadata().logical_sector_size)?;
+        return Ok(());
+    }
+    virtual_size(path, requested, false).map(|_| ())
+}
+
 /// Grows the VHD at `path` to at least `requested` bytes (rounded up to a
 /// CHS-exact size, as `create` does, unless `exact`).
 pub fn resize(path: &Path, requested: u64, exact: bool) -> Result<Resized> {
@@ -36,7 +48,6 @@ pub fn resize(path: &Path, requested: u64, exact: bool) -> Result<Resized> {
             format!("{requested} bytes is not a whole number of sectors"),
         ));
     }
-    let new_size = actual_size(requested, exact);
     if requested < old_size {
         return Err(invalid(
             path,
@@ -45,12 +56,7 @@ pub fn resize(path: &Path, requested: u64, exact: bool) -> Result<Resized> {
             ),
         ));
     }
-    if new_size > MAX_SIZE {
-        return Err(invalid(
-            path,
-            format!("{new_size} bytes is more than the 2040 GiB a VHD can hold"),
-        ));
-    }
+    let new_size = virtual_size(path, requested, exact)?;
     if new_size != old_size {
         img.grow(new_size)?;
     }
@@ -62,8 +68,8 @@ pub fn resize_vhdx(storage: &dyn crate::Storage, path: &Path, requested: u64) ->
     use crate::Disk;
     let mut img = crate::vhdx::VhdxImage::open_layer_on(storage, path, false)?;
     let old_size = img.size();
-    let ss = u64::from(img.metadata().logical_sector_size);
-    let new_size = requested.div_ceil(ss) * ss;
+    let new_size =
+        crate::vhdx::create::virtual_size(path, requested, img.metadata().logical_sector_size)?;
     if new_size < old_size {
         if img.is_differencing() {
             return Err(invalid(

@@ -15,6 +15,8 @@ use crate::progress::Progress;
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
 /// The largest virtual size of a VHD (2040 GiB, as Hyper-V allows).
 pub const MAX_SIZE: u64 = 2040 << 30;
+/// How much of a new BAT is written at once.
+const BAT_CHUNK: u64 = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub enum NewDisk {
@@ -53,6 +55,38 @@ pub fn actual_size(requested: u64, exact: bool) -> u64 {
         requested
     } else {
         chs_exact_size(requested)
+    }
+}
+
+/// The virtual size a VHD of `requested` bytes gets (see [`actual_size`]),
+/// refused when it is beyond the format's 2040 GiB: checked before rounding,
+/// so a size near `u64::MAX` is refused rather than wrapped.
+pub fn virtual_size(path: &Path, requested: u64, exact: bool) -> Result<u64> {
+    let beyond = || {
+        invalid(
+            path,
+            format!(
+                "size {requested} bytes is beyond the VHD maximum of 2040 GiB ({MAX_SIZE} bytes); use VHDX for a bigger disk"
+            ),
+        )
+    };
+    if requested > MAX_SIZE {
+        return Err(beyond());
+    }
+    let size = actual_size(requested, exact);
+    if size > MAX_SIZE {
+        return Err(beyond());
+    }
+    Ok(size)
+}
+
+/// Checks a new VHD's options as [`create`] would, without touching any file:
+/// for a fixed or dynamic disk the size and block size (a differencing disk's
+/// size comes from its parent, checked when it is made).
+pub fn check_options(path: &Path, opts: &CreateOptions) -> Result<()> {
+    match opts.kind {
+        NewDisk::Differencing { .. } => Ok(()),
+        NewDisk::Fixed { .. } | NewDisk::Dynamic { .. } => plan(path, opts).map(|_| ()),
     }
 }
 
@@ -164,14 +198,8 @@ fn plan(path: &Path, opts: &CreateOptions) -> Result<Layout> {
     }
     let size = match parent {
         Some(_) => requested,
-        None => actual_size(requested, opts.exact_size),
+        None => virtual_size(path, requested, opts.exact_size)?,
     };
-    if size > MAX_SIZE {
-        return Err(invalid(
-            path,
-            format!("{size} bytes is more than the 2040 GiB a VHD can hold; use VHDX"),
-        ));
-    }
     let footer = Footer::new(disk_type, size, *uuid::Uuid::new_v4().as_bytes());
     if disk_type == DiskType::Fixed {
         return Ok(Layout {
@@ -256,8 +284,16 @@ fn write_layout(
             file.write_at(&footer, 0).map_err(&io)?;
             file.write_at(&header.serialize(), FOOTER_SIZE as u64)
                 .map_err(&io)?;
-            file.write_at(&vec![0xff; *bat_bytes as usize], header.table_offset)
-                .map_err(&io)?;
+            // Unused entries, a MiB at a time: a BAT of small blocks can be
+            // gigabytes long, more than is wise to hold in memory at once.
+            let unused = vec![0xffu8; (*bat_bytes).min(BAT_CHUNK) as usize];
+            let mut done = 0u64;
+            while done < *bat_bytes {
+                let n = (*bat_bytes - done).min(BAT_CHUNK);
+                file.write_at(&unused[..n as usize], header.table_offset + done)
+                    .map_err(&io)?;
+                done += n;
+            }
             for (at, data) in &layout.locator_data {
                 file.write_at(data, *at).map_err(&io)?;
             }

@@ -70,6 +70,37 @@ pub fn create(path: &Path, opts: &VhdxOptions, progress: &mut dyn Progress) -> R
     create_on(&HostStorage, path, opts, progress)
 }
 
+/// The virtual size a VHDX of `requested` bytes gets: rounded up to a whole
+/// number of `logical_sector_size` sectors, more than 0 and at most 64 TiB.
+/// The rounding is checked, so a size near `u64::MAX` is refused rather than
+/// wrapped to a tiny disk.
+pub fn virtual_size(path: &Path, requested: u64, logical_sector_size: u32) -> Result<u64> {
+    if requested == 0 {
+        return Err(invalid(path, "the size must be more than 0 bytes"));
+    }
+    requested
+        .checked_next_multiple_of(u64::from(logical_sector_size.max(1)))
+        .filter(|&size| size <= MAX_DISK_SIZE)
+        .ok_or_else(|| {
+            invalid(
+                path,
+                format!(
+                    "size {requested} bytes is beyond the VHDX maximum of 64 TiB ({MAX_DISK_SIZE} bytes)"
+                ),
+            )
+        })
+}
+
+/// Checks a new VHDX's options as [`create`] would, without touching any file:
+/// for a fixed or dynamic disk the size, block size and sector sizes (a
+/// differencing disk's size comes from its parent, checked when it is made).
+pub fn check_options(path: &Path, opts: &VhdxOptions) -> Result<()> {
+    match opts.kind {
+        NewVhdx::Differencing { .. } => Ok(()),
+        NewVhdx::Fixed { .. } | NewVhdx::Dynamic { .. } => plan(path, opts).map(|_| ()),
+    }
+}
+
 /// Everything a new file holds, decided before anything is written.
 struct Plan {
     requested: u64,
@@ -143,18 +174,7 @@ fn plan(path: &Path, opts: &VhdxOptions) -> Result<Plan> {
             format!("block size {bs} is not a power of two from 1 MiB to 256 MiB"),
         ));
     }
-    let size = metadata.virtual_disk_size;
-    if size == 0 {
-        return Err(invalid(path, "the size must be more than 0 bytes"));
-    }
-    // A whole number of logical sectors.
-    metadata.virtual_disk_size = size.div_ceil(u64::from(ss)) * u64::from(ss);
-    if metadata.virtual_disk_size > MAX_DISK_SIZE {
-        return Err(invalid(
-            path,
-            format!("{size} bytes is more than the 64 TiB a VHDX can hold"),
-        ));
-    }
+    metadata.virtual_disk_size = virtual_size(path, metadata.virtual_disk_size, ss)?;
     let layout = Layout {
         block_size: u64::from(bs),
         logical_sector_size: u64::from(ss),
