@@ -66,7 +66,10 @@ pub struct UpdateHostRequest {
     #[schemars(range(max = "vm_config::validate::MAX_PERCENT"))]
     pub default_limit_percent: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = "vm_config::validate::MIN_RELATIVE_WEIGHT", max = "vm_config::validate::MAX_RELATIVE_WEIGHT"))]
+    #[schemars(range(
+        min = "vm_config::validate::MIN_RELATIVE_WEIGHT",
+        max = "vm_config::validate::MAX_RELATIVE_WEIGHT"
+    ))]
     pub default_relative_weight: Option<u32>,
 }
 

@@ -207,7 +207,10 @@ pub struct CreateVmRequest {
     pub name: String,
     /// 1 or 2 (default 2).
     #[serde(default = "default_generation")]
-    #[schemars(range(min = "vm_config::validate::MIN_GENERATION", max = "vm_config::validate::MAX_GENERATION"))]
+    #[schemars(range(
+        min = "vm_config::validate::MIN_GENERATION",
+        max = "vm_config::validate::MAX_GENERATION"
+    ))]
     pub generation: u8,
     /// Virtual processors (default 1).
     #[serde(default = "default_cpus")]
@@ -263,7 +266,10 @@ pub struct UpdateProcessorRequest {
     #[schemars(range(max = "vm_config::validate::MAX_PERCENT"))]
     pub limit_percent: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = "vm_config::validate::MIN_RELATIVE_WEIGHT", max = "vm_config::validate::MAX_RELATIVE_WEIGHT"))]
+    #[schemars(range(
+        min = "vm_config::validate::MIN_RELATIVE_WEIGHT",
+        max = "vm_config::validate::MAX_RELATIVE_WEIGHT"
+    ))]
     pub relative_weight: Option<u32>,
 }
 

@@ -64,8 +64,9 @@ pub async fn run(config: DaemonConfig) -> Result<(), String> {
 
     if let Some(addr) = config.listen {
         let configured = config.tls_cert.clone().zip(config.tls_key.clone());
-        let (cert, key) = crate::tls::certificate_paths(&config.data_dir, configured, config.renew_certificate)
-            .map_err(|e| error_chain(&e))?;
+        let (cert, key) =
+            crate::tls::certificate_paths(&config.data_dir, configured, config.renew_certificate)
+                .map_err(|e| error_chain(&e))?;
         let tls = crate::tls::server_config(&cert, &key).map_err(|e| error_chain(&e))?;
         let listener = crate::http::bind_tcp(addr)
             .await

@@ -106,9 +106,7 @@ pub fn certificate_paths(
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
     if cert.exists() && key.exists() {
-        let end = fs::read(&cert)
-            .ok()
-            .and_then(|pem| certificate_end(&pem));
+        let end = fs::read(&cert).ok().and_then(|pem| certificate_end(&pem));
         let today = days_since_epoch_now();
         match end {
             _ if renew => {

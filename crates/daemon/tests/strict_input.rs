@@ -25,7 +25,11 @@ fn json_bodies_that_are_not_objects_are_refused_and_change_nothing() {
     let cases = [
         ("PATCH", "/v1/host", "[null,null]"),
         ("PATCH", "/v1/host", "[5, 5, 5]"),
-        ("POST", "/v1/disks/create", r#"["positional.vhdx","dynamic",1048576]"#),
+        (
+            "POST",
+            "/v1/disks/create",
+            r#"["positional.vhdx","dynamic",1048576]"#,
+        ),
         ("POST", "/v1/vms", r#"["positional"]"#),
         ("PATCH", "/v1/vms/existing", "[]"),
         ("PATCH", "/v1/vms/existing/processor", "[2]"),
@@ -56,7 +60,11 @@ fn json_bodies_that_are_not_objects_are_refused_and_change_nothing() {
     );
     assert_eq!(d.get("/v1/jobs").body["jobs"], json!([]));
     // The object form still works.
-    let r = d.req("PATCH", "/v1/host", Some(r#"{"default_limit_percent": 90}"#));
+    let r = d.req(
+        "PATCH",
+        "/v1/host",
+        Some(r#"{"default_limit_percent": 90}"#),
+    );
     assert_eq!(r.status, 200, "{}", r.raw);
 }
 
@@ -123,7 +131,11 @@ fn vm_names_that_read_as_uuids_or_hold_invisible_characters_are_refused() {
     for name in [first.as_str(), &simple, &braced, &urn] {
         let r = d.post("/v1/vms", json!({"name": name}));
         assert_eq!((r.status, r.code()), (422, "InvalidParameter"), "{}", r.raw);
-        assert!(r.body["message"].as_str().unwrap().contains("UUID"), "{}", r.raw);
+        assert!(
+            r.body["message"].as_str().unwrap().contains("UUID"),
+            "{}",
+            r.raw
+        );
     }
     let invisible = [
         ("RLO\u{202E}txt", "U+202E"),
@@ -142,7 +154,12 @@ fn vm_names_that_read_as_uuids_or_hold_invisible_characters_are_refused() {
     ];
     for (name, code_point) in invisible {
         let r = d.post("/v1/vms", json!({"name": name}));
-        assert_eq!((r.status, r.code()), (422, "InvalidParameter"), "{name:?}: {}", r.raw);
+        assert_eq!(
+            (r.status, r.code()),
+            (422, "InvalidParameter"),
+            "{name:?}: {}",
+            r.raw
+        );
         let message = r.body["message"].as_str().unwrap();
         assert!(
             message.contains(code_point) || message.contains("control character"),
@@ -154,7 +171,12 @@ fn vm_names_that_read_as_uuids_or_hold_invisible_characters_are_refused() {
             "/v1/vms/first",
             Some(&json!({"name": name}).to_string()),
         );
-        assert_eq!((r.status, r.code()), (422, "InvalidParameter"), "{name:?}: {}", r.raw);
+        assert_eq!(
+            (r.status, r.code()),
+            (422, "InvalidParameter"),
+            "{name:?}: {}",
+            r.raw
+        );
     }
     let r = d.req(
         "PATCH",
@@ -198,14 +220,28 @@ fn checkpoint_names_that_read_as_uuids_or_hold_invisible_characters_are_refused(
         ("bom\u{FEFF}", "U+FEFF"),
     ] {
         let r = d.post(path, json!({"name": name}));
-        assert_eq!((r.status, r.code()), (422, "InvalidParameter"), "{name:?}: {}", r.raw);
-        assert!(r.body["message"].as_str().unwrap().contains(says), "{}", r.raw);
+        assert_eq!(
+            (r.status, r.code()),
+            (422, "InvalidParameter"),
+            "{name:?}: {}",
+            r.raw
+        );
+        assert!(
+            r.body["message"].as_str().unwrap().contains(says),
+            "{}",
+            r.raw
+        );
         let r = d.req(
             "PATCH",
             &format!("{path}/before"),
             Some(&json!({"name": name}).to_string()),
         );
-        assert_eq!((r.status, r.code()), (422, "InvalidParameter"), "{name:?}: {}", r.raw);
+        assert_eq!(
+            (r.status, r.code()),
+            (422, "InvalidParameter"),
+            "{name:?}: {}",
+            r.raw
+        );
     }
     let names: Vec<Value> = d.get(path).body["checkpoints"]
         .as_array()
@@ -319,7 +355,12 @@ fn the_bearer_scheme_matches_in_any_case() {
             &cert,
             &build("GET", "/v1/host", None, &[("Authorization", &auth)]),
         );
-        assert_eq!((r.status, r.code()), (401, "Unauthorized"), "{auth}: {}", r.raw);
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "Unauthorized"),
+            "{auth}: {}",
+            r.raw
+        );
     }
 }
 
@@ -437,7 +478,11 @@ fn generated_certificates_last_three_years_and_are_renewed_near_their_end() {
     // One that ends within 30 days is made again.
     d.stop();
     let (y, m, _) = today();
-    let soon = if m == 12 { (y + 1, 1, 1) } else { (y, m + 1, 1) };
+    let soon = if m == 12 {
+        (y + 1, 1, 1)
+    } else {
+        (y, m + 1, 1)
+    };
     place_certificate(&d, self_signed(soon));
     assert!(!valid_in(&cert, 40));
     d.launch();
@@ -459,14 +504,21 @@ fn generated_certificates_last_three_years_and_are_renewed_near_their_end() {
         .arg(&d.data)
         .arg("--socket")
         .arg(&d.socket)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--renew-certificate"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--renew-certificate",
+        ])
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::fs::read(&cert).unwrap_or_default() == kept {
-        assert!(Instant::now() < deadline, "--renew-certificate made no new certificate");
+        assert!(
+            Instant::now() < deadline,
+            "--renew-certificate made no new certificate"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     served(&d);
@@ -517,25 +569,139 @@ fn every_documented_limit_is_the_one_the_daemon_enforces() {
     let checkpoint = format!("/v1/vms/{vm}/checkpoints/{cp}");
     // (method, path, schema, field, the limits it must document)
     let cases: Vec<(&str, &str, &str, &str, &[&str])> = vec![
-        ("PATCH", "/v1/host", "UpdateHostRequest", "default_reserve_percent", &["maximum"]),
-        ("PATCH", "/v1/host", "UpdateHostRequest", "default_limit_percent", &["maximum"]),
-        ("PATCH", "/v1/host", "UpdateHostRequest", "default_relative_weight", &["minimum", "maximum"]),
-        ("POST", "/v1/vms", "CreateVmRequest", "name", &["minLength", "maxLength"]),
-        ("POST", "/v1/vms", "CreateVmRequest", "generation", &["minimum", "maximum"]),
-        ("POST", "/v1/vms", "CreateVmRequest", "processor_count", &["minimum"]),
-        ("POST", "/v1/vms", "CreateVmRequest", "memory_mib", &["minimum"]),
-        ("POST", "/v1/vms", "CreateVmRequest", "notes", &["maxLength"]),
-        ("PATCH", &vm_path, "UpdateVmRequest", "name", &["minLength", "maxLength"]),
-        ("PATCH", &vm_path, "UpdateVmRequest", "memory_mib", &["minimum"]),
-        ("PATCH", &vm_path, "UpdateVmRequest", "notes", &["maxLength"]),
-        ("PATCH", &processor, "UpdateProcessorRequest", "count", &["minimum"]),
-        ("PATCH", &processor, "UpdateProcessorRequest", "reserve_percent", &["maximum"]),
-        ("PATCH", &processor, "UpdateProcessorRequest", "limit_percent", &["maximum"]),
-        ("PATCH", &processor, "UpdateProcessorRequest", "relative_weight", &["minimum", "maximum"]),
-        ("POST", &checkpoints, "CreateCheckpointRequest", "name", &["minLength", "maxLength"]),
-        ("PATCH", &checkpoint, "RenameCheckpointRequest", "name", &["minLength", "maxLength"]),
-        ("POST", "/v1/diagnostics/sleep-job", "SleepJobRequest", "milliseconds", &["maximum"]),
-        ("PUT", "/v1/vms/limits/settings", "ProcessorSettings", "relative_weight", &["minimum", "maximum"]),
+        (
+            "PATCH",
+            "/v1/host",
+            "UpdateHostRequest",
+            "default_reserve_percent",
+            &["maximum"],
+        ),
+        (
+            "PATCH",
+            "/v1/host",
+            "UpdateHostRequest",
+            "default_limit_percent",
+            &["maximum"],
+        ),
+        (
+            "PATCH",
+            "/v1/host",
+            "UpdateHostRequest",
+            "default_relative_weight",
+            &["minimum", "maximum"],
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            "CreateVmRequest",
+            "name",
+            &["minLength", "maxLength"],
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            "CreateVmRequest",
+            "generation",
+            &["minimum", "maximum"],
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            "CreateVmRequest",
+            "processor_count",
+            &["minimum"],
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            "CreateVmRequest",
+            "memory_mib",
+            &["minimum"],
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            "CreateVmRequest",
+            "notes",
+            &["maxLength"],
+        ),
+        (
+            "PATCH",
+            &vm_path,
+            "UpdateVmRequest",
+            "name",
+            &["minLength", "maxLength"],
+        ),
+        (
+            "PATCH",
+            &vm_path,
+            "UpdateVmRequest",
+            "memory_mib",
+            &["minimum"],
+        ),
+        (
+            "PATCH",
+            &vm_path,
+            "UpdateVmRequest",
+            "notes",
+            &["maxLength"],
+        ),
+        (
+            "PATCH",
+            &processor,
+            "UpdateProcessorRequest",
+            "count",
+            &["minimum"],
+        ),
+        (
+            "PATCH",
+            &processor,
+            "UpdateProcessorRequest",
+            "reserve_percent",
+            &["maximum"],
+        ),
+        (
+            "PATCH",
+            &processor,
+            "UpdateProcessorRequest",
+            "limit_percent",
+            &["maximum"],
+        ),
+        (
+            "PATCH",
+            &processor,
+            "UpdateProcessorRequest",
+            "relative_weight",
+            &["minimum", "maximum"],
+        ),
+        (
+            "POST",
+            &checkpoints,
+            "CreateCheckpointRequest",
+            "name",
+            &["minLength", "maxLength"],
+        ),
+        (
+            "PATCH",
+            &checkpoint,
+            "RenameCheckpointRequest",
+            "name",
+            &["minLength", "maxLength"],
+        ),
+        (
+            "POST",
+            "/v1/diagnostics/sleep-job",
+            "SleepJobRequest",
+            "milliseconds",
+            &["maximum"],
+        ),
+        (
+            "PUT",
+            "/v1/vms/limits/settings",
+            "ProcessorSettings",
+            "relative_weight",
+            &["minimum", "maximum"],
+        ),
     ];
     let mut unique = 0u32;
     let mut text = |len: i64| {

@@ -13,7 +13,10 @@ pub struct VmSettings {
     #[schemars(length(min = 1, max = "crate::validate::MAX_NAME_CHARS"))]
     pub name: String,
     /// 1: BIOS, boots from IDE. 2: UEFI, boots from SCSI.
-    #[schemars(range(min = "crate::validate::MIN_GENERATION", max = "crate::validate::MAX_GENERATION"))]
+    #[schemars(range(
+        min = "crate::validate::MIN_GENERATION",
+        max = "crate::validate::MAX_GENERATION"
+    ))]
     pub generation: u8,
     pub processor: ProcessorSettings,
     pub memory: MemorySettings,
@@ -63,7 +66,10 @@ pub struct ProcessorSettings {
     pub limit_percent: u8,
     /// Share against other VMs when the host is busy, 1–10000 (default 100).
     #[serde(default = "default_weight")]
-    #[schemars(range(min = "crate::validate::MIN_RELATIVE_WEIGHT", max = "crate::validate::MAX_RELATIVE_WEIGHT"))]
+    #[schemars(range(
+        min = "crate::validate::MIN_RELATIVE_WEIGHT",
+        max = "crate::validate::MAX_RELATIVE_WEIGHT"
+    ))]
     pub relative_weight: u32,
 }
 

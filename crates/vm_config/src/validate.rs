@@ -243,9 +243,7 @@ fn invisible_kind(c: char) -> Option<&'static str> {
         | 0xE0001
         | 0xE0020..=0xE007F => "an invisible format character",
         0x2028 | 0x2029 => "a line or paragraph separator",
-        0xE000..=0xF8FF | 0xF0000..=0xFFFFD | 0x100000..=0x10FFFD => {
-            "a private-use character"
-        }
+        0xE000..=0xF8FF | 0xF0000..=0xFFFFD | 0x100000..=0x10FFFD => "a private-use character",
         0xFDD0..=0xFDEF => "a noncharacter",
         _ if u & 0xFFFE == 0xFFFE => "a noncharacter",
         _ => return None,
