@@ -413,7 +413,7 @@ pub fn routes() -> Vec<Route> {
         r(
             "get",
             "/v1/events",
-            "Server-sent events: job and VM changes in order",
+            "Server-sent events: job and VM changes in order; a listener that falls behind gets a last `event: overflow` frame with {\"reason\"} and the stream ends",
             None,
             200,
             Some(s::<events::Event>),
@@ -481,16 +481,229 @@ fn query_parameter(name: &str) -> Value {
             "seconds; at most --max-wait (300 by default), a longer one is shortened to it",
         ),
         "limit" => (
-            json!({"type": "integer", "minimum": 1, "maximum": jobs::MAX_JOBS_PER_PAGE}),
-            "most jobs in this page (1000 by default and at most; a bigger one is shortened)",
+            json!({"type": "integer", "minimum": 1, "maximum": u64::MAX}),
+            "most jobs in this page: 1000 by default and at most (a bigger limit is shortened to 1000)",
         ),
         "after" => (
-            json!({"type": "integer", "minimum": 0}),
+            json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}),
             "the next_after of the previous page",
         ),
         _ => (json!({"type": "boolean"}), ""),
     };
     json!({"name": name, "in": "query", "required": false, "description": description, "schema": schema})
+}
+
+/// A path segment's schema: what the router takes there.
+fn path_parameter(name: &str) -> Value {
+    match name {
+        "controller" => json!({"type": "string", "enum": ["ide", "scsi"]}),
+        "number" | "location" => json!({"type": "integer", "minimum": 0, "maximum": 255}),
+        "mac" => json!({"type": "string", "pattern": MAC_PATTERN}),
+        "id" => json!({"type": "string", "format": "uuid"}),
+        _ => json!({"type": "string", "minLength": 1}),
+    }
+}
+
+/// The routes whose body may be left out (a default request).
+fn body_is_optional(route: &Route) -> bool {
+    route.method == "post"
+        && (route.path == "/v1/vms/{vm}/checkpoints"
+            || [
+                "start", "stop", "shutdown", "save", "pause", "resume", "restart",
+            ]
+            .iter()
+            .any(|a| route.path == format!("/v1/vms/{{vm}}/{a}")))
+}
+
+/// Six hex bytes with colons, not multicast (the first byte even), not all zero.
+pub const MAC_PATTERN: &str =
+    "^(?!00:00:00:00:00:00$)[0-9A-Fa-f][02468AaCcEe](:[0-9A-Fa-f]{2}){5}$";
+
+/// A path: not empty, no control characters.
+const PATH_PATTERN: &str = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$";
+/// An absolute path.
+const ABSOLUTE_PATH_PATTERN: &str = "^/[^\\u0000-\\u001f\\u007f-\\u009f]*$";
+
+/// A character class of the characters names may not hold (control, format,
+/// private-use, noncharacters: `vm_config::validate::INVISIBLE_RANGES`) in the
+/// Basic Multilingual Plane, as `\\uXXXX` escapes. The service also refuses
+/// such characters beyond it (format characters, the private-use planes), which
+/// ECMA 262 patterns without the `u` flag cannot name, nor can the test
+/// generators we hold the document to.
+fn invisible_class() -> String {
+    let mut class = String::from("\\u0000-\\u001f\\u007f-\\u009f");
+    let mut push = |lo: u32, hi: u32| {
+        for (i, u) in [lo, hi].into_iter().enumerate() {
+            if i == 1 && lo == hi {
+                break;
+            }
+            if i == 1 {
+                class.push('-');
+            }
+            class.push_str(&format!("\\u{u:04x}"));
+        }
+    };
+    for (lo, hi, _) in vm_config::validate::INVISIBLE_RANGES
+        .iter()
+        .filter(|(_, hi, _)| *hi <= 0xFFFF)
+    {
+        push(*lo, *hi);
+    }
+    push(0xFFFE, 0xFFFF);
+    class
+}
+
+/// A VM name (`vm_config::validate::validate_new_name`): 1–100 visible characters,
+/// no path separator, not only dots, no white space at either end, not a UUID
+/// (hyphenated, `urn:uuid:` or 32 hex digits; the braced form `{...}`, which the
+/// service refuses too, is left out: the generators we test with cannot draw from
+/// a pattern that names it).
+fn vm_name_pattern() -> String {
+    let hex = |n: usize| format!("[0-9A-Fa-f]{{{n}}}");
+    let hyphenated = format!("{}-{}-{}-{}-{}", hex(8), hex(4), hex(4), hex(4), hex(12));
+    format!(
+        "^(?!\\s)(?!.*\\s$)(?!\\.\\.?$)(?!({hyphenated}|urn:uuid:{hyphenated}|{})$)[^/\\\\{}]{{1,{}}}$",
+        hex(32),
+        invisible_class(),
+        vm_config::validate::MAX_NAME_CHARS
+    )
+}
+
+/// A checkpoint name: 1–100 visible characters, not only white space.
+fn checkpoint_name_pattern() -> String {
+    format!(
+        "^(?!\\s*$)[^{}]{{1,{}}}$",
+        invisible_class(),
+        vm_config::validate::MAX_CHECKPOINT_NAME_CHARS
+    )
+}
+
+/// Adds to the generated schemas the limits the handlers enforce that the types
+/// do not say: integer widths, MAC, name and path patterns, the shutdown time-out.
+fn constrain(schemas: &mut Map<String, Value>) {
+    let vm_name = vm_name_pattern();
+    let checkpoint_name = checkpoint_name_pattern();
+    let rules: Vec<(&str, &str, Value)> = vec![
+        ("NetworkAdapter", "mac", json!({"pattern": MAC_PATTERN})),
+        (
+            "AddNetworkAdapterRequest",
+            "mac",
+            json!({"pattern": MAC_PATTERN}),
+        ),
+        ("BootEntry", "mac", json!({"pattern": MAC_PATTERN})),
+        ("CreateVmRequest", "name", json!({"pattern": vm_name})),
+        ("UpdateVmRequest", "name", json!({"pattern": vm_name})),
+        ("VmSettings", "name", json!({"pattern": vm_name})),
+        (
+            "ImportRequest",
+            "name",
+            json!({"pattern": vm_name, "minLength": 1}),
+        ),
+        (
+            "CreateCheckpointRequest",
+            "name",
+            json!({"pattern": checkpoint_name}),
+        ),
+        (
+            "RenameCheckpointRequest",
+            "name",
+            json!({"pattern": checkpoint_name}),
+        ),
+        (
+            "CreateDiskRequest",
+            "path",
+            json!({"pattern": PATH_PATTERN}),
+        ),
+        (
+            "CreateDiskRequest",
+            "parent",
+            json!({"pattern": PATH_PATTERN}),
+        ),
+        ("MergeDiskRequest", "path", json!({"pattern": PATH_PATTERN})),
+        (
+            "ConvertDiskRequest",
+            "path",
+            json!({"pattern": PATH_PATTERN}),
+        ),
+        (
+            "ConvertDiskRequest",
+            "destination",
+            json!({"pattern": PATH_PATTERN}),
+        ),
+        (
+            "CompactDiskRequest",
+            "path",
+            json!({"pattern": PATH_PATTERN}),
+        ),
+        (
+            "ResizeDiskRequest",
+            "path",
+            json!({"pattern": PATH_PATTERN}),
+        ),
+        ("DriveMedia", "path", json!({"pattern": PATH_PATTERN})),
+        ("DriveMedia", "device", json!({"pattern": PATH_PATTERN})),
+        ("DriveMedia", "iso", json!({"pattern": PATH_PATTERN})),
+        (
+            "ExportRequest",
+            "destination",
+            json!({"pattern": ABSOLUTE_PATH_PATTERN}),
+        ),
+        (
+            "MoveStorageRequest",
+            "destination",
+            json!({"pattern": ABSOLUTE_PATH_PATTERN}),
+        ),
+        (
+            "ImportRequest",
+            "source",
+            json!({"pattern": ABSOLUTE_PATH_PATTERN}),
+        ),
+        (
+            "ImportRequest",
+            "destination",
+            json!({"pattern": ABSOLUTE_PATH_PATTERN}),
+        ),
+        (
+            "VmActionRequest",
+            "timeout_seconds",
+            json!({"minimum": 1, "maximum": crate::vms::MAX_SHUTDOWN_TIMEOUT_SECONDS}),
+        ),
+    ];
+    for (name, schema) in schemas.iter_mut() {
+        for_each_property(schema, &mut |prop, p| {
+            let max = match p.get("format").and_then(Value::as_str) {
+                Some("uint8") => Some(json!(u8::MAX)),
+                Some("uint16") => Some(json!(u16::MAX)),
+                Some("uint32") => Some(json!(u32::MAX)),
+                Some("uint64") => Some(json!(u64::MAX)),
+                _ => None,
+            };
+            if let (Some(max), Some(obj)) = (max, p.as_object_mut()) {
+                obj.entry("maximum").or_insert(max);
+            }
+            for (_, _, extra) in rules.iter().filter(|(s, q, _)| s == name && *q == prop) {
+                if let (Some(obj), Some(extra)) = (p.as_object_mut(), extra.as_object()) {
+                    obj.extend(extra.clone());
+                }
+            }
+        });
+    }
+}
+
+/// Calls `f` with every property of an object schema, also inside `oneOf`/`allOf`.
+fn for_each_property(schema: &mut Value, f: &mut dyn FnMut(&str, &mut Value)) {
+    if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+        for (k, v) in props.iter_mut() {
+            f(k, v);
+        }
+    }
+    for key in ["oneOf", "allOf", "anyOf"] {
+        if let Some(parts) = schema.get_mut(key).and_then(Value::as_array_mut) {
+            for part in parts {
+                for_each_property(part, f);
+            }
+        }
+    }
 }
 
 fn json_content(schema: Schema) -> Value {
@@ -516,7 +729,7 @@ pub fn document() -> Value {
         let mut params: Vec<Value> = Vec::new();
         for seg in route.path.split('/') {
             if let Some(name) = seg.strip_prefix('{').and_then(|x| x.strip_suffix('}')) {
-                params.push(json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}));
+                params.push(json!({"name": name, "in": "path", "required": true, "schema": path_parameter(name)}));
             }
         }
         for q in route.query {
@@ -528,12 +741,16 @@ pub fn document() -> Value {
         if let Some(req) = route.request {
             op.insert(
                 "requestBody".into(),
-                json!({"required": true, "content": json_content(req(&mut gen))}),
+                json!({"required": !body_is_optional(&route), "content": json_content(req(&mut gen))}),
             );
         }
         let mut ok = json!({"description": "Success"});
         if let Some(resp) = route.response {
-            ok["content"] = json_content(resp(&mut gen));
+            ok["content"] = if route.path == "/v1/events" {
+                json!({"text/event-stream": {"schema": resp(&mut gen)}})
+            } else {
+                json_content(resp(&mut gen))
+            };
         }
         if route.status == 202 {
             ok["headers"] =
@@ -563,7 +780,10 @@ pub fn document() -> Value {
             .or_insert_with(|| json!({}));
         entry[route.method] = Value::Object(op);
     }
-    let schemas = serde_json::to_value(gen.definitions()).unwrap_or(Value::Null);
+    let mut schemas = serde_json::to_value(gen.definitions()).unwrap_or(Value::Null);
+    if let Some(all) = schemas.as_object_mut() {
+        constrain(all);
+    }
     json!({
         "openapi": "3.0.3",
         "info": {
@@ -646,7 +866,7 @@ mod tests {
             .iter()
             .find(|p| p["name"] == "limit")
             .unwrap();
-        assert_eq!(limit["schema"]["maximum"], 1000);
+        assert!(limit["description"].as_str().unwrap().contains("at most"));
         let wait = &doc["paths"]["/v1/jobs/{id}/wait"]["get"]["parameters"][1];
         assert!(wait["description"].as_str().unwrap().contains("at most"));
         for (path, method) in [("/v1/diagnostics/sleep-job", "post"), ("/v1/events", "get")] {

@@ -291,6 +291,9 @@ pub struct AddDriveRequest {
 
 /// `POST /v1/vms/{vm}/{start,stop,shutdown,save,pause,resume,restart}`: the body is
 /// optional (empty or `{}`).
+/// The longest shutdown time-out a request may ask for (a day).
+pub const MAX_SHUTDOWN_TIMEOUT_SECONDS: u64 = 86_400;
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmActionRequest {

@@ -214,40 +214,55 @@ pub fn invisible_character(s: &str) -> Option<(char, &'static str)> {
         .find_map(|c| invisible_kind(c).map(|what| (c, what)))
 }
 
+/// The code points [`invisible_character`] refuses besides control characters
+/// (`char::is_control`, U+0000–U+001F and U+007F–U+009F) and noncharacters
+/// (U+FDD0–U+FDEF and the last two of every plane), as inclusive ranges. The
+/// OpenAPI document's name patterns are built from the same table.
+pub const INVISIBLE_RANGES: &[(u32, u32, &str)] = &[
+    (0x202A, 0x202E, "a bidirectional control character"),
+    (0x2066, 0x2069, "a bidirectional control character"),
+    (0x200E, 0x200F, "a bidirectional control character"),
+    (0x061C, 0x061C, "a bidirectional control character"),
+    (0x200B, 0x200D, "a zero-width character"),
+    (0x2060, 0x2060, "a zero-width character"),
+    (0xFEFF, 0xFEFF, "a zero-width character"),
+    // The rest of Unicode's format characters (category Cf).
+    (0x00AD, 0x00AD, "an invisible format character"),
+    (0x0600, 0x0605, "an invisible format character"),
+    (0x06DD, 0x06DD, "an invisible format character"),
+    (0x070F, 0x070F, "an invisible format character"),
+    (0x0890, 0x0891, "an invisible format character"),
+    (0x08E2, 0x08E2, "an invisible format character"),
+    (0x180E, 0x180E, "an invisible format character"),
+    (0x2061, 0x2064, "an invisible format character"),
+    (0x206A, 0x206F, "an invisible format character"),
+    (0xFFF9, 0xFFFB, "an invisible format character"),
+    (0x110BD, 0x110BD, "an invisible format character"),
+    (0x110CD, 0x110CD, "an invisible format character"),
+    (0x13430, 0x1343F, "an invisible format character"),
+    (0x1BCA0, 0x1BCA3, "an invisible format character"),
+    (0x1D173, 0x1D17A, "an invisible format character"),
+    (0xE0001, 0xE0001, "an invisible format character"),
+    (0xE0020, 0xE007F, "an invisible format character"),
+    (0x2028, 0x2029, "a line or paragraph separator"),
+    (0xE000, 0xF8FF, "a private-use character"),
+    (0xF0000, 0xFFFFD, "a private-use character"),
+    (0x100000, 0x10FFFD, "a private-use character"),
+    (0xFDD0, 0xFDEF, "a noncharacter"),
+];
+
 fn invisible_kind(c: char) -> Option<&'static str> {
     let u = u32::from(c);
     if c.is_control() {
         return Some("a control character");
     }
-    Some(match u {
-        0x202A..=0x202E | 0x2066..=0x2069 | 0x200E | 0x200F | 0x061C => {
-            "a bidirectional control character"
-        }
-        0x200B..=0x200D | 0x2060 | 0xFEFF => "a zero-width character",
-        // The rest of Unicode's format characters (category Cf).
-        0x00AD
-        | 0x0600..=0x0605
-        | 0x06DD
-        | 0x070F
-        | 0x0890..=0x0891
-        | 0x08E2
-        | 0x180E
-        | 0x2061..=0x2064
-        | 0x206A..=0x206F
-        | 0xFFF9..=0xFFFB
-        | 0x110BD
-        | 0x110CD
-        | 0x13430..=0x1343F
-        | 0x1BCA0..=0x1BCA3
-        | 0x1D173..=0x1D17A
-        | 0xE0001
-        | 0xE0020..=0xE007F => "an invisible format character",
-        0x2028 | 0x2029 => "a line or paragraph separator",
-        0xE000..=0xF8FF | 0xF0000..=0xFFFFD | 0x100000..=0x10FFFD => "a private-use character",
-        0xFDD0..=0xFDEF => "a noncharacter",
-        _ if u & 0xFFFE == 0xFFFE => "a noncharacter",
-        _ => return None,
-    })
+    if let Some((_, _, what)) = INVISIBLE_RANGES
+        .iter()
+        .find(|(lo, hi, _)| (*lo..=*hi).contains(&u))
+    {
+        return Some(what);
+    }
+    (u & 0xFFFE == 0xFFFE).then_some("a noncharacter")
 }
 
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff` (hex, either case); rejects multicast.

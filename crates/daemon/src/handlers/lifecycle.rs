@@ -78,10 +78,11 @@ pub async fn action(svc: &Arc<Service>, key: &str, action: &str, body: Incoming)
     }
     let request = read_action_body(body).await?;
     let shutdown_timeout = match (action, request.timeout_seconds) {
-        ("shutdown", Some(t)) if (1..=86_400).contains(&t) => t,
+        ("shutdown", Some(t)) if (1..=api::vms::MAX_SHUTDOWN_TIMEOUT_SECONDS).contains(&t) => t,
         ("shutdown", Some(t)) => {
             return Err(ApiError::invalid(format!(
-                "a shutdown timeout of {t} s is out of range; use 1 to 86400"
+                "a shutdown timeout of {t} s is out of range; use 1 to {}",
+                api::vms::MAX_SHUTDOWN_TIMEOUT_SECONDS
             )))
         }
         ("shutdown", None) => worker::spec::DEFAULT_SHUTDOWN_TIMEOUT_SECS,

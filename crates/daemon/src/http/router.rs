@@ -159,9 +159,15 @@ async fn route(
     }
     let segs = segments(req.uri().path())?;
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    // A method the route does not take is 405 with `Allow` everywhere, the
+    // diagnostics' routes included.
+    let method_known = api::openapi::routes().into_iter().any(|r| {
+        r.method.eq_ignore_ascii_case(req.method().as_str()) && matches_template(r.path, &segs)
+    });
     if segs.get(1) == Some(&"diagnostics")
         && transport == Transport::Tcp
         && !svc.config.enable_diagnostics
+        && method_known
     {
         return Err(ApiError::not_found(format!(
             "/{} is served on the unix socket only; start viridiand with --enable-diagnostics to serve it over TCP",

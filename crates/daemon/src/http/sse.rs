@@ -74,7 +74,10 @@ pub fn events(
                 "event: overflow\ndata: {{\"reason\":\"{why}\"}}\n\n"
             ))
         };
-        tx.send(Bytes::from_static(b": connected\n\n")).await.ok();
+        // A comment line at once, so a client knows it is subscribed; it ends no
+        // block, so it belongs to the first event's frame (parsers that take a
+        // comment-only block for an empty event see none).
+        tx.send(Bytes::from_static(b": connected\n")).await.ok();
         loop {
             let item = tokio::select! {
                 item = rx.recv() => item,

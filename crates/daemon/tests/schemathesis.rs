@@ -1,0 +1,88 @@
+//! Schemathesis (from PyPI, pinned in scripts/requirements-test.txt) against the
+//! daemon's own OpenAPI document over TLS with the token: every operation, every
+//! check, a bounded budget, zero failures. scripts/schemathesis.toml says which rules
+//! no schema can state; BENCHMARKS.md reports the full (10+ minute) run.
+
+mod common;
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::guest::KillWorkersOnDrop;
+use common::Daemon;
+
+/// Seconds of property-based requests (`VIRIDIAN_SCHEMATHESIS_SECONDS` to change).
+const BUDGET_SECONDS: u64 = 90;
+
+#[test]
+fn schemathesis_finds_no_failure_in_any_operation() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Short waits: a `wait` answers within its time-out, which the test keeps small.
+    let d = Daemon::start(&["--listen", &format!("127.0.0.1:{port}"), "--max-wait", "5"]);
+    // Started VMs (fuzzed settings, no disks) go with the test.
+    let _workers = KillWorkersOnDrop(d.data.clone());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "no TCP listener: {}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let token = std::fs::read_to_string(d.data.join("token")).unwrap();
+    let budget = std::env::var("VIRIDIAN_SCHEMATHESIS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(BUDGET_SECONDS);
+    let out = Command::new("python3")
+        .args(["-m", "schemathesis.cli", "--config-file"])
+        .arg(root.join("scripts/schemathesis.toml"))
+        .arg("run")
+        .arg(format!("https://127.0.0.1:{port}/v1/openapi.json"))
+        .arg("--tls-verify")
+        .arg(d.data.join("tls/cert.pem"))
+        .args([
+            "--checks",
+            "all",
+            "--workers",
+            "2",
+            "--no-color",
+            "--seed",
+            "1",
+        ])
+        .args(["--max-time", &budget.to_string()])
+        .env("VIRIDIAN_TOKEN", token.trim())
+        .current_dir(d.dir.path())
+        .output()
+        .expect("python3 runs (scripts/setup.sh installs schemathesis)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("No module named"),
+        "schemathesis is not installed; run scripts/setup.sh: {err}"
+    );
+    assert!(
+        out.status.success() && text.contains("passed"),
+        "schemathesis found failures (exit {:?}):\n{text}\n{err}\ndaemon log:\n{}",
+        out.status.code(),
+        d.log()
+    );
+    // Every operation of the document was selected and tested.
+    let count = |label: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let selected = count("Selected:");
+    let tested = count("Tested:");
+    let (of, all) = selected.split_once('/').unwrap_or(("", "?"));
+    assert!(
+        of == all && tested == all,
+        "not every operation was tested (selected {selected}, tested {tested}):\n{text}"
+    );
+}
