@@ -3,7 +3,9 @@
 //! job at that percent), then started again on the same data dir: no partial file
 //! under the final name (or the original disk as it was), no temporary file left,
 //! the job listed as Killed with the reason, and the same request, sent again,
-//! succeeds with the right data. Steps alternate between VHD and VHDX.
+//! succeeds with the right data. Steps alternate between VHD and VHDX. A merge,
+//! which changes its target in place, is killed mid-way too: the chain through the
+//! child reads the same, and the retry merges it.
 
 mod common;
 
@@ -319,4 +321,33 @@ fn leftover_temporary_files_of_an_interrupted_create_are_removed_at_start() {
     d.restart();
     assert!(stale.iter().all(|f| !f.exists()), "leftovers stay");
     assert!(kept.exists());
+}
+
+#[test]
+fn a_merge_killed_mid_way_leaves_the_chain_reading_the_same_and_a_retry_merges_it() {
+    let mut d = start();
+    for percent in [30u8, 60, 90] {
+        let e = if percent == 60 { "vhdx" } else { "vhd" };
+        let base = disks_dir(&d).join(format!("base-{percent}.{e}"));
+        let child = disks_dir(&d).join(format!("child-{percent}.a{e}"));
+        disk_with_noise(&base, 1, SIZE);
+        common::disk_data::make_child(&child, &base);
+        write_noise(&child, 2, 0, SIZE);
+        let want = content_hash(&child);
+        let body = json!({"path": child.file_name().unwrap().to_str().unwrap()});
+        d.stop();
+        let id = kill_at(&mut d, percent, "merge", &body);
+        assert_eq!(
+            content_hash(&child),
+            want,
+            "the chain changed at {percent} %"
+        );
+        assert_checks_clean(&base);
+        assert_killed(&d, &id, "merge");
+        assert_no_leftovers(&d);
+        run(&d, "merge", &body);
+        assert!(!child.exists());
+        assert_eq!(content_hash(&base), want);
+        assert_checks_clean(&base);
+    }
 }
