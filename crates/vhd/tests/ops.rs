@@ -408,6 +408,12 @@ fn resize_via_a_copy_leaves_the_original_as_it_was_when_stopped_and_grows_it_oth
         assert!(matches!(err, vhd::Error::Cancelled { .. }), "{err}");
         assert_eq!(std::fs::read(&disk).unwrap(), before, "{name} changed");
         assert!(!tmp.exists());
+        // A disk someone else has open is refused, as an in-place resize refuses it.
+        let other = vhd::host_file::open_locked(&disk, true).unwrap();
+        let err = vhd::ops::resize::resize_via(&disk, &tmp, 32 << 20, true, &mut NoProgress);
+        assert!(matches!(err, Err(vhd::Error::Locked { .. })), "{err:?}");
+        assert!(!tmp.exists());
+        drop(other);
         let r = vhd::ops::resize::resize_via(&disk, &tmp, 32 << 20, true, &mut NoProgress).unwrap();
         assert_eq!((r.old_size, r.new_size), (16 << 20, 32 << 20));
         assert!(!tmp.exists());

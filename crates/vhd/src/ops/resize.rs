@@ -145,8 +145,8 @@ pub fn plan(path: &Path, requested: u64, exact: bool) -> Result<Resized> {
 /// the resized one: the file is copied (its data runs only; holes stay holes)
 /// to `tmp` in its folder (e.g. [`crate::ops::partial::partial_path`]), the
 /// copy resized and flushed, then renamed over `path` and the folder synced.
-/// `path` is held with a shared lock meanwhile, so no writer changes it under
-/// the copy. The copy reports progress; a cancel leaves `path` as it was.
+/// `path` is held with an exclusive lock meanwhile (it is only read), so
+/// nobody changes it under the copy. The copy reports progress; a cancel leaves `path` as it was.
 pub fn resize_via(
     path: &Path,
     tmp: &Path,
@@ -160,7 +160,8 @@ pub fn resize_via(
         progress.update(1, 1);
         return Ok(planned);
     }
-    let held = crate::host_file::open_locked(path, true)?;
+    // Exclusive, as an in-place resize takes it: nobody else may have it open.
+    let held = crate::host_file::open_locked(path, false)?;
     let _ = std::fs::remove_file(tmp);
     let result = copy_file(&held, path, tmp, progress)
         .and_then(|()| resize(tmp, requested, exact))
