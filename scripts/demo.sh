@@ -37,7 +37,7 @@ cleanup() {
 trap cleanup EXIT
 
 export VIRIDIAN_SOCKET="$tmp/viridian.sock"
-"$bin/viridiand" --data-dir "$tmp/data" --socket "$VIRIDIAN_SOCKET" </dev/null >"$tmp/viridiand.log" 2>&1 &
+"$bin/viridiand" --data-dir "$tmp/data" --storage-root "$tmp" --socket "$VIRIDIAN_SOCKET" </dev/null >"$tmp/viridiand.log" 2>&1 &
 daemon_pid=$!
 for _ in $(seq 1 100); do
     [ -S "$VIRIDIAN_SOCKET" ] && break

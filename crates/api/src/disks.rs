@@ -1,7 +1,8 @@
 //! `/v1/disks/...`: the storage engine's operations, run by the service as jobs.
 //!
 //! Paths are absolute, or relative to `<data-dir>/Virtual Hard Disks`; a relative
-//! path may not climb out of that folder (`..`).
+//! path may not climb out of that folder (`..`). Every path must lie in one of the
+//! host's storage roots (`GET /v1/host`), else the answer is 403 `Forbidden`.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,16 @@ pub enum DiskKind {
     Fixed,
     Dynamic,
     Differencing,
+}
+
+/// A disk image's format, as its signature tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Vhd,
+    Vhdx,
+    /// A raw image: bytes without a VHD or VHDX signature.
+    Raw,
 }
 
 /// `POST /v1/disks/create`
@@ -49,6 +60,10 @@ pub struct ConvertDiskRequest {
     /// Fixed or dynamic; keeps the source's kind when absent.
     #[serde(default)]
     pub kind: Option<DiskKind>,
+    /// The source's format. Absent: it must be a VHD or VHDX (by its signature);
+    /// `raw` reads a raw image, which is only done when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_format: Option<ImageFormat>,
 }
 
 /// `POST /v1/disks/compact`

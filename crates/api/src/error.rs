@@ -21,6 +21,9 @@ pub enum ErrorCode {
     InUse,
     /// TCP request without the right bearer token.
     Unauthorized,
+    /// A path outside the host's storage roots (or escaping one through `..` or a
+    /// symlink); the message names the roots.
+    Forbidden,
     /// The body exceeds the size limit.
     PayloadTooLarge,
     /// The path exists but not with this method.
@@ -57,6 +60,7 @@ impl ErrorCode {
             ErrorCode::InvalidParameter | ErrorCode::ImportIncompatible => 422,
             ErrorCode::MalformedRequest => 400,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::JobExpired => 410,
@@ -75,6 +79,7 @@ impl ErrorCode {
             ErrorCode::AlreadyExists => "AlreadyExists",
             ErrorCode::InUse => "InUse",
             ErrorCode::Unauthorized => "Unauthorized",
+            ErrorCode::Forbidden => "Forbidden",
             ErrorCode::PayloadTooLarge => "PayloadTooLarge",
             ErrorCode::MethodNotAllowed => "MethodNotAllowed",
             ErrorCode::JobExpired => "JobExpired",

@@ -12,6 +12,11 @@ pub struct HostInfo {
     pub accelerator: AcceleratorInfo,
     pub limits: HostLimitsInfo,
     pub data_dir: String,
+    /// The folders where the API may create, read, attach, move, export to and delete
+    /// files (the data dir first); set by the host's administrator with
+    /// `viridiand --storage-root` or in host.json, not through the API.
+    #[serde(default)]
+    pub storage_roots: Vec<String>,
     /// How processor limits and weights are enforced: the cgroup hierarchy and where
     /// VMs' groups go, or why they are not enforced.
     #[serde(default)]

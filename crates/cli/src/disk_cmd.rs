@@ -2,8 +2,8 @@
 //! (so they work on a remote host too). `viridian vhd` is the offline tool.
 
 use api::disks::{
-    CompactDiskRequest, ConvertDiskRequest, CreateDiskRequest, DiskKind, MergeDiskRequest,
-    ResizeDiskRequest,
+    CompactDiskRequest, ConvertDiskRequest, CreateDiskRequest, DiskKind, ImageFormat,
+    MergeDiskRequest, ResizeDiskRequest,
 };
 use clap::{Subcommand, ValueEnum};
 
@@ -25,6 +25,23 @@ impl From<Kind> for DiskKind {
             Kind::Fixed => DiskKind::Fixed,
             Kind::Dynamic => DiskKind::Dynamic,
             Kind::Differencing => DiskKind::Differencing,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum SourceFormat {
+    Vhd,
+    Vhdx,
+    Raw,
+}
+
+impl From<SourceFormat> for ImageFormat {
+    fn from(f: SourceFormat) -> Self {
+        match f {
+            SourceFormat::Vhd => ImageFormat::Vhd,
+            SourceFormat::Vhdx => ImageFormat::Vhdx,
+            SourceFormat::Raw => ImageFormat::Raw,
         }
     }
 }
@@ -54,6 +71,10 @@ pub enum DiskCmd {
         destination: String,
         #[arg(long, value_enum)]
         kind: Option<Kind>,
+        /// The source's format; `raw` reads a raw image (without it the source must
+        /// be a VHD or VHDX).
+        #[arg(long, value_enum)]
+        source_format: Option<SourceFormat>,
     },
     /// Give unused blocks back to the host.
     Compact { path: String },
@@ -104,6 +125,7 @@ pub fn run(cmd: DiskCmd, conn: &Connection) -> Result<(), Failure> {
             path,
             destination,
             kind,
+            source_format,
         } => start(
             &client,
             conn,
@@ -112,6 +134,7 @@ pub fn run(cmd: DiskCmd, conn: &Connection) -> Result<(), Failure> {
                 path: conn.host_path(path),
                 destination: conn.host_path(destination),
                 kind: kind.map(Into::into),
+                source_format: source_format.map(Into::into),
             },
         ),
         DiskCmd::Compact { path } => start(

@@ -53,6 +53,7 @@ impl Failure {
                 ErrorCode::Unauthorized => 9,
                 ErrorCode::InsufficientResources => 13,
                 ErrorCode::TooManyRequests => 14,
+                ErrorCode::Forbidden => 15,
                 ErrorCode::MethodNotAllowed | ErrorCode::RequestTimeout | ErrorCode::Internal => 1,
             },
             Failure::JobFailed {

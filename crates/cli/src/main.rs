@@ -178,6 +178,10 @@ fn print_host(conn: &connection::Connection, info: &api::host::HostInfo) {
         info.accelerator.kind, info.accelerator.reason
     );
     println!("data dir:    {}", info.data_dir);
+    println!(
+        "storage:     {} (the storage roots)",
+        info.storage_roots.join(", ")
+    );
     let f = &info.firmware;
     println!(
         "firmware:    generation 1: {} ({})",

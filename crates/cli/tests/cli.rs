@@ -46,6 +46,9 @@ impl Daemon {
             .arg(dir.path().join("data"))
             .arg("--socket")
             .arg(&socket)
+            // The tests keep their disks beside the data dir.
+            .arg("--storage-root")
+            .arg(dir.path())
             .args(extra)
             .stderr(Stdio::null())
             .spawn()
@@ -64,6 +67,16 @@ impl Daemon {
             .args(args)
             .output()
             .unwrap()
+    }
+
+    /// A small dynamic disk made by the offline tool (`viridian vhd create`).
+    fn disk(&self, path: &std::path::Path) {
+        let out = self.cli(&["vhd", "create", path.to_str().unwrap(), "--size", "1M"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn json(&self, args: &[&str]) -> Value {
@@ -160,7 +173,7 @@ fn vm_commands_work_by_name_or_id_with_text_and_json_output() {
     );
 
     let disk = d.dir.path().join("boot.vhd");
-    std::fs::write(&disk, b"x").unwrap();
+    d.disk(&disk);
     let drive = d.json(&[
         "vm",
         "disk",
@@ -230,7 +243,7 @@ fn exit_codes_tell_scripts_what_went_wrong() {
     d.json(&["vm", "create", "a", "--cpus", "1", "--memory", "256"]);
     d.json(&["vm", "create", "b", "--cpus", "1", "--memory", "256"]);
     let disk = d.dir.path().join("shared.vhdx");
-    std::fs::write(&disk, b"x").unwrap();
+    d.disk(&disk);
     d.json(&[
         "vm",
         "disk",

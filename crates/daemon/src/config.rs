@@ -12,6 +12,17 @@ pub struct DaemonConfig {
     /// Where VM folders, the API token and the TLS certificate live.
     #[arg(long, default_value = "/var/lib/viridian", env = "VIRIDIAN_DATA_DIR")]
     pub data_dir: PathBuf,
+    /// A folder where the API may create, read, convert, attach, move, export to and
+    /// delete files (repeatable; also `storage_roots` in host.json). The data dir is
+    /// always one. Paths outside every root, or leaving one through `..` or a
+    /// symlink, are refused with `Forbidden`.
+    #[arg(long = "storage-root", value_name = "PATH")]
+    pub storage_roots: Vec<PathBuf>,
+    /// Group that may read the service's files: new files are made 0640 and folders
+    /// 0750 with this group (the data dir and storage roots get it, set-group-ID);
+    /// without it files are 0600 and folders 0700.
+    #[arg(long, value_name = "GROUP")]
+    pub file_group: Option<String>,
     /// Unix socket to serve the API on (created with mode 0660).
     #[arg(long, default_value = "/run/viridian/viridian.sock")]
     pub socket: PathBuf,

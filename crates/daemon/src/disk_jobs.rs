@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use api::disks::{
-    CompactDiskRequest, ConvertDiskRequest, CreateDiskRequest, DiskKind, MergeDiskRequest,
-    ResizeDiskRequest,
+    CompactDiskRequest, ConvertDiskRequest, CreateDiskRequest, DiskKind, ImageFormat,
+    MergeDiskRequest, ResizeDiskRequest,
 };
 use api::ErrorCode;
 use hyper::body::Incoming;
@@ -120,35 +120,35 @@ fn refused(e: vhd::Error) -> ApiError {
     ApiError::invalid(error_chain(&e))
 }
 
-/// The source must exist.
-fn existing(path: &Path) -> Result<(), ApiError> {
-    if path.is_file() {
+/// A disk the job reads: inside the storage roots, with its format's signature
+/// (a raw image only when `raw` is asked for), its chain inside the roots too.
+fn source_disk(svc: &Service, path: &Path, format: Option<ImageFormat>) -> Result<(), ApiError> {
+    svc.roots.disk(path, format == Some(ImageFormat::Raw))?;
+    let Some(wanted) = format else {
         return Ok(());
+    };
+    let found = match vhd::detect_format(path) {
+        Ok(vhd::Format::Vhd) => ImageFormat::Vhd,
+        Ok(vhd::Format::Vhdx) => ImageFormat::Vhdx,
+        Ok(vhd::Format::Raw) => ImageFormat::Raw,
+        Err(e) => return Err(ApiError::invalid(error_chain(&e))),
+    };
+    if found != wanted {
+        return Err(ApiError::invalid(format!(
+            "{} is a {} image, not {}; leave out source_format to read it as it is",
+            path.display(),
+            format_name(found),
+            format_name(wanted)
+        )));
     }
-    Err(ApiError::not_found(format!(
-        "the disk {} does not exist",
-        path.display()
-    )))
+    Ok(())
 }
 
-/// A new file must not exist yet, and its folder must (the disks folder itself is
-/// made when the job starts).
-fn fresh(path: &Path, base: &Path) -> Result<(), ApiError> {
-    if std::fs::symlink_metadata(path).is_ok() {
-        return Err(ApiError::new(
-            ErrorCode::AlreadyExists,
-            format!(
-                "{} already exists; choose another name or delete it first",
-                path.display()
-            ),
-        ));
-    }
-    match path.parent() {
-        Some(dir) if dir.is_dir() || dir == base => Ok(()),
-        _ => Err(ApiError::invalid(format!(
-            "the folder for {} does not exist",
-            path.display()
-        ))),
+fn format_name(f: ImageFormat) -> &'static str {
+    match f {
+        ImageFormat::Vhd => "VHD",
+        ImageFormat::Vhdx => "VHDX",
+        ImageFormat::Raw => "raw",
     }
 }
 
@@ -190,15 +190,22 @@ pub async fn submit(
 ) -> Result<Response<Body>, ApiError> {
     let base = svc.disks_dir();
     let id = Uuid::new_v4();
+    // Relative paths live in `<data-dir>/Virtual Hard Disks`; make it on first use.
+    std::fs::create_dir_all(&base).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("cannot create {}: {e}", base.display()),
+        )
+    })?;
     let (source, target, run): (Option<PathBuf>, PathBuf, Option<EngineOp>) = match op {
         "create" => {
             let r: CreateDiskRequest = read_json(body).await?;
             let path = resolve(&base, &r.path)?;
-            fresh(&path, &base)?;
+            svc.roots.new_file(&path)?;
             let kind = match (r.kind, &r.parent, r.size_bytes) {
                 (DiskKind::Differencing, Some(parent), None) => {
                     let parent = resolve(&base, parent)?;
-                    existing(&parent)?;
+                    source_disk(svc, &parent, None)?;
                     NewDisk::Differencing { parent }
                 }
                 (DiskKind::Fixed, None, Some(size)) => NewDisk::Fixed { size },
@@ -244,7 +251,7 @@ pub async fn submit(
         }
         "merge" => {
             let path = resolve(&base, &read_json::<MergeDiskRequest>(body).await?.path)?;
-            existing(&path)?;
+            source_disk(svc, &path, None)?;
             let p = path.clone();
             let run: EngineOp =
                 Box::new(move |progress| vhd::ops::merge::merge(&p, None, progress).map(|_| ()));
@@ -253,8 +260,8 @@ pub async fn submit(
         "convert" => {
             let r: ConvertDiskRequest = read_json(body).await?;
             let (src, dst) = (resolve(&base, &r.path)?, resolve(&base, &r.destination)?);
-            existing(&src)?;
-            fresh(&dst, &base)?;
+            source_disk(svc, &src, r.source_format)?;
+            svc.roots.new_file(&dst)?;
             let target = match r.kind {
                 None => Target::for_path(&dst),
                 Some(DiskKind::Fixed) => Target::VhdFixed,
@@ -274,7 +281,7 @@ pub async fn submit(
         }
         "compact" => {
             let path = resolve(&base, &read_json::<CompactDiskRequest>(body).await?.path)?;
-            existing(&path)?;
+            source_disk(svc, &path, None)?;
             let (p, t) = (path.clone(), job_temp(&path, id));
             let run: EngineOp = Box::new(move |progress| {
                 vhd::ops::compact::compact_via(&vhd::HostStorage, &p, &t, progress).map(|_| ())
@@ -284,7 +291,7 @@ pub async fn submit(
         "resize" => {
             let r: ResizeDiskRequest = read_json(body).await?;
             let path = resolve(&base, &r.path)?;
-            existing(&path)?;
+            source_disk(svc, &path, None)?;
             match vhd::ops::resize::check(&path, r.size_bytes) {
                 // A file that cannot be read fails as the job, with its code.
                 Err(vhd::Error::Io { .. }) | Ok(()) => {}
@@ -314,13 +321,6 @@ pub async fn submit(
             ),
         ));
     };
-    // Relative paths live in `<data-dir>/Virtual Hard Disks`; make it on first use.
-    std::fs::create_dir_all(&base).map_err(|e| {
-        ApiError::new(
-            ErrorCode::Internal,
-            format!("cannot create {}: {e}", base.display()),
-        )
-    })?;
     let mut affected = vec![AffectedElement::new("disk", target.display().to_string())];
     if let Some(src) = source.filter(|s| *s != target) {
         affected.insert(0, AffectedElement::new("disk", src.display().to_string()));

@@ -97,6 +97,7 @@ pub fn info(config: &DaemonConfig, limits: &HostLimits) -> HostInfo {
             job_limit: config.job_limit as u64,
         },
         data_dir: config.data_dir.display().to_string(),
+        storage_roots: vec![config.data_dir.display().to_string()],
         processor_control: "none: this viridiand runs no VMs".into(),
         resources: capacity(config, limits).report(Default::default()),
         new_vm_defaults: Default::default(),

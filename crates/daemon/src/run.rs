@@ -19,8 +19,21 @@ pub async fn run(config: DaemonConfig) -> Result<(), String> {
             config.data_dir.display()
         )
     })?;
+    crate::file_modes::apply(&config)?;
+    let settings = crate::host_settings::load(&config.data_dir).unwrap_or_else(|e| {
+        tracing::warn!("{e}; using the built-in processor defaults and no storage roots from it");
+        Default::default()
+    });
+    let roots = crate::storage_roots::StorageRoots::new(
+        &std::iter::once(config.data_dir.clone())
+            .chain(settings.storage_roots.iter().cloned())
+            .chain(config.storage_roots.iter().cloned())
+            .collect::<Vec<_>>(),
+    )?;
+    tracing::info!(roots = ?roots.paths(), "storage roots");
     let token = crate::tls::load_or_create_token(&config.data_dir).map_err(|e| error_chain(&e))?;
-    let mut svc = Service::new(config.clone(), Some(token)).map_err(|e| error_chain(&e))?;
+    let mut svc =
+        Service::new(config.clone(), Some(token), settings, roots).map_err(|e| error_chain(&e))?;
     // Jobs an earlier run left unfinished: Killed, their temporary files gone.
     crate::running_jobs::recover_at_start(&config.data_dir, &svc.jobs);
     let supervisor = crate::vms::workers::install(&mut svc, &config)?;

@@ -27,6 +27,8 @@ pub struct Service {
     pub capacity: Capacity,
     /// Processor defaults for new VMs (`<data-dir>/host.json`).
     pub new_vm_defaults: Mutex<api::host::NewVmDefaults>,
+    /// Where the API may use files.
+    pub roots: crate::storage_roots::StorageRoots,
     pub store: Mutex<Store>,
     pub jobs: JobEngine,
     pub events: Arc<EventBus>,
@@ -48,15 +50,15 @@ impl Service {
     pub fn new(
         config: DaemonConfig,
         token: Option<String>,
+        settings: crate::host_settings::HostSettings,
+        roots: crate::storage_roots::StorageRoots,
     ) -> Result<Service, crate::vms::store::StoreError> {
         let limits = crate::host::limits();
-        let host = crate::host::info(&config, &limits);
+        let mut host = crate::host::info(&config, &limits);
+        host.storage_roots = roots.paths();
         let capacity = crate::host::capacity(&config, &limits);
         let store = Store::open(&config.data_dir)?;
-        let new_vm_defaults = crate::host_settings::load(&config.data_dir).unwrap_or_else(|e| {
-            tracing::warn!("{e}; new VMs get the built-in processor defaults");
-            Default::default()
-        });
+        let new_vm_defaults = settings.new_vm_defaults;
         let events = Arc::new(EventBus::default());
         let sink_events = events.clone();
         let job_quota = crate::job_quota::JobQuota::new(
@@ -86,6 +88,7 @@ impl Service {
             host,
             capacity,
             new_vm_defaults: Mutex::new(new_vm_defaults),
+            roots,
             store: Mutex::new(store),
             jobs,
             events,
@@ -135,12 +138,8 @@ impl Service {
             if !(MIN_RELATIVE_WEIGHT..=MAX_RELATIVE_WEIGHT).contains(&new.relative_weight) {
                 return Err(vm_config::ConfigError::ProcessorWeight(new.relative_weight).into());
             }
-            crate::host_settings::save(&self.config.data_dir, new).map_err(|e| {
-                ApiError::internal(format!(
-                    "cannot write {}: {e}",
-                    crate::host_settings::path(&self.config.data_dir).display()
-                ))
-            })?;
+            crate::host_settings::save_defaults(&self.config.data_dir, new)
+                .map_err(ApiError::internal)?;
             *d = new;
         }
         Ok(self.host_info())
@@ -424,6 +423,9 @@ impl Service {
             .drives
             .retain(|d| !old.is_some_and(|o| o.drives.contains(d)));
         validate::check_files(&changed)?;
+        for d in &changed.drives {
+            self.roots.media(&d.media)?;
+        }
         Ok(())
     }
 }

@@ -291,7 +291,7 @@ fn refused_exports_change_nothing() {
             "InvalidParameter",
         ),
         (
-            json!({"destination": "/tmp", "checkpoint": "nope"}),
+            json!({"destination": d.dir.path(), "checkpoint": "nope"}),
             404,
             "NotFound",
         ),

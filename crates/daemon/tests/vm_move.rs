@@ -27,6 +27,15 @@ fn destination(d: &Daemon, name: &str) -> (Option<tempfile::TempDir>, PathBuf) {
     }
 }
 
+/// A daemon that may also use /dev/shm, where [`destination`] puts its folders.
+fn daemon() -> Daemon {
+    if Path::new("/dev/shm").is_dir() {
+        Daemon::start(&["--storage-root", "/dev/shm"])
+    } else {
+        Daemon::start(&[])
+    }
+}
+
 fn vm_id(d: &Daemon, vm: &str) -> String {
     d.get(&format!("/v1/vms/{vm}")).body["id"]
         .as_str()
@@ -83,7 +92,7 @@ fn move_to(d: &Daemon, vm: &str, dest: &Path) -> Value {
 
 #[test]
 fn move_storage_takes_every_disk_and_checkpoint_layer_and_the_data_reads_the_same() {
-    let d = Daemon::start(&[]);
+    let d = daemon();
     let bases = vm_with_checkpoints(&d, "web");
     let id = vm_id(&d, "web");
     let before = reads(&d, "web");
@@ -161,7 +170,7 @@ fn move_storage_takes_every_disk_and_checkpoint_layer_and_the_data_reads_the_sam
 
 #[test]
 fn refused_moves_change_nothing() {
-    let d = Daemon::start(&[]);
+    let d = daemon();
     vm_with_checkpoints(&d, "web");
     let id = vm_id(&d, "web");
     let full = d.dir.path().join("full");
@@ -206,7 +215,7 @@ fn refused_moves_change_nothing() {
 /// and checks the VM is fully at the source (`at_destination` false) or fully at
 /// the destination, reading the same, with no stray files.
 fn killed_mid_move_at(step: &str, at_destination: bool) {
-    let mut d = Daemon::start(&[]);
+    let mut d = daemon();
     vm_with_checkpoints(&d, "crashy");
     let id = vm_id(&d, "crashy");
     let before = reads(&d, "crashy");
@@ -301,7 +310,7 @@ fn daemon_killed_before_removing_the_sources_finishes_the_move() {
 
 #[test]
 fn cancelling_a_move_before_the_commit_leaves_everything_at_the_source() {
-    let mut d = Daemon::start(&[]);
+    let mut d = daemon();
     vm_with_checkpoints(&d, "web");
     let before = reads(&d, "web");
     let sources = named_files(&d, "web");

@@ -160,7 +160,8 @@ fn counting_vm(d: &Daemon, name: &str) -> (PathBuf, u64) {
 #[test]
 fn a_running_guest_keeps_counting_while_its_storage_moves_online() {
     ensure_worker_binary();
-    let mut d = Daemon::start(&[]);
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let mut d = Daemon::start(&["--storage-root", shm.path().to_str().unwrap()]);
     let _cleanup = KillWorkersOnDrop(d.data.clone());
     let name = "mover";
     let (src, before) = counting_vm(&d, name);
@@ -177,7 +178,6 @@ fn a_running_guest_keeps_counting_while_its_storage_moves_online() {
     assert!(source_files.len() >= 8, "{source_files:?}");
 
     // Online move.
-    let shm = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
     let dest = shm.path().join("online");
     let job = run_job(
         &d,
@@ -276,7 +276,8 @@ fn a_running_guest_keeps_counting_while_its_storage_moves_online() {
 #[test]
 fn daemon_killed_between_the_commit_and_the_switch_switches_the_worker_and_resumes_the_guest() {
     ensure_worker_binary();
-    let mut d = Daemon::start(&[]);
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let mut d = Daemon::start(&["--storage-root", shm.path().to_str().unwrap()]);
     let _cleanup = KillWorkersOnDrop(d.data.clone());
     let name = "crashy";
     let (src, before) = counting_vm(&d, name);
@@ -284,7 +285,6 @@ fn daemon_killed_between_the_commit_and_the_switch_switches_the_worker_and_resum
     d.env = vec![("VIRIDIAN_TEST_STALL_MOVE_AT".into(), "committed".into())];
     d.restart();
     wait_state(&d, name, "Running");
-    let shm = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
     let dest = shm.path().join("moved");
     let r = d.post(
         &format!("/v1/vms/{name}/move-storage"),
@@ -416,7 +416,8 @@ fn assert_far_counts(path: &Path, printed: u64) {
 #[test]
 fn a_guest_writing_to_vhdx_and_vhd_disks_moves_online_five_times_and_exports_while_running() {
     ensure_worker_binary();
-    let d = Daemon::start(&[]);
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let d = Daemon::start(&["--storage-root", shm.path().to_str().unwrap()]);
     let _cleanup = KillWorkersOnDrop(d.data.clone());
     let name = "writer";
     let src = d.dir.path().join("source");
@@ -469,7 +470,6 @@ fn a_guest_writing_to_vhdx_and_vhd_disks_moves_online_five_times_and_exports_whi
     let mut seen = wait_count(&d, name, 5);
     let pid = vm(&d, name)["runtime"]["worker_pid"].as_u64().unwrap();
 
-    let shm = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
     let mut sources: Vec<PathBuf> = disk_files_in(&src)
         .into_iter()
         .chain(disk_files_in(&d.data.join("vms")))

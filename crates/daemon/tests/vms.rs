@@ -158,9 +158,10 @@ fn drive_rules_slot_generation_in_use_and_missing_files() {
     let disk_a = d.dir.path().join("a.vhdx");
     let disk_b = d.dir.path().join("b.vhd");
     let iso = d.dir.path().join("install.iso");
-    for f in [&disk_a, &disk_b, &iso] {
-        std::fs::write(f, b"placeholder").unwrap();
+    for f in [&disk_a, &disk_b] {
+        vhd::create_dynamic(f, 1 << 20, None).unwrap();
     }
+    std::fs::write(&iso, b"placeholder").unwrap();
     d.post("/v1/vms", json!({"name": "g2", "generation": 2}));
     d.post("/v1/vms", json!({"name": "g1", "generation": 1}));
     let add = |vm: &str, body: Value| d.post(&format!("/v1/vms/{vm}/drives"), body);
@@ -292,7 +293,7 @@ fn drive_rules_slot_generation_in_use_and_missing_files() {
 fn restart_keeps_every_vm_and_its_settings() {
     let mut d = Daemon::start(&[]);
     let disk = d.dir.path().join("keep.vhdx");
-    std::fs::write(&disk, b"x").unwrap();
+    vhd::create_dynamic(&disk, 1 << 20, None).unwrap();
     let mut before = Vec::new();
     for i in 0..5 {
         d.create_vm(&format!("vm{i}"));
@@ -326,7 +327,7 @@ fn damaged_vm_folders_are_listed_repairable_and_removable_without_blocking_other
         .unwrap()
         .to_string();
     let disk = d.dir.path().join("moved.vhdx");
-    std::fs::write(&disk, b"x").unwrap();
+    vhd::create_dynamic(&disk, 1 << 20, None).unwrap();
     let lost = d.create_vm("lostdisk")["id"].as_str().unwrap().to_string();
     d.post(
         "/v1/vms/lostdisk/drives",

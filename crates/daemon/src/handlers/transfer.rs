@@ -32,6 +32,7 @@ pub async fn import(svc: &Arc<Service>, body: Incoming) -> Answer {
 
 pub async fn check_import(svc: &Arc<Service>, body: Incoming) -> Answer {
     let req: ImportRequest = read_json(body).await?;
+    transfer::confine_import(svc, &req)?;
     let svc2 = svc.clone();
     let report = tokio::task::spawn_blocking(move || transfer::check_import(&svc2, &req))
         .await

@@ -54,8 +54,11 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, ListenError> {
         path: path.display().to_string(),
         source,
     };
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+        // The socket's own mode (0660) decides who may connect; the folder made for
+        // it is open for the path lookup whatever the service's umask.
         std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {

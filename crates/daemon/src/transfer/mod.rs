@@ -39,12 +39,20 @@ pub fn submit_export(
     key: &str,
     req: ExportRequest,
 ) -> Result<JobSnapshot, ApiError> {
-    let (id, name, dir, state) = {
+    let (id, name, dir, state, disks) = {
         let store = svc.store();
         let entry = find(&store, key)?;
         let Some(settings) = &entry.settings else {
             return Err(damaged_unreadable(entry));
         };
+        let disks: Vec<PathBuf> = settings
+            .drives
+            .iter()
+            .filter_map(|d| match &d.media {
+                vm_config::DriveMedia::HardDisk { path } => Some(PathBuf::from(path)),
+                _ => None,
+            })
+            .collect();
         if let Some(reason) = &entry.damaged {
             return Err(ApiError::new(
                 ErrorCode::Damaged,
@@ -59,6 +67,7 @@ pub fn submit_export(
             settings.name.clone(),
             entry.dir.clone(),
             svc.state_of(entry).state,
+            disks,
         )
     };
     if req.no_checkpoints && req.checkpoint.is_some() {
@@ -78,6 +87,12 @@ pub fn submit_export(
             "the destination {} is not an existing directory; create it first",
             dest.display()
         )));
+    }
+    svc.roots.existing(&dest)?;
+    // What the export reads: each disk a VHD/VHDX inside the roots, never a symlink
+    // out of them.
+    for disk in &disks {
+        svc.roots.disk(disk, false)?;
     }
     let vms_root = svc.config.data_dir.join("vms");
     let canonical =
@@ -280,9 +295,25 @@ fn inspect(svc: &Arc<Service>, req: &ImportRequest) -> (ImportReport, Option<imp
     import::inspect(req, &svc.config.data_dir, &existing, &svc.limits)
 }
 
+/// The import's folders must lie in the storage roots: the export read from, and
+/// with `copy` the destination written to.
+pub fn confine_import(svc: &Service, req: &ImportRequest) -> Result<(), ApiError> {
+    let source = std::path::Path::new(&req.source);
+    if source.is_absolute() {
+        svc.roots.existing(source)?;
+    }
+    if let Some(dest) = req.destination.as_deref().map(std::path::Path::new) {
+        if dest.is_absolute() {
+            svc.roots.folder(dest)?;
+        }
+    }
+    Ok(())
+}
+
 /// `POST /v1/vms/import`: checks everything first; any problem answers
 /// `ImportIncompatible` with the whole report and nothing changes.
 pub fn submit_import(svc: &Arc<Service>, req: ImportRequest) -> Result<JobSnapshot, ApiError> {
+    confine_import(svc, &req)?;
     let (report, plan) = inspect(svc, &req);
     let Some(plan) = plan else {
         let n = report.problems.len();

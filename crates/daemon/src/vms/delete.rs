@@ -40,7 +40,8 @@ use crate::error::{blocking, ApiError};
 use crate::service::{find, Service};
 
 pub const INTENT_FILE: &str = "delete-intent.json";
-const INTENT_VERSION: u32 = 1;
+/// 2: `removal.disk_ids` (version 1 intents read with none).
+const INTENT_VERSION: u32 = 2;
 /// `VIRIDIAN_TEST_STALL_DELETE_AT=<step>`: `intent`, `merge`, `copy-<percent>`,
 /// `repoint`, `remove`, `remove-settings` (see [`Stall`]).
 pub const STALL_VAR: &str = "VIRIDIAN_TEST_STALL_DELETE_AT";
@@ -63,6 +64,10 @@ pub struct Intent {
 pub struct Removal {
     /// The disks to delete (only with `delete_disks`).
     pub disks: Vec<PathBuf>,
+    /// Each disk's unique ID when the removal was planned: a file is removed only
+    /// while the engine still reads it as that disk.
+    #[serde(default)]
+    pub disk_ids: std::collections::BTreeMap<PathBuf, String>,
     /// Folders of checkpoint layers outside the VM's folder (after a storage move).
     pub layer_dirs: Vec<PathBuf>,
     /// The VM's disks that stay, and why.
@@ -554,9 +559,13 @@ fn merge_phase(
             }
             None => None,
         };
+        let reason = reason.map(Err).unwrap_or_else(|| disk_identity(&f));
         match reason {
-            Some(reason) => removal.kept.push(Kept { path: f, reason }),
-            None => removal.disks.push(f),
+            Err(reason) => removal.kept.push(Kept { path: f, reason }),
+            Ok(unique_id) => {
+                removal.disk_ids.insert(f.clone(), unique_id);
+                removal.disks.push(f);
+            }
         }
     }
     if let Some(layers) = &t.layers_dir {
@@ -567,6 +576,51 @@ fn merge_phase(
     intent.removal = Some(removal);
     save_intent(dir, &intent)?;
     Ok(intent)
+}
+
+/// The unique ID of the disk at `p`, or why it is not removed: only a regular file
+/// (not a symlink) that the engine reads as a VHD or VHDX is a disk to delete.
+fn disk_identity(p: &Path) -> Result<String, String> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err("kept: it is a symlink; only disk files themselves are deleted".to_string())
+        }
+        Ok(m) if !m.is_file() => return Err("kept: it is not a regular file".to_string()),
+        Ok(_) => {}
+        Err(e) => return Err(format!("kept: it cannot be read ({e})")),
+    }
+    match vhd::ops::info::layer_info(p) {
+        Ok(info) if info.format != vhd::Format::Raw => info
+            .unique_id
+            .ok_or_else(|| "kept: the disk carries no unique ID".to_string()),
+        Ok(_) => Err("kept: it is not a VHD or VHDX file (no signature)".to_string()),
+        Err(e) => Err(format!(
+            "kept: the storage engine does not read it as a disk ({})",
+            error_chain(&e)
+        )),
+    }
+}
+
+/// Removes a planned disk only while it is still the disk planned (same unique ID).
+fn remove_disk(p: &Path, removal: &Removal) -> Result<(), ApiError> {
+    if std::fs::symlink_metadata(p).is_err() {
+        return Ok(());
+    }
+    let now = disk_identity(p);
+    let same = match (removal.disk_ids.get(p), &now) {
+        (Some(id), Ok(current)) => id == current,
+        // Planned by a daemon before IDs were recorded: a disk still.
+        (None, Ok(_)) => true,
+        (_, Err(_)) => false,
+    };
+    if !same {
+        tracing::warn!(
+            path = %p.display(),
+            "not removed: the file is no longer the disk the delete planned to remove"
+        );
+        return Ok(());
+    }
+    remove_file(p)
 }
 
 fn remove_file(p: &Path) -> Result<(), ApiError> {
@@ -607,7 +661,7 @@ fn remove_phase(dir: &Path, removal: &Removal) -> Result<(), ApiError> {
     }
     remove_file(&tree::tree_path(dir))?;
     for d in &removal.disks {
-        remove_file(d)?;
+        remove_disk(d, removal)?;
     }
     stall.at("remove-settings");
     let settings = dir.join(SETTINGS_FILE);

@@ -231,6 +231,7 @@ pub fn submit(svc: &Arc<Service>, key: &str, destination: &str) -> Result<JobSna
     }
     let t = crate::checkpoints::ops::load(&dir)?;
     let dest = check_destination(destination, &dir, &t)?;
+    svc.roots.folder(&dest)?;
     let spec = JobSpec {
         job_type: "MoveVmStorage".into(),
         description: format!(

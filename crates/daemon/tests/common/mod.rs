@@ -44,16 +44,32 @@ impl Reply {
 }
 
 impl Daemon {
+    /// A daemon whose storage roots are its data dir and the test's whole temporary
+    /// folder (where tests keep their disks), plus `extra`'s.
     pub fn start(extra: &[&str]) -> Daemon {
+        Daemon::start_with(extra, true)
+    }
+
+    /// A daemon with only its data dir as storage root (and what `extra` adds).
+    pub fn start_confined(extra: &[&str]) -> Daemon {
+        Daemon::start_with(extra, false)
+    }
+
+    fn start_with(extra: &[&str], test_root: bool) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let socket = dir.path().join("viridian.sock");
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if test_root {
+            extra.push("--storage-root".into());
+            extra.push(dir.path().display().to_string());
+        }
         let mut d = Daemon {
             dir,
             data,
             socket,
             child: None,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
             env: Vec::new(),
         };
         d.launch();

@@ -207,6 +207,9 @@ fn copy_file(
         .create_new(true)
         .open(tmp)
         .map_err(io(tmp))?;
+    // The original's permissions, which the rename would otherwise change.
+    let perms = file.metadata().map_err(io(from))?.permissions();
+    out.set_permissions(perms).map_err(io(tmp))?;
     out.set_len(len).map_err(io(tmp))?;
     // About 64 steps, so progress moves evenly whatever the size.
     let chunk = (len / 64).clamp(64 << 10, 4 << 20);
