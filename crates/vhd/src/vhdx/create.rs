@@ -193,9 +193,6 @@ fn plan(path: &Path, opts: &VhdxOptions) -> Result<Plan> {
     })
 }
 
-/// [`create`] on the given storage. A crash leaves either no `path` or a
-/// complete one; the temporary `.NAME.*.partial` file it may leave behind is
-/// safe to delete.
 /// Builds the file of a new VHDX at `path` itself (refusing an existing file),
 /// flushed, without a temporary name: for a caller that builds under its own
 /// temporary name and renames it into place when its work is done (convert).
@@ -210,6 +207,9 @@ pub(crate) fn build_at(storage: &dyn Storage, path: &Path, opts: &VhdxOptions) -
     })
 }
 
+/// [`create`] on the given storage. A crash leaves either no `path` or a
+/// complete one; the temporary `.NAME.*.partial` file it may leave behind is
+/// safe to delete.
 pub fn create_on(
     storage: &dyn Storage,
     path: &Path,
