@@ -1,5 +1,13 @@
 //! Disk operations as jobs: parse the request, resolve paths, run the engine's
 //! operation on a blocking thread with progress and cancellation.
+//!
+//! Crash safety: every new file is built under `.NAME.<job-id>.partial` in the
+//! destination's folder, flushed, and only then named (create, convert) or
+//! renamed over the original (compact, resize); merge changes its target in
+//! place in an order that keeps the chain reading the same at every moment.
+//! Each job is recorded in `<data-dir>/jobs/running/` while it runs
+//! ([`crate::running_jobs`]), so after a crash it shows as Killed and its
+//! temporary file is removed at the next start.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,14 +20,17 @@ use api::ErrorCode;
 use hyper::body::Incoming;
 use hyper::Response;
 use jobs::{AffectedElement, JobEngine, JobError, JobSnapshot, JobSpec};
+use uuid::Uuid;
 use vhd::ops::convert::Target;
-use vhd::vhd1::create::{create, CreateOptions, NewDisk, DEFAULT_BLOCK_SIZE};
+use vhd::vhd1::create::{create_via, CreateOptions, NewDisk, DEFAULT_BLOCK_SIZE};
 
 use crate::error::ApiError;
 use crate::handlers::disks::resolve;
 use crate::http::body::{accepted, read_json, Body};
+use crate::running_jobs::{self, Recorded};
 use crate::service::Service;
 use crate::vms::store::error_chain;
+use crate::vms::test_seam::Stall;
 
 /// Runs a blocking storage-engine operation as a job. The operation gets a
 /// [`vhd::Progress`] that sets the job's percent and asks it to stop once
@@ -29,15 +40,37 @@ pub fn run_engine_op<F>(jobs: &JobEngine, spec: JobSpec, op: F) -> JobSnapshot
 where
     F: FnOnce(&mut dyn vhd::Progress) -> vhd::Result<()> + Send + 'static,
 {
-    jobs.submit(spec, move |ctx| async move {
+    run_engine_op_as(jobs, Uuid::new_v4(), spec, None, op)
+}
+
+/// [`run_engine_op`] as job `id`; when the job is recorded on disk, the record
+/// and the temporary files still there go when it ends, whatever its state.
+/// `VIRIDIAN_TEST_STALL_DISK_JOB_AT=<percent>` (the crash tests' seam) makes
+/// the operation wait for good once its progress reaches that percent.
+fn run_engine_op_as<F>(
+    jobs: &JobEngine,
+    id: Uuid,
+    spec: JobSpec,
+    recorded: Option<(Recorded, Vec<PathBuf>)>,
+    op: F,
+) -> JobSnapshot
+where
+    F: FnOnce(&mut dyn vhd::Progress) -> vhd::Result<()> + Send + 'static,
+{
+    jobs.submit_as(id, spec, move |ctx| async move {
+        let stall = Stall::from_env("VIRIDIAN_TEST_STALL_DISK_JOB_AT", "the disk job");
         let result = tokio::task::spawn_blocking(move || {
             let mut progress = |done: u64, total: u64| {
                 ctx.set_progress(done, total);
+                stall.at_percent(percent(done, total));
                 !ctx.cancel_requested()
             };
             op(&mut progress)
         })
         .await;
+        if let Some((record, temporary)) = recorded {
+            let _ = tokio::task::spawn_blocking(move || record.finish(&temporary)).await;
+        }
         match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(vhd::Error::Cancelled { .. })) => Err(JobError::Cancelled),
@@ -48,6 +81,19 @@ where
             )),
         }
     })
+}
+
+/// The percent a done/total pair makes, as the job shows it (before its cap at 99).
+fn percent(done: u64, total: u64) -> u8 {
+    if total == 0 {
+        return 0;
+    }
+    (u128::from(done.min(total)) * 100 / u128::from(total)) as u8
+}
+
+/// The temporary name job `id` builds its new file under, beside `path`.
+fn job_temp(path: &Path, id: Uuid) -> PathBuf {
+    vhd::ops::partial::partial_path(path, &id.to_string())
 }
 
 /// The job error code for an engine error.
@@ -143,6 +189,7 @@ pub async fn submit(
     body: Incoming,
 ) -> Result<Response<Body>, ApiError> {
     let base = svc.disks_dir();
+    let id = Uuid::new_v4();
     // Relative paths live in `<data-dir>/Virtual Hard Disks`; make it on first use.
     std::fs::create_dir_all(&base).map_err(|e| {
         ApiError::new(
@@ -184,14 +231,21 @@ pub async fn submit(
                 // VHDX has its own default (32 MiB, as Hyper-V).
                 opts.block_size = r.block_size_bytes;
                 vhd::vhdx::create::check_options(&path, &opts).map_err(refused)?;
-                Box::new(move |progress| vhd::vhdx::create::create(&p, &opts, progress).map(|_| ()))
+                let t = job_temp(&path, id);
+                Box::new(move |progress| {
+                    vhd::vhdx::create::create_via(&vhd::HostStorage, &p, &t, &opts, progress)
+                        .map(|_| ())
+                })
             } else {
                 let opts = CreateOptions {
                     kind,
                     exact_size: false,
                 };
                 vhd::vhd1::create::check_options(&path, &opts).map_err(refused)?;
-                Box::new(move |progress| create(&p, &opts, progress).map(|_| ()))
+                let t = job_temp(&path, id);
+                Box::new(move |progress| {
+                    create_via(&vhd::HostStorage, &p, &t, &opts, progress).map(|_| ())
+                })
             };
             (None, path, Some(run))
         }
@@ -219,17 +273,19 @@ pub async fn submit(
                     ))
                 }
             };
-            let (s, d) = (src.clone(), dst.clone());
-            let run: EngineOp =
-                Box::new(move |progress| vhd::ops::convert::convert(&s, &d, target, progress));
+            let (s, d, t) = (src.clone(), dst.clone(), job_temp(&dst, id));
+            let run: EngineOp = Box::new(move |progress| {
+                vhd::ops::convert::convert_via(&s, &d, &t, target, progress)
+            });
             (Some(src), dst, Some(run))
         }
         "compact" => {
             let path = resolve(&base, &read_json::<CompactDiskRequest>(body).await?.path)?;
             source_disk(svc, &path, None)?;
-            let p = path.clone();
-            let run: EngineOp =
-                Box::new(move |progress| vhd::ops::compact::compact(&p, progress).map(|_| ()));
+            let (p, t) = (path.clone(), job_temp(&path, id));
+            let run: EngineOp = Box::new(move |progress| {
+                vhd::ops::compact::compact_via(&vhd::HostStorage, &p, &t, progress).map(|_| ())
+            });
             (Some(path.clone()), path, Some(run))
         }
         "resize" => {
@@ -241,11 +297,9 @@ pub async fn submit(
                 Err(vhd::Error::Io { .. }) | Ok(()) => {}
                 Err(e) => return Err(refused(e)),
             }
-            let p = path.clone();
+            let (p, t) = (path.clone(), job_temp(&path, id));
             let run: EngineOp = Box::new(move |progress| {
-                vhd::ops::resize::resize(&p, r.size_bytes, false)?;
-                progress.update(1, 1);
-                Ok(())
+                vhd::ops::resize::resize_via(&p, &t, r.size_bytes, false, progress).map(|_| ())
             });
             (Some(path.clone()), path, Some(run))
         }
@@ -277,7 +331,22 @@ pub async fn submit(
         cancellable: op != "create",
         affected,
     };
-    let job = run_engine_op(&svc.jobs, spec, run);
+    // Merge changes its target in place and builds no new file.
+    let temporary = if op == "merge" {
+        Vec::new()
+    } else {
+        vec![job_temp(&target, id)]
+    };
+    let record = running_jobs::record(&svc.config.data_dir, id, &spec, &temporary).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!(
+                "cannot record the job in {}: {e}; check that the data dir is writable and has free space",
+                running_jobs::dir(&svc.config.data_dir).display()
+            ),
+        )
+    })?;
+    let job = run_engine_op_as(&svc.jobs, id, spec, Some((record, temporary)), run);
     Ok(accepted(&crate::convert::job(&job)))
 }
 

@@ -17,6 +17,7 @@ pub mod http;
 pub mod job_quota;
 pub mod metering;
 pub mod run;
+pub mod running_jobs;
 pub mod service;
 pub mod storage_roots;
 pub mod tls;

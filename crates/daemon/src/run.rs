@@ -34,6 +34,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), String> {
     let token = crate::tls::load_or_create_token(&config.data_dir).map_err(|e| error_chain(&e))?;
     let mut svc =
         Service::new(config.clone(), Some(token), settings, roots).map_err(|e| error_chain(&e))?;
+    // Jobs an earlier run left unfinished: Killed, their temporary files gone.
+    crate::running_jobs::recover_at_start(&config.data_dir, &svc.jobs);
     let supervisor = crate::vms::workers::install(&mut svc, &config)?;
     let svc = Arc::new(svc);
     crate::vms::workers::attach_and_reattach(&supervisor, &svc).await;

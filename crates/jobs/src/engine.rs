@@ -297,7 +297,16 @@ impl JobEngine {
         F: FnOnce(JobContext) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), JobError>> + Send + 'static,
     {
-        let id = Uuid::new_v4();
+        self.submit_as(Uuid::new_v4(), spec, work)
+    }
+
+    /// [`JobEngine::submit`] with an ID the caller chose (a fresh one, e.g. to
+    /// record the job on disk under it before it starts).
+    pub fn submit_as<F, Fut>(&self, id: Uuid, spec: JobSpec, work: F) -> JobSnapshot
+    where
+        F: FnOnce(JobContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), JobError>> + Send + 'static,
+    {
         let snapshot = JobSnapshot {
             id,
             job_type: spec.job_type,
@@ -358,6 +367,55 @@ impl JobEngine {
                 }
             }
         });
+        snapshot
+    }
+
+    /// Adds a job that ran in an earlier life of the service and was cut off by
+    /// its end (a crash, a kill): it is listed and expires like any finished job,
+    /// in state Killed with `why` as its error description. Does nothing when a
+    /// job with this ID is already known.
+    pub fn restore_killed(
+        &self,
+        id: Uuid,
+        spec: JobSpec,
+        created: SystemTime,
+        why: impl Into<String>,
+    ) -> JobSnapshot {
+        let now = SystemTime::now();
+        let snapshot = JobSnapshot {
+            id,
+            job_type: spec.job_type,
+            description: spec.description,
+            state: JobState::Killed,
+            percent_complete: 0,
+            error_code: Some("Killed".into()),
+            error_description: Some(why.into()),
+            created,
+            started: Some(created),
+            finished: Some(now),
+            cancellable: false,
+            affected: spec.affected,
+        };
+        let mut tables = self.shared.lock();
+        if tables.jobs.contains_key(&id) || tables.outcomes.contains_key(&id) {
+            return snapshot;
+        }
+        let (record, _) = watch::channel(snapshot.clone());
+        tables.jobs.insert(
+            id,
+            Entry {
+                record,
+                cancel: Arc::default(),
+            },
+        );
+        let seq = tables.next_seq;
+        tables.next_seq += 1;
+        tables.order.push_back((seq, id));
+        tables.finished.push_back((id, now));
+        if let Some(sink) = &self.shared.sink {
+            sink(&snapshot);
+        }
+        self.shared.expire_locked(&mut tables, now);
         snapshot
     }
 

@@ -351,3 +351,82 @@ fn layer_info_resolves_the_parent_without_walking_the_chain() {
     let shallow = vhd::ops::info::layer_info(&top).unwrap();
     assert!(shallow.parent.unwrap().problem.is_some());
 }
+
+/// The file names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_convert_stopped_half_way_leaves_no_file_under_the_destination_nor_a_temporary_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.vhd");
+    mk_dynamic(&src, 16 << 20);
+    write(&src, 0, 16 << 20, 0x3c);
+    for target in [Target::Raw, Target::VhdDynamic, Target::VhdxDynamic] {
+        let dst = dir.path().join("dst.img");
+        let mut seen_partial = false;
+        let mut stop_half_way = |done: u64, total: u64| {
+            // While it copies, only the temporary name exists.
+            assert!(!dst.exists(), "{target:?}: the destination exists mid-way");
+            seen_partial |= names_in(dir.path()).iter().any(|n| n.ends_with(".partial"));
+            done < total / 2
+        };
+        let err = convert(&src, &dst, target, &mut stop_half_way).unwrap_err();
+        assert!(matches!(err, vhd::Error::Cancelled { .. }), "{err}");
+        assert!(seen_partial, "{target:?} built under a temporary name");
+        assert_eq!(names_in(dir.path()), ["src.vhd"], "{target:?}");
+    }
+    // Run to its end, the destination gets its name, and only then.
+    let dst = dir.path().join("dst.vhdx");
+    convert(&src, &dst, Target::VhdxDynamic, &mut NoProgress).unwrap();
+    assert_eq!(names_in(dir.path()), ["dst.vhdx", "src.vhd"]);
+    assert_eq!(content(&dst), content(&src));
+}
+
+#[test]
+fn resize_via_a_copy_leaves_the_original_as_it_was_when_stopped_and_grows_it_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["d.vhd", "d.vhdx"] {
+        let disk = dir.path().join(name);
+        if name.ends_with(".vhdx") {
+            vhd::create_dynamic(&disk, 16 << 20, Some(2 << 20)).unwrap();
+        } else {
+            mk_dynamic(&disk, 16 << 20);
+        }
+        write(&disk, 0, 16 << 20, 0x7e);
+        let before = std::fs::read(&disk).unwrap();
+        let tmp = vhd::ops::partial::partial_path(&disk, "0123abcd");
+        let mut stop = |done: u64, total: u64| done < total / 3;
+        let err = vhd::ops::resize::resize_via(&disk, &tmp, 32 << 20, true, &mut stop).unwrap_err();
+        assert!(matches!(err, vhd::Error::Cancelled { .. }), "{err}");
+        assert_eq!(std::fs::read(&disk).unwrap(), before, "{name} changed");
+        assert!(!tmp.exists());
+        // A disk someone else has open is refused, as an in-place resize refuses it.
+        let other = vhd::host_file::open_locked(&disk, true).unwrap();
+        let err = vhd::ops::resize::resize_via(&disk, &tmp, 32 << 20, true, &mut NoProgress);
+        assert!(matches!(err, Err(vhd::Error::Locked { .. })), "{err:?}");
+        assert!(!tmp.exists());
+        drop(other);
+        let r = vhd::ops::resize::resize_via(&disk, &tmp, 32 << 20, true, &mut NoProgress).unwrap();
+        assert_eq!((r.old_size, r.new_size), (16 << 20, 32 << 20));
+        assert!(!tmp.exists());
+        let grown = content(&disk);
+        assert_eq!(grown.len(), 32 << 20);
+        assert!(grown[..16 << 20].iter().all(|&b| b == 0x7e));
+        assert!(grown[16 << 20..].iter().all(|&b| b == 0));
+        // A refused size is refused before any copy, naming the disk itself.
+        let err = vhd::ops::resize::resize_via(&disk, &tmp, 1 << 20, true, &mut NoProgress)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(name), "{err}");
+        assert!(!tmp.exists());
+        std::fs::remove_file(&disk).unwrap();
+    }
+}

@@ -2,7 +2,8 @@
 //! variable naming a step makes the job stop there for good, after logging
 //! "<what> stalled for a crash test", so a test can SIGKILL the daemon at that
 //! point. Unset, it does nothing. (The checkpoint merges have their own,
-//! `VIRIDIAN_TEST_STALL_MERGE_AT`.)
+//! `VIRIDIAN_TEST_STALL_MERGE_AT`; the disk jobs use `VIRIDIAN_TEST_STALL_DISK_JOB_AT`
+//! with [`Stall::at_percent`].)
 
 pub struct Stall {
     what: &'static str,
@@ -32,6 +33,19 @@ impl Stall {
             .is_some_and(|p| percent >= p)
         {
             self.forever(&format!("copy at {percent} %"));
+        }
+    }
+
+    /// Stops once progress reaches the percent the variable names as a plain
+    /// number (the disk jobs' `VIRIDIAN_TEST_STALL_DISK_JOB_AT=<percent>`).
+    pub fn at_percent(&self, percent: u8) {
+        if self
+            .at
+            .as_deref()
+            .and_then(|p| p.parse::<u8>().ok())
+            .is_some_and(|p| percent >= p)
+        {
+            self.forever(&format!("{percent} %"));
         }
     }
 

@@ -237,3 +237,49 @@ async fn listing_in_pages_gives_every_job_once_in_submission_order() {
     let (all, next) = engine.list_page(None, 7);
     assert_eq!((all.len(), next), (7, None));
 }
+
+#[tokio::test]
+async fn a_job_killed_in_an_earlier_life_is_listed_as_killed_and_expires_to_an_outcome() {
+    let jobs = engine(200, 10);
+    let id = Uuid::new_v4();
+    let created = SystemTime::now() - Duration::from_secs(30);
+    let why = "interrupted by a restart of the service";
+    let job = jobs.restore_killed(id, spec("disk-convert", true), created, why);
+    assert_eq!((job.state, job.state.number()), (JobState::Killed, 9));
+    let got = jobs.get(id).unwrap();
+    assert_eq!(got.state, JobState::Killed);
+    assert_eq!(got.error_code.as_deref(), Some("Killed"));
+    assert_eq!(got.error_description.as_deref(), Some(why));
+    assert_eq!(got.created, created);
+    assert!(!got.cancellable);
+    assert_eq!(got.affected, vec![AffectedElement::new("vm", "test-vm")]);
+    assert_eq!(jobs.list().iter().map(|j| j.id).collect::<Vec<_>>(), [id]);
+    // Waiting on it answers at once; cancelling says it has finished.
+    let waited = jobs.wait(id, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(waited.state, JobState::Killed);
+    assert!(matches!(
+        jobs.cancel(id),
+        Err(JobsError::AlreadyFinished { .. })
+    ));
+    // Restoring the same ID again changes nothing.
+    jobs.restore_killed(id, spec("other", false), SystemTime::now(), "again");
+    assert_eq!(jobs.get(id).unwrap().job_type, "disk-convert");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let outcome = jobs.outcome(id).unwrap();
+    assert_eq!(outcome.state, JobState::Killed);
+    assert_eq!(outcome.error_description.as_deref(), Some(why));
+    assert!(matches!(jobs.get(id), Err(JobsError::Expired(_))));
+}
+
+#[tokio::test]
+async fn a_job_submitted_with_a_chosen_id_runs_under_it() {
+    let jobs = engine(60_000, 10);
+    let id = Uuid::new_v4();
+    let job = jobs.submit_as(id, spec("Noop", false), move |ctx| async move {
+        assert_eq!(ctx.id(), id);
+        Ok(())
+    });
+    assert_eq!(job.id, id);
+    let done = jobs.wait(id, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(done.state, JobState::Completed);
+}

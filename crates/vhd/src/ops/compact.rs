@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crate::backing::{parent_dir, HostStorage, Storage};
 use crate::progress::Progress;
-use crate::vhd1::create::{create_on, CreateOptions, NewDisk};
+use crate::vhd1::create::{build_at, CreateOptions, NewDisk};
 use crate::vhd1::{DiskType, VhdImage};
 use crate::{Allocation, Disk, Error, Result};
 
@@ -40,8 +40,19 @@ pub fn compact_on(
     path: &Path,
     progress: &mut dyn Progress,
 ) -> Result<Compacted> {
+    compact_via(storage, path, &temp_path(path), progress)
+}
+
+/// [`compact_on`] with the temporary name of the new copy chosen by the caller
+/// (in `path`'s folder, e.g. [`crate::ops::partial::partial_path`] with a job ID).
+pub fn compact_via(
+    storage: &dyn Storage,
+    path: &Path,
+    tmp: &Path,
+    progress: &mut dyn Progress,
+) -> Result<Compacted> {
     if crate::detect_format(path)? == crate::Format::Vhdx {
-        return compact_vhdx(storage, path, progress);
+        return compact_vhdx(storage, path, tmp, progress);
     }
     let src = VhdImage::open_layer_on(storage, path, false)?;
     if src.footer().disk_type != DiskType::Dynamic {
@@ -57,18 +68,13 @@ pub fn compact_on(
     }
     src.flush()?;
     let before = std::fs::metadata(path).map_err(io(path))?.len();
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp: PathBuf = path.with_file_name(format!(".{name}.compacting"));
     // A leftover of an earlier compact that crashed: never part of any chain.
-    let _ = std::fs::remove_file(&tmp);
-    let result = copy_into_new(storage, &src, &tmp, progress)
-        .and_then(|()| storage.rename(&tmp, path))
+    let _ = std::fs::remove_file(tmp);
+    let result = copy_into_new(storage, &src, tmp, progress)
+        .and_then(|()| storage.rename(tmp, path))
         .and_then(|()| storage.sync_dir(parent_dir(path)));
     if let Err(e) = result {
-        let _ = storage.remove(&tmp);
+        let _ = storage.remove(tmp);
         return Err(e);
     }
     drop(src);
@@ -94,7 +100,7 @@ fn copy_into_new(
         },
         exact_size: true,
     };
-    create_on(storage, tmp, &opts, &mut crate::NoProgress)?;
+    build_at(storage, tmp, &opts)?;
     let mut out = VhdImage::open_layer_on(storage, tmp, false)?;
     let mut buf = vec![0u8; block as usize];
     let mut off = 0;
@@ -125,11 +131,7 @@ fn copy_into_new(
 }
 
 fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.compacting"))
+    crate::ops::partial::random_partial_path(path)
 }
 
 /// A dynamic VHDX: the blocks with data go into a new file with the same block
@@ -138,9 +140,10 @@ fn temp_path(path: &Path) -> PathBuf {
 fn compact_vhdx(
     storage: &dyn Storage,
     path: &Path,
+    tmp: &Path,
     progress: &mut dyn Progress,
 ) -> Result<Compacted> {
-    use crate::vhdx::create::{create_on as create_vhdx, NewVhdx, VhdxOptions};
+    use crate::vhdx::create::{NewVhdx, VhdxOptions};
     use crate::vhdx::image::VhdxType;
     use crate::vhdx::VhdxImage;
     let src = VhdxImage::open_layer_on(storage, path, false)?;
@@ -164,8 +167,7 @@ fn compact_vhdx(
     };
     src.flush()?;
     let before = std::fs::metadata(path).map_err(io(path))?.len();
-    let tmp = temp_path(path);
-    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_file(tmp);
     let m = src.metadata().clone();
     let data_write_guid = src.header()?.data_write_guid;
     let mut copy = || -> Result<()> {
@@ -179,8 +181,8 @@ fn compact_vhdx(
         opts.block_size = Some(m.block_size);
         opts.logical_sector_size = m.logical_sector_size;
         opts.physical_sector_size = m.physical_sector_size;
-        create_vhdx(storage, &tmp, &opts, &mut crate::NoProgress)?;
-        let mut out = VhdxImage::open_layer_on(storage, &tmp, false)?;
+        crate::vhdx::create::build_at(storage, tmp, &opts)?;
+        let mut out = VhdxImage::open_layer_on(storage, tmp, false)?;
         if let Some(p) = &parent {
             let below = crate::open(p, true)?;
             copy_layer(&src, below.as_ref(), &out, progress)?;
@@ -196,10 +198,10 @@ fn compact_vhdx(
         out.close()
     };
     let result = copy()
-        .and_then(|()| storage.rename(&tmp, path))
+        .and_then(|()| storage.rename(tmp, path))
         .and_then(|()| storage.sync_dir(parent_dir(path)));
     if let Err(e) = result {
-        let _ = storage.remove(&tmp);
+        let _ = storage.remove(tmp);
         return Err(e);
     }
     drop(src);

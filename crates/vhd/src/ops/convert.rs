@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
+use crate::backing::{parent_dir, HostStorage, Storage};
 use crate::progress::Progress;
-use crate::vhd1::create::{create, CreateOptions, NewDisk, DEFAULT_BLOCK_SIZE};
+use crate::vhd1::create::{build_at, CreateOptions, NewDisk, DEFAULT_BLOCK_SIZE};
 use crate::{Error, Result};
 
 const CHUNK: usize = 2 << 20;
@@ -33,9 +34,35 @@ impl Target {
     }
 }
 
-/// Converts `src` (with its chain) into the new file `dst`. On failure or cancel
-/// `dst` is removed; `src` is only read.
+/// Converts `src` (with its chain) into the new file `dst`; `src` is only read.
+/// The copy is built under a temporary name beside `dst` (see
+/// [`crate::ops::partial`]) and gets its name only when complete and flushed, so
+/// neither a failure, a cancel nor a crash leaves a partial file named `dst`.
 pub fn convert(src: &Path, dst: &Path, target: Target, progress: &mut dyn Progress) -> Result<()> {
+    let tmp = crate::ops::partial::random_partial_path(dst);
+    convert_via(src, dst, &tmp, target, progress)
+}
+
+/// [`convert`] with the temporary name chosen by the caller (in `dst`'s folder,
+/// e.g. [`crate::ops::partial::partial_path`] with a job ID). On failure or
+/// cancel the temporary file is removed; `dst` is never written but linked to
+/// the finished file (refused if `dst` exists by then).
+pub fn convert_via(
+    src: &Path,
+    dst: &Path,
+    tmp: &Path,
+    target: Target,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    if dst.symlink_metadata().is_ok() {
+        return Err(Error::Io {
+            path: dst.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the file exists; convert never overwrites one",
+            ),
+        });
+    }
     let source = crate::open(src, true)?;
     let size = source.size();
     let sector = u64::from(source.logical_sector_size());
@@ -57,18 +84,32 @@ pub fn convert(src: &Path, dst: &Path, target: Target, progress: &mut dyn Progre
         }
         .into());
     }
+    let result = build(source.as_ref(), tmp, target)
+        .and_then(|()| copy(source.as_ref(), tmp, dst, target, progress))
+        .and_then(|()| HostStorage.link(tmp, dst));
+    // Whatever happened, the temporary name goes (a finished file lives on as `dst`).
+    if tmp.symlink_metadata().is_ok() {
+        let _ = HostStorage.remove(tmp);
+    }
+    result?;
+    HostStorage.sync_dir(parent_dir(dst))
+}
+
+/// Makes the empty file of the target type at `tmp`, the source's size.
+fn build(source: &dyn crate::Disk, tmp: &Path, target: Target) -> Result<()> {
+    let size = source.size();
     match target {
         Target::Raw => {
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .open(dst)
+                .open(tmp)
                 .map_err(|source| Error::Io {
-                    path: dst.to_path_buf(),
+                    path: tmp.to_path_buf(),
                     source,
                 })?;
             f.set_len(size).map_err(|source| Error::Io {
-                path: dst.to_path_buf(),
+                path: tmp.to_path_buf(),
                 source,
             })?;
         }
@@ -81,13 +122,13 @@ pub fn convert(src: &Path, dst: &Path, target: Target, progress: &mut dyn Progre
                     block_size: DEFAULT_BLOCK_SIZE,
                 }
             };
-            create(
-                dst,
+            build_at(
+                &HostStorage,
+                tmp,
                 &CreateOptions {
                     kind,
                     exact_size: true,
                 },
-                &mut crate::NoProgress,
             )?;
         }
         Target::VhdxFixed | Target::VhdxDynamic => {
@@ -100,25 +141,24 @@ pub fn convert(src: &Path, dst: &Path, target: Target, progress: &mut dyn Progre
             let mut opts = VhdxOptions::new(kind);
             opts.logical_sector_size = source.logical_sector_size();
             opts.physical_sector_size = source.physical_sector_size();
-            crate::vhdx::create::create(dst, &opts, &mut crate::NoProgress)?;
+            crate::vhdx::create::build_at(&HostStorage, tmp, &opts)?;
         }
     }
-    let result = copy(source.as_ref(), dst, target, progress);
-    if result.is_err() {
-        let _ = std::fs::remove_file(dst);
-    }
-    result
+    Ok(())
 }
 
+/// Copies the source's data into the new file `tmp` (to be named `dst`) and
+/// flushes it.
 fn copy(
     source: &dyn crate::Disk,
+    tmp: &Path,
     dst: &Path,
     target: Target,
     progress: &mut dyn Progress,
 ) -> Result<()> {
     let out: Box<dyn crate::Disk> = match target {
-        Target::Raw => Box::new(crate::RawDisk::open(dst, false)?),
-        _ => crate::open(dst, false)?,
+        Target::Raw => Box::new(crate::RawDisk::open(tmp, false)?),
+        _ => crate::open(tmp, false)?,
     };
     let size = source.size();
     let mut buf = vec![0u8; CHUNK];
@@ -132,9 +172,11 @@ fn copy(
         off += n as u64;
         if !progress.update(off, size) {
             return Err(Error::Cancelled {
-                what: format!("{} was removed", dst.display()),
+                what: format!("{} was not made", dst.display()),
             });
         }
     }
-    out.flush()
+    // As a clean close leaves it (a VHDX's log emptied), and durable, before it
+    // gets its name.
+    out.settle()
 }

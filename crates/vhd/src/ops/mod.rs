@@ -7,5 +7,6 @@ pub mod convert;
 pub mod info;
 pub mod live_merge;
 pub mod merge;
+pub mod partial;
 pub mod resize;
 pub mod set_parent;

@@ -100,10 +100,23 @@ pub fn create(path: &Path, opts: &CreateOptions, progress: &mut dyn Progress) ->
 /// The file is built under a temporary name beside `path`, made durable, and
 /// only then linked to `path` (which fails if `path` exists): a crash leaves
 /// either no `path` or a complete one, never a half-written disk. A crash can
-/// leave the temporary `.NAME.*.creating` file behind; it is safe to delete.
+/// leave the temporary `.NAME.*.partial` file behind; it is safe to delete.
 pub fn create_on(
     storage: &dyn Storage,
     path: &Path,
+    opts: &CreateOptions,
+    progress: &mut dyn Progress,
+) -> Result<Created> {
+    create_via(storage, path, &temp_name(path), opts, progress)
+}
+
+/// [`create_on`] with the temporary name chosen by the caller (in `path`'s
+/// folder, e.g. [`crate::ops::partial::partial_path`] with a job ID), so a
+/// service that records its jobs knows which file to clean up after a crash.
+pub fn create_via(
+    storage: &dyn Storage,
+    path: &Path,
+    tmp: &Path,
     opts: &CreateOptions,
     progress: &mut dyn Progress,
 ) -> Result<Created> {
@@ -117,13 +130,12 @@ pub fn create_on(
             ),
         });
     }
-    let tmp = temp_name(path);
     let built = storage
-        .create_new(&tmp)
-        .and_then(|file| write_layout(file.as_ref(), &tmp, &layout, progress));
-    let linked = built.and_then(|()| storage.link(&tmp, path));
+        .create_new(tmp)
+        .and_then(|file| write_layout(file.as_ref(), tmp, &layout, progress));
+    let linked = built.and_then(|()| storage.link(tmp, path));
     // Whatever happened, the temporary name goes (the file lives on as `path`).
-    let _ = storage.remove(&tmp);
+    let _ = storage.remove(tmp);
     linked?;
     storage.sync_dir(parent_dir(path))?;
     Ok(Created {
@@ -134,12 +146,25 @@ pub fn create_on(
 }
 
 fn temp_name(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    path.with_file_name(format!(".{name}.{}.creating", &tag[..8]))
+    crate::ops::partial::random_partial_path(path)
+}
+
+/// Builds the file of a new disk at `path` itself (refusing an existing file),
+/// flushed, without a temporary name: for a caller that builds under its own
+/// temporary name and renames it into place when its work is done (convert).
+pub(crate) fn build_at(
+    storage: &dyn Storage,
+    path: &Path,
+    opts: &CreateOptions,
+) -> Result<Created> {
+    let layout = plan(path, opts)?;
+    let file = storage.create_new(path)?;
+    write_layout(file.as_ref(), path, &layout, &mut crate::NoProgress)?;
+    Ok(Created {
+        path: path.into(),
+        size: layout.footer.current_size,
+        requested_size: layout.requested,
+    })
 }
 
 /// Everything a new file holds, decided before anything is written.

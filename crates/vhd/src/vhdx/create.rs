@@ -193,12 +193,39 @@ fn plan(path: &Path, opts: &VhdxOptions) -> Result<Plan> {
     })
 }
 
+/// Builds the file of a new VHDX at `path` itself (refusing an existing file),
+/// flushed, without a temporary name: for a caller that builds under its own
+/// temporary name and renames it into place when its work is done (convert).
+pub(crate) fn build_at(storage: &dyn Storage, path: &Path, opts: &VhdxOptions) -> Result<Created> {
+    let plan = plan(path, opts)?;
+    let file = storage.create_new(path)?;
+    write_new(file.as_ref(), path, &plan)?;
+    Ok(Created {
+        path: path.into(),
+        size: plan.metadata.virtual_disk_size,
+        requested_size: plan.requested,
+    })
+}
+
 /// [`create`] on the given storage. A crash leaves either no `path` or a
-/// complete one; the temporary `.NAME.*.creating` file it may leave behind is
+/// complete one; the temporary `.NAME.*.partial` file it may leave behind is
 /// safe to delete.
 pub fn create_on(
     storage: &dyn Storage,
     path: &Path,
+    opts: &VhdxOptions,
+    progress: &mut dyn Progress,
+) -> Result<Created> {
+    let tmp = crate::ops::partial::random_partial_path(path);
+    create_via(storage, path, &tmp, opts, progress)
+}
+
+/// [`create_on`] with the temporary name chosen by the caller (in `path`'s
+/// folder, e.g. [`crate::ops::partial::partial_path`] with a job ID).
+pub fn create_via(
+    storage: &dyn Storage,
+    path: &Path,
+    tmp: &Path,
     opts: &VhdxOptions,
     progress: &mut dyn Progress,
 ) -> Result<Created> {
@@ -212,21 +239,17 @@ pub fn create_on(
             ),
         });
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tag = Uuid::new_v4().simple().to_string();
-    let tmp = path.with_file_name(format!(".{name}.{}.creating", &tag[..8]));
-    let built = storage
-        .create_new(&tmp)
-        .and_then(|file| write_new(file.as_ref(), &tmp, &plan));
-    let linked = built.and_then(|()| storage.link(&tmp, path));
-    let _ = storage.remove(&tmp);
+    let size = plan.metadata.virtual_disk_size;
+    let built = storage.create_new(tmp).and_then(|file| {
+        write_new(file.as_ref(), tmp, &plan)?;
+        // Built and flushed; what is left is giving it its name.
+        progress.update(size, size);
+        Ok(())
+    });
+    let linked = built.and_then(|()| storage.link(tmp, path));
+    let _ = storage.remove(tmp);
     linked?;
     storage.sync_dir(parent_dir(path))?;
-    let size = plan.metadata.virtual_disk_size;
-    progress.update(size, size);
     Ok(Created {
         path: path.into(),
         size,
