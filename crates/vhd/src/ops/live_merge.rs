@@ -13,12 +13,13 @@
 //!    crash of the worker) leaves a valid chain that reads as before.
 //! 2. When the layer is the running leaf, the ranges the guest wrote meanwhile
 //!    are copied again, round after round, until few are left.
-//! 3. The guest's I/O is held: the last written ranges are copied, the parent
-//!    is flushed, the old chain is closed (its locks go), the merged layer's
-//!    own child is re-pointed at the parent (a frozen layer), the new chain is
-//!    opened with the usual locks, `commit` runs (the caller records, durably,
-//!    that the parent now holds the current data), and the guest continues on
-//!    the new chain. Only this step pauses I/O.
+//! 3. The guest's I/O is held: the last ranges the guest wrote to the merged
+//!    leaf are copied (none for a frozen layer: the leaf above it keeps its
+//!    writes), the parent is flushed, the old chain is closed (its locks go),
+//!    the merged layer's own child is re-pointed at the parent (a frozen
+//!    layer), the new chain is opened with the usual locks, `commit` runs (the
+//!    caller records, durably, that the parent now holds the current data),
+//!    and the guest continues on the new chain. Only this step pauses I/O.
 //!
 //! Nothing is removed: the caller deletes the merged layer after recording
 //! the new chain.
@@ -512,18 +513,23 @@ pub fn merge_live(
     // The last step: the guest's I/O waits from here to the end.
     let mut slot = served.inner.write().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
-    pending.extend(served.dirty.take());
-    // No cancel from here: the guest waits.
-    let from = slot.as_ref();
-    copy_runs(
-        from,
-        parent.disk(),
-        &pending,
-        FILE_TO_FILE,
-        &mut copied,
-        total,
-        &mut NoProgress,
-    )?;
+    if running_leaf {
+        // The last ranges the guest wrote to the merged leaf. Not for a frozen
+        // layer: the guest writes to a leaf above it, which stays, and the
+        // parent must not take those writes (it now stands for the frozen
+        // layer, a checkpoint other branches may read through).
+        pending.extend(served.dirty.take());
+        // No cancel from here: the guest waits.
+        copy_runs(
+            slot.as_ref(),
+            parent.disk(),
+            &pending,
+            FILE_TO_FILE,
+            &mut copied,
+            total,
+            &mut NoProgress,
+        )?;
+    }
     parent.finish(layer)?;
     drop(frozen);
     slot.flush()?;
