@@ -157,6 +157,8 @@ struct Setup {
     mid: PathBuf,
     top: Option<PathBuf>,
     model: Vec<u8>,
+    /// What the chain on `mid` holds (the frozen layer's checkpoint).
+    mid_model: Vec<u8>,
 }
 
 /// base (written) <- mid (written) [<- top (written), when `frozen`].
@@ -176,6 +178,7 @@ fn setup(f: Format, frozen: bool) -> Setup {
     write(&mid, &mut model, 4 * MIB, &pattern(6 * MIB as usize, 2));
     write(&mid, &mut model, 20 * MIB + 4096, &pattern(100_000, 3));
     write(&mid, &mut model, 40 * MIB, &pattern(3 * MIB as usize, 4));
+    let mid_model = model.clone();
     let top = frozen.then(|| {
         let top = dir.path().join(format!("top.{c}"));
         new_child(&top, &mid, f);
@@ -188,6 +191,7 @@ fn setup(f: Format, frozen: bool) -> Setup {
         mid,
         top,
         model,
+        mid_model,
     }
 }
 
@@ -262,6 +266,16 @@ fn run(f: Format, frozen: bool) -> vhd::ops::live_merge::LiveMergeReport {
     let reopened = vhd::open(&report.top, true).unwrap();
     assert_same("the chain reopened", &read_all(reopened.as_ref()), &want);
     drop(reopened);
+    if frozen {
+        // base now holds what the frozen layer's chain held, and nothing the
+        // guest wrote to the leaf above it meanwhile.
+        let merged = vhd::open(&s.base, true).unwrap();
+        assert_same(
+            "base after a frozen layer merged into it",
+            &read_all(merged.as_ref()),
+            &s.mid_model,
+        );
+    }
     let check = vhd::ops::check::check(&s.base, false).unwrap();
     assert!(check.clean(), "{:?}", check.problems);
     if !frozen {

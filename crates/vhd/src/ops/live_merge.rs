@@ -13,12 +13,13 @@
 //!    crash of the worker) leaves a valid chain that reads as before.
 //! 2. When the layer is the running leaf, the ranges the guest wrote meanwhile
 //!    are copied again, round after round, until few are left.
-//! 3. The guest's I/O is held: the last written ranges are copied, the parent
-//!    is flushed, the old chain is closed (its locks go), the merged layer's
-//!    own child is re-pointed at the parent (a frozen layer), the new chain is
-//!    opened with the usual locks, `commit` runs (the caller records, durably,
-//!    that the parent now holds the current data), and the guest continues on
-//!    the new chain. Only this step pauses I/O.
+//! 3. The guest's I/O is held: the last ranges the guest wrote to the merged
+//!    leaf are copied (none for a frozen layer: the leaf above it keeps its
+//!    writes), the parent is flushed, the old chain is closed (its locks go),
+//!    the merged layer's own child is re-pointed at the parent (a frozen
+//!    layer), the new chain is opened with the usual locks, `commit` runs (the
+//!    caller records, durably, that the parent now holds the current data),
+//!    and the guest continues on the new chain. Only this step pauses I/O.
 //!
 //! Nothing is removed: the caller deletes the merged layer after recording
 //! the new chain.
@@ -180,11 +181,27 @@ impl Tracked {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn written<T>(&self, r: Result<T>, offset: u64, len: u64) -> Result<T> {
-        // Marked after the write completed: a range copied after this mark
-        // holds the new data, and one copied before it is marked for the next
-        // round.
+    /// Runs a request that writes `[offset, offset + len)` on the chain and
+    /// marks that range before letting go of the chain. The mark must happen
+    /// while the request still holds the chain: the merge's last step takes
+    /// the chain exclusively and then the marked ranges, so every write that
+    /// reached the old chain is marked by then and copied. Marked after the
+    /// write: a range copied after its mark holds the new data, and one copied
+    /// before it is marked for the next round. (Marked only after the chain
+    /// was let go, a write delayed there, a thread preempted on a loaded
+    /// host, could land in the leaf after its last copy and be lost.)
+    fn written<T>(
+        &self,
+        offset: u64,
+        len: u64,
+        write: impl FnOnce(&dyn Disk) -> Result<T>,
+    ) -> Result<T> {
+        let chain = self.get();
+        let r = write(chain.as_ref());
+        #[cfg(test)]
+        tests::before_mark();
         self.dirty.mark(offset, len);
+        drop(chain);
         r
     }
 }
@@ -206,8 +223,7 @@ impl Disk for Tracked {
         self.get().read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let r = self.get().write_at(buf, offset);
-        self.written(r, offset, buf.len() as u64)
+        self.written(offset, buf.len() as u64, |d| d.write_at(buf, offset))
     }
     fn flush(&self) -> Result<()> {
         self.get().flush()
@@ -216,12 +232,10 @@ impl Disk for Tracked {
         self.get().settle()
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let r = self.get().write_zeroes(offset, len);
-        self.written(r, offset, len)
+        self.written(offset, len, |d| d.write_zeroes(offset, len))
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let r = self.get().discard(offset, len);
-        self.written(r, offset, len)
+        self.written(offset, len, |d| d.discard(offset, len))
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         self.get().block_status(offset, len)
@@ -241,8 +255,7 @@ impl Disk for Tracked {
         Ok(None)
     }
     fn commit_extent_write(&self, offset: u64, len: u64) -> Result<()> {
-        let r = self.get().commit_extent_write(offset, len);
-        self.written(r, offset, len)
+        self.written(offset, len, |d| d.commit_extent_write(offset, len))
     }
 }
 
@@ -500,18 +513,23 @@ pub fn merge_live(
     // The last step: the guest's I/O waits from here to the end.
     let mut slot = served.inner.write().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
-    pending.extend(served.dirty.take());
-    // No cancel from here: the guest waits.
-    let from = slot.as_ref();
-    copy_runs(
-        from,
-        parent.disk(),
-        &pending,
-        FILE_TO_FILE,
-        &mut copied,
-        total,
-        &mut NoProgress,
-    )?;
+    if running_leaf {
+        // The last ranges the guest wrote to the merged leaf. Not for a frozen
+        // layer: the guest writes to a leaf above it, which stays, and the
+        // parent must not take those writes (it now stands for the frozen
+        // layer, a checkpoint other branches may read through).
+        pending.extend(served.dirty.take());
+        // No cancel from here: the guest waits.
+        copy_runs(
+            slot.as_ref(),
+            parent.disk(),
+            &pending,
+            FILE_TO_FILE,
+            &mut copied,
+            total,
+            &mut NoProgress,
+        )?;
+    }
     parent.finish(layer)?;
     drop(frozen);
     slot.flush()?;
@@ -584,4 +602,151 @@ fn wait_sole_handle(old: &Arc<dyn Disk>, top: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(1));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::vhd1::create::{create, CreateOptions, NewDisk};
+    use crate::vhdx::create::{create as create_vhdx, NewVhdx, VhdxOptions};
+
+    const MIB: u64 = 1 << 20;
+
+    thread_local! {
+        /// Runs once on the writing thread after a write through a [`Tracked`]
+        /// reached the chain and before its range is marked.
+        static BEFORE_MARK: RefCell<Option<Box<dyn FnOnce()>>> = RefCell::new(None);
+    }
+
+    pub(super) fn before_mark() {
+        if let Some(f) = BEFORE_MARK.with(|h| h.borrow_mut().take()) {
+            f();
+        }
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Format {
+        Vhd,
+        Vhdx,
+    }
+
+    /// A dynamic `base` of 8 MiB and a differencing `mid` over it.
+    fn new_chain(f: Format, base: &Path, mid: &Path) {
+        match f {
+            Format::Vhd => {
+                let opts = |kind| CreateOptions {
+                    kind,
+                    exact_size: true,
+                };
+                let dynamic = NewDisk::Dynamic {
+                    size: 8 * MIB,
+                    block_size: 2 * MIB as u32,
+                };
+                create(base, &opts(dynamic), &mut NoProgress).unwrap();
+                let diff = NewDisk::Differencing {
+                    parent: base.to_path_buf(),
+                };
+                create(mid, &opts(diff), &mut NoProgress).unwrap();
+            }
+            Format::Vhdx => {
+                let mut opts = VhdxOptions::new(NewVhdx::Dynamic { size: 8 * MIB });
+                opts.block_size = Some(MIB as u32);
+                create_vhdx(base, &opts, &mut NoProgress).unwrap();
+                let diff = VhdxOptions::new(NewVhdx::Differencing {
+                    parent: base.to_path_buf(),
+                });
+                create_vhdx(mid, &diff, &mut NoProgress).unwrap();
+            }
+        }
+    }
+
+    /// The interleaving a loaded host produced: a guest write reaches the
+    /// leaf after the leaf's first copy of that range, and the writing thread
+    /// is then held up (preempted) before its range is marked while the merge
+    /// runs on to its last step. The last step must wait for that mark, or the
+    /// write stays behind in the merged-away leaf.
+    #[test]
+    fn a_write_held_up_before_its_mark_reads_back_after_the_merge() {
+        for f in [Format::Vhd, Format::Vhdx] {
+            write_held_up_before_its_mark(f);
+        }
+    }
+
+    fn write_held_up_before_its_mark(f: Format) {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, mid) = match f {
+            Format::Vhd => (dir.path().join("base.vhd"), dir.path().join("mid.avhd")),
+            Format::Vhdx => (dir.path().join("base.vhdx"), dir.path().join("mid.avhdx")),
+        };
+        new_chain(f, &base, &mid);
+        let old = vec![0x11u8; MIB as usize];
+        {
+            let d = crate::open(&mid, false).unwrap();
+            d.write_at(&old, 0).unwrap();
+            d.write_at(&old, 4 * MIB).unwrap();
+            d.flush().unwrap();
+        }
+        let chain: Arc<dyn Disk> = Arc::from(crate::open(&mid, false).unwrap());
+        let tracked = Arc::new(Tracked::new(chain));
+
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (landed_tx, landed_rx) = mpsc::channel::<()>();
+        let (merged_tx, merged_rx) = mpsc::channel::<()>();
+        let new = vec![0x22u8; 4096];
+        let guest = {
+            let tracked = tracked.clone();
+            let new = new.clone();
+            std::thread::spawn(move || {
+                go_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+                BEFORE_MARK.with(|h| {
+                    *h.borrow_mut() = Some(Box::new(move || {
+                        landed_tx.send(()).unwrap();
+                        // Held up until the merge has finished, or for a
+                        // second when the merge (rightly) waits for this write.
+                        let _ = merged_rx.recv_timeout(Duration::from_secs(1));
+                    }))
+                });
+                tracked.write_at(&new, 0).unwrap();
+            })
+        };
+
+        let mut calls = 0;
+        let mut progress = |_: u64, _: u64| {
+            calls += 1;
+            if calls == 1 {
+                // The first run [0, 1 MiB) is copied: now the guest writes into it.
+                go_tx.send(()).unwrap();
+                landed_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+            }
+            true
+        };
+        let (served, _) = merge_live(&tracked, &mid, &base, &mut || Ok(()), &mut progress).unwrap();
+        let _ = merged_tx.send(());
+        guest.join().unwrap();
+
+        let mut got = vec![0u8; 4096];
+        tracked.read_at(&mut got, 0).unwrap();
+        assert!(
+            got == new,
+            "{f:?}: the served disk lost the guest's write at byte 0: it reads {:#x}",
+            got[0]
+        );
+        served.read_at(&mut got, 0).unwrap();
+        assert!(
+            got == new,
+            "{f:?}: the new chain lost the guest's write at byte 0: it reads {:#x}",
+            got[0]
+        );
+        drop((served, tracked));
+        let reopened = crate::open(&base, true).unwrap();
+        reopened.read_at(&mut got, 0).unwrap();
+        assert!(
+            got == new,
+            "{f:?}: the merged base lost the guest's write at byte 0: it reads {:#x}",
+            got[0]
+        );
+    }
 }
