@@ -17,6 +17,7 @@ pub mod job_quota;
 pub mod metering;
 pub mod run;
 pub mod service;
+pub mod switches;
 pub mod tls;
 pub mod transfer;
 pub mod vms;

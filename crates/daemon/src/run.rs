@@ -23,7 +23,11 @@ pub async fn run(config: DaemonConfig) -> Result<(), String> {
     let mut svc = Service::new(config.clone(), Some(token)).map_err(|e| error_chain(&e))?;
     let supervisor = crate::vms::workers::install(&mut svc, &config)?;
     let svc = Arc::new(svc);
+    // Bridges first (missing after a reboot; kept as they are otherwise), then
+    // the VMs still running, then taps nobody uses any more.
+    svc.switches.rebuild().await;
     crate::vms::workers::attach_and_reattach(&supervisor, &svc).await;
+    svc.switches.remove_stale_taps().await;
     crate::vms::delete::resume_at_start(&svc);
     crate::vms::move_storage::resume_at_start(&svc).await;
     crate::checkpoints::resume_at_start(&svc);
