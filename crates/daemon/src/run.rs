@@ -27,7 +27,12 @@ pub async fn run(config: DaemonConfig) -> Result<(), String> {
     // the VMs still running, then taps nobody uses any more.
     svc.switches.rebuild().await;
     crate::vms::workers::attach_and_reattach(&supervisor, &svc).await;
-    svc.switches.remove_stale_taps().await;
+    let vms: Vec<vm_config::VmSettings> = svc
+        .store()
+        .entries()
+        .filter_map(|e| e.settings.clone())
+        .collect();
+    svc.switches.remove_stale_taps(&vms).await;
     crate::vms::delete::resume_at_start(&svc);
     crate::vms::move_storage::resume_at_start(&svc).await;
     crate::checkpoints::resume_at_start(&svc);

@@ -470,9 +470,10 @@ impl Switches {
         });
     }
 
-    /// At start, after running VMs were found: taps of ours that no running VM
-    /// uses (left by a crash) are removed.
-    pub async fn remove_stale_taps(&self) {
+    /// At start, after running VMs were found: the taps this service would make
+    /// for its VMs' adapters that no running VM uses (left by a crash) are
+    /// removed. Links of other names, other services' included, are left alone.
+    pub async fn remove_stale_taps(&self, vms: &[VmSettings]) {
         let Ok(host) = self.host() else {
             return;
         };
@@ -481,11 +482,16 @@ impl Switches {
             .flatten()
             .filter_map(|c| c.tap.clone())
             .collect();
+        let ours: Vec<String> = vms
+            .iter()
+            .flat_map(|vm| vm.network_adapters.iter().map(|a| tap_for(vm.id, &a.mac)))
+            .filter(|t| !used.contains(t))
+            .collect();
         let Ok(links) = host.our_links().await else {
             return;
         };
         for l in links {
-            if l.kind == "tun" && !used.contains(&l.name) {
+            if l.kind == "tun" && ours.contains(&l.name) {
                 tracing::info!(tap = %l.name, "removing a tap no running VM uses");
                 let _ = host.delete_link(&l.name).await;
             }

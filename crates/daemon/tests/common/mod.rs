@@ -21,6 +21,10 @@ pub struct Daemon {
     extra: Vec<String>,
     /// Extra environment for every `launch` from now on.
     pub env: Vec<(String, String)>,
+    /// Each launch runs in a network namespace of its own (`unshare --net`): the
+    /// daemon, its workers and QEMU make their bridges and taps there, never on the
+    /// host's. A new launch is a new namespace, as after a host reboot.
+    pub netns: bool,
 }
 
 pub struct Reply {
@@ -45,6 +49,15 @@ impl Reply {
 
 impl Daemon {
     pub fn start(extra: &[&str]) -> Daemon {
+        Daemon::start_with(extra, false)
+    }
+
+    /// A daemon in a network namespace of its own (see [`Daemon::netns`]).
+    pub fn start_in_netns(extra: &[&str]) -> Daemon {
+        Daemon::start_with(extra, true)
+    }
+
+    fn start_with(extra: &[&str], netns: bool) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let socket = dir.path().join("viridian.sock");
@@ -55,6 +68,7 @@ impl Daemon {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
+            netns,
         };
         d.launch();
         d
@@ -62,7 +76,15 @@ impl Daemon {
 
     pub fn launch(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("viridiand.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_viridiand"))
+        // `unshare` execs the daemon: the child's pid is the daemon's.
+        let mut command = if self.netns {
+            let mut c = Command::new("unshare");
+            c.args(["--net", "--"]).arg(env!("CARGO_BIN_EXE_viridiand"));
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_viridiand"))
+        };
+        let child = command
             .arg("--data-dir")
             .arg(&self.data)
             .arg("--socket")
@@ -84,6 +106,23 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Runs `program args` in the daemon's network namespace (its host side);
+    /// returns whether it succeeded and its output.
+    pub fn in_netns(&self, program: &str, args: &[&str]) -> (bool, String) {
+        assert!(self.netns, "this daemon runs in the host's namespace");
+        let pid = self.child.as_ref().expect("daemon running").id();
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .output()
+            .expect("nsenter runs");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
     }
 
     /// The log of the current launch (each launch starts a new one).
