@@ -109,7 +109,6 @@ pub struct AdapterConnection {
 #[serde(deny_unknown_fields)]
 pub struct ConnectAdapterRequest {
     /// The switch, by name or id.
-    #[schemars(length(min = 1, max = "vm_config::validate::MAX_NAME_CHARS"))]
     pub switch: String,
 }
 

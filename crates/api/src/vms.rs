@@ -332,7 +332,6 @@ pub struct AddNetworkAdapterRequest {
     pub pci_slot: Option<u8>,
     /// The virtual switch to connect it to, by name or id; not connected unless given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = "vm_config::validate::MAX_NAME_CHARS"))]
     pub switch: Option<String>,
 }
 

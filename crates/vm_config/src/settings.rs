@@ -214,7 +214,6 @@ pub struct NetworkAdapter {
     /// files have none). A switch that does not exist when the VM starts leaves the
     /// adapter disconnected, and the VM still starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = "crate::validate::MAX_NAME_CHARS"))]
     pub switch: Option<String>,
 }
 
