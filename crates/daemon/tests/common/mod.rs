@@ -21,10 +21,32 @@ pub struct Daemon {
     extra: Vec<String>,
     /// Extra environment for every `launch` from now on.
     pub env: Vec<(String, String)>,
-    /// Each launch runs in a network namespace of its own (`unshare --net`): the
-    /// daemon, its workers and QEMU make their bridges and taps there, never on the
-    /// host's. A new launch is a new namespace, as after a host reboot.
-    pub netns: bool,
+    /// The daemon runs in a network namespace of the test's own, held by this
+    /// process (`unshare --net sleep`): the daemon, its workers and QEMU make their
+    /// bridges and taps there, never on the host's. It stays across restarts;
+    /// [`Daemon::reboot_netns`] replaces it with an empty one.
+    pub netns: Option<Child>,
+}
+
+/// A process in a new, empty network namespace, once it is there.
+fn netns_holder() -> Child {
+    let child = Command::new("unshare")
+        .args(["--net", "--", "sleep", "infinity"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("unshare runs");
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let theirs = format!("/proc/{}/ns/net", child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Until unshare has run, the child is still in our namespace: never join that.
+    while std::fs::read_link(&theirs).map_or(true, |ns| ns == ours) {
+        assert!(
+            Instant::now() < deadline,
+            "unshare --net did not take effect"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
 }
 
 pub struct Reply {
@@ -68,7 +90,7 @@ impl Daemon {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
-            netns,
+            netns: netns.then(netns_holder),
         };
         d.launch();
         d
@@ -76,10 +98,12 @@ impl Daemon {
 
     pub fn launch(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("viridiand.log")).unwrap();
-        // `unshare` execs the daemon: the child's pid is the daemon's.
-        let mut command = if self.netns {
-            let mut c = Command::new("unshare");
-            c.args(["--net", "--"]).arg(env!("CARGO_BIN_EXE_viridiand"));
+        // `nsenter` execs the daemon: the child's pid is the daemon's.
+        let mut command = if let Some(holder) = &self.netns {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/proc/{}/ns/net", holder.id()))
+                .arg("--")
+                .arg(env!("CARGO_BIN_EXE_viridiand"));
             c
         } else {
             Command::new(env!("CARGO_BIN_EXE_viridiand"))
@@ -111,8 +135,11 @@ impl Daemon {
     /// Runs `program args` in the daemon's network namespace (its host side);
     /// returns whether it succeeded and its output.
     pub fn in_netns(&self, program: &str, args: &[&str]) -> (bool, String) {
-        assert!(self.netns, "this daemon runs in the host's namespace");
-        let pid = self.child.as_ref().expect("daemon running").id();
+        let pid = self
+            .netns
+            .as_ref()
+            .expect("this daemon runs in the host's namespace")
+            .id();
         let out = Command::new("nsenter")
             .arg(format!("--net=/proc/{pid}/ns/net"))
             .arg("--")
@@ -123,6 +150,18 @@ impl Daemon {
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&out.stderr));
         (out.status.success(), text)
+    }
+
+    /// Replaces the daemon's network namespace with an empty one (as a host
+    /// reboot leaves it: no bridges, no taps); takes effect at the next launch.
+    pub fn reboot_netns(&mut self) {
+        let mut old = self
+            .netns
+            .take()
+            .expect("a daemon in a namespace of its own");
+        let _ = old.kill();
+        let _ = old.wait();
+        self.netns = Some(netns_holder());
     }
 
     /// The log of the current launch (each launch starts a new one).
@@ -223,7 +262,7 @@ fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        for mut c in [self.child.take(), self.netns.take()].into_iter().flatten() {
             let _ = c.kill();
             let _ = c.wait();
         }
