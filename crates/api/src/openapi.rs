@@ -223,7 +223,7 @@ pub fn routes() -> Vec<Route> {
         r(
             "post",
             "/v1/vms/{vm}/network-adapters/{mac}/connect",
-            "Connect a network adapter to a virtual switch (the VM Off; it is connected at the next start)",
+            "Connect a network adapter to a virtual switch (an Off VM's at its next start; a running or paused VM's at once: its port moves to the switch)",
             Some(s::<switches::ConnectAdapterRequest>),
             200,
             Some(s::<NetworkAdapter>),
@@ -231,7 +231,7 @@ pub fn routes() -> Vec<Route> {
         r(
             "post",
             "/v1/vms/{vm}/network-adapters/{mac}/disconnect",
-            "Disconnect a network adapter from its virtual switch (the VM Off)",
+            "Disconnect a network adapter from its virtual switch (a running VM's at once)",
             None,
             200,
             Some(s::<NetworkAdapter>),

@@ -280,14 +280,14 @@ pub enum NicCmd {
     },
     /// Remove the adapter with this MAC address.
     Remove { vm: String, mac: String },
-    /// Connect the adapter to a virtual switch (the VM Off).
+    /// Connect the adapter to a virtual switch (a running VM's adapter moves at once).
     Connect {
         vm: String,
         mac: String,
         #[arg(long)]
         switch: String,
     },
-    /// Disconnect the adapter from its switch (the VM Off).
+    /// Disconnect the adapter from its switch (also while the VM runs).
     Disconnect { vm: String, mac: String },
 }
 

@@ -390,6 +390,7 @@ fn guests_reach_each_other_on_their_switch_only_and_the_host_on_an_internal_one(
     );
     assert_eq!(nics[0]["data_path"], "userspace", "{rt}");
     assert_eq!(nics[1]["connected"], false, "{rt}");
+    assert!(nics[1].get("switch").is_some(), "{rt}");
     assert!(
         nics[1]["reason"]
             .as_str()
@@ -397,9 +398,16 @@ fn guests_reach_each_other_on_their_switch_only_and_the_host_on_an_internal_one(
             .contains("\"gone\" does not exist"),
         "{rt}"
     );
-    // The ports: one tap per connected adapter, each on its switch's bridge.
+    // The ports: a tap per adapter, each connected one on its switch's bridge,
+    // the disconnected one on none (it can be connected while the VM runs).
     let (_, links) = d.in_netns("ip", &["-o", "link", "show"]);
-    assert_eq!(links.matches("vswt-").count(), 4, "{links}");
+    let taps: Vec<&str> = links.lines().filter(|l| l.contains("vswt-")).collect();
+    assert_eq!(taps.len(), 5, "{links}");
+    assert_eq!(
+        taps.iter().filter(|l| l.contains("master vsw-")).count(),
+        4,
+        "{links}"
+    );
 
     for (name, ..) in &vms {
         wait_console(&d, name, "VIRIDIAN-GUEST: net up");
@@ -478,6 +486,50 @@ fn guests_reach_each_other_on_their_switch_only_and_the_host_on_an_internal_one(
             .unwrap()
             .starts_with("vswt-"),
         "{rt}"
+    );
+
+    // A running VM's adapter moves to another switch: c joins blue and reaches a.
+    let cmac = d.get("/v1/vms/c").body["settings"]["network_adapters"][0]["mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blue = d.get("/v1/switches/blue").body["id"].clone();
+    let r = d.post(
+        &format!("/v1/vms/c/network-adapters/{cmac}/connect"),
+        json!({"switch": "blue"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(r.body["switch"], blue);
+    wait_for("c to reach a on blue", Duration::from_secs(60), || {
+        tries(&console_of(&d, "c"), "reached", "10.0.0.1") > 0
+    });
+    let rt = &d.get("/v1/vms/c").body["runtime"];
+    assert_eq!(rt["network_adapters"][0]["switch"], "blue", "{rt}");
+    // Disconnected while running: it reaches no one any more.
+    let r = d.post(
+        &format!("/v1/vms/c/network-adapters/{cmac}/disconnect"),
+        json!({}),
+    );
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert!(r.body.get("switch").is_none(), "{}", r.raw);
+    std::thread::sleep(Duration::from_secs(3)); // a try in flight may still answer
+    let now = console_of(&d, "c");
+    let (reached, missed) = (
+        tries(&now, "reached", "10.0.0.1"),
+        tries(&now, "missed", "10.0.0.1"),
+    );
+    wait_for("c to try a again", Duration::from_secs(60), || {
+        tries(&console_of(&d, "c"), "missed", "10.0.0.1") >= missed + 3
+    });
+    let now = console_of(&d, "c");
+    assert_eq!(
+        tries(&now, "reached", "10.0.0.1"),
+        reached,
+        "c reached a after its disconnect:\n{now}"
+    );
+    assert_eq!(
+        d.get("/v1/vms/c").body["runtime"]["network_adapters"][0]["connected"],
+        false
     );
 
     // Stopped VMs' taps go; the bridges stay.

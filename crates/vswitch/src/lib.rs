@@ -245,6 +245,24 @@ impl Host {
         self.attach(name, bridge).await
     }
 
+    /// Creates the tap `name` on no bridge (a port that carries nothing until it
+    /// is attached). An existing tap of that name is re-used as it is.
+    pub async fn create_detached_tap(&self, name: &str) -> Result<(), SwitchError> {
+        check_ours(name)?;
+        match self.link(name).await? {
+            Some(l) if l.kind != "tun" => Err(SwitchError::WrongKind {
+                name: name.into(),
+                found: l.kind,
+                wanted: "tap",
+            }),
+            Some(_) => Ok(()),
+            None => tap::create_persistent(name).map_err(|source| SwitchError::Tap {
+                name: name.into(),
+                source,
+            }),
+        }
+    }
+
     /// Makes `port` a port of `bridge` and brings it up.
     pub async fn attach(&self, port: &str, bridge: &str) -> Result<(), SwitchError> {
         let br = self

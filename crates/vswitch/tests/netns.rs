@@ -96,6 +96,15 @@ fn bridge_taps_and_addresses_as_ip_shows_them() {
         host.detach(&t2).await.unwrap();
         let l = line_of(&ip(&["-o", "link", "show"]), &t2);
         assert!(!l.contains("master"), "{l}");
+        host.attach(&t2, &br).await.unwrap();
+        assert!(line_of(&ip(&["-o", "link", "show"]), &t2).contains(&format!("master {br}")));
+        host.detach(&t2).await.unwrap();
+        let t3 = tap_name(3);
+        host.create_detached_tap(&t3).await.unwrap();
+        host.create_detached_tap(&t3).await.unwrap();
+        let l = line_of(&ip(&["-o", "-d", "link", "show"]), &t3);
+        assert!(!l.contains("master") && l.contains("tap"), "{l}");
+        host.delete_link(&t3).await.unwrap();
 
         let ours: Vec<String> = host
             .our_links()

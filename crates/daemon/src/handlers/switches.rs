@@ -14,9 +14,10 @@ use vm_config::validate::canonical_mac;
 
 use crate::error::ApiError;
 use crate::http::body::{json, no_content, read_json, Body};
-use crate::service::Service;
+use crate::service::{damaged_unreadable, find, Service};
 use crate::switches::{bridge_of, SwitchSettings};
 use crate::vms::store::error_chain;
+use api::vms::VmState;
 
 type Answer = Result<Response<Body>, ApiError>;
 
@@ -149,33 +150,75 @@ fn disconnect_all(
     Ok(())
 }
 
-/// `POST /v1/vms/{vm}/network-adapters/{mac}/connect`
+/// `POST /v1/vms/{vm}/network-adapters/{mac}/connect`: settings of a VM that is
+/// Off; a running (or paused) VM's adapter moves to the switch at once.
 pub async fn connect(svc: &Arc<Service>, vm: &str, mac: &str, body: Incoming) -> Answer {
     let req: ConnectAdapterRequest = read_json(body).await?;
     let s = svc.switches.find(&req.switch)?;
-    set_switch(svc, vm, mac, Some(s.id.to_string()))
+    set_switch(svc, vm, mac, Some(s)).await
 }
 
 /// `POST /v1/vms/{vm}/network-adapters/{mac}/disconnect`
 pub async fn disconnect(svc: &Arc<Service>, vm: &str, mac: &str) -> Answer {
-    set_switch(svc, vm, mac, None)
+    set_switch(svc, vm, mac, None).await
 }
 
-fn set_switch(svc: &Arc<Service>, vm: &str, mac: &str, switch: Option<String>) -> Answer {
+async fn set_switch(
+    svc: &Arc<Service>,
+    vm: &str,
+    mac: &str,
+    switch: Option<SwitchSettings>,
+) -> Answer {
     let wanted = canonical_mac(mac)?;
-    let (adapter, _) = svc.update_vm(vm, |s| {
-        let name = s.name.clone();
-        let a = s
-            .network_adapters
-            .iter_mut()
-            .find(|a| canonical_mac(&a.mac).ok().as_deref() == Some(&wanted))
-            .ok_or_else(|| {
-                ApiError::not_found(format!(
-                    "VM {name} has no network adapter with MAC {wanted}"
-                ))
-            })?;
-        a.switch = switch;
-        Ok(a.clone())
-    })?;
+    let is_it =
+        |a: &vm_config::NetworkAdapter| canonical_mac(&a.mac).ok().as_deref() == Some(&wanted);
+    let no_such = |name: &str| {
+        ApiError::not_found(format!(
+            "VM {name} has no network adapter with MAC {wanted}"
+        ))
+    };
+    let live = {
+        let store = svc.store();
+        let entry = find(&store, vm)?;
+        let state = svc.runtime.get(entry.id).state;
+        let settings = entry
+            .settings
+            .clone()
+            .ok_or_else(|| damaged_unreadable(entry))?;
+        matches!(state, VmState::Running | VmState::Paused).then_some(settings)
+    };
+    let Some(mut settings) = live else {
+        let (adapter, _) = svc.update_vm(vm, |s| {
+            let name = s.name.clone();
+            let a = s
+                .network_adapters
+                .iter_mut()
+                .find(|a| is_it(a))
+                .ok_or_else(|| no_such(&name))?;
+            a.switch = switch.as_ref().map(|s| s.id.to_string());
+            Ok(a.clone())
+        })?;
+        return Ok(json(200, &adapter));
+    };
+    // Running: the port moves first; the settings then say where it is.
+    let name = settings.name.clone();
+    let index = settings
+        .network_adapters
+        .iter()
+        .position(is_it)
+        .ok_or_else(|| no_such(&name))?;
+    let mac = settings.network_adapters[index].mac.clone();
+    svc.switches
+        .move_port(settings.id, &mac, switch.as_ref())
+        .await?;
+    settings.network_adapters[index].switch = switch.as_ref().map(|s| s.id.to_string());
+    let adapter = settings.network_adapters[index].clone();
+    let mut store = svc.store();
+    let entry = store
+        .save(settings)
+        .map_err(|e| ApiError::internal(error_chain(&e)))?;
+    svc.events.publish(api::events::EventBody::Vm {
+        vm: svc.summary(entry),
+    });
     Ok(json(200, &adapter))
 }

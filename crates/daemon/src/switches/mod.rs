@@ -359,47 +359,49 @@ impl Switches {
                 data_path: None,
                 reason: None,
             };
-            if let Some(key) = &a.switch {
-                match self.resolve(key) {
-                    None => {
-                        c.reason = Some(format!(
-                            "the virtual switch {key:?} does not exist on this host; connect the adapter to another switch (`viridian vm nic connect`) or create it"
-                        ));
-                    }
-                    Some(s) => {
-                        let tap = tap_for(vm.id, &a.mac);
-                        let made = match self.host() {
-                            Ok(h) => h
-                                .create_tap(&tap, &bridge_of(s.id))
-                                .await
-                                .map_err(|e| crate::vms::store::error_chain(&e)),
-                            Err(e) => Err(e.message),
-                        };
-                        match made {
-                            Ok(()) => {
-                                let vhost = self.data_path.vhost_net
-                                    && a.kind == vm_config::AdapterKind::Synthetic;
-                                c.connected = true;
-                                c.switch = Some(s.name.clone());
-                                c.tap = Some(tap.clone());
-                                c.data_path =
-                                    Some(if vhost { "vhost-net" } else { "userspace" }.into());
-                                ports.push(worker::spec::NicPort {
-                                    mac: a.mac.clone(),
-                                    tap,
-                                    vhost,
-                                });
-                            }
-                            Err(e) => {
-                                c.switch = Some(s.name.clone());
-                                c.reason = Some(format!(
-                                    "its port on the switch {} cannot be made: {e}",
-                                    s.name
-                                ));
-                            }
-                        }
-                    }
+            // Every adapter gets a tap: on its switch's bridge when that exists,
+            // on none otherwise, so it can be connected while the VM runs.
+            let tap = tap_for(vm.id, &a.mac);
+            let target = a.switch.as_ref().map(|key| (key, self.resolve(key)));
+            let made = match (self.host(), &target) {
+                (Err(e), _) => Err(e.message),
+                (Ok(h), Some((_, Some(s)))) => h
+                    .create_tap(&tap, &bridge_of(s.id))
+                    .await
+                    .map_err(|e| crate::vms::store::error_chain(&e)),
+                (Ok(h), _) => h
+                    .create_detached_tap(&tap)
+                    .await
+                    .map_err(|e| crate::vms::store::error_chain(&e)),
+            };
+            match (&made, &target) {
+                (Ok(()), Some((_, Some(s)))) => {
+                    c.connected = true;
+                    c.switch = Some(s.name.clone());
                 }
+                (Err(e), Some((_, Some(s)))) => {
+                    c.switch = Some(s.name.clone());
+                    c.reason = Some(format!(
+                        "its port on the switch {} cannot be made: {e}",
+                        s.name
+                    ));
+                }
+                (_, Some((key, None))) => {
+                    c.reason = Some(format!(
+                        "the virtual switch {key:?} does not exist on this host; connect the adapter to another switch (`viridian vm nic connect`) or create it"
+                    ));
+                }
+                (_, None) => {}
+            }
+            if made.is_ok() {
+                let vhost = self.data_path.vhost_net && a.kind == vm_config::AdapterKind::Synthetic;
+                c.tap = Some(tap.clone());
+                c.data_path = Some(if vhost { "vhost-net" } else { "userspace" }.into());
+                ports.push(worker::spec::NicPort {
+                    mac: a.mac.clone(),
+                    tap,
+                    vhost,
+                });
             }
             connections.push(c);
         }
@@ -420,7 +422,7 @@ impl Switches {
                         .switch
                         .as_ref()
                         .map(|k| self.resolve(k).map_or(k.clone(), |s| s.name)),
-                    connected: port.is_some(),
+                    connected: port.is_some() && a.switch.is_some(),
                     tap: port.map(|p| p.tap.clone()),
                     data_path: port.map(|p| if p.vhost { "vhost-net" } else { "userspace" }.into()),
                     reason: (port.is_none() && a.switch.is_some())
@@ -429,6 +431,43 @@ impl Switches {
             })
             .collect();
         lock(&self.ports).insert(vm.id, connections);
+    }
+
+    /// Moves a running VM's adapter to the switch `to` (or to none): its tap goes
+    /// onto that switch's bridge (or off its bridge). The guest keeps its adapter.
+    pub async fn move_port(
+        &self,
+        vm: Uuid,
+        mac: &str,
+        to: Option<&SwitchSettings>,
+    ) -> Result<(), ApiError> {
+        let _changing = self.changes.lock().await;
+        let tap = lock(&self.ports)
+            .get(&vm)
+            .and_then(|cs| cs.iter().find(|c| c.mac.eq_ignore_ascii_case(mac)))
+            .and_then(|c| c.tap.clone())
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidState,
+                    format!("the adapter {mac} has no port in this run of the VM (it started without one); change the switch while the VM is off, or restart it"),
+                )
+            })?;
+        let host = self.host()?;
+        match to {
+            Some(s) => host.attach(&tap, &bridge_of(s.id)).await,
+            None => host.detach(&tap).await,
+        }
+        .map_err(host_error)?;
+        if let Some(c) = lock(&self.ports)
+            .get_mut(&vm)
+            .and_then(|cs| cs.iter_mut().find(|c| c.mac.eq_ignore_ascii_case(mac)))
+        {
+            c.connected = to.is_some();
+            c.switch = to.map(|s| s.name.clone());
+            c.reason = None;
+        }
+        tracing::info!(vm = %vm, %mac, %tap, switch = ?to.map(|s| &s.name), "network adapter moved while running");
+        Ok(())
     }
 
     pub fn connections(&self, vm: Uuid) -> Vec<AdapterConnection> {
