@@ -336,6 +336,10 @@ fn guests_reach_each_other_on_their_switch_only_and_the_host_on_an_internal_one(
         );
         assert_eq!(r.status, 201, "{}", r.raw);
     }
+    // h has a second adapter on no switch: no port, nothing on the host for it.
+    let r = d.post("/v1/vms/h/network-adapters", json!({}));
+    assert_eq!(r.status, 201, "{}", r.raw);
+    let loose = r.body["mac"].as_str().unwrap().to_string();
     // c also has an adapter whose switch is not on this host (as after an import):
     // it starts anyway, with that adapter disconnected, and says so.
     let mut settings = d.get("/v1/vms/c").body["settings"].clone();
@@ -486,6 +490,27 @@ fn guests_reach_each_other_on_their_switch_only_and_the_host_on_an_internal_one(
             .unwrap()
             .starts_with("vswt-"),
         "{rt}"
+    );
+
+    // An adapter that named no switch at its start has no port to move.
+    let r = d.post(
+        &format!("/v1/vms/h/network-adapters/{loose}/connect"),
+        json!({"switch": "blue"}),
+    );
+    assert_eq!((r.status, r.code()), (409, "InvalidState"), "{}", r.raw);
+    assert!(
+        r.body["message"].as_str().unwrap().contains("restart"),
+        "{}",
+        r.raw
+    );
+    let h = d.get("/v1/vms/h").body;
+    assert!(
+        h["settings"]["network_adapters"][1].get("switch").is_none(),
+        "{h}"
+    );
+    assert_eq!(
+        h["runtime"]["network_adapters"][1]["connected"], false,
+        "{h}"
     );
 
     // A running VM's adapter moves to another switch: c joins blue and reaches a.

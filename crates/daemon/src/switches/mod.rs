@@ -359,8 +359,14 @@ impl Switches {
                 data_path: None,
                 reason: None,
             };
-            // Every adapter gets a tap: on its switch's bridge when that exists,
-            // on none otherwise, so it can be connected while the VM runs.
+            // An adapter that names a switch gets a tap: on the switch's bridge
+            // when that exists, on none otherwise (it can be connected while the
+            // VM runs). One that names none runs with no port, as it always has,
+            // and makes nothing on the host.
+            if a.switch.is_none() {
+                connections.push(c);
+                continue;
+            }
             let tap = tap_for(vm.id, &a.mac);
             let target = a.switch.as_ref().map(|key| (key, self.resolve(key)));
             let made = match (self.host(), &target) {
@@ -449,7 +455,7 @@ impl Switches {
             .ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::InvalidState,
-                    format!("the adapter {mac} has no port in this run of the VM (it started without one); change the switch while the VM is off, or restart it"),
+                    format!("the adapter {mac} has no port in this run of the VM (it named no switch when the VM started); connect it while the VM is off, or connect it and restart the VM"),
                 )
             })?;
         let host = self.host()?;
