@@ -28,6 +28,9 @@ pub struct HostInfo {
     /// The firmware VMs boot.
     #[serde(default)]
     pub firmware: FirmwareInfo,
+    /// Virtual switches' data path.
+    #[serde(default)]
+    pub network: crate::switches::NetworkInfo,
 }
 
 /// The firmware each generation boots, and why.

@@ -8,6 +8,7 @@ pub mod events;
 pub mod host;
 pub mod jobs;
 pub mod openapi;
+pub mod switches;
 pub mod transfer;
 pub mod vms;
 

@@ -5,7 +5,7 @@ use schemars::schema::Schema;
 use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
 
-use crate::{checkpoints, disks, error, events, host, jobs, transfer, vms};
+use crate::{checkpoints, disks, error, events, host, jobs, switches, transfer, vms};
 use vm_config::{Drive, NetworkAdapter, ProcessorSettings, VmSettings};
 
 type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
@@ -220,6 +220,65 @@ pub fn routes() -> Vec<Route> {
             204,
             None,
         ),
+        r(
+            "post",
+            "/v1/vms/{vm}/network-adapters/{mac}/connect",
+            "Connect a network adapter to a virtual switch (an Off VM's at its next start; a running or paused VM's at once: its port moves to the switch)",
+            Some(s::<switches::ConnectAdapterRequest>),
+            200,
+            Some(s::<NetworkAdapter>),
+        ),
+        r(
+            "post",
+            "/v1/vms/{vm}/network-adapters/{mac}/disconnect",
+            "Disconnect a network adapter from its virtual switch (a running VM's at once)",
+            None,
+            200,
+            Some(s::<NetworkAdapter>),
+        ),
+        r(
+            "get",
+            "/v1/switches",
+            "List virtual switches",
+            None,
+            200,
+            Some(s::<switches::SwitchList>),
+        ),
+        r(
+            "post",
+            "/v1/switches",
+            "Create a virtual switch (private or internal) and its bridge on the host",
+            Some(s::<switches::CreateSwitchRequest>),
+            201,
+            Some(s::<switches::Switch>),
+        ),
+        r(
+            "get",
+            "/v1/switches/{switch}",
+            "A virtual switch, by name or id",
+            None,
+            200,
+            Some(s::<switches::Switch>),
+        ),
+        r(
+            "patch",
+            "/v1/switches/{switch}",
+            "Rename a virtual switch or replace its host addresses",
+            Some(s::<switches::UpdateSwitchRequest>),
+            200,
+            Some(s::<switches::Switch>),
+        ),
+        Route {
+            query: &["force"],
+            ..r(
+                "delete",
+                "/v1/switches/{switch}",
+                "Delete a virtual switch (InUse while adapters are on it; force=true disconnects them)",
+                None,
+                204,
+                None,
+            )
+        },
         Route {
             query: &["limit", "after"],
             ..r(

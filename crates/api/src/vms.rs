@@ -69,6 +69,9 @@ pub struct VmRuntime {
     /// Why the VM is Critical, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// How each network adapter is connected in this run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_adapters: Vec<crate::switches::AdapterConnection>,
 }
 
 impl VmRuntime {
@@ -84,6 +87,7 @@ impl VmRuntime {
             processor_settings: None,
             drives: Vec::new(),
             reason: None,
+            network_adapters: Vec::new(),
         }
     }
 }
@@ -329,6 +333,9 @@ pub struct AddNetworkAdapterRequest {
     /// The slot on the guest's root PCI bus; the first free of 16–30 unless given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_slot: Option<u8>,
+    /// The virtual switch to connect it to, by name or id; not connected unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

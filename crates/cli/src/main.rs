@@ -11,6 +11,7 @@ mod job_wait;
 mod output;
 mod progress_bar;
 mod size;
+mod switch_cmd;
 mod transfer_cmd;
 mod vhd_cmd;
 mod vhd_serve;
@@ -58,6 +59,11 @@ enum Command {
         #[command(subcommand)]
         cmd: disk_cmd::DiskCmd,
     },
+    /// Virtual switches.
+    Switch {
+        #[command(subcommand)]
+        cmd: switch_cmd::SwitchCmd,
+    },
     /// The host: version, build, accelerator, limits, processor control and what
     /// running VMs reserve; `host set` changes the defaults for new VMs.
     Host {
@@ -91,6 +97,7 @@ fn main() -> ExitCode {
         Command::Job { cmd } => job_cmd::run(cmd, &conn),
         Command::Checkpoint { cmd } => checkpoint_cmd::run(cmd, &conn),
         Command::Disk { cmd } => disk_cmd::run(cmd, &conn),
+        Command::Switch { cmd } => switch_cmd::run(cmd, &conn),
         Command::Host { cmd: None } => host(&conn),
         Command::Host {
             cmd:
@@ -188,6 +195,10 @@ fn print_host(conn: &connection::Connection, info: &api::host::HostInfo) {
         f.generation1, f.generation1_reason
     );
     println!("             generation 2: {}", f.generation2);
+    println!(
+        "network:     {} ({})",
+        info.network.data_path, info.network.reason
+    );
     let l = &info.limits;
     println!(
         "limits:      up to {} processors per VM, {}-{} MiB memory",

@@ -66,12 +66,14 @@ pub fn vm_details(vm: &Vm) {
                 println!("  drive {:<10} {what}", d.slot.to_string());
             }
             for a in &s.network_adapters {
-                match a.pci_slot {
-                    Some(slot) => {
-                        println!("  network:     {:?} {} (PCI slot {slot})", a.kind, a.mac)
-                    }
-                    None => println!("  network:     {:?} {}", a.kind, a.mac),
-                }
+                let slot = a
+                    .pci_slot
+                    .map_or(String::new(), |slot| format!(" (PCI slot {slot})"));
+                let switch = a
+                    .switch
+                    .as_deref()
+                    .map_or(", not connected".into(), |sw| format!(", switch {sw}"));
+                println!("  network:     {:?} {}{slot}{switch}", a.kind, a.mac);
             }
             if !s.notes.is_empty() {
                 println!("  notes:       {}", s.notes);
@@ -106,6 +108,18 @@ pub fn vm_details(vm: &Vm) {
     for d in &r.drives {
         for line in drive_use(d) {
             println!("  {line}");
+        }
+    }
+    for a in &r.network_adapters {
+        match (&a.tap, &a.reason) {
+            (Some(tap), _) => println!(
+                "  network:     {} on switch {} (port {tap}, {})",
+                a.mac,
+                a.switch.as_deref().unwrap_or("?"),
+                a.data_path.as_deref().unwrap_or("userspace")
+            ),
+            (None, Some(reason)) => println!("  network:     {} DISCONNECTED: {reason}", a.mac),
+            (None, None) => println!("  network:     {} not connected", a.mac),
         }
     }
     if let Some(p) = &r.processor_settings {

@@ -274,9 +274,21 @@ pub enum NicCmd {
         /// Slot on the guest's root PCI bus (default: the first free of 16-30).
         #[arg(long)]
         pci_slot: Option<u8>,
+        /// The virtual switch to connect it to (name or id).
+        #[arg(long)]
+        switch: Option<String>,
     },
     /// Remove the adapter with this MAC address.
     Remove { vm: String, mac: String },
+    /// Connect the adapter to a virtual switch (a running VM's adapter moves at once).
+    Connect {
+        vm: String,
+        mac: String,
+        #[arg(long)]
+        switch: String,
+    },
+    /// Disconnect the adapter from its switch (also while the VM runs).
+    Disconnect { vm: String, mac: String },
 }
 
 fn vm_path(vm: &str) -> String {
@@ -527,6 +539,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                     legacy,
                     mac,
                     pci_slot,
+                    switch,
                 },
         } => {
             let kind = Some(if legacy {
@@ -538,6 +551,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                 kind,
                 mac,
                 pci_slot,
+                switch,
             };
             let path = format!("{}/network-adapters", vm_path(&vm));
             let (a, _) = client.call::<NetworkAdapter>(Method::POST, &path, Some(&req))?;
@@ -592,6 +606,42 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
             )?;
             if !conn.json {
                 println!("removed network adapter {mac} from {vm}");
+            }
+        }
+        VmCmd::Nic {
+            cmd: NicCmd::Connect { vm, mac, switch },
+        } => {
+            let path = format!(
+                "{}/network-adapters/{}/connect",
+                vm_path(&vm),
+                segment(&mac)
+            );
+            let req = api::switches::ConnectAdapterRequest {
+                switch: switch.clone(),
+            };
+            let (a, _) = client.call::<NetworkAdapter>(Method::POST, &path, Some(&req))?;
+            if conn.json {
+                output::print_json(&a);
+            } else {
+                println!(
+                    "connected network adapter {} of {vm} to switch {switch}",
+                    a.mac
+                );
+            }
+        }
+        VmCmd::Nic {
+            cmd: NicCmd::Disconnect { vm, mac },
+        } => {
+            let path = format!(
+                "{}/network-adapters/{}/disconnect",
+                vm_path(&vm),
+                segment(&mac)
+            );
+            let (a, _) = client.call::<NetworkAdapter>(Method::POST, &path, None::<&()>)?;
+            if conn.json {
+                output::print_json(&a);
+            } else {
+                println!("disconnected network adapter {} of {vm}", a.mac);
             }
         }
     }

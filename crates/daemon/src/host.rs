@@ -106,5 +106,12 @@ pub fn info(config: &DaemonConfig, limits: &HostLimits) -> HostInfo {
             generation1_reason: "this viridiand runs no VMs".into(),
             generation2: "none".into(),
         },
+        network: {
+            let d = vswitch::datapath::detect();
+            api::switches::NetworkInfo {
+                data_path: d.name().into(),
+                reason: d.reason,
+            }
+        },
     }
 }

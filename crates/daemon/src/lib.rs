@@ -20,6 +20,7 @@ pub mod run;
 pub mod running_jobs;
 pub mod service;
 pub mod storage_roots;
+pub mod switches;
 pub mod tls;
 pub mod transfer;
 pub mod vms;

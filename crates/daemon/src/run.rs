@@ -38,7 +38,16 @@ pub async fn run(config: DaemonConfig) -> Result<(), String> {
     crate::running_jobs::recover_at_start(&config.data_dir, &svc.jobs);
     let supervisor = crate::vms::workers::install(&mut svc, &config)?;
     let svc = Arc::new(svc);
+    // Bridges first (missing after a reboot; kept as they are otherwise), then
+    // the VMs still running, then taps nobody uses any more.
+    svc.switches.rebuild().await;
     crate::vms::workers::attach_and_reattach(&supervisor, &svc).await;
+    let vms: Vec<vm_config::VmSettings> = svc
+        .store()
+        .entries()
+        .filter_map(|e| e.settings.clone())
+        .collect();
+    svc.switches.remove_stale_taps(&vms).await;
     crate::vms::delete::resume_at_start(&svc);
     crate::vms::move_storage::resume_at_start(&svc).await;
     crate::checkpoints::resume_at_start(&svc);

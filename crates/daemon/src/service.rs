@@ -43,6 +43,8 @@ pub struct Service {
     pub job_quota: Arc<crate::job_quota::JobQuota>,
     /// `GET /v1/events` listeners connected now.
     pub event_listeners: Arc<std::sync::atomic::AtomicU32>,
+    /// Virtual switches: their files, bridges and running VMs' ports.
+    pub switches: Arc<crate::switches::Switches>,
 }
 
 impl Service {
@@ -58,6 +60,7 @@ impl Service {
         host.storage_roots = roots.paths();
         let capacity = crate::host::capacity(&config, &limits);
         let store = Store::open(&config.data_dir)?;
+        let config_data_dir = config.data_dir.clone();
         let new_vm_defaults = settings.new_vm_defaults;
         let events = Arc::new(EventBus::default());
         let sink_events = events.clone();
@@ -98,6 +101,7 @@ impl Service {
             checkpoints: Arc::default(),
             job_quota,
             event_listeners: Arc::default(),
+            switches: Arc::new(crate::switches::Switches::open(&config_data_dir)),
         })
     }
 
@@ -189,10 +193,14 @@ impl Service {
             }
             return rt;
         }
-        match (&self.workers, self.runtime.get(entry.id)) {
+        let mut rt = match (&self.workers, self.runtime.get(entry.id)) {
             (Some(w), rt) if rt.state == VmState::Running => w.live(entry.id).unwrap_or(rt),
             (_, rt) => rt,
+        };
+        if !matches!(rt.state, VmState::Off | VmState::Saved | VmState::Critical) {
+            rt.network_adapters = self.switches.connections(entry.id);
         }
+        rt
     }
 
     pub fn vm_view(&self, entry: &VmEntry) -> Vm {

@@ -264,7 +264,8 @@ fn every_route_in_the_openapi_document_is_served() {
             .replace("{controller}", "ide")
             .replace("{number}", "0")
             .replace("{location}", "0")
-            .replace("{mac}", "52:54:00:00:00:01");
+            .replace("{mac}", "52:54:00:00:00:01")
+            .replace("{switch}", "no-such-switch");
         let method = route.method.to_uppercase();
         let body = if route.request.is_some() {
             Some("{}")

@@ -569,7 +569,7 @@ fn every_documented_limit_is_the_one_the_daemon_enforces() {
     let checkpoints = format!("/v1/vms/{vm}/checkpoints");
     let checkpoint = format!("/v1/vms/{vm}/checkpoints/{cp}");
     // (method, path, schema, field, the limits it must document)
-    let cases: Vec<(&str, &str, &str, &str, &[&str])> = vec![
+    let cases: Vec<LimitCase> = vec![
         (
             "PATCH",
             "/v1/host",
@@ -704,6 +704,14 @@ fn every_documented_limit_is_the_one_the_daemon_enforces() {
             &["minimum", "maximum"],
         ),
     ];
+    hold_limits(&d, &doc, cases);
+}
+
+type LimitCase<'a> = (&'a str, &'a str, &'a str, &'a str, &'a [&'a str]);
+
+/// Each case's documented limits are in the served document, the value at each
+/// limit is accepted and the one beyond it refused with `InvalidParameter`.
+fn hold_limits(d: &Daemon, doc: &Value, cases: Vec<LimitCase>) {
     let mut unique = 0u32;
     let mut text = |len: i64| {
         unique += 1;
@@ -717,7 +725,7 @@ fn every_documented_limit_is_the_one_the_daemon_enforces() {
         }
     };
     for (method, path, schema, field, expected) in cases {
-        let found = bounds(&doc, schema, field);
+        let found = bounds(doc, schema, field);
         for keyword in expected {
             assert!(
                 found.iter().any(|b| b.keyword == *keyword),
@@ -763,7 +771,7 @@ fn every_documented_limit_is_the_one_the_daemon_enforces() {
                     if r.status == 202 {
                         let id = r.body["id"].as_str().unwrap();
                         d.req("DELETE", &format!("/v1/jobs/{id}"), None);
-                        common::wait_job(&d, id);
+                        common::wait_job(d, id);
                     }
                 } else if width {
                     // The integer's width: past it the body is not this type at all.
@@ -788,4 +796,31 @@ fn every_documented_limit_is_the_one_the_daemon_enforces() {
             }
         }
     }
+}
+
+#[test]
+fn every_documented_switch_limit_is_the_one_the_daemon_enforces() {
+    // Switches are bridges: this daemon runs in a network namespace of its own.
+    let d = Daemon::start_in_netns(&[]);
+    let doc = d.get("/v1/openapi.json").body;
+    let r = d.post("/v1/switches", json!({"name": "limits"}));
+    assert_eq!(r.status, 201, "{}", r.raw);
+    let switch = format!("/v1/switches/{}", r.body["id"].as_str().unwrap());
+    let cases: Vec<LimitCase> = vec![
+        (
+            "POST",
+            "/v1/switches",
+            "CreateSwitchRequest",
+            "name",
+            &["minLength", "maxLength"],
+        ),
+        (
+            "PATCH",
+            &switch,
+            "UpdateSwitchRequest",
+            "name",
+            &["minLength", "maxLength"],
+        ),
+    ];
+    hold_limits(&d, &doc, cases);
 }

@@ -12,7 +12,9 @@ use crate::VmSettings;
 ///
 /// - 1: the first.
 /// - 2: network adapters carry a device id and their PCI slot (see [`crate::devices`]).
-pub const SCHEMA_VERSION: u32 = 2;
+/// - 3: network adapters may name the virtual switch they connect to (`switch`).
+///   Nothing to upgrade: an older adapter is not connected.
+pub const SCHEMA_VERSION: u32 = 3;
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

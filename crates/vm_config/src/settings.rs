@@ -189,7 +189,7 @@ impl DriveMedia {
     }
 }
 
-/// A network adapter (the switch it connects to comes later).
+/// A network adapter, connected to a virtual switch or to nothing.
 ///
 /// The guest knows an adapter by its MAC address and by where it sits on the PCI
 /// bus; change either and a guest OS sees a new adapter (Windows keeps the old one
@@ -209,6 +209,12 @@ pub struct NetworkAdapter {
     /// their adapters had before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_slot: Option<u8>,
+    /// The virtual switch it connects to: the switch's id as the service records
+    /// it (a name is also understood). Absent: not connected (schema 3; older
+    /// files have none). A switch that does not exist when the VM starts leaves the
+    /// adapter disconnected, and the VM still starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<String>,
 }
 
 /// Synthetic (virtio, fast) or legacy (emulated, boots PXE on generation 1).

@@ -174,6 +174,7 @@ fn generation_rules_for_dvd_ide_and_legacy_adapters() {
     s.network_adapters = vec![NetworkAdapter {
         id: None,
         pci_slot: None,
+        switch: None,
         kind: AdapterKind::Legacy,
         mac: random_mac(),
     }];
@@ -234,6 +235,7 @@ fn bad_and_duplicate_macs_are_rejected() {
     s.network_adapters = vec![NetworkAdapter {
         id: None,
         pci_slot: None,
+        switch: None,
         kind: AdapterKind::Synthetic,
         mac: "01:00:00:00:00:01".into(),
     }];
@@ -243,12 +245,14 @@ fn bad_and_duplicate_macs_are_rejected() {
         NetworkAdapter {
             id: None,
             pci_slot: None,
+            switch: None,
             kind: AdapterKind::Synthetic,
             mac: mac.clone(),
         },
         NetworkAdapter {
             id: None,
             pci_slot: None,
+            switch: None,
             kind: AdapterKind::Legacy,
             mac: mac.to_uppercase(),
         },
@@ -282,4 +286,36 @@ fn vm_json_round_trips_with_schema_version_and_rejects_newer() {
         file::load(&path),
         Err(file::FileError::Parse { .. })
     ));
+}
+
+#[test]
+fn an_adapters_switch_round_trips_and_schema_2_files_read_as_not_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.json");
+    let mut s = vm(2);
+    s.network_adapters = vec![NetworkAdapter {
+        id: Some(Uuid::new_v4()),
+        kind: AdapterKind::Synthetic,
+        mac: "52:54:00:12:34:56".into(),
+        pci_slot: Some(16),
+        switch: Some("a6f1c1d4-0000-4000-8000-000000000001".into()),
+    }];
+    file::save(&path, &s).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\"schema_version\": 3"), "{text}");
+    assert_eq!(file::load(&path).unwrap(), s);
+    // A schema 2 file has no `switch`: its adapters load, not connected.
+    let mut v2: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v2["schema_version"] = 2.into();
+    v2["settings"]["network_adapters"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("switch")
+        .unwrap();
+    let v2 = serde_json::to_string_pretty(&v2).unwrap();
+    assert!(!v2.contains("switch"), "{v2}");
+    std::fs::write(&path, v2).unwrap();
+    let loaded = file::load(&path).unwrap();
+    assert_eq!(loaded.network_adapters[0].switch, None);
+    assert_eq!(loaded.network_adapters[0].mac, "52:54:00:12:34:56");
 }

@@ -112,6 +112,7 @@ fn new_adapters_get_free_slots_from_16_and_keep_them_when_others_go() {
             kind: AdapterKind::Synthetic,
             mac: mac.into(),
             pci_slot: None,
+            switch: None,
         });
     }
     devices::assign_identity(&mut s, Some(&old));

@@ -82,8 +82,8 @@ pub struct SyntheticDisk {
     pub bootindex: Option<u32>,
 }
 
-/// A network adapter. Until virtual switches exist it is not connected to anything:
-/// the guest sees the adapter with its MAC address and no link partner.
+/// A network adapter: connected to a virtual switch through a tap, or to nothing
+/// (the guest sees the adapter with its MAC address and no link partner).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nic {
     /// Synthetic (virtio-net) or legacy (an emulated Intel e1000).
@@ -92,6 +92,10 @@ pub struct Nic {
     /// Its slot on the root PCI bus, so the guest finds it where it was last time
     /// (see `vm_config::devices`); `None` lets QEMU choose.
     pub pci_slot: Option<u8>,
+    /// The persistent tap on the switch's bridge that the daemon made for it.
+    pub tap: Option<String>,
+    /// vhost-net for the tap (synthetic adapters only; `vswitch::datapath`).
+    pub vhost: bool,
 }
 
 /// PCI slots per bridge that synthetic disks use (a `pci-bridge` without SHPC has 32).
@@ -251,6 +255,19 @@ impl QemuConfig {
                 "virtio-net-pci"
             };
             let mut dev = format!("{model},mac={},id=nic{i}", escape(&nic.mac));
+            if let Some(tap) = &nic.tap {
+                // The daemon made the tap and put it on the bridge; QEMU only
+                // attaches (no scripts: `-sandbox on` forbids spawning them anyway).
+                let mut netdev = format!(
+                    "tap,id=net{i},ifname={},script=no,downscript=no",
+                    escape(tap)
+                );
+                if nic.vhost && !nic.legacy {
+                    netdev.push_str(",vhost=on");
+                }
+                a.opt("-netdev", netdev);
+                dev.push_str(&format!(",netdev=net{i}"));
+            }
             if let Some(slot) = nic.pci_slot {
                 dev.push_str(&format!(",addr=0x{slot:x}"));
             }
@@ -523,11 +540,15 @@ mod tests {
                 legacy: false,
                 mac: "52:54:00:12:34:56".into(),
                 pci_slot: Some(0x10),
+                tap: None,
+                vhost: false,
             },
             Nic {
                 legacy: true,
                 mac: "52:54:00:ab:cd:ef".into(),
                 pci_slot: None,
+                tap: None,
+                vhost: false,
             },
         ];
         assert_eq!(
@@ -535,6 +556,52 @@ mod tests {
             [
                 "virtio-net-pci,mac=52:54:00:12:34:56,id=nic0,addr=0x10",
                 "e1000,mac=52:54:00:ab:cd:ef,id=nic1",
+            ]
+        );
+        assert!(values(&c.to_args(), "-netdev").is_empty());
+    }
+
+    #[test]
+    fn connected_adapters_attach_to_their_tap() {
+        let mut c = base();
+        c.nics = vec![
+            Nic {
+                legacy: false,
+                mac: "52:54:00:12:34:56".into(),
+                pci_slot: Some(0x10),
+                tap: Some("vswt-00000000aa".into()),
+                vhost: true,
+            },
+            Nic {
+                legacy: true,
+                mac: "52:54:00:ab:cd:ef".into(),
+                pci_slot: None,
+                tap: Some("vswt-00000000bb".into()),
+                vhost: true,
+            },
+            Nic {
+                legacy: false,
+                mac: "52:54:00:00:00:01".into(),
+                pci_slot: None,
+                tap: None,
+                vhost: false,
+            },
+        ];
+        let args = c.to_args();
+        assert_eq!(
+            values(&args, "-netdev"),
+            [
+                "tap,id=net0,ifname=vswt-00000000aa,script=no,downscript=no,vhost=on",
+                // vhost-net serves virtio only.
+                "tap,id=net1,ifname=vswt-00000000bb,script=no,downscript=no",
+            ]
+        );
+        assert_eq!(
+            values(&args, "-device")[..3],
+            [
+                "virtio-net-pci,mac=52:54:00:12:34:56,id=nic0,netdev=net0,addr=0x10",
+                "e1000,mac=52:54:00:ab:cd:ef,id=nic1,netdev=net1",
+                "virtio-net-pci,mac=52:54:00:00:00:01,id=nic2",
             ]
         );
     }

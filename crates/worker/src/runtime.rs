@@ -669,10 +669,18 @@ fn build_config(
         nics: settings
             .network_adapters
             .iter()
-            .map(|n| crate::qemu::Nic {
-                legacy: n.kind == vm_config::AdapterKind::Legacy,
-                mac: n.mac.clone(),
-                pci_slot: n.pci_slot,
+            .map(|n| {
+                let port = spec
+                    .network
+                    .iter()
+                    .find(|p| p.mac.eq_ignore_ascii_case(&n.mac));
+                crate::qemu::Nic {
+                    legacy: n.kind == vm_config::AdapterKind::Legacy,
+                    mac: n.mac.clone(),
+                    pci_slot: n.pci_slot,
+                    tap: port.map(|p| p.tap.clone()),
+                    vhost: port.is_some_and(|p| p.vhost),
+                }
             })
             .collect(),
         incoming: spec.resume.then(|| rt.join(INCOMING_SOCKET)),

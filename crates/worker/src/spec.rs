@@ -60,6 +60,23 @@ pub struct WorkerSpec {
     /// Generation 1 firmware (viridiand's `--bios`); generation 2 boots OVMF.
     #[serde(default)]
     pub bios: crate::firmware::BiosChoice,
+    /// The adapters connected to a virtual switch: the tap the daemon made for
+    /// each on the switch's bridge. Adapters not listed run disconnected.
+    #[serde(default)]
+    pub network: Vec<NicPort>,
+}
+
+/// One connected adapter's port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicPort {
+    /// The adapter, by its MAC address (as in the settings).
+    pub mac: String,
+    /// The persistent tap QEMU attaches to (`tap,ifname=...`).
+    pub tap: String,
+    /// Give the tap backend vhost-net (the kernel carries the packets).
+    #[serde(default)]
+    pub vhost: bool,
 }
 
 fn default_console_log_limit() -> u64 {

@@ -182,6 +182,7 @@ async fn generation2_boots_on_q35_with_ovmf_its_own_uefi_variable_store_and_its_
     s.network_adapters = vec![vm_config::NetworkAdapter {
         id: None,
         pci_slot: None,
+        switch: None,
         kind: vm_config::AdapterKind::Synthetic,
         mac: "52:54:00:00:be:ef".into(),
     }];

@@ -5,5 +5,6 @@ pub mod disks;
 pub mod jobs;
 pub mod lifecycle;
 pub mod metrics;
+pub mod switches;
 pub mod transfer;
 pub mod vms;

@@ -289,11 +289,17 @@ pub async fn add_adapter(svc: &Arc<Service>, key: &str, body: Incoming) -> Answe
         Some(m) => canonical_mac(&m)?,
         None => vm_config::random_mac(),
     };
+    // Recorded by id, so renaming the switch keeps the adapter on it.
+    let switch = match &req.switch {
+        Some(key) => Some(svc.switches.find(key)?.id.to_string()),
+        None => None,
+    };
     let adapter = NetworkAdapter {
         id: None,
         kind: req.kind.unwrap_or(AdapterKind::Synthetic),
         mac: mac.clone(),
         pci_slot: req.pci_slot,
+        switch,
     };
     let (_, vm) = svc.update_vm(key, |s| {
         s.network_adapters.push(adapter);

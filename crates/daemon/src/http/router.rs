@@ -8,7 +8,7 @@ use hyper::{Method, Request, Response};
 use tokio::sync::watch;
 
 use crate::error::ApiError;
-use crate::handlers::{checkpoints, disks, jobs, lifecycle, metrics, transfer, vms};
+use crate::handlers::{checkpoints, disks, jobs, lifecycle, metrics, switches, transfer, vms};
 use crate::http::body::{self, json, Body};
 use crate::http::sse;
 use crate::job_quota::Client;
@@ -239,6 +239,18 @@ async fn dispatch(
         (&M::DELETE, ["v1", "vms", vm, "network-adapters", mac]) => {
             vms::remove_adapter(svc, vm, mac)
         }
+        (&M::POST, ["v1", "vms", vm, "network-adapters", mac, "connect"]) => {
+            switches::connect(svc, vm, mac, body).await
+        }
+        (&M::POST, ["v1", "vms", vm, "network-adapters", mac, "disconnect"]) => {
+            switches::disconnect(svc, vm, mac).await
+        }
+
+        (&M::GET, ["v1", "switches"]) => switches::list(svc).await,
+        (&M::POST, ["v1", "switches"]) => switches::create(svc, body).await,
+        (&M::GET, ["v1", "switches", sw]) => switches::get(svc, sw).await,
+        (&M::PATCH, ["v1", "switches", sw]) => switches::update(svc, sw, body).await,
+        (&M::DELETE, ["v1", "switches", sw]) => switches::delete(svc, sw, query.as_deref()).await,
 
         (&M::GET, ["v1", "vms", vm, "checkpoints"]) => checkpoints::list(svc, vm),
         (&M::POST, ["v1", "vms", vm, "checkpoints"]) => checkpoints::create(svc, vm, body).await,

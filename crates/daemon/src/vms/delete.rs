@@ -115,7 +115,7 @@ fn save_intent(vm_dir: &Path, intent: &Intent) -> Result<(), ApiError> {
 }
 
 /// A query flag: absent is false; `true`/`1`/empty is true; `false`/`0` is false.
-fn flag(query: Option<&str>, name: &str) -> Result<bool, ApiError> {
+pub(crate) fn flag(query: Option<&str>, name: &str) -> Result<bool, ApiError> {
     let Some(q) = query else {
         return Ok(false);
     };

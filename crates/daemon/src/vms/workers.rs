@@ -197,6 +197,9 @@ impl WorkerSupervisor {
                 runtime.state,
                 VmState::Off | VmState::Saved | VmState::Critical
             );
+            if stopped {
+                svc.switches.release_vm(id);
+            }
             let now_running = matches!(runtime.state, VmState::Running | VmState::Paused)
                 && !matches!(
                     svc.runtime.get(id).state,
@@ -425,6 +428,27 @@ impl WorkerSupervisor {
                 .map_err(|e| fail("waiting for its previous worker to exit", &e))?;
         }
         let resume = vm_dir.join(SAVED_STATE_FILE).exists();
+        // Ports on the switches; an adapter whose switch is missing runs
+        // disconnected, and the job says so (the VM still starts).
+        let network = match self.service.get().and_then(Weak::upgrade) {
+            Some(svc) => {
+                let (ports, connections) = svc.switches.connect_vm(&vm).await;
+                for c in connections.iter().filter(|c| c.reason.is_some()) {
+                    let reason = c.reason.as_deref().unwrap_or_default();
+                    tracing::warn!(vm = %id, mac = %c.mac, "network adapter disconnected: {reason}");
+                    job.add_affected(jobs::AffectedElement::new(
+                        "disconnected-network-adapter",
+                        c.mac.clone(),
+                    ));
+                    job.set_description(format!(
+                        "Start VM {} (network adapter {} disconnected: {reason})",
+                        vm.name, c.mac
+                    ));
+                }
+                ports
+            }
+            None => Vec::new(),
+        };
         let spec = WorkerSpec {
             settings: vm.clone(),
             vm_dir: vm_dir.clone(),
@@ -442,6 +466,7 @@ impl WorkerSupervisor {
             qemu: None,
             cgroup: self.cgroup.clone(),
             bios: self.bios.clone(),
+            network,
         };
         let spec_path = rt.join("spec.json");
         let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| fail("writing its spec", &e))?;
@@ -780,6 +805,15 @@ impl WorkerControl for Arc<WorkerSupervisor> {
                     Err(_) => None,
                 };
                 if let Some(status) = live {
+                    if let Some(svc) = this.service.get().and_then(Weak::upgrade) {
+                        // Its ports, as its spec recorded them at its start.
+                        let network = std::fs::read(rt.join("spec.json"))
+                            .ok()
+                            .and_then(|b| serde_json::from_slice::<WorkerSpec>(&b).ok())
+                            .map(|s| s.network)
+                            .unwrap_or_default();
+                        svc.switches.adopt(&vm, &network);
+                    }
                     let run = this.next_run();
                     this.lock().insert(
                         vm.id,

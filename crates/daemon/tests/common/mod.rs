@@ -21,6 +21,42 @@ pub struct Daemon {
     extra: Vec<String>,
     /// Extra environment for every `launch` from now on.
     pub env: Vec<(String, String)>,
+    /// The daemon runs in a network namespace of the test's own, held by this
+    /// process (`unshare --net sleep`): the daemon, its workers and QEMU make their
+    /// bridges and taps there, never on the host's. It stays across restarts;
+    /// [`Daemon::reboot_netns`] replaces it with an empty one.
+    pub netns: Option<Child>,
+}
+
+/// A process in a new, empty network namespace, once it is there.
+fn netns_holder() -> Child {
+    let child = Command::new("unshare")
+        .args(["--net", "--", "sleep", "infinity"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("unshare runs");
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let theirs = format!("/proc/{}/ns/net", child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Until unshare has run, the child is still in our namespace: never join that.
+    while std::fs::read_link(&theirs).map_or(true, |ns| ns == ours) {
+        assert!(
+            Instant::now() < deadline,
+            "unshare --net did not take effect"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Loopback up, as on any host: TCP listeners on 127.0.0.1 work inside.
+    let up = Command::new("nsenter")
+        .arg(format!("--net={theirs}"))
+        .args(["--", "ip", "link", "set", "lo", "up"])
+        .status()
+        .expect("nsenter runs");
+    assert!(
+        up.success(),
+        "cannot bring loopback up in the test's namespace"
+    );
+    child
 }
 
 pub struct Reply {
@@ -47,15 +83,20 @@ impl Daemon {
     /// A daemon whose storage roots are its data dir and the test's whole temporary
     /// folder (where tests keep their disks), plus `extra`'s.
     pub fn start(extra: &[&str]) -> Daemon {
-        Daemon::start_with(extra, true)
+        Daemon::start_with(extra, true, false)
     }
 
     /// A daemon with only its data dir as storage root (and what `extra` adds).
     pub fn start_confined(extra: &[&str]) -> Daemon {
-        Daemon::start_with(extra, false)
+        Daemon::start_with(extra, false, false)
     }
 
-    fn start_with(extra: &[&str], test_root: bool) -> Daemon {
+    /// A daemon in a network namespace of its own (see [`Daemon::netns`]).
+    pub fn start_in_netns(extra: &[&str]) -> Daemon {
+        Daemon::start_with(extra, true, true)
+    }
+
+    fn start_with(extra: &[&str], test_root: bool, netns: bool) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let socket = dir.path().join("viridian.sock");
@@ -71,6 +112,7 @@ impl Daemon {
             child: None,
             extra,
             env: Vec::new(),
+            netns: netns.then(netns_holder),
         };
         d.launch();
         d
@@ -78,7 +120,17 @@ impl Daemon {
 
     pub fn launch(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("viridiand.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_viridiand"))
+        // `nsenter` execs the daemon: the child's pid is the daemon's.
+        let mut command = if let Some(holder) = &self.netns {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/proc/{}/ns/net", holder.id()))
+                .arg("--")
+                .arg(env!("CARGO_BIN_EXE_viridiand"));
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_viridiand"))
+        };
+        let child = command
             .arg("--data-dir")
             .arg(&self.data)
             .arg("--socket")
@@ -100,6 +152,38 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Runs `program args` in the daemon's network namespace (its host side);
+    /// returns whether it succeeded and its output.
+    pub fn in_netns(&self, program: &str, args: &[&str]) -> (bool, String) {
+        let pid = self
+            .netns
+            .as_ref()
+            .expect("this daemon runs in the host's namespace")
+            .id();
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .output()
+            .expect("nsenter runs");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    /// Replaces the daemon's network namespace with an empty one (as a host
+    /// reboot leaves it: no bridges, no taps); takes effect at the next launch.
+    pub fn reboot_netns(&mut self) {
+        let mut old = self
+            .netns
+            .take()
+            .expect("a daemon in a namespace of its own");
+        let _ = old.kill();
+        let _ = old.wait();
+        self.netns = Some(netns_holder());
     }
 
     /// The log of the current launch (each launch starts a new one).
@@ -200,7 +284,7 @@ fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        for mut c in [self.child.take(), self.netns.take()].into_iter().flatten() {
             let _ = c.kill();
             let _ = c.wait();
         }

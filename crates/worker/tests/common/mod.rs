@@ -112,6 +112,7 @@ impl Vm {
             qemu: None,
             cgroup: None,
             bios: Default::default(),
+            network: Vec::new(),
         };
         Self {
             dir,

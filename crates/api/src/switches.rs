@@ -1,0 +1,121 @@
+//! `/v1/switches`: virtual switches (Hyper-V's VMSwitch) and how adapters connect.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// What a switch connects (Hyper-V's switch types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SwitchKind {
+    /// VMs on it reach each other, nothing else.
+    #[default]
+    Private,
+    /// VMs on it and the host, which gets an interface on the switch with the
+    /// host addresses given.
+    Internal,
+}
+
+impl SwitchKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SwitchKind::Private => "private",
+            SwitchKind::Internal => "internal",
+        }
+    }
+}
+
+/// A switch as the service reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Switch {
+    pub id: Uuid,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: SwitchKind,
+    /// The host's addresses on an internal switch (`10.44.0.1/24`, `fd00:44::1/64`).
+    #[serde(default)]
+    pub host_addresses: Vec<String>,
+    /// The kernel bridge that is the switch on the host.
+    pub bridge: String,
+    /// Whether the bridge is on the host now (it is re-made at the service's start).
+    pub present: bool,
+    /// The network adapters configured to connect to it.
+    #[serde(default)]
+    pub adapters: Vec<SwitchAdapter>,
+}
+
+/// An adapter configured on a switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SwitchAdapter {
+    pub vm: Uuid,
+    pub vm_name: String,
+    pub mac: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SwitchList {
+    pub switches: Vec<Switch>,
+}
+
+/// `POST /v1/switches`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSwitchRequest {
+    /// Unique among switches; the same rules as VM names.
+    #[schemars(length(min = 1, max = "vm_config::validate::MAX_NAME_CHARS"))]
+    pub name: String,
+    /// `private` unless given.
+    #[serde(rename = "type", default)]
+    pub kind: SwitchKind,
+    /// Internal switches only: the host's addresses on the switch, IPv4 and IPv6,
+    /// with their prefix length. Their subnets may not overlap another switch's.
+    #[serde(default)]
+    pub host_addresses: Vec<String>,
+}
+
+/// `PATCH /v1/switches/{switch}`: what is given changes, the rest stays.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSwitchRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = "vm_config::validate::MAX_NAME_CHARS"))]
+    pub name: Option<String>,
+    /// Replaces the host's addresses (internal switches only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_addresses: Option<Vec<String>>,
+}
+
+/// How one of a running VM's adapters is connected now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AdapterConnection {
+    pub mac: String,
+    /// The switch the settings name (id or name as configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<String>,
+    pub connected: bool,
+    /// Its port on the switch's bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// `vhost-net` or `userspace` (QEMU's own virtio-net or e1000 backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_path: Option<String>,
+    /// Why a configured adapter is not connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/vms/{vm}/network-adapters/{mac}/connect`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectAdapterRequest {
+    /// The switch, by name or id.
+    pub switch: String,
+}
+
+/// How synthetic adapters' packets travel, and why (`GET /v1/host`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NetworkInfo {
+    /// `vhost-net` or `userspace`.
+    pub data_path: String,
+    pub reason: String,
+}

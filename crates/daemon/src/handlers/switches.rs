@@ -1,0 +1,224 @@
+//! `/v1/switches/...` and connecting VMs' adapters to switches.
+
+use std::sync::Arc;
+
+use api::switches::{
+    ConnectAdapterRequest, CreateSwitchRequest, Switch, SwitchAdapter, SwitchList,
+    UpdateSwitchRequest,
+};
+use api::ErrorCode;
+use hyper::body::Incoming;
+use hyper::Response;
+use uuid::Uuid;
+use vm_config::validate::canonical_mac;
+
+use crate::error::ApiError;
+use crate::http::body::{json, no_content, read_json, Body};
+use crate::service::{damaged_unreadable, find, Service};
+use crate::switches::{bridge_of, SwitchSettings};
+use crate::vms::store::error_chain;
+use api::vms::VmState;
+
+type Answer = Result<Response<Body>, ApiError>;
+
+/// The adapters of every VM whose settings name the switch `id`.
+fn adapters_on(svc: &Service, id: Uuid) -> Vec<SwitchAdapter> {
+    let store = svc.store();
+    let mut out = Vec::new();
+    for e in store.entries() {
+        let Some(s) = &e.settings else { continue };
+        for a in &s.network_adapters {
+            let on = a
+                .switch
+                .as_deref()
+                .and_then(|k| svc.switches.resolve(k))
+                .is_some_and(|sw| sw.id == id);
+            if on {
+                out.push(SwitchAdapter {
+                    vm: s.id,
+                    vm_name: s.name.clone(),
+                    mac: a.mac.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+async fn view(svc: &Service, s: &SwitchSettings) -> Switch {
+    Switch {
+        id: s.id,
+        name: s.name.clone(),
+        kind: s.kind,
+        host_addresses: s.host_addresses.clone(),
+        bridge: bridge_of(s.id),
+        present: svc.switches.present(s).await,
+        adapters: adapters_on(svc, s.id),
+    }
+}
+
+pub async fn list(svc: &Arc<Service>) -> Answer {
+    let mut switches = Vec::new();
+    for s in svc.switches.all() {
+        switches.push(view(svc, &s).await);
+    }
+    Ok(json(200, &SwitchList { switches }))
+}
+
+pub async fn create(svc: &Arc<Service>, body: Incoming) -> Answer {
+    let req: CreateSwitchRequest = read_json(body).await?;
+    let s = svc
+        .switches
+        .create(req.name, req.kind, &req.host_addresses)
+        .await?;
+    let mut resp = json(201, &view(svc, &s).await);
+    if let Ok(v) = format!("/v1/switches/{}", s.id).parse() {
+        resp.headers_mut().insert("location", v);
+    }
+    Ok(resp)
+}
+
+pub async fn get(svc: &Arc<Service>, key: &str) -> Answer {
+    let s = svc.switches.find(key)?;
+    Ok(json(200, &view(svc, &s).await))
+}
+
+pub async fn update(svc: &Arc<Service>, key: &str, body: Incoming) -> Answer {
+    let req: UpdateSwitchRequest = read_json(body).await?;
+    let s = svc
+        .switches
+        .update(key, req.name, req.host_addresses)
+        .await?;
+    Ok(json(200, &view(svc, &s).await))
+}
+
+/// `DELETE /v1/switches/{switch}[?force=true]`: a switch adapters are configured
+/// on is `InUse`; `force` disconnects them in their VMs' settings first.
+pub async fn delete(svc: &Arc<Service>, key: &str, query: Option<&str>) -> Answer {
+    let force = crate::vms::delete::flag(query, "force")?;
+    let s = svc.switches.find(key)?;
+    let users = adapters_on(svc, s.id);
+    if !users.is_empty() && !force {
+        let names: Vec<String> = users
+            .iter()
+            .map(|u| format!("{} ({})", u.vm_name, u.mac))
+            .collect();
+        return Err(ApiError::new(
+            ErrorCode::InUse,
+            format!(
+                "the virtual switch {} is used by the network adapters of {}; disconnect them (`viridian vm nic disconnect`) or delete with force=true, which disconnects them",
+                s.name,
+                names.join(", ")
+            ),
+        )
+        .with_details(serde_json::to_value(&users).unwrap_or_default()));
+    }
+    if force {
+        disconnect_all(svc, &s, &users)?;
+    }
+    svc.switches.delete(s.id).await?;
+    Ok(no_content())
+}
+
+/// Clears the switch from every adapter on it (also of running VMs: their taps go
+/// with the bridge, so the settings say what is true).
+fn disconnect_all(
+    svc: &Service,
+    s: &SwitchSettings,
+    users: &[SwitchAdapter],
+) -> Result<(), ApiError> {
+    let mut store = svc.store();
+    let mut vms: Vec<Uuid> = users.iter().map(|u| u.vm).collect();
+    vms.dedup();
+    for vm in vms {
+        let Some(mut settings) = store.get(vm).and_then(|e| e.settings.clone()) else {
+            continue;
+        };
+        for a in &mut settings.network_adapters {
+            if a.switch
+                .as_deref()
+                .and_then(|k| svc.switches.resolve(k))
+                .is_some_and(|sw| sw.id == s.id)
+            {
+                a.switch = None;
+            }
+        }
+        store
+            .save(settings)
+            .map_err(|e| ApiError::internal(error_chain(&e)))?;
+    }
+    Ok(())
+}
+
+/// `POST /v1/vms/{vm}/network-adapters/{mac}/connect`: settings of a VM that is
+/// Off; a running (or paused) VM's adapter moves to the switch at once.
+pub async fn connect(svc: &Arc<Service>, vm: &str, mac: &str, body: Incoming) -> Answer {
+    let req: ConnectAdapterRequest = read_json(body).await?;
+    let s = svc.switches.find(&req.switch)?;
+    set_switch(svc, vm, mac, Some(s)).await
+}
+
+/// `POST /v1/vms/{vm}/network-adapters/{mac}/disconnect`
+pub async fn disconnect(svc: &Arc<Service>, vm: &str, mac: &str) -> Answer {
+    set_switch(svc, vm, mac, None).await
+}
+
+async fn set_switch(
+    svc: &Arc<Service>,
+    vm: &str,
+    mac: &str,
+    switch: Option<SwitchSettings>,
+) -> Answer {
+    let wanted = canonical_mac(mac)?;
+    let is_it =
+        |a: &vm_config::NetworkAdapter| canonical_mac(&a.mac).ok().as_deref() == Some(&wanted);
+    let no_such = |name: &str| {
+        ApiError::not_found(format!(
+            "VM {name} has no network adapter with MAC {wanted}"
+        ))
+    };
+    let live = {
+        let store = svc.store();
+        let entry = find(&store, vm)?;
+        let state = svc.runtime.get(entry.id).state;
+        let settings = entry
+            .settings
+            .clone()
+            .ok_or_else(|| damaged_unreadable(entry))?;
+        matches!(state, VmState::Running | VmState::Paused).then_some(settings)
+    };
+    let Some(mut settings) = live else {
+        let (adapter, _) = svc.update_vm(vm, |s| {
+            let name = s.name.clone();
+            let a = s
+                .network_adapters
+                .iter_mut()
+                .find(|a| is_it(a))
+                .ok_or_else(|| no_such(&name))?;
+            a.switch = switch.as_ref().map(|s| s.id.to_string());
+            Ok(a.clone())
+        })?;
+        return Ok(json(200, &adapter));
+    };
+    // Running: the port moves first; the settings then say where it is.
+    let name = settings.name.clone();
+    let index = settings
+        .network_adapters
+        .iter()
+        .position(is_it)
+        .ok_or_else(|| no_such(&name))?;
+    let mac = settings.network_adapters[index].mac.clone();
+    svc.switches
+        .move_port(settings.id, &mac, switch.as_ref())
+        .await?;
+    settings.network_adapters[index].switch = switch.as_ref().map(|s| s.id.to_string());
+    let adapter = settings.network_adapters[index].clone();
+    let mut store = svc.store();
+    let entry = store
+        .save(settings)
+        .map_err(|e| ApiError::internal(error_chain(&e)))?;
+    svc.events.publish(api::events::EventBody::Vm {
+        vm: svc.summary(entry),
+    });
+    Ok(json(200, &adapter))
+}

@@ -1,0 +1,596 @@
+//! Virtual switches as objects of the service: their files (`store.rs`), their
+//! bridges on the host (through `vswitch`), and the ports of running VMs' adapters.
+//!
+//! Every change to the host goes through one lock (`changes`) so two requests
+//! cannot interleave bridge and file work. A request that fails leaves the host as
+//! it found it: a bridge made for a switch whose file then cannot be written is
+//! removed again, and addresses are put back.
+
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+use api::switches::{AdapterConnection, SwitchKind};
+use api::ErrorCode;
+use uuid::Uuid;
+use vm_config::VmSettings;
+use vswitch::{Cidr, DataPath, Host};
+
+use crate::error::ApiError;
+pub use store::SwitchSettings;
+
+pub struct Switches {
+    dir: PathBuf,
+    entries: Mutex<BTreeMap<Uuid, SwitchSettings>>,
+    /// The netlink connection; `None` when the kernel refused one (the reason).
+    host: Result<Host, String>,
+    pub data_path: DataPath,
+    changes: tokio::sync::Mutex<()>,
+    /// Running VMs' adapters as connected at their start.
+    ports: Mutex<HashMap<Uuid, Vec<AdapterConnection>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn host_error(e: vswitch::SwitchError) -> ApiError {
+    ApiError::internal(crate::vms::store::error_chain(&e))
+}
+
+/// A tap name for one adapter of one VM (FNV-1a over the VM's id and the MAC).
+pub fn tap_for(vm: Uuid, mac: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in vm
+        .as_bytes()
+        .iter()
+        .chain(mac.to_ascii_lowercase().as_bytes())
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    vswitch::tap_name(h)
+}
+
+pub fn bridge_of(id: Uuid) -> String {
+    vswitch::bridge_name(id.as_u128())
+}
+
+/// Checks a switch name being set: the rules of VM names, said of a switch.
+pub fn validate_name(name: &str) -> Result<(), ApiError> {
+    vm_config::validate::validate_new_name(name).map_err(|e| {
+        // The rules are the VM name rules; the sentences name the switch instead.
+        ApiError::invalid(
+            e.to_string()
+                .replace("a VM name", "a switch name")
+                .replace("the VM name", "the switch name")
+                .replace("VMs are found", "switches are found")
+                .replace("give the VM a name", "give the switch a name"),
+        )
+    })
+}
+
+/// Parses and checks host addresses for a switch of `kind`.
+fn parse_addresses(kind: SwitchKind, given: &[String]) -> Result<Vec<Cidr>, ApiError> {
+    if kind == SwitchKind::Private && !given.is_empty() {
+        return Err(ApiError::invalid(
+            "a private switch connects VMs only and has no host addresses; create an internal switch (type internal) for the host to reach its VMs",
+        ));
+    }
+    let mut out: Vec<Cidr> = Vec::new();
+    for text in given {
+        let c: Cidr = text
+            .parse()
+            .map_err(|e: vswitch::CidrError| ApiError::invalid(e.to_string()))?;
+        if let Some(other) = out.iter().find(|o| o.overlaps(&c)) {
+            return Err(ApiError::invalid(format!(
+                "the host addresses {other} and {c} are on overlapping subnets; give a switch one address per subnet"
+            )));
+        }
+        out.push(c);
+    }
+    Ok(out)
+}
+
+impl Switches {
+    /// Reads every switch file (must run inside tokio: the netlink connection's
+    /// driver is spawned on it).
+    pub fn open(data_dir: &std::path::Path) -> Switches {
+        let dir = store::dir(data_dir);
+        let (found, problems) = store::load_all(&dir);
+        for p in problems {
+            tracing::warn!("{p}; that switch is not served until its file is repaired");
+        }
+        let host = Host::connect().map_err(|e| crate::vms::store::error_chain(&e));
+        if let Err(e) = &host {
+            tracing::warn!("{e}; virtual switches cannot be made on this host");
+        }
+        Switches {
+            dir,
+            entries: Mutex::new(found.into_iter().map(|s| (s.id, s)).collect()),
+            host,
+            data_path: vswitch::datapath::detect(),
+            changes: tokio::sync::Mutex::new(()),
+            ports: Mutex::default(),
+        }
+    }
+
+    fn host(&self) -> Result<&Host, ApiError> {
+        self.host.as_ref().map_err(|e| {
+            ApiError::internal(format!(
+                "virtual switches need a netlink connection to the kernel: {e}"
+            ))
+        })
+    }
+
+    pub fn all(&self) -> Vec<SwitchSettings> {
+        let mut v: Vec<_> = lock(&self.entries).values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The switch with this id, or else this name.
+    pub fn resolve(&self, key: &str) -> Option<SwitchSettings> {
+        let entries = lock(&self.entries);
+        if let Ok(id) = Uuid::parse_str(key) {
+            if let Some(s) = entries.get(&id) {
+                return Some(s.clone());
+            }
+        }
+        entries.values().find(|s| s.name == key).cloned()
+    }
+
+    pub fn find(&self, key: &str) -> Result<SwitchSettings, ApiError> {
+        self.resolve(key).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no virtual switch is named or has the id {key:?}; `GET /v1/switches` lists them"
+            ))
+        })
+    }
+
+    pub async fn present(&self, s: &SwitchSettings) -> bool {
+        match &self.host {
+            Ok(h) => matches!(h.link(&bridge_of(s.id)).await, Ok(Some(l)) if l.kind == "bridge"),
+            Err(_) => false,
+        }
+    }
+
+    fn check_conflicts(&self, s: &SwitchSettings, addrs: &[Cidr]) -> Result<(), ApiError> {
+        let entries = lock(&self.entries);
+        for other in entries.values().filter(|o| o.id != s.id) {
+            if other.name == s.name {
+                return Err(ApiError::new(
+                    ErrorCode::AlreadyExists,
+                    format!(
+                        "a virtual switch named {:?} already exists ({}); switch names are unique on a host",
+                        s.name, other.id
+                    ),
+                ));
+            }
+            for text in &other.host_addresses {
+                let Ok(theirs) = text.parse::<Cidr>() else {
+                    continue;
+                };
+                if let Some(mine) = addrs.iter().find(|a| a.overlaps(&theirs)) {
+                    return Err(ApiError::new(
+                        ErrorCode::InUse,
+                        format!(
+                            "the subnet of {mine} overlaps {} of the switch {}; choose a subnet no other switch uses",
+                            theirs.network(), other.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a switch: checks, the bridge and its addresses, then the file.
+    pub async fn create(
+        &self,
+        name: String,
+        kind: SwitchKind,
+        host_addresses: &[String],
+    ) -> Result<SwitchSettings, ApiError> {
+        validate_name(&name)?;
+        let addrs = parse_addresses(kind, host_addresses)?;
+        let _changing = self.changes.lock().await;
+        // An id whose bridge name no other switch has (they share 32 bits).
+        let id = loop {
+            let id = Uuid::new_v4();
+            if !lock(&self.entries)
+                .keys()
+                .any(|k| bridge_of(*k) == bridge_of(id))
+            {
+                break id;
+            }
+        };
+        let s = SwitchSettings {
+            id,
+            name,
+            kind,
+            host_addresses: addrs.iter().map(Cidr::to_string).collect(),
+        };
+        self.check_conflicts(&s, &addrs)?;
+        let host = self.host()?;
+        let bridge = bridge_of(id);
+        let made = host.ensure_bridge(&bridge).await.map_err(host_error)?;
+        let undo = || async {
+            if made == vswitch::Ensured::Created {
+                if let Err(e) = host.delete_link(&bridge).await {
+                    tracing::error!("cannot remove the bridge {bridge} again: {e}");
+                }
+            }
+        };
+        if let Err(e) = host.set_addresses(&bridge, &addrs).await {
+            undo().await;
+            return Err(host_error(e));
+        }
+        if let Err(e) = store::save(&self.dir, &s) {
+            undo().await;
+            return Err(ApiError::internal(format!(
+                "cannot write {}: {e}",
+                store::path(&self.dir, id).display()
+            )));
+        }
+        lock(&self.entries).insert(id, s.clone());
+        tracing::info!(switch = %id, name = %s.name, kind = s.kind.name(), %bridge, "virtual switch created");
+        Ok(s)
+    }
+
+    /// Renames a switch or replaces its host addresses.
+    pub async fn update(
+        &self,
+        key: &str,
+        name: Option<String>,
+        host_addresses: Option<Vec<String>>,
+    ) -> Result<SwitchSettings, ApiError> {
+        let _changing = self.changes.lock().await;
+        let old = self.find(key)?;
+        let mut new = old.clone();
+        if let Some(name) = name {
+            if name != old.name {
+                validate_name(&name)?;
+            }
+            new.name = name;
+        }
+        let addrs = match &host_addresses {
+            Some(given) => parse_addresses(new.kind, given)?,
+            None => parse_addresses(new.kind, &new.host_addresses)?,
+        };
+        new.host_addresses = addrs.iter().map(Cidr::to_string).collect();
+        self.check_conflicts(&new, &addrs)?;
+        let bridge = bridge_of(new.id);
+        if new.host_addresses != old.host_addresses {
+            let host = self.host()?;
+            host.ensure_bridge(&bridge).await.map_err(host_error)?;
+            host.set_addresses(&bridge, &addrs)
+                .await
+                .map_err(host_error)?;
+        }
+        if let Err(e) = store::save(&self.dir, &new) {
+            if new.host_addresses != old.host_addresses {
+                let back = parse_addresses(old.kind, &old.host_addresses).unwrap_or_default();
+                if let Ok(host) = self.host() {
+                    let _ = host.set_addresses(&bridge, &back).await;
+                }
+            }
+            return Err(ApiError::internal(format!(
+                "cannot write {}: {e}",
+                store::path(&self.dir, new.id).display()
+            )));
+        }
+        lock(&self.entries).insert(new.id, new.clone());
+        Ok(new)
+    }
+
+    /// Deletes the switch's file, then its bridge (running VMs' taps on it are let
+    /// go by the kernel and carry nothing). The caller checked who uses it.
+    pub async fn delete(&self, id: Uuid) -> Result<(), ApiError> {
+        let _changing = self.changes.lock().await;
+        store::remove(&self.dir, id).map_err(|e| {
+            ApiError::internal(format!(
+                "cannot remove {}: {e}",
+                store::path(&self.dir, id).display()
+            ))
+        })?;
+        lock(&self.entries).remove(&id);
+        let bridge = bridge_of(id);
+        if let Ok(host) = self.host() {
+            if let Err(e) = host.delete_link(&bridge).await {
+                tracing::error!("the switch {id} is deleted, but its bridge {bridge} is not: {e}");
+            }
+        }
+        tracing::info!(switch = %id, %bridge, "virtual switch deleted");
+        Ok(())
+    }
+
+    /// At the service's start: makes each switch's bridge and addresses where they
+    /// are missing (after a host reboot); what exists is kept, with its ports, so
+    /// running VMs keep their connectivity.
+    pub async fn rebuild(&self) {
+        let Ok(host) = self.host() else {
+            return;
+        };
+        let _changing = self.changes.lock().await;
+        for s in self.all() {
+            let bridge = bridge_of(s.id);
+            let addrs: Vec<Cidr> = s
+                .host_addresses
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect();
+            let result = async {
+                let made = host.ensure_bridge(&bridge).await?;
+                host.set_addresses(&bridge, &addrs).await?;
+                Ok::<_, vswitch::SwitchError>(made)
+            }
+            .await;
+            match result {
+                Ok(made) => {
+                    tracing::info!(switch = %s.id, name = %s.name, %bridge, ?made, "virtual switch ready")
+                }
+                Err(e) => {
+                    tracing::error!(switch = %s.id, name = %s.name, "cannot set up the bridge {bridge}: {}", crate::vms::store::error_chain(&e))
+                }
+            }
+        }
+    }
+
+    /// Makes the ports of a VM about to start: a tap on its switch's bridge for
+    /// each adapter whose switch exists. An adapter whose switch is missing (or
+    /// whose tap cannot be made) is left disconnected, with the reason; the VM
+    /// starts regardless.
+    pub async fn connect_vm(
+        &self,
+        vm: &VmSettings,
+    ) -> (Vec<worker::spec::NicPort>, Vec<AdapterConnection>) {
+        let _changing = self.changes.lock().await;
+        let mut ports = Vec::new();
+        let mut connections = Vec::new();
+        for a in &vm.network_adapters {
+            let mut c = AdapterConnection {
+                mac: a.mac.clone(),
+                switch: a.switch.clone(),
+                connected: false,
+                tap: None,
+                data_path: None,
+                reason: None,
+            };
+            // An adapter that names a switch gets a tap: on the switch's bridge
+            // when that exists, on none otherwise (it can be connected while the
+            // VM runs). One that names none runs with no port, as it always has,
+            // and makes nothing on the host.
+            if a.switch.is_none() {
+                connections.push(c);
+                continue;
+            }
+            let tap = tap_for(vm.id, &a.mac);
+            let target = a.switch.as_ref().map(|key| (key, self.resolve(key)));
+            let made = match (self.host(), &target) {
+                (Err(e), _) => Err(e.message),
+                (Ok(h), Some((_, Some(s)))) => h
+                    .create_tap(&tap, &bridge_of(s.id))
+                    .await
+                    .map_err(|e| crate::vms::store::error_chain(&e)),
+                (Ok(h), _) => h
+                    .create_detached_tap(&tap)
+                    .await
+                    .map_err(|e| crate::vms::store::error_chain(&e)),
+            };
+            match (&made, &target) {
+                (Ok(()), Some((_, Some(s)))) => {
+                    c.connected = true;
+                    c.switch = Some(s.name.clone());
+                }
+                (Err(e), Some((_, Some(s)))) => {
+                    c.switch = Some(s.name.clone());
+                    c.reason = Some(format!(
+                        "its port on the switch {} cannot be made: {e}",
+                        s.name
+                    ));
+                }
+                (_, Some((key, None))) => {
+                    c.reason = Some(format!(
+                        "the virtual switch {key:?} does not exist on this host; connect the adapter to another switch (`viridian vm nic connect`) or create it"
+                    ));
+                }
+                (_, None) => {}
+            }
+            if made.is_ok() {
+                let vhost = self.data_path.vhost_net && a.kind == vm_config::AdapterKind::Synthetic;
+                c.tap = Some(tap.clone());
+                c.data_path = Some(if vhost { "vhost-net" } else { "userspace" }.into());
+                ports.push(worker::spec::NicPort {
+                    mac: a.mac.clone(),
+                    tap,
+                    vhost,
+                });
+            }
+            connections.push(c);
+        }
+        lock(&self.ports).insert(vm.id, connections.clone());
+        (ports, connections)
+    }
+
+    /// Records the connections of a VM found running at the service's start.
+    pub fn adopt(&self, vm: &VmSettings, network: &[worker::spec::NicPort]) {
+        let connections = vm
+            .network_adapters
+            .iter()
+            .map(|a| {
+                let port = network.iter().find(|p| p.mac.eq_ignore_ascii_case(&a.mac));
+                AdapterConnection {
+                    mac: a.mac.clone(),
+                    switch: a
+                        .switch
+                        .as_ref()
+                        .map(|k| self.resolve(k).map_or(k.clone(), |s| s.name)),
+                    connected: port.is_some() && a.switch.is_some(),
+                    tap: port.map(|p| p.tap.clone()),
+                    data_path: port.map(|p| if p.vhost { "vhost-net" } else { "userspace" }.into()),
+                    reason: (port.is_none() && a.switch.is_some())
+                        .then(|| "the adapter was not connected when the VM started".to_string()),
+                }
+            })
+            .collect();
+        lock(&self.ports).insert(vm.id, connections);
+    }
+
+    /// Moves a running VM's adapter to the switch `to` (or to none): its tap goes
+    /// onto that switch's bridge (or off its bridge). The guest keeps its adapter.
+    pub async fn move_port(
+        &self,
+        vm: Uuid,
+        mac: &str,
+        to: Option<&SwitchSettings>,
+    ) -> Result<(), ApiError> {
+        let _changing = self.changes.lock().await;
+        let tap = lock(&self.ports)
+            .get(&vm)
+            .and_then(|cs| cs.iter().find(|c| c.mac.eq_ignore_ascii_case(mac)))
+            .and_then(|c| c.tap.clone())
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidState,
+                    format!("the adapter {mac} has no port in this run of the VM (it named no switch when the VM started); connect it while the VM is off, or connect it and restart the VM"),
+                )
+            })?;
+        let host = self.host()?;
+        match to {
+            Some(s) => host.attach(&tap, &bridge_of(s.id)).await,
+            None => host.detach(&tap).await,
+        }
+        .map_err(host_error)?;
+        if let Some(c) = lock(&self.ports)
+            .get_mut(&vm)
+            .and_then(|cs| cs.iter_mut().find(|c| c.mac.eq_ignore_ascii_case(mac)))
+        {
+            c.connected = to.is_some();
+            c.switch = to.map(|s| s.name.clone());
+            c.reason = None;
+        }
+        tracing::info!(vm = %vm, %mac, %tap, switch = ?to.map(|s| &s.name), "network adapter moved while running");
+        Ok(())
+    }
+
+    pub fn connections(&self, vm: Uuid) -> Vec<AdapterConnection> {
+        lock(&self.ports).get(&vm).cloned().unwrap_or_default()
+    }
+
+    /// Forgets a stopped VM's ports and removes its taps. The ports are taken at
+    /// once; the taps go later, unless a new start of the VM has claimed them
+    /// again by then (the same names), so a quick restart keeps its ports.
+    pub fn release_vm(self: &std::sync::Arc<Self>, vm: Uuid) {
+        let taps: Vec<String> = lock(&self.ports)
+            .remove(&vm)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|c| c.tap)
+            .collect();
+        if taps.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(host) = this.host() else {
+                return;
+            };
+            let _changing = this.changes.lock().await;
+            for tap in taps {
+                let claimed = lock(&this.ports)
+                    .values()
+                    .flatten()
+                    .any(|c| c.tap.as_deref() == Some(tap.as_str()));
+                if claimed {
+                    continue;
+                }
+                match host.delete_link(&tap).await {
+                    Ok(()) => tracing::debug!(vm = %vm, %tap, "port removed"),
+                    Err(e) => tracing::warn!(vm = %vm, "cannot remove the tap {tap}: {e}"),
+                }
+            }
+        });
+    }
+
+    /// At start, after running VMs were found: the taps this service would make
+    /// for its VMs' adapters that no running VM uses (left by a crash) are
+    /// removed. Links of other names, other services' included, are left alone.
+    pub async fn remove_stale_taps(&self, vms: &[VmSettings]) {
+        let Ok(host) = self.host() else {
+            return;
+        };
+        let used: Vec<String> = lock(&self.ports)
+            .values()
+            .flatten()
+            .filter_map(|c| c.tap.clone())
+            .collect();
+        let ours: Vec<String> = vms
+            .iter()
+            .flat_map(|vm| vm.network_adapters.iter().map(|a| tap_for(vm.id, &a.mac)))
+            .filter(|t| !used.contains(t))
+            .collect();
+        let Ok(links) = host.our_links().await else {
+            return;
+        };
+        for l in links {
+            if l.kind == "tun" && ours.contains(&l.name) {
+                tracing::info!(tap = %l.name, "removing a tap no running VM uses");
+                let _ = host.delete_link(&l.name).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn taps_differ_per_vm_and_adapter_and_carry_the_prefix() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let t = tap_for(a, "52:54:00:00:00:01");
+        assert!(
+            t.starts_with("vswt-") && t.len() <= vswitch::MAX_NAME_BYTES,
+            "{t}"
+        );
+        assert_eq!(t, tap_for(a, "52:54:00:00:00:01".to_uppercase().as_str()));
+        assert_ne!(t, tap_for(a, "52:54:00:00:00:02"));
+        assert_ne!(t, tap_for(b, "52:54:00:00:00:01"));
+    }
+
+    #[test]
+    fn host_addresses_are_checked_by_kind_and_subnet() {
+        assert!(parse_addresses(SwitchKind::Private, &["10.0.0.1/24".into()]).is_err());
+        let ok = parse_addresses(
+            SwitchKind::Internal,
+            &["10.0.0.1/24".into(), "fd00::1/64".into()],
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 2);
+        let e = parse_addresses(
+            SwitchKind::Internal,
+            &["10.0.0.1/24".into(), "10.0.0.2/16".into()],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("overlapping"), "{}", e.message);
+        let e = parse_addresses(SwitchKind::Internal, &["10.0.0.300/24".into()]).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidParameter);
+    }
+
+    #[test]
+    fn switch_names_follow_the_vm_rules_in_their_own_words() {
+        let e = validate_name("").unwrap_err();
+        assert!(e.message.contains("switch"), "{}", e.message);
+        assert!(!e.message.contains("VM"), "{}", e.message);
+        let e = validate_name(&Uuid::new_v4().to_string()).unwrap_err();
+        assert!(
+            e.message.contains("switch name") && e.message.contains("switches are found"),
+            "{}",
+            e.message
+        );
+        assert!(validate_name("lan 1").is_ok());
+    }
+}

@@ -1,0 +1,170 @@
+//! The kernel objects, made for real inside a network namespace of the test's own
+//! (never the host's), checked with `ip`, the tool an admin would look with.
+
+use std::process::Command;
+
+use vswitch::{bridge_name, tap_name, Cidr, Ensured, Host, SwitchError};
+
+/// Runs `f` on a thread of its own that first moves into a new network namespace;
+/// the netlink socket, the taps and the `ip` children all live there. The
+/// namespace goes away with the thread.
+fn in_new_netns<F, Fut>(f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::thread::spawn(move || {
+        // SAFETY: unshare takes no pointers; CLONE_NEWNET affects only this thread.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f());
+    })
+    .join()
+    .unwrap();
+}
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn line_of(listing: &str, name: &str) -> String {
+    listing
+        .lines()
+        .find(|l| l.contains(&format!(": {name}:")) || l.contains(&format!(": {name}@")))
+        .unwrap_or_else(|| panic!("{name} not in\n{listing}"))
+        .to_string()
+}
+
+#[test]
+fn bridge_taps_and_addresses_as_ip_shows_them() {
+    in_new_netns(|| async {
+        let host = Host::connect().unwrap();
+        let br = bridge_name(0x1a2b3c4d << 96);
+        assert_eq!(host.ensure_bridge(&br).await.unwrap(), Ensured::Created);
+        assert_eq!(host.ensure_bridge(&br).await.unwrap(), Ensured::Existed);
+        let links = ip(&["-o", "-d", "link", "show"]);
+        let l = line_of(&links, &br);
+        assert!(l.contains("bridge"), "{l}");
+        assert!(l.contains(",UP"), "{l}");
+
+        let (t1, t2) = (tap_name(1), tap_name(2));
+        host.create_tap(&t1, &br).await.unwrap();
+        host.create_tap(&t2, &br).await.unwrap();
+        // Again: kept, still on the bridge.
+        host.create_tap(&t1, &br).await.unwrap();
+        let links = ip(&["-o", "-d", "link", "show"]);
+        for t in [&t1, &t2] {
+            let l = line_of(&links, t);
+            assert!(l.contains(&format!("master {br}")), "{l}");
+            assert!(l.contains("tun type tap") || l.contains("tap"), "{l}");
+        }
+
+        let v4: Cidr = "10.44.0.1/24".parse().unwrap();
+        let v6: Cidr = "fd00:44::1/64".parse().unwrap();
+        host.set_addresses(&br, &[v4, v6]).await.unwrap();
+        let addrs = ip(&["-o", "addr", "show", "dev", &br]);
+        assert!(addrs.contains("inet 10.44.0.1/24"), "{addrs}");
+        assert!(addrs.contains("inet6 fd00:44::1/64"), "{addrs}");
+        assert_eq!(host.addresses(&br).await.unwrap(), vec![v4, v6]);
+        // The route the host reaches the guests by.
+        let routes = ip(&["-4", "route"]);
+        assert!(
+            routes.contains(&format!("10.44.0.0/24 dev {br}")),
+            "{routes}"
+        );
+
+        host.set_addresses(&br, &[v6]).await.unwrap();
+        let addrs = ip(&["-o", "addr", "show", "dev", &br]);
+        assert!(!addrs.contains("10.44.0.1"), "{addrs}");
+        assert!(addrs.contains("fd00:44::1/64"), "{addrs}");
+
+        host.detach(&t2).await.unwrap();
+        let l = line_of(&ip(&["-o", "link", "show"]), &t2);
+        assert!(!l.contains("master"), "{l}");
+        host.attach(&t2, &br).await.unwrap();
+        assert!(line_of(&ip(&["-o", "link", "show"]), &t2).contains(&format!("master {br}")));
+        host.detach(&t2).await.unwrap();
+        let t3 = tap_name(3);
+        host.create_detached_tap(&t3).await.unwrap();
+        host.create_detached_tap(&t3).await.unwrap();
+        let l = line_of(&ip(&["-o", "-d", "link", "show"]), &t3);
+        assert!(!l.contains("master") && l.contains("tap"), "{l}");
+        host.delete_link(&t3).await.unwrap();
+
+        let ours: Vec<String> = host
+            .our_links()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        assert_eq!(ours.len(), 3, "{ours:?}");
+        for name in &ours {
+            host.delete_link(name).await.unwrap();
+        }
+        // Gone is fine the second time.
+        host.delete_link(&t1).await.unwrap();
+        let links = ip(&["-o", "link", "show"]);
+        assert!(!links.contains("vsw"), "{links}");
+        assert!(host.our_links().await.unwrap().is_empty());
+    });
+}
+
+#[test]
+fn refuses_foreign_names_and_wrong_kinds() {
+    in_new_netns(|| async {
+        let host = Host::connect().unwrap();
+        ip(&["link", "add", "br-host", "type", "bridge"]);
+        assert!(matches!(
+            host.delete_link("br-host").await,
+            Err(SwitchError::NotOurs(_))
+        ));
+        assert!(matches!(
+            host.create_tap("eth1", "br-host").await,
+            Err(SwitchError::NotOurs(_))
+        ));
+        line_of(&ip(&["-o", "link"]), "br-host");
+
+        // A leftover of ours that is not a bridge is named, not silently used.
+        ip(&[
+            "link",
+            "add",
+            "vsw-0000beef",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "peer0",
+        ]);
+        let err = host.ensure_bridge("vsw-0000beef").await.unwrap_err();
+        assert!(matches!(err, SwitchError::WrongKind { .. }), "{err}");
+        assert!(
+            err.to_string().contains("ip link delete vsw-0000beef"),
+            "{err}"
+        );
+
+        let err = host
+            .create_tap(&tap_name(7), "vsw-absent0")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, SwitchError::NoSuchLink(ref n) if n == "vsw-absent0"),
+            "{err}"
+        );
+    });
+}
