@@ -233,7 +233,8 @@ fn vm_exported_while_running_imports_by_copy_and_by_register_with_its_checkpoint
     let moved_folder = moved.join(name);
 
     // Another host imports it by copy: same id, same adapter (MAC and PCI address).
-    let d2 = Daemon::start(&[]);
+    // The second host reads the export where it was moved, in the first's folder.
+    let d2 = Daemon::start(&["--storage-root", d.dir.path().to_str().unwrap()]);
     let _cleanup2 = KillWorkersOnDrop(d2.data.clone());
     let job = completed(
         &d2,
