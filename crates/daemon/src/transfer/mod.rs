@@ -45,14 +45,7 @@ pub fn submit_export(
         let Some(settings) = &entry.settings else {
             return Err(damaged_unreadable(entry));
         };
-        let disks: Vec<PathBuf> = settings
-            .drives
-            .iter()
-            .filter_map(|d| match &d.media {
-                vm_config::DriveMedia::HardDisk { path } => Some(PathBuf::from(path)),
-                _ => None,
-            })
-            .collect();
+        let disks = hard_disks(settings);
         if let Some(reason) = &entry.damaged {
             return Err(ApiError::new(
                 ErrorCode::Damaged,
@@ -256,6 +249,18 @@ async fn export_job(
 }
 
 /// `POST /v1/vms/import/check`: the report alone.
+/// The files of a VM's hard disk drives.
+fn hard_disks(settings: &vm_config::VmSettings) -> Vec<PathBuf> {
+    settings
+        .drives
+        .iter()
+        .filter_map(|d| match &d.media {
+            vm_config::DriveMedia::HardDisk { path } => Some(PathBuf::from(path)),
+            _ => None,
+        })
+        .collect()
+}
+
 pub fn check_import(svc: &Arc<Service>, req: &ImportRequest) -> ImportReport {
     inspect(svc, req).0
 }
@@ -269,14 +274,7 @@ fn inspect(svc: &Arc<Service>, req: &ImportRequest) -> (ImportReport, Option<imp
     let existing: Vec<import::Existing> = vms
         .into_iter()
         .map(|(dir, settings)| {
-            let mut disks: Vec<PathBuf> = settings
-                .drives
-                .iter()
-                .filter_map(|d| match &d.media {
-                    vm_config::DriveMedia::HardDisk { path } => Some(PathBuf::from(path)),
-                    _ => None,
-                })
-                .collect();
+            let mut disks = hard_disks(&settings);
             if let Ok(t) = tree::load(&dir) {
                 disks.extend(t.current_disks.iter().map(|d| d.path.clone()));
                 disks.extend(

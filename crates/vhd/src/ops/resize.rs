@@ -34,14 +34,9 @@ pub fn check(path: &Path, requested: u64) -> Result<()> {
     virtual_size(path, requested, false).map(|_| ())
 }
 
-/// Grows the VHD at `path` to at least `requested` bytes (rounded up to a
-/// CHS-exact size, as `create` does, unless `exact`).
-pub fn resize(path: &Path, requested: u64, exact: bool) -> Result<Resized> {
-    if crate::detect_format(path)? == crate::Format::Vhdx {
-        return resize_vhdx(&crate::HostStorage, path, requested);
-    }
-    let mut img = VhdImage::open_layer(path, false)?;
-    let old_size = img.footer().current_size;
+/// The size a VHD of `old_size` bytes grows to for `requested`, or why not: whole
+/// sectors when `exact`, never smaller.
+fn vhd_new_size(path: &Path, old_size: u64, requested: u64, exact: bool) -> Result<u64> {
     if exact && !requested.is_multiple_of(512) {
         return Err(invalid(
             path,
@@ -57,6 +52,18 @@ pub fn resize(path: &Path, requested: u64, exact: bool) -> Result<Resized> {
         ));
     }
     let new_size = virtual_size(path, requested, exact)?;
+    Ok(new_size)
+}
+
+/// Grows the VHD at `path` to at least `requested` bytes (rounded up to a
+/// CHS-exact size, as `create` does, unless `exact`).
+pub fn resize(path: &Path, requested: u64, exact: bool) -> Result<Resized> {
+    if crate::detect_format(path)? == crate::Format::Vhdx {
+        return resize_vhdx(&crate::HostStorage, path, requested);
+    }
+    let mut img = VhdImage::open_layer(path, false)?;
+    let old_size = img.footer().current_size;
+    let new_size = vhd_new_size(path, old_size, requested, exact)?;
     if new_size != old_size {
         img.grow(new_size)?;
     }
@@ -123,21 +130,7 @@ pub fn plan(path: &Path, requested: u64, exact: bool) -> Result<Resized> {
     }
     let img = VhdImage::inspect(path)?;
     let old_size = img.footer().current_size;
-    if exact && !requested.is_multiple_of(512) {
-        return Err(invalid(
-            path,
-            format!("{requested} bytes is not a whole number of sectors"),
-        ));
-    }
-    if requested < old_size {
-        return Err(invalid(
-            path,
-            format!(
-                "cannot shrink a VHD ({old_size} bytes) to {requested} bytes: data past the new end would be lost; convert it to a smaller disk with a partition tool first"
-            ),
-        ));
-    }
-    let new_size = virtual_size(path, requested, exact)?;
+    let new_size = vhd_new_size(path, old_size, requested, exact)?;
     Ok(Resized { old_size, new_size })
 }
 
