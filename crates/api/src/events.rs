@@ -27,7 +27,21 @@ pub enum EventBody {
     VmDeleted { id: Uuid },
 }
 
+/// The data of the last frame a listener that fell behind gets (`event: overflow`),
+/// after which the stream ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Overflow {
+    pub reason: String,
+}
+
+/// The SSE `event:` name of the overflow frame.
+pub const OVERFLOW: &str = "overflow";
+
 impl EventBody {
+    /// Every `event:` name an `Event` frame carries (`name` of each variant).
+    pub const NAMES: [&'static str; 3] = ["job", "vm", "vm_deleted"];
+
     /// The SSE `event:` name.
     pub fn name(&self) -> &'static str {
         match self {

@@ -770,6 +770,35 @@ fn json_content(schema: Schema) -> Value {
 }
 
 /// The whole document as JSON.
+/// One server-sent event as a client's reader sees it (`id`, `event`, `data` as
+/// text): Open API 3.0 has `schema` describe each event of a stream, its `data` a
+/// JSON text (`contentMediaType`) holding an `Event`, or for the last frame of a
+/// listener that fell behind, `event: overflow` with an `Overflow`.
+fn sse_frame(event: Schema, overflow: Schema) -> Value {
+    let data = |content: Schema| json!({"type": "string", "contentMediaType": "application/json", "contentSchema": content});
+    json!({
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["id", "event", "data"],
+                "properties": {
+                    "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the event's `seq`"},
+                    "event": {"type": "string", "enum": events::EventBody::NAMES},
+                    "data": data(event)
+                }
+            },
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"type": "string", "enum": [events::OVERFLOW]},
+                    "data": data(overflow)
+                }
+            }
+        ]
+    })
+}
+
 pub fn document() -> Value {
     let mut gen = SchemaSettings::openapi3().into_generator();
     let error_schema = s::<error::ErrorBody>(&mut gen);
@@ -806,7 +835,7 @@ pub fn document() -> Value {
         let mut ok = json!({"description": "Success"});
         if let Some(resp) = route.response {
             ok["content"] = if route.path == "/v1/events" {
-                json!({"text/event-stream": {"schema": resp(&mut gen)}})
+                json!({"text/event-stream": {"schema": sse_frame(resp(&mut gen), s::<events::Overflow>(&mut gen))}})
             } else {
                 json_content(resp(&mut gen))
             };

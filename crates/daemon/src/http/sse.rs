@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use api::events::Event;
+use api::events::{Event, Overflow, OVERFLOW};
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
@@ -70,9 +70,8 @@ pub fn events(
     tokio::spawn(async move {
         let _place = place;
         let overflow = |why: &str| {
-            Bytes::from(format!(
-                "event: overflow\ndata: {{\"reason\":\"{why}\"}}\n\n"
-            ))
+            let data = serde_json::to_string(&Overflow { reason: why.into() }).unwrap_or_default();
+            Bytes::from(format!("event: {OVERFLOW}\ndata: {data}\n\n"))
         };
         // A comment line at once, so a client knows it is subscribed; it ends no
         // block, so it belongs to the first event's frame (parsers that take a
