@@ -117,7 +117,9 @@ enum VhdCommand {
         json: bool,
     },
     /// Grow a VHD or VHDX, or shrink a VHDX down to its last block in use (as
-    /// Hyper-V allows; a VHD never shrinks).
+    /// Hyper-V allows; a VHD never shrinks). The disk is resized on a copy (its
+    /// data only) that replaces it when flushed: a crash leaves the old disk or
+    /// the new one, never a mix.
     Resize {
         path: PathBuf,
         /// New virtual size, e.g. 40G (rounded up to a CHS-exact size unless --exact-size).
@@ -125,6 +127,10 @@ enum VhdCommand {
         size: u64,
         #[arg(long)]
         exact_size: bool,
+        /// Change the file itself instead of a copy: no room needed for a copy and
+        /// done at once, but a crash part-way can leave the disk damaged.
+        #[arg(long)]
+        in_place: bool,
         #[arg(long)]
         json: bool,
     },
@@ -313,9 +319,18 @@ pub fn run(args: VhdArgs) -> anyhow::Result<ExitCode> {
             path,
             size,
             exact_size,
+            in_place,
             json,
         } => {
-            let r = vhd::ops::resize::resize(&path, size, exact_size)?;
+            let r = if in_place {
+                vhd::ops::resize::resize(&path, size, exact_size)?
+            } else {
+                let tmp = vhd::ops::partial::random_partial_path(&path);
+                let mut bar = crate::progress_bar::ProgressBar::new("resizing");
+                let r = vhd::ops::resize::resize_via(&path, &tmp, size, exact_size, &mut bar)?;
+                bar.finish();
+                r
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {

@@ -487,3 +487,80 @@ fn vm_move_storage_and_delete_wait_for_their_jobs_and_say_where_the_disks_went()
     assert!(!moved.exists());
     assert_eq!(d.json(&["vm", "list"])["vms"], serde_json::json!([]));
 }
+
+#[test]
+fn vhd_resize_replaces_the_disk_with_a_resized_copy_unless_in_place() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "viridian {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for name in ["d.vhdx", "d.vhd"] {
+        let disk = dir.path().join(name);
+        let d = disk.to_str().unwrap();
+        run(&["vhd", "create", d, "--size", "64M"]);
+        // Data in the disk, through QEMU's own driver.
+        let io = Command::new("qemu-io")
+            .args(["-f", if name.ends_with('x') { "vhdx" } else { "vpc" }])
+            .args(["-c", "write -P 0x5a 1M 2M", d])
+            .output()
+            .unwrap();
+        assert!(
+            io.status.success(),
+            "{}",
+            String::from_utf8_lossy(&io.stderr)
+        );
+        let before = std::fs::metadata(&disk).unwrap().ino();
+        let said = run(&["vhd", "resize", d, "--size", "128M"]);
+        assert!(said.contains("-> 1342"), "{said}");
+        // A new file under the name, nothing left beside it, the data the same.
+        assert_ne!(std::fs::metadata(&disk).unwrap().ino(), before);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+        let info = run(&["vhd", "info", d, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert!(
+            v["virtual_size"].as_u64().unwrap_or(0) >= 128 << 20,
+            "{info}"
+        );
+        run(&["vhd", "check", d]);
+        if name.ends_with('x') {
+            // QEMU's vpc driver has no check.
+            let check = Command::new("qemu-img")
+                .args(["check", d])
+                .output()
+                .unwrap();
+            assert!(
+                check.status.success(),
+                "{}",
+                String::from_utf8_lossy(&check.stdout)
+            );
+        }
+        let read = Command::new("qemu-io")
+            .args(["-f", if name.ends_with('x') { "vhdx" } else { "vpc" }])
+            .args(["-c", "read -P 0x5a 1M 2M", d])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&read.stdout);
+        assert!(
+            read.status.success() && !text.contains("Pattern verification failed"),
+            "{text}"
+        );
+        // In place: the same file, grown.
+        let inode = std::fs::metadata(&disk).unwrap().ino();
+        run(&["vhd", "resize", d, "--size", "192M", "--in-place"]);
+        assert_eq!(std::fs::metadata(&disk).unwrap().ino(), inode);
+    }
+}

@@ -7,11 +7,14 @@
 //! Runs the `viridiand` built next to this example on a temporary data dir.
 //!
 //! target/release/examples/api_bench caps OTHER_VIRIDIAND [ROUNDS]
+//! target/release/examples/api_bench paths OTHER_VIRIDIAND [ROUNDS]
 //!
 //! Latency of `GET /v1/vms` and `GET /v1/host` over the unix socket and TCP+TLS (one
 //! keep-alive connection, and a new connection per request), for OTHER_VIRIDIAND
 //! (e.g. a build without the connection caps) and the `viridiand` next to this
-//! example, in alternating rounds of the same run.
+//! example, in alternating rounds of the same run. `paths`: the same comparison for
+//! requests that name files (a drive's disk set again, a disk created), which the
+//! storage roots check (openat2 beneath a root, the file's signature, its chain).
 
 #[path = "bench_client/mod.rs"]
 mod bench_client;
@@ -54,6 +57,9 @@ fn job_id(body: &str) -> String {
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("caps") {
         return caps::compare();
+    }
+    if std::env::args().nth(1).as_deref() == Some("paths") {
+        return paths::compare();
     }
     let jobs_total: usize = std::env::args()
         .nth(1)
@@ -187,14 +193,23 @@ mod caps {
     use super::bench_client::percentile;
 
     /// One keep-alive HTTP/1.1 connection over any stream.
-    struct Http<S: Read + Write> {
+    pub(super) struct Http<S: Read + Write> {
         r: BufReader<S>,
         auth: String,
     }
 
     impl<S: Read + Write> Http<S> {
         fn get(&mut self, path: &str) -> u16 {
-            let req = format!("GET {path} HTTP/1.1\r\nHost: b\r\n{}\r\n", self.auth);
+            self.send("GET", path, "").0
+        }
+
+        /// One request; the status and the body.
+        pub(super) fn send(&mut self, method: &str, path: &str, body: &str) -> (u16, String) {
+            let req = format!(
+                "{method} {path} HTTP/1.1\r\nHost: b\r\n{}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                self.auth,
+                body.len()
+            );
             self.r.get_mut().write_all(req.as_bytes()).unwrap();
             let mut line = String::new();
             self.r.read_line(&mut line).unwrap();
@@ -218,13 +233,13 @@ mod caps {
             }
             let mut buf = vec![0; len];
             self.r.read_exact(&mut buf).unwrap();
-            status
+            (status, String::from_utf8_lossy(&buf).into_owned())
         }
     }
 
-    struct Running {
+    pub(super) struct Running {
         child: Child,
-        dir: PathBuf,
+        pub(super) dir: PathBuf,
         socket: PathBuf,
         port: u16,
         tls: Arc<rustls::ClientConfig>,
@@ -232,7 +247,7 @@ mod caps {
     }
 
     impl Running {
-        fn start(exe: &Path, tag: &str) -> Running {
+        pub(super) fn start(exe: &Path, tag: &str) -> Running {
             let dir =
                 std::env::temp_dir().join(format!("viridian-caps-{tag}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
@@ -281,7 +296,7 @@ mod caps {
             }
         }
 
-        fn unix(&self) -> Http<UnixStream> {
+        pub(super) fn unix(&self) -> Http<UnixStream> {
             Http {
                 r: BufReader::new(UnixStream::connect(&self.socket).unwrap()),
                 auth: String::new(),
@@ -300,7 +315,7 @@ mod caps {
             }
         }
 
-        fn stop(mut self) {
+        pub(super) fn stop(mut self) {
             // SAFETY: kill(2) on the pid of a child this program spawned and has not reaped.
             unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
             let _ = self.child.wait();
@@ -372,6 +387,128 @@ mod caps {
                 let (tag, exe) = &builds[b];
                 let d = Running::start(exe, tag);
                 for (i, samples) in round(&d, 3000, 300).into_iter().enumerate() {
+                    all[b][i].extend(samples);
+                }
+                d.stop();
+            }
+        }
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!(
+            "{} rounds; other = {}, this = {}",
+            rounds,
+            builds[0].1.display(),
+            builds[1].1.display()
+        );
+        println!("| what | n | other p50 | this p50 | other p99 | this p99 |");
+        println!("|---|---|---|---|---|---|");
+        for (i, case) in CASES.iter().enumerate() {
+            let mut o = all[0][i].clone();
+            let mut t = all[1][i].clone();
+            o.sort();
+            t.sort();
+            println!(
+                "| {case} | {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs |",
+                t.len(),
+                us(percentile(&o, 0.5)),
+                us(percentile(&t, 0.5)),
+                us(percentile(&o, 0.99)),
+                us(percentile(&t, 0.99)),
+            );
+        }
+    }
+}
+
+/// `api_bench paths`: latency of requests that name host files, this build (storage
+/// roots, signature and chain checks) vs another (e.g. the commit before them).
+mod paths {
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    use super::bench_client::percentile;
+    use super::caps::Running;
+
+    const CASES: [&str; 3] = [
+        "PUT a drive's media (the same 1 GiB dynamic VHDX again)",
+        "POST /v1/disks/create, submitted (202)",
+        "POST /v1/disks/create, submitted to completed (wait)",
+    ];
+
+    fn round(d: &Running, n: usize) -> Vec<Vec<Duration>> {
+        let mut c = d.unix();
+        let data = d.dir.join("data");
+        let disk = data.join("bench-boot.vhdx");
+        let (s, body) = c.send(
+            "POST",
+            "/v1/disks/create",
+            &format!(
+                r#"{{"path":"{}","kind":"dynamic","size_bytes":1073741824}}"#,
+                disk.display()
+            ),
+        );
+        assert_eq!(s, 202, "{body}");
+        let job = job_id(&body);
+        let (s, body) = c.send("GET", &format!("/v1/jobs/{job}/wait?timeout=60"), "");
+        assert_eq!(s, 200, "{body}");
+        let (s, body) = c.send("POST", "/v1/vms", r#"{"name":"bench","generation":2}"#);
+        assert_eq!(s, 201, "{body}");
+        let media = format!(r#"{{"type":"hard_disk","path":"{}"}}"#, disk.display());
+        let (s, body) = c.send(
+            "POST",
+            "/v1/vms/bench/drives",
+            &format!(
+                r#"{{"controller":"scsi","controller_number":0,"location":0,"media":{media}}}"#
+            ),
+        );
+        assert_eq!(s, 201, "{body}");
+        let put = format!(r#"{{"media":{media}}}"#);
+        let mut out = vec![Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..n {
+            let t = Instant::now();
+            let (s, body) = c.send("PUT", "/v1/vms/bench/drives/scsi/0/0", &put);
+            out[0].push(t.elapsed());
+            assert_eq!(s, 200, "{body}");
+        }
+        for i in 0..n / 10 {
+            let path = data.join(format!("bench-{i}.vhdx"));
+            let req = format!(
+                r#"{{"path":"{}","kind":"dynamic","size_bytes":1048576}}"#,
+                path.display()
+            );
+            let t = Instant::now();
+            let (s, body) = c.send("POST", "/v1/disks/create", &req);
+            out[1].push(t.elapsed());
+            assert_eq!(s, 202, "{body}");
+            let job = job_id(&body);
+            let (s, body) = c.send("GET", &format!("/v1/jobs/{job}/wait?timeout=60"), "");
+            out[2].push(t.elapsed());
+            assert_eq!(s, 200, "{body}");
+            assert!(body.contains("completed"), "{body}");
+        }
+        out
+    }
+
+    fn job_id(body: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    pub fn compare() {
+        let args: Vec<String> = std::env::args().collect();
+        let other = PathBuf::from(
+            args.get(2)
+                .expect("usage: api_bench paths OTHER_VIRIDIAND [ROUNDS]"),
+        );
+        let rounds: usize = args.get(3).and_then(|r| r.parse().ok()).unwrap_or(3);
+        let exe = std::env::current_exe().unwrap();
+        let this = exe.parent().unwrap().parent().unwrap().join("viridiand");
+        let builds = [("other", other), ("this", this)];
+        let mut all: Vec<Vec<Vec<Duration>>> = vec![vec![Vec::new(); CASES.len()]; 2];
+        for r in 0..rounds {
+            let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+            for b in order {
+                let (tag, exe) = &builds[b];
+                let d = Running::start(exe, tag);
+                for (i, samples) in round(&d, 2000).into_iter().enumerate() {
                     all[b][i].extend(samples);
                 }
                 d.stop();

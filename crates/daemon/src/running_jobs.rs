@@ -125,6 +125,8 @@ pub fn record(
 pub struct Recovery {
     /// Jobs now listed as Killed.
     pub killed: Vec<Uuid>,
+    /// Jobs whose result was in place: listed as Completed.
+    pub completed: Vec<Uuid>,
     /// Temporary files removed.
     pub removed: Vec<PathBuf>,
 }
@@ -176,6 +178,15 @@ pub fn recover(data_dir: &Path, jobs: &JobEngine) -> Recovery {
         if rec.schema_version > SCHEMA_VERSION {
             tracing::warn!(record = %path.display(), version = rec.schema_version, "a running-job record is of a later version; reading the fields this version knows");
         }
+        // Create and convert give the finished file its name with a hard link,
+        // then unlink the temporary one: a temporary file that is the same file
+        // as the disk it was to become was named, so the job's work is done.
+        let committed = rec.temporary_files.iter().any(|t| {
+            rec.affected
+                .iter()
+                .filter(|a| a.kind == "disk")
+                .any(|a| same_file(t, Path::new(&a.id)))
+        });
         for t in &rec.temporary_files {
             // Only the engine's own temporary names, whatever the record says.
             if !t
@@ -210,14 +221,20 @@ pub fn recover(data_dir: &Path, jobs: &JobEngine) -> Recovery {
                 .map(|a| AffectedElement::new(a.kind, a.id))
                 .collect(),
         };
-        jobs.restore_killed(rec.id, spec, created, INTERRUPTED);
-        tracing::warn!(job = %rec.id, "a job was interrupted by a restart of the service; it is listed as Killed");
-        out.killed.push(rec.id);
+        if committed {
+            jobs.restore_completed(rec.id, spec, created);
+            tracing::info!(job = %rec.id, "a job had finished its work when the service stopped; it is listed as Completed");
+            out.completed.push(rec.id);
+        } else {
+            jobs.restore_killed(rec.id, spec, created, INTERRUPTED);
+            tracing::warn!(job = %rec.id, "a job was interrupted by a restart of the service; it is listed as Killed");
+            out.killed.push(rec.id);
+        }
         if let Err(e) = std::fs::remove_file(&path) {
             tracing::warn!(record = %path.display(), error = %e, "cannot remove an interrupted job's record");
         }
     }
-    if !out.killed.is_empty() {
+    if !out.killed.is_empty() || !out.completed.is_empty() {
         let _ = std::fs::File::open(&dir).and_then(|d| d.sync_all());
     }
     folders.sort();
@@ -227,6 +244,15 @@ pub fn recover(data_dir: &Path, jobs: &JobEngine) -> Recovery {
             .extend(remove_leftovers(&folder, disk.as_deref()));
     }
     out
+}
+
+/// Whether both names are one file (a hard link between them).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.symlink_metadata(), b.symlink_metadata()) {
+        (Ok(a), Ok(b)) => a.is_file() && a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// The data dir's own disk folders: `Virtual Hard Disks` and each VM's.
@@ -285,9 +311,10 @@ fn in_use(path: &Path) -> bool {
 /// [`recover`] for the service at start, before it serves requests.
 pub fn recover_at_start(data_dir: &Path, jobs: &JobEngine) {
     let r = recover(data_dir, jobs);
-    if !r.killed.is_empty() || !r.removed.is_empty() {
+    if !r.killed.is_empty() || !r.completed.is_empty() || !r.removed.is_empty() {
         tracing::info!(
             killed = r.killed.len(),
+            completed = r.completed.len(),
             removed = r.removed.len(),
             "recovered from jobs an earlier run left unfinished"
         );
@@ -353,6 +380,40 @@ mod tests {
             &JobEngine::new(JobEngineConfig::default(), None),
         );
         assert!(again.killed.is_empty() && again.removed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_job_cut_off_after_naming_its_file_is_completed_and_keeps_it() {
+        // Create and convert link the finished file to its name, then unlink the
+        // temporary name: a kill between the two leaves both names on one file.
+        let data = tempfile::tempdir().unwrap();
+        let disk = data.path().join("made.vhdx");
+        let id = Uuid::new_v4();
+        let tmp = vhd::ops::partial::partial_path(&disk, &id.to_string());
+        std::fs::write(&tmp, b"a whole disk").unwrap();
+        std::fs::hard_link(&tmp, &disk).unwrap();
+        // A second job whose temporary file is only beside an existing disk.
+        let other_disk = data.path().join("kept.vhdx");
+        std::fs::write(&other_disk, b"older").unwrap();
+        let other = Uuid::new_v4();
+        let other_tmp = vhd::ops::partial::partial_path(&other_disk, &other.to_string());
+        std::fs::write(&other_tmp, b"half").unwrap();
+        for (job, d, t) in [(id, &disk, &tmp), (other, &other_disk, &other_tmp)] {
+            let r = record(data.path(), job, &spec(d), std::slice::from_ref(t)).unwrap();
+            std::mem::forget(r);
+        }
+        let jobs = JobEngine::new(JobEngineConfig::default(), None);
+        let r = recover(data.path(), &jobs);
+        assert_eq!(r.completed, [id]);
+        assert_eq!(r.killed, [other]);
+        let job = jobs.get(id).unwrap();
+        assert_eq!(job.state, JobState::Completed);
+        assert_eq!(job.percent_complete, 100);
+        assert_eq!(job.error_description, None);
+        assert_eq!(std::fs::read(&disk).unwrap(), b"a whole disk");
+        assert!(!tmp.exists() && !other_tmp.exists());
+        assert_eq!(std::fs::read(&other_disk).unwrap(), b"older");
+        assert_eq!(jobs.get(other).unwrap().state, JobState::Killed);
     }
 
     #[tokio::test]

@@ -381,15 +381,37 @@ impl JobEngine {
         created: SystemTime,
         why: impl Into<String>,
     ) -> JobSnapshot {
+        self.restore(id, spec, created, Some(why.into()))
+    }
+
+    /// Adds a job of an earlier life of the service whose work was done (its
+    /// result in place) when that life ended, before it could say so: listed as
+    /// Completed like any finished job. Does nothing when the ID is known.
+    pub fn restore_completed(&self, id: Uuid, spec: JobSpec, created: SystemTime) -> JobSnapshot {
+        self.restore(id, spec, created, None)
+    }
+
+    /// A finished job of an earlier life: Killed with `killed`'s reason, or Completed.
+    fn restore(
+        &self,
+        id: Uuid,
+        spec: JobSpec,
+        created: SystemTime,
+        killed: Option<String>,
+    ) -> JobSnapshot {
         let now = SystemTime::now();
         let snapshot = JobSnapshot {
             id,
             job_type: spec.job_type,
             description: spec.description,
-            state: JobState::Killed,
-            percent_complete: 0,
-            error_code: Some("Killed".into()),
-            error_description: Some(why.into()),
+            state: if killed.is_some() {
+                JobState::Killed
+            } else {
+                JobState::Completed
+            },
+            percent_complete: if killed.is_some() { 0 } else { 100 },
+            error_code: killed.as_ref().map(|_| "Killed".into()),
+            error_description: killed,
             created,
             started: Some(created),
             finished: Some(now),
