@@ -25,6 +25,8 @@ pub struct HostInfo {
     pub resources: HostResources,
     /// Processor settings every new VM starts with (`PATCH /v1/host` changes them).
     pub new_vm_defaults: NewVmDefaults,
+    /// Where adapters added without a MAC get theirs (`PATCH /v1/host` changes it).
+    pub mac_address_pool: MacAddressPool,
     /// The firmware VMs boot.
     #[serde(default)]
     pub firmware: FirmwareInfo,
@@ -63,6 +65,15 @@ impl Default for NewVmDefaults {
     }
 }
 
+/// The range dynamic MAC addresses come from (Hyper-V's `MacAddressMinimum` and
+/// `MacAddressMaximum`), both ends included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MacAddressPool {
+    pub minimum: String,
+    pub maximum: String,
+}
+
 /// `PATCH /v1/host`: fields present are changed, others kept.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +90,12 @@ pub struct UpdateHostRequest {
         max = "vm_config::validate::MAX_RELATIVE_WEIGHT"
     ))]
     pub default_relative_weight: Option<u32>,
+    /// The first address of the dynamic MAC pool (unicast, e.g. `02:15:5d:00:00:00`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_address_minimum: Option<String>,
+    /// The last address of the dynamic MAC pool (the same first byte as the minimum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_address_maximum: Option<String>,
 }
 
 /// Admission control's figures. A start (or a live change of the reserve) that would

@@ -650,6 +650,16 @@ fn constrain(schemas: &mut Map<String, Value>) {
             json!({"pattern": MAC_PATTERN}),
         ),
         ("BootEntry", "mac", json!({"pattern": MAC_PATTERN})),
+        (
+            "UpdateHostRequest",
+            "mac_address_minimum",
+            json!({"pattern": MAC_PATTERN}),
+        ),
+        (
+            "UpdateHostRequest",
+            "mac_address_maximum",
+            json!({"pattern": MAC_PATTERN}),
+        ),
         ("CreateVmRequest", "name", json!({"pattern": vm_name})),
         ("UpdateVmRequest", "name", json!({"pattern": vm_name})),
         ("VmSettings", "name", json!({"pattern": vm_name})),

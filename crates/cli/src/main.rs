@@ -105,6 +105,8 @@ fn main() -> ExitCode {
                     default_reserve,
                     default_limit,
                     default_weight,
+                    mac_address_minimum,
+                    mac_address_maximum,
                 }),
         } => host_set(
             &conn,
@@ -112,6 +114,8 @@ fn main() -> ExitCode {
                 default_reserve_percent: default_reserve,
                 default_limit_percent: default_limit,
                 default_relative_weight: default_weight,
+                mac_address_minimum,
+                mac_address_maximum,
             },
         ),
         Command::Completions { shell } => {
@@ -143,7 +147,8 @@ fn main() -> ExitCode {
 #[derive(clap::Subcommand, Debug)]
 enum HostCmd {
     /// Processor settings every new VM gets (existing VMs keep theirs; use
-    /// `viridian vm processor set --all` for them).
+    /// `viridian vm processor set --all` for them), and the pool adapters added
+    /// without a MAC address take theirs from.
     Set {
         /// Percent of one logical processor reserved per virtual processor, 0-100.
         #[arg(long)]
@@ -154,6 +159,12 @@ enum HostCmd {
         /// Relative weight, 1-10000.
         #[arg(long)]
         default_weight: Option<u32>,
+        /// The first address of the dynamic MAC pool, e.g. 02:15:5d:00:00:00.
+        #[arg(long)]
+        mac_address_minimum: Option<String>,
+        /// The last address of the dynamic MAC pool (the same first byte).
+        #[arg(long)]
+        mac_address_maximum: Option<String>,
     },
 }
 
@@ -229,5 +240,9 @@ fn print_host(conn: &connection::Connection, info: &api::host::HostInfo) {
     println!(
         "new VMs:     reserve {} %, limit {} %, weight {}",
         d.reserve_percent, d.limit_percent, d.relative_weight
+    );
+    println!(
+        "MAC pool:    {} – {} (for adapters added without a MAC address)",
+        info.mac_address_pool.minimum, info.mac_address_pool.maximum
     );
 }

@@ -101,6 +101,10 @@ pub fn info(config: &DaemonConfig, limits: &HostLimits) -> HostInfo {
         processor_control: "none: this viridiand runs no VMs".into(),
         resources: capacity(config, limits).report(Default::default()),
         new_vm_defaults: Default::default(),
+        mac_address_pool: api::host::MacAddressPool {
+            minimum: String::new(),
+            maximum: String::new(),
+        },
         firmware: api::host::FirmwareInfo {
             generation1: "none".into(),
             generation1_reason: "this viridiand runs no VMs".into(),

@@ -1,6 +1,7 @@
 //! `<data-dir>/host.json`: the host-wide settings (processor defaults for new VMs,
-//! the storage roots), versioned and written atomically like `vm.json`. Schema 1
-//! (no storage roots) reads as schema 2 with none besides the data dir.
+//! the storage roots, the MAC address pool), versioned and written atomically like
+//! `vm.json`. Schema 1 (no storage roots) reads as schema 2 with none besides the
+//! data dir; schema 2 (no MAC pool) as schema 3 with the host's default pool.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +9,7 @@ use api::host::NewVmDefaults;
 use serde::{Deserialize, Serialize};
 
 pub const FILE: &str = "host.json";
-const SCHEMA_VERSION: u32 = 2;
+const SCHEMA_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct HostFile {
@@ -19,6 +20,9 @@ struct HostFile {
     /// administrator edits them, here or with `viridiand --storage-root`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     storage_roots: Vec<PathBuf>,
+    /// The range of dynamic MAC addresses (schema 3); absent: the host's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac_address_pool: Option<api::host::MacAddressPool>,
 }
 
 /// What host.json holds.
@@ -26,6 +30,8 @@ struct HostFile {
 pub struct HostSettings {
     pub new_vm_defaults: NewVmDefaults,
     pub storage_roots: Vec<PathBuf>,
+    /// Set by `PATCH /v1/host`; `None`: the host's default range.
+    pub mac_address_pool: Option<api::host::MacAddressPool>,
 }
 
 pub fn path(data_dir: &Path) -> PathBuf {
@@ -50,6 +56,7 @@ pub fn load(data_dir: &Path) -> Result<HostSettings, String> {
             Ok(HostSettings {
                 new_vm_defaults: f.new_vm_defaults,
                 storage_roots: f.storage_roots,
+                mac_address_pool: f.mac_address_pool,
             })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HostSettings::default()),
@@ -57,13 +64,18 @@ pub fn load(data_dir: &Path) -> Result<HostSettings, String> {
     }
 }
 
-/// Saves new processor defaults, keeping the file's storage roots.
-pub fn save_defaults(data_dir: &Path, defaults: NewVmDefaults) -> Result<(), String> {
+/// Saves new processor defaults and MAC pool, keeping the file's storage roots.
+pub fn save(
+    data_dir: &Path,
+    defaults: NewVmDefaults,
+    mac_address_pool: Option<api::host::MacAddressPool>,
+) -> Result<(), String> {
     let storage_roots = load(data_dir)?.storage_roots;
     let file = HostFile {
         schema_version: SCHEMA_VERSION,
         new_vm_defaults: defaults,
         storage_roots,
+        mac_address_pool,
     };
     vm_config::file::write_json_atomic(&path(data_dir), &file)
         .map_err(|e| format!("cannot write {}: {e}", path(data_dir).display()))
@@ -82,7 +94,7 @@ mod tests {
             limit_percent: 80,
             relative_weight: 200,
         };
-        save_defaults(dir.path(), d).unwrap();
+        save(dir.path(), d, None).unwrap();
         assert_eq!(load(dir.path()).unwrap().new_vm_defaults, d);
         std::fs::write(path(dir.path()), "nonsense").unwrap();
         assert!(load(dir.path()).unwrap_err().contains("host.json"));
@@ -104,7 +116,7 @@ mod tests {
             r#"{"schema_version":2,"storage_roots":["/srv/disks"]}"#,
         )
         .unwrap();
-        save_defaults(dir.path(), NewVmDefaults::default()).unwrap();
+        save(dir.path(), NewVmDefaults::default(), None).unwrap();
         assert_eq!(
             load(dir.path()).unwrap().storage_roots,
             vec![PathBuf::from("/srv/disks")]

@@ -15,6 +15,7 @@ pub mod host;
 pub mod host_settings;
 pub mod http;
 pub mod job_quota;
+pub mod mac_pool;
 pub mod metering;
 pub mod run;
 pub mod running_jobs;

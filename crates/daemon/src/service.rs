@@ -45,6 +45,8 @@ pub struct Service {
     pub event_listeners: Arc<std::sync::atomic::AtomicU32>,
     /// Virtual switches: their files, bridges and running VMs' ports.
     pub switches: Arc<crate::switches::Switches>,
+    /// Dynamic MAC addresses for adapters added without one.
+    pub mac_pool: crate::mac_pool::MacPool,
 }
 
 impl Service {
@@ -62,6 +64,18 @@ impl Service {
         let store = Store::open(&config.data_dir)?;
         let config_data_dir = config.data_dir.clone();
         let new_vm_defaults = settings.new_vm_defaults;
+        let mac_range = settings
+            .mac_address_pool
+            .as_ref()
+            .and_then(|p| match crate::mac_pool::MacRange::new(&p.minimum, &p.maximum) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "host.json's MAC address pool is not usable; the host's default pool is used");
+                    None
+                }
+            })
+            .unwrap_or_else(crate::mac_pool::MacRange::host_default);
+        let mac_pool = crate::mac_pool::MacPool::open(&config.data_dir, mac_range);
         let events = Arc::new(EventBus::default());
         let sink_events = events.clone();
         let job_quota = crate::job_quota::JobQuota::new(
@@ -102,6 +116,7 @@ impl Service {
             job_quota,
             event_listeners: Arc::default(),
             switches: Arc::new(crate::switches::Switches::open(&config_data_dir)),
+            mac_pool,
         })
     }
 
@@ -111,7 +126,46 @@ impl Service {
         let mut host = self.host.clone();
         host.resources = self.capacity.report(self.running_demand(&store, None));
         host.new_vm_defaults = self.defaults();
+        let range = self.mac_pool.range();
+        host.mac_address_pool = api::host::MacAddressPool {
+            minimum: range.minimum.to_string(),
+            maximum: range.maximum.to_string(),
+        };
         host
+    }
+
+    /// A MAC address for a new adapter from the host's pool: none that a VM or a
+    /// checkpoint on this host holds.
+    pub fn new_mac(&self) -> Result<String, ApiError> {
+        self.mac_pool
+            .allocate(|| self.held_macs())
+            .map_err(|e| ApiError::new(ErrorCode::InsufficientResources, e))
+    }
+
+    /// Every MAC address the VMs and their checkpoints on this host hold.
+    fn held_macs(&self) -> std::collections::HashSet<crate::mac_pool::Mac> {
+        let store = self.store();
+        let mut held = std::collections::HashSet::new();
+        for e in store.entries() {
+            let mut add = |s: &VmSettings| {
+                held.extend(
+                    s.network_adapters
+                        .iter()
+                        .filter_map(|a| crate::mac_pool::Mac::parse(&a.mac)),
+                )
+            };
+            if let Some(s) = &e.settings {
+                add(s);
+            }
+            let snapshots = e.dir.join(crate::checkpoints::tree::SNAPSHOTS_FOLDER);
+            for node in std::fs::read_dir(snapshots).into_iter().flatten().flatten() {
+                let file = node.path().join(crate::checkpoints::tree::SETTINGS_FILE);
+                if let Ok(s) = vm_config::file::load(&file) {
+                    add(&s);
+                }
+            }
+        }
+        held
     }
 
     pub fn defaults(&self) -> api::host::NewVmDefaults {
@@ -142,8 +196,25 @@ impl Service {
             if !(MIN_RELATIVE_WEIGHT..=MAX_RELATIVE_WEIGHT).contains(&new.relative_weight) {
                 return Err(vm_config::ConfigError::ProcessorWeight(new.relative_weight).into());
             }
-            crate::host_settings::save_defaults(&self.config.data_dir, new)
+            let old_range = self.mac_pool.range();
+            let range = match (&req.mac_address_minimum, &req.mac_address_maximum) {
+                (None, None) => old_range,
+                (min, max) => {
+                    let min = min.clone().unwrap_or_else(|| old_range.minimum.to_string());
+                    let max = max.clone().unwrap_or_else(|| old_range.maximum.to_string());
+                    crate::mac_pool::MacRange::new(&min, &max)
+                        .map_err(|e| ApiError::new(ErrorCode::InvalidParameter, e))?
+                }
+            };
+            let pool = (range != crate::mac_pool::MacRange::host_default()).then(|| {
+                api::host::MacAddressPool {
+                    minimum: range.minimum.to_string(),
+                    maximum: range.maximum.to_string(),
+                }
+            });
+            crate::host_settings::save(&self.config.data_dir, new, pool)
                 .map_err(ApiError::internal)?;
+            self.mac_pool.set_range(range).map_err(ApiError::internal)?;
             *d = new;
         }
         Ok(self.host_info())

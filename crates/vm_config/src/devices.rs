@@ -91,11 +91,16 @@ pub fn upgrade_schema1(settings: &mut VmSettings) {
     }
 }
 
-/// New identities for every adapter: fresh ids and MAC addresses, the same slots
-/// (an imported copy that runs beside its original must not share their MACs).
-pub fn renew_adapters(settings: &mut VmSettings) {
+/// New identities for every adapter: fresh ids and MAC addresses (from
+/// `new_mac`, e.g. the host's pool), the same slots (an imported copy that runs
+/// beside its original must not share their MACs).
+pub fn renew_adapters<E>(
+    settings: &mut VmSettings,
+    mut new_mac: impl FnMut() -> Result<String, E>,
+) -> Result<(), E> {
     for adapter in &mut settings.network_adapters {
         adapter.id = Some(Uuid::new_v4());
-        adapter.mac = crate::random_mac();
+        adapter.mac = new_mac()?;
     }
+    Ok(())
 }

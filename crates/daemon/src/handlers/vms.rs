@@ -287,7 +287,7 @@ pub async fn add_adapter(svc: &Arc<Service>, key: &str, body: Incoming) -> Answe
     let req: AddNetworkAdapterRequest = read_json(body).await?;
     let mac = match req.mac {
         Some(m) => canonical_mac(&m)?,
-        None => vm_config::random_mac(),
+        None => svc.new_mac()?,
     };
     // Recorded by id, so renaming the switch keeps the adapter on it.
     let switch = match &req.switch {

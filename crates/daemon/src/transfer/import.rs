@@ -344,7 +344,10 @@ fn inspect_into(
     let mut new = settings.clone();
     if req.new_id {
         new.id = Uuid::new_v4();
-        vm_config::devices::renew_adapters(&mut new);
+        // Stand-ins until the import runs: `pool_macs` gives them the pool's.
+        let _ = vm_config::devices::renew_adapters(&mut new, || {
+            Ok::<_, std::convert::Infallible>(vm_config::random_mac())
+        });
     }
     if let Some(name) = &req.name {
         new.name = name.clone();
@@ -841,4 +844,36 @@ fn carry_out_inner(
     package::sync_dir(vm_dir).map_err(io(format!("cannot sync {}", vm_dir.display())))?;
     progress(total, total);
     Ok(resolved(&plan.settings, root))
+}
+
+/// Gives the adapters a copy with new identities received (`new_id`) MAC addresses
+/// from `new_mac` (the host's pool) in place of the stand-ins `inspect` chose, the
+/// same one to an adapter in the VM and in each of its checkpoints.
+pub fn pool_macs<E>(
+    plan: &mut Plan,
+    mut new_mac: impl FnMut() -> Result<String, E>,
+) -> Result<(), E> {
+    let mut given: HashMap<String, String> = HashMap::new();
+    let mut pooled = |mac: &mut String| -> Result<(), E> {
+        let key = mac.to_ascii_lowercase();
+        let new = match given.get(&key) {
+            Some(m) => m.clone(),
+            None => {
+                let m = new_mac()?;
+                given.insert(key, m.clone());
+                m
+            }
+        };
+        *mac = new;
+        Ok(())
+    };
+    for a in &mut plan.settings.network_adapters {
+        pooled(&mut a.mac)?;
+    }
+    for (_, s) in &mut plan.node_settings {
+        for a in &mut s.network_adapters {
+            pooled(&mut a.mac)?;
+        }
+    }
+    Ok(())
 }

@@ -313,7 +313,7 @@ pub fn confine_import(svc: &Service, req: &ImportRequest) -> Result<(), ApiError
 pub fn submit_import(svc: &Arc<Service>, req: ImportRequest) -> Result<JobSnapshot, ApiError> {
     confine_import(svc, &req)?;
     let (report, plan) = inspect(svc, &req);
-    let Some(plan) = plan else {
+    let Some(mut plan) = plan else {
         let n = report.problems.len();
         let first = report
             .problems
@@ -331,6 +331,9 @@ pub fn submit_import(svc: &Arc<Service>, req: ImportRequest) -> Result<JobSnapsh
         )
         .with_details(serde_json::to_value(&report).unwrap_or_default()));
     };
+    if req.new_id {
+        import::pool_macs(&mut plan, || svc.new_mac())?;
+    }
     let id = plan.settings.id;
     let spec = JobSpec {
         job_type: "ImportVm".into(),
