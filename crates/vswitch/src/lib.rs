@@ -6,7 +6,9 @@
 
 mod cidr;
 pub mod datapath;
+pub mod dnsmasq;
 mod names;
+pub mod nat;
 mod tap;
 
 use futures_util::stream::TryStreamExt;
