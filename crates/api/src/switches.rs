@@ -138,7 +138,6 @@ pub struct CreateSwitchRequest {
     /// subnet, not holding the host's address; the larger side of the subnet
     /// around the host's address unless given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 31))]
     pub dhcp_range: Option<String>,
 }
 
@@ -155,7 +154,6 @@ pub struct UpdateSwitchRequest {
     /// NAT switches: a new DHCP range (`START-END`), or an empty text for the
     /// range derived from the subnet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 31))]
     pub dhcp_range: Option<String>,
 }
 

@@ -432,16 +432,8 @@ impl Switches {
                 }
             }
         }
-        // nft tables of ours whose switch is gone (deleted while nft was missing).
-        if let Ok(nft) = vswitch::nat::Nft::locate() {
-            let keep: Vec<String> = self
-                .all()
-                .iter()
-                .filter(|s| s.kind == SwitchKind::Nat)
-                .map(|s| bridge_of(s.id))
-                .collect();
-            self.nat.remove_stale_tables(&nft, &keep);
-        }
+        // Tables named like ours that no switch of this service has are left
+        // alone: another service on this host (another data dir) may own them.
         self.nat.release_forwarding(self.nat_count());
     }
 

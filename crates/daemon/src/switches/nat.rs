@@ -228,9 +228,14 @@ impl Nat {
             s.stop();
         }
         lock(&self.problems).remove(&id);
-        if let Some(nft) = nft {
-            if let Err(e) = nft.remove(bridge) {
-                tracing::error!(switch = %id, "cannot remove the NAT rules of {bridge}: {}", chain(&e));
+        let table = nat::table_name(bridge);
+        match nft.map(|n| n.remove(bridge)) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                tracing::error!(switch = %id, "cannot remove the NAT rules of {bridge}: {}; remove them with `nft delete table ip {table}`", chain(&e))
+            }
+            None => {
+                tracing::error!(switch = %id, "nft is not installed any more: the table ip {table} stays; remove it with `nft delete table ip {table}`")
             }
         }
         if files {
@@ -244,21 +249,6 @@ impl Nat {
                         tracing::warn!("cannot remove {}: {e}", p.display())
                     }
                     _ => {}
-                }
-            }
-        }
-    }
-
-    /// Removes our nft tables that belong to no NAT switch (`keep`: the bridges
-    /// of those there are).
-    pub fn remove_stale_tables(&self, nft: &Nft, keep: &[String]) {
-        let Ok(tables) = nft.tables() else { return };
-        for t in tables {
-            if !keep.iter().any(|b| nat::table_name(b) == t) {
-                tracing::info!(table = %t, "removing an nft table of a NAT switch that no longer exists");
-                let bridge = format!("vsw-{}", &t[nat::TABLE_PREFIX.len()..]);
-                if let Err(e) = nft.remove(&bridge) {
-                    tracing::warn!("cannot remove the nft table {t}: {}", chain(&e));
                 }
             }
         }
