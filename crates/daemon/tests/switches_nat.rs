@@ -109,6 +109,18 @@ fn nat_switches_bad_input_changes_nothing_and_delete_leaves_nothing_of_ours() {
             "needs an IPv4 host address",
         ),
         (
+            json!({"name": "n", "type": "nat", "host_addresses": ["10.55.0.1/31"]}),
+            422,
+            "InvalidParameter",
+            "from /8 to /30",
+        ),
+        (
+            json!({"name": "n", "type": "nat", "host_addresses": ["10.55.0.1/24", "10.56.0.1/24"]}),
+            422,
+            "InvalidParameter",
+            "one IPv4 host address",
+        ),
+        (
             json!({"name": "n", "type": "nat", "host_addresses": ["10.55.0.1/24"], "dhcp_range": "10.66.0.10-10.66.0.20"}),
             422,
             "InvalidParameter",

@@ -80,11 +80,9 @@ fn hosts_of(host: &Cidr) -> Option<(u32, u32, u32)> {
         return None;
     };
     let bits = u32::from(a);
-    let mask = if host.prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(host.prefix))
-    };
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(host.prefix.min(32)))
+        .unwrap_or(0);
     let net = bits & mask;
     let broadcast = net | !mask;
     if broadcast - net < 2 {
@@ -159,10 +157,8 @@ pub struct Config {
 
 /// The command line (after the program) for `config`.
 pub fn args(config: &Config) -> Vec<OsString> {
-    let netmask = match hosts_of(&config.host_v4) {
-        Some(_) => Ipv4Addr::from(u32::MAX << (32 - u32::from(config.host_v4.prefix))),
-        None => Ipv4Addr::BROADCAST,
-    };
+    let host_bits = 32 - u32::from(config.host_v4.prefix.min(32));
+    let netmask = Ipv4Addr::from(u32::MAX.checked_shl(host_bits).unwrap_or(0));
     let mut host_record = format!("--host-record={},{}", host_name(), config.host_v4.addr);
     for a in &config.host_v6 {
         host_record.push_str(&format!(",{}", a.addr));
@@ -244,6 +240,8 @@ struct Shared {
     pid: AtomicU32,
     restarts: AtomicU32,
     child: Mutex<Option<Child>>,
+    /// Why the last restart failed, until one succeeds.
+    last_error: Mutex<Option<String>>,
 }
 
 /// A running dnsmasq and the thread that keeps it running.
@@ -329,6 +327,7 @@ impl Supervisor {
             pid: AtomicU32::new(0),
             restarts: AtomicU32::new(0),
             child: Mutex::new(None),
+            last_error: Mutex::new(None),
         });
         let (s, c) = (shared.clone(), config.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -383,6 +382,15 @@ impl Supervisor {
     /// How many times it was restarted after dying.
     pub fn restarts(&self) -> u32 {
         self.shared.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Why the last try to restart it failed, while it is not running.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Stops dnsmasq (SIGTERM, then SIGKILL after 2 s) and its supervision.
@@ -467,11 +475,13 @@ fn watch(binary: &PathBuf, config: &Config, shared: &Shared) {
             Ok(c) => {
                 shared.pid.store(c.id(), Ordering::Relaxed);
                 shared.restarts.fetch_add(1, Ordering::Relaxed);
+                *shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 tracing::info!(bridge = %config.bridge, pid = c.id(), "DHCP and DNS server (dnsmasq) restarted");
                 *lock() = Some(c);
             }
             Err(e) => {
                 tracing::error!(bridge = %config.bridge, "cannot restart dnsmasq: {e}");
+                *shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
             }
         }
     }

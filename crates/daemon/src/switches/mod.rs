@@ -351,6 +351,12 @@ impl Switches {
                     let _ = host.set_addresses(&bridge, &back).await;
                 }
             }
+            if let Some(tools) = &tools {
+                let back = nat::addresses(&old.host_addresses);
+                if let Ok(old_plan) = nat::plan(&back, old.dhcp_range.as_deref()) {
+                    let _ = self.nat.apply(tools, old.id, &bridge, &old_plan);
+                }
+            }
             return Err(ApiError::internal(format!(
                 "cannot write {}: {e}",
                 store::path(&self.dir, new.id).display()

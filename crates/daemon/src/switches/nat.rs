@@ -66,6 +66,13 @@ pub fn plan(addrs: &[Cidr], dhcp_range: Option<&str>) -> Result<Plan, ApiError> 
             ))
         }
     };
+    if v4.prefix < 8 || v4.prefix > 30 {
+        return Err(ApiError::invalid(format!(
+            "the NAT subnet {} is /{}: give a NAT switch a subnet from /8 to /30 (10.55.0.1/24, say), one that leaves room for guests and takes in none of the host's other networks",
+            v4.network(),
+            v4.prefix
+        )));
+    }
     let range = match dhcp_range.filter(|r| !r.is_empty()) {
         Some(text) => dnsmasq::parse_range(text, &v4),
         None => dnsmasq::default_range(&v4),
@@ -260,7 +267,10 @@ impl Nat {
         let mut problem = lock(&self.problems).get(&id).cloned();
         let pid = server.map(Supervisor::pid).filter(|p| *p != 0);
         if pid.is_none() && problem.is_none() {
-            problem = Some("dnsmasq is not running (it is being restarted)".into());
+            problem = Some(match server.and_then(Supervisor::last_error) {
+                Some(e) => format!("dnsmasq is not running: {e}; it is tried again"),
+                None => "dnsmasq is not running (it is being restarted)".into(),
+            });
         }
         let (subnet, range) = match &plan {
             Ok(p) => (p.v4.network(), p.range.to_string()),
@@ -315,6 +325,10 @@ mod tests {
         let p = plan(&[c("10.55.0.1/24"), c("fd00:55::1/64")], None).unwrap();
         assert_eq!(p.range.to_string(), "10.55.0.2-10.55.0.254");
         assert_eq!(p.v6, [c("fd00:55::1/64")]);
+        for wide_or_narrow in ["0.0.0.1/0", "10.0.0.1/7", "10.0.0.1/31"] {
+            let e = plan(&[c(wide_or_narrow)], None).unwrap_err();
+            assert!(e.message.contains("from /8 to /30"), "{}", e.message);
+        }
         let e = plan(&[c("10.55.0.1/24")], Some("10.9.0.2-10.9.0.9")).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidParameter);
         assert!(e.message.contains("not inside"), "{}", e.message);
