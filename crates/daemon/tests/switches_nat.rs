@@ -155,6 +155,26 @@ fn nat_switches_bad_input_changes_nothing_and_delete_leaves_nothing_of_ours() {
         );
         assert_eq!(host_state(&d), before, "{body} changed the host");
     }
+    // A subnet of the host's own (an address on a link that is not ours).
+    sh(
+        &d,
+        "ip link add uplink0 type veth peer name uplink1 && ip addr add 192.0.2.5/24 dev uplink0",
+    );
+    let before = host_state(&d);
+    let r = d.post(
+        "/v1/switches",
+        json!({"name": "n", "type": "nat", "host_addresses": ["192.0.2.1/25"]}),
+    );
+    assert_eq!((r.status, r.code()), (409, "InUse"), "{}", r.raw);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("overlaps 192.0.2.0/24 of the host's interface uplink0"),
+        "{}",
+        r.raw
+    );
+    assert_eq!(host_state(&d), before);
     // A host without nft or dnsmasq: the package to install, nothing made.
     let good = json!({"name": "n", "type": "nat", "host_addresses": ["10.55.0.1/24"]});
     for (var, package) in [

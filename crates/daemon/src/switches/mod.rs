@@ -196,6 +196,24 @@ impl Switches {
         Ok(())
     }
 
+    /// A NAT switch's subnets may not overlap the host's own networks (addresses
+    /// on links that are not ours): its masquerade and routes would take them over.
+    async fn check_host_networks(&self, name: &str, addrs: &[Cidr]) -> Result<(), ApiError> {
+        let theirs = self.host()?.foreign_addresses().await.map_err(host_error)?;
+        for (link, other) in theirs {
+            if let Some(mine) = addrs.iter().find(|a| a.overlaps(&other)) {
+                return Err(ApiError::new(
+                    ErrorCode::InUse,
+                    format!(
+                        "the subnet of {mine} for the NAT switch {name} overlaps {} of the host's interface {link}; choose a subnet the host does not use",
+                        other.network()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Creates a switch: checks, the bridge and its addresses, then the file.
     pub async fn create(
         &self,
@@ -234,6 +252,9 @@ impl Switches {
         };
         self.check_conflicts(&s, &addrs)?;
         let host = self.host()?;
+        if nat_plan.is_some() {
+            self.check_host_networks(&s.name, &addrs).await?;
+        }
         // The programs first: a host without them changes nothing.
         let tools = nat_plan.as_ref().map(|_| nat::tools()).transpose()?;
         let bridge = bridge_of(id);
@@ -321,6 +342,9 @@ impl Switches {
         } else {
             None
         };
+        if nat_changed && new.host_addresses != old.host_addresses {
+            self.check_host_networks(&new.name, &addrs).await?;
+        }
         if new.host_addresses != old.host_addresses {
             let host = self.host()?;
             host.ensure_bridge(&bridge).await.map_err(host_error)?;
