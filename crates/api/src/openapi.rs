@@ -247,7 +247,7 @@ pub fn routes() -> Vec<Route> {
         r(
             "post",
             "/v1/switches",
-            "Create a virtual switch (private or internal) and its bridge on the host",
+            "Create a virtual switch (private, internal or NAT) and its bridge on the host",
             Some(s::<switches::CreateSwitchRequest>),
             201,
             Some(s::<switches::Switch>),
@@ -263,10 +263,18 @@ pub fn routes() -> Vec<Route> {
         r(
             "patch",
             "/v1/switches/{switch}",
-            "Rename a virtual switch or replace its host addresses",
+            "Rename a virtual switch or replace its host addresses (or a NAT switch's DHCP range)",
             Some(s::<switches::UpdateSwitchRequest>),
             200,
             Some(s::<switches::Switch>),
+        ),
+        r(
+            "get",
+            "/v1/switches/{switch}/leases",
+            "A NAT switch's DHCP leases, with the VM and adapter owning each MAC (other switches: an empty list and the reason)",
+            None,
+            200,
+            Some(s::<switches::LeaseList>),
         ),
         Route {
             query: &["force"],

@@ -14,6 +14,9 @@ pub enum SwitchKind {
     /// VMs on it and the host, which gets an interface on the switch with the
     /// host addresses given.
     Internal,
+    /// An internal switch whose IPv4 subnet is masqueraded through the host's
+    /// default route, with DHCP and DNS (dnsmasq) for the VMs on it.
+    Nat,
 }
 
 impl SwitchKind {
@@ -21,6 +24,7 @@ impl SwitchKind {
         match self {
             SwitchKind::Private => "private",
             SwitchKind::Internal => "internal",
+            SwitchKind::Nat => "nat",
         }
     }
 }
@@ -42,6 +46,64 @@ pub struct Switch {
     /// The network adapters configured to connect to it.
     #[serde(default)]
     pub adapters: Vec<SwitchAdapter>,
+    /// NAT switches: the masquerade, DHCP and DNS as they are now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatInfo>,
+}
+
+/// A NAT switch's services on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NatInfo {
+    /// The subnet masqueraded (`10.55.0.0/24`).
+    pub subnet: String,
+    /// The addresses DHCP hands out (`10.55.0.2-10.55.0.254`).
+    pub dhcp_range: String,
+    /// The DNS domain of the guests' names (`NAME.viridian.internal`).
+    pub domain: String,
+    /// The host's name in that DNS (`host.viridian.internal`).
+    pub host_name: String,
+    /// The nftables table with the switch's rules (`ip viridian-nat-1a2b3c4d`).
+    pub nft_table: String,
+    /// The pid of its dnsmasq, when it is running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dnsmasq_pid: Option<u32>,
+    /// How often dnsmasq was restarted after it died, since the service started.
+    pub dnsmasq_restarts: u32,
+    /// Why it is not running, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// One DHCP lease of a NAT switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Lease {
+    /// Lower case, `52:54:00:12:34:56`.
+    pub mac: String,
+    pub ip: String,
+    /// The name the guest gave (also its name in the switch's DNS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// When it ends (RFC 3339, UTC); none for an infinite lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    /// The VM whose adapter has this MAC, when one on this host has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_name: Option<String>,
+    /// The adapter's MAC as the VM's settings write it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+}
+
+/// `GET /v1/switches/{switch}/leases`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LeaseList {
+    pub leases: Vec<Lease>,
+    /// Why the list is empty by nature (a switch that is not NAT hands out no
+    /// addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// An adapter configured on a switch.
@@ -69,8 +131,14 @@ pub struct CreateSwitchRequest {
     pub kind: SwitchKind,
     /// Internal switches only: the host's addresses on the switch, IPv4 and IPv6,
     /// with their prefix length. Their subnets may not overlap another switch's.
+    /// A NAT switch needs one IPv4 address (its subnet is the one masqueraded).
     #[serde(default)]
     pub host_addresses: Vec<String>,
+    /// NAT switches: the addresses DHCP hands out, `START-END` inside the IPv4
+    /// subnet, not holding the host's address; the larger side of the subnet
+    /// around the host's address unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp_range: Option<String>,
 }
 
 /// `PATCH /v1/switches/{switch}`: what is given changes, the rest stays.
@@ -80,9 +148,13 @@ pub struct UpdateSwitchRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = "vm_config::validate::MAX_NAME_CHARS"))]
     pub name: Option<String>,
-    /// Replaces the host's addresses (internal switches only).
+    /// Replaces the host's addresses (internal and NAT switches).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_addresses: Option<Vec<String>>,
+    /// NAT switches: a new DHCP range (`START-END`), or an empty text for the
+    /// range derived from the subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp_range: Option<String>,
 }
 
 /// How one of a running VM's adapters is connected now.

@@ -1,6 +1,8 @@
-//! `viridian switch create|list|show|set|delete`.
+//! `viridian switch create|list|show|set|delete|leases`.
 
-use api::switches::{CreateSwitchRequest, Switch, SwitchKind, SwitchList, UpdateSwitchRequest};
+use api::switches::{
+    CreateSwitchRequest, LeaseList, Switch, SwitchKind, SwitchList, UpdateSwitchRequest,
+};
 use clap::Subcommand;
 use hyper::Method;
 
@@ -15,6 +17,9 @@ pub enum Kind {
     Private,
     /// VMs on it and the host (which gets the --host-address addresses).
     Internal,
+    /// Internal, plus the IPv4 subnet masqueraded to the host's default route,
+    /// and DHCP and DNS for the VMs (dnsmasq).
+    Nat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -28,6 +33,10 @@ pub enum SwitchCmd {
         /// (10.44.0.1/24, fd00:44::1/64); repeat for more.
         #[arg(long = "host-address", value_name = "CIDR")]
         host_addresses: Vec<String>,
+        /// NAT switches: the addresses DHCP hands out (10.55.0.100-10.55.0.200);
+        /// the larger side of the subnet around the host's address unless given.
+        #[arg(long = "dhcp-range", value_name = "START-END")]
+        dhcp_range: Option<String>,
     },
     /// The virtual switches.
     List,
@@ -44,7 +53,13 @@ pub enum SwitchCmd {
         /// Remove every host address.
         #[arg(long, conflicts_with = "host_addresses")]
         no_host_addresses: bool,
+        /// NAT switches: a new DHCP range (START-END); "" for the derived one.
+        #[arg(long = "dhcp-range", value_name = "START-END")]
+        dhcp_range: Option<String>,
     },
+    /// A NAT switch's DHCP leases: MAC, address, hostname, expiry, and the VM
+    /// whose adapter has the MAC.
+    Leases { switch: String },
     /// Delete a switch. One that adapters are on is refused unless --force,
     /// which disconnects them.
     Delete {
@@ -73,6 +88,24 @@ fn details(s: &Switch) {
     for a in &s.host_addresses {
         println!("  host:        {a}");
     }
+    if let Some(n) = &s.nat {
+        println!("  masquerade:  {} (nft table {})", n.subnet, n.nft_table);
+        println!("  dhcp range:  {}", n.dhcp_range);
+        println!(
+            "  dns:         *.{} ({} is the host)",
+            n.domain, n.host_name
+        );
+        match n.dnsmasq_pid {
+            Some(pid) => println!(
+                "  dnsmasq:     running, pid {pid}, restarted {} times",
+                n.dnsmasq_restarts
+            ),
+            None => println!("  dnsmasq:     not running"),
+        }
+        if let Some(p) = &n.problem {
+            println!("  problem:     {p}");
+        }
+    }
     for a in &s.adapters {
         println!("  adapter:     {} of {} ({})", a.mac, a.vm_name, a.vm);
     }
@@ -85,14 +118,17 @@ pub fn run(cmd: SwitchCmd, conn: &Connection) -> Result<(), Failure> {
             name,
             kind,
             host_addresses,
+            dhcp_range,
         } => {
             let req = CreateSwitchRequest {
                 name,
                 kind: match kind {
                     Kind::Private => SwitchKind::Private,
                     Kind::Internal => SwitchKind::Internal,
+                    Kind::Nat => SwitchKind::Nat,
                 },
                 host_addresses,
+                dhcp_range,
             };
             let (s, _) = client.call::<Switch>(Method::POST, "/v1/switches", Some(&req))?;
             if conn.json {
@@ -139,6 +175,7 @@ pub fn run(cmd: SwitchCmd, conn: &Connection) -> Result<(), Failure> {
             name,
             host_addresses,
             no_host_addresses,
+            dhcp_range,
         } => {
             let req = UpdateSwitchRequest {
                 name,
@@ -149,12 +186,36 @@ pub fn run(cmd: SwitchCmd, conn: &Connection) -> Result<(), Failure> {
                 } else {
                     Some(host_addresses)
                 },
+                dhcp_range,
             };
             let (s, _) = client.call::<Switch>(Method::PATCH, &path(&switch), Some(&req))?;
             if conn.json {
                 output::print_json(&s);
             } else {
                 details(&s);
+            }
+        }
+        SwitchCmd::Leases { switch } => {
+            let list: LeaseList = client.get(&format!("{}/leases", path(&switch)))?;
+            if conn.json {
+                output::print_json(&list);
+            } else if let Some(reason) = &list.reason {
+                println!("no leases: {reason}");
+            } else {
+                println!(
+                    "{:<17} {:<15} {:<20} {:<20} VM",
+                    "MAC", "ADDRESS", "HOSTNAME", "EXPIRES"
+                );
+                for l in &list.leases {
+                    println!(
+                        "{:<17} {:<15} {:<20} {:<20} {}",
+                        l.mac,
+                        l.ip,
+                        l.hostname.as_deref().unwrap_or("-"),
+                        l.expires.as_deref().unwrap_or("never"),
+                        l.vm_name.as_deref().unwrap_or("-")
+                    );
+                }
             }
         }
         SwitchCmd::Delete { switch, force } => {

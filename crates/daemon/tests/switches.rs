@@ -133,6 +133,12 @@ fn switches_are_bridges_with_their_addresses_and_bad_input_changes_nothing() {
         ),
         (
             json!({"name": "x", "type": "nat"}),
+            422,
+            "InvalidParameter",
+            "needs an IPv4 host address",
+        ),
+        (
+            json!({"name": "x", "type": "external"}),
             400,
             "MalformedRequest",
             "",

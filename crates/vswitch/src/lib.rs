@@ -6,7 +6,9 @@
 
 mod cidr;
 pub mod datapath;
+pub mod dnsmasq;
 mod names;
+pub mod nat;
 mod tap;
 
 use futures_util::stream::TryStreamExt;
@@ -345,6 +347,52 @@ impl Host {
             }
         }
         out.sort();
+        Ok(out)
+    }
+
+    /// Every global-scope address on links that are not ours, with its link's
+    /// name: the host's own networks, which a switch's subnet must not overlap.
+    pub async fn foreign_addresses(&self) -> Result<Vec<(String, Cidr)>, SwitchError> {
+        let mut names = std::collections::HashMap::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(msg) = links
+            .try_next()
+            .await
+            .map_err(netlink("list the host's links"))?
+        {
+            let link = link_of(&msg);
+            names.insert(link.index, link.name);
+        }
+        let mut out = Vec::new();
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(netlink("list the host's addresses"))?
+        {
+            if msg.header.scope != AddressScope::Universe {
+                continue;
+            }
+            let Some(name) = names.get(&msg.header.index) else {
+                continue;
+            };
+            if is_ours(name) {
+                continue;
+            }
+            let addr = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(a) | AddressAttribute::Address(a) => Some(*a),
+                _ => None,
+            });
+            if let Some(addr) = addr {
+                out.push((
+                    name.clone(),
+                    Cidr {
+                        addr,
+                        prefix: msg.header.prefix_len,
+                    },
+                ));
+            }
+        }
         Ok(out)
     }
 

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use api::switches::{
-    ConnectAdapterRequest, CreateSwitchRequest, Switch, SwitchAdapter, SwitchList,
-    UpdateSwitchRequest,
+    ConnectAdapterRequest, CreateSwitchRequest, Lease, LeaseList, Switch, SwitchAdapter,
+    SwitchKind, SwitchList, UpdateSwitchRequest,
 };
 use api::ErrorCode;
 use hyper::body::Incoming;
@@ -54,6 +54,7 @@ async fn view(svc: &Service, s: &SwitchSettings) -> Switch {
         bridge: bridge_of(s.id),
         present: svc.switches.present(s).await,
         adapters: adapters_on(svc, s.id),
+        nat: svc.switches.nat_info(s),
     }
 }
 
@@ -69,7 +70,7 @@ pub async fn create(svc: &Arc<Service>, body: Incoming) -> Answer {
     let req: CreateSwitchRequest = read_json(body).await?;
     let s = svc
         .switches
-        .create(req.name, req.kind, &req.host_addresses)
+        .create(req.name, req.kind, &req.host_addresses, req.dhcp_range)
         .await?;
     let mut resp = json(201, &view(svc, &s).await);
     if let Ok(v) = format!("/v1/switches/{}", s.id).parse() {
@@ -87,9 +88,79 @@ pub async fn update(svc: &Arc<Service>, key: &str, body: Incoming) -> Answer {
     let req: UpdateSwitchRequest = read_json(body).await?;
     let s = svc
         .switches
-        .update(key, req.name, req.host_addresses)
+        .update(key, req.name, req.host_addresses, req.dhcp_range)
         .await?;
     Ok(json(200, &view(svc, &s).await))
+}
+
+/// `GET /v1/switches/{switch}/leases`: a NAT switch's leases as its dnsmasq
+/// recorded them, each with the VM and adapter that have its MAC (an adapter on
+/// this switch first, else any VM's on this host). Another switch hands out no
+/// addresses: an empty list and the reason.
+pub async fn leases(svc: &Arc<Service>, key: &str) -> Answer {
+    let s = svc.switches.find(key)?;
+    if s.kind != SwitchKind::Nat {
+        return Ok(json(
+            200,
+            &LeaseList {
+                leases: Vec::new(),
+                reason: Some(format!(
+                    "the switch {} is {}: only NAT switches hand out addresses (DHCP), so it has no leases",
+                    s.name,
+                    s.kind.name()
+                )),
+            },
+        ));
+    }
+    let owners: Vec<(bool, Uuid, String, String)> = {
+        let store = svc.store();
+        store
+            .entries()
+            .filter_map(|e| e.settings.as_ref())
+            .flat_map(|vm| {
+                vm.network_adapters.iter().map(|a| {
+                    let here = a
+                        .switch
+                        .as_deref()
+                        .and_then(|k| svc.switches.resolve(k))
+                        .is_some_and(|sw| sw.id == s.id);
+                    (here, vm.id, vm.name.clone(), a.mac.clone())
+                })
+            })
+            .collect()
+    };
+    let leases = svc
+        .switches
+        .nat
+        .leases(s.id)
+        .into_iter()
+        .map(|l| {
+            let owner = owners
+                .iter()
+                .filter(|o| o.3.eq_ignore_ascii_case(&l.mac))
+                .max_by_key(|o| o.0);
+            Lease {
+                mac: l.mac,
+                ip: l.ip.to_string(),
+                hostname: l.hostname,
+                expires: l.expires.map(|t| {
+                    crate::convert::rfc3339(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                    )
+                }),
+                vm: owner.map(|o| o.1),
+                vm_name: owner.map(|o| o.2.clone()),
+                adapter: owner.map(|o| o.3.clone()),
+            }
+        })
+        .collect();
+    Ok(json(
+        200,
+        &LeaseList {
+            leases,
+            reason: None,
+        },
+    ))
 }
 
 /// `DELETE /v1/switches/{switch}[?force=true]`: a switch adapters are configured

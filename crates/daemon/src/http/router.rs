@@ -249,6 +249,7 @@ async fn dispatch(
         (&M::GET, ["v1", "switches"]) => switches::list(svc).await,
         (&M::POST, ["v1", "switches"]) => switches::create(svc, body).await,
         (&M::GET, ["v1", "switches", sw]) => switches::get(svc, sw).await,
+        (&M::GET, ["v1", "switches", sw, "leases"]) => switches::leases(svc, sw).await,
         (&M::PATCH, ["v1", "switches", sw]) => switches::update(svc, sw, body).await,
         (&M::DELETE, ["v1", "switches", sw]) => switches::delete(svc, sw, query.as_deref()).await,
 

@@ -6,6 +6,7 @@
 //! it found it: a bridge made for a switch whose file then cannot be written is
 //! removed again, and addresses are put back.
 
+pub mod nat;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,6 +31,8 @@ pub struct Switches {
     changes: tokio::sync::Mutex<()>,
     /// Running VMs' adapters as connected at their start.
     ports: Mutex<HashMap<Uuid, Vec<AdapterConnection>>>,
+    /// NAT switches' rules and DHCP/DNS servers.
+    pub nat: nat::Nat,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -80,6 +83,11 @@ fn parse_addresses(kind: SwitchKind, given: &[String]) -> Result<Vec<Cidr>, ApiE
         ));
     }
     let mut out: Vec<Cidr> = Vec::new();
+    if kind == SwitchKind::Nat && given.is_empty() {
+        return Err(ApiError::invalid(
+            "a NAT switch needs an IPv4 host address (its subnet is the one masqueraded and served by DHCP), like --host-address 10.55.0.1/24",
+        ));
+    }
     for text in given {
         let c: Cidr = text
             .parse()
@@ -108,12 +116,13 @@ impl Switches {
             tracing::warn!("{e}; virtual switches cannot be made on this host");
         }
         Switches {
-            dir,
+            dir: dir.clone(),
             entries: Mutex::new(found.into_iter().map(|s| (s.id, s)).collect()),
             host,
             data_path: vswitch::datapath::detect(),
             changes: tokio::sync::Mutex::new(()),
             ports: Mutex::default(),
+            nat: nat::Nat::new(dir.clone()),
         }
     }
 
@@ -187,15 +196,42 @@ impl Switches {
         Ok(())
     }
 
+    /// A NAT switch's subnets may not overlap the host's own networks (addresses
+    /// on links that are not ours): its masquerade and routes would take them over.
+    async fn check_host_networks(&self, name: &str, addrs: &[Cidr]) -> Result<(), ApiError> {
+        let theirs = self.host()?.foreign_addresses().await.map_err(host_error)?;
+        for (link, other) in theirs {
+            if let Some(mine) = addrs.iter().find(|a| a.overlaps(&other)) {
+                return Err(ApiError::new(
+                    ErrorCode::InUse,
+                    format!(
+                        "the subnet of {mine} for the NAT switch {name} overlaps {} of the host's interface {link}; choose a subnet the host does not use",
+                        other.network()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Creates a switch: checks, the bridge and its addresses, then the file.
     pub async fn create(
         &self,
         name: String,
         kind: SwitchKind,
         host_addresses: &[String],
+        dhcp_range: Option<String>,
     ) -> Result<SwitchSettings, ApiError> {
         validate_name(&name)?;
         let addrs = parse_addresses(kind, host_addresses)?;
+        let dhcp_range = dhcp_range.filter(|r| !r.is_empty());
+        let nat_plan = match kind {
+            SwitchKind::Nat => Some(nat::plan(&addrs, dhcp_range.as_deref())?),
+            _ if dhcp_range.is_some() => return Err(ApiError::invalid(
+                "only a NAT switch hands out addresses; a DHCP range is for a switch of type nat",
+            )),
+            _ => None,
+        };
         let _changing = self.changes.lock().await;
         // An id whose bridge name no other switch has (they share 32 bits).
         let id = loop {
@@ -212,9 +248,15 @@ impl Switches {
             name,
             kind,
             host_addresses: addrs.iter().map(Cidr::to_string).collect(),
+            dhcp_range,
         };
         self.check_conflicts(&s, &addrs)?;
         let host = self.host()?;
+        if nat_plan.is_some() {
+            self.check_host_networks(&s.name, &addrs).await?;
+        }
+        // The programs first: a host without them changes nothing.
+        let tools = nat_plan.as_ref().map(|_| nat::tools()).transpose()?;
         let bridge = bridge_of(id);
         let made = host.ensure_bridge(&bridge).await.map_err(host_error)?;
         let undo = || async {
@@ -228,7 +270,22 @@ impl Switches {
             undo().await;
             return Err(host_error(e));
         }
+        if let (Some(plan), Some(tools)) = (&nat_plan, &tools) {
+            if let Err(e) = self.nat.apply(tools, id, &bridge, plan) {
+                self.nat.remove(Some(&tools.nft), id, &bridge, true);
+                self.nat.release_forwarding(self.nat_count());
+                undo().await;
+                return Err(ApiError::internal(format!(
+                    "cannot set up the NAT switch {}: {e}",
+                    s.name
+                )));
+            }
+        }
         if let Err(e) = store::save(&self.dir, &s) {
+            if let Some(tools) = &tools {
+                self.nat.remove(Some(&tools.nft), id, &bridge, true);
+                self.nat.release_forwarding(self.nat_count());
+            }
             undo().await;
             return Err(ApiError::internal(format!(
                 "cannot write {}: {e}",
@@ -246,10 +303,21 @@ impl Switches {
         key: &str,
         name: Option<String>,
         host_addresses: Option<Vec<String>>,
+        dhcp_range: Option<String>,
     ) -> Result<SwitchSettings, ApiError> {
         let _changing = self.changes.lock().await;
         let old = self.find(key)?;
         let mut new = old.clone();
+        if let Some(range) = dhcp_range {
+            if new.kind != SwitchKind::Nat {
+                return Err(ApiError::invalid(format!(
+                    "the switch {} is {}: only a NAT switch hands out addresses, so it has no DHCP range",
+                    old.name,
+                    old.kind.name()
+                )));
+            }
+            new.dhcp_range = Some(range).filter(|r| !r.is_empty());
+        }
         if let Some(name) = name {
             if name != old.name {
                 validate_name(&name)?;
@@ -263,6 +331,20 @@ impl Switches {
         new.host_addresses = addrs.iter().map(Cidr::to_string).collect();
         self.check_conflicts(&new, &addrs)?;
         let bridge = bridge_of(new.id);
+        let nat_plan = match new.kind {
+            SwitchKind::Nat => Some(nat::plan(&addrs, new.dhcp_range.as_deref())?),
+            _ => None,
+        };
+        let nat_changed = nat_plan.is_some()
+            && (new.host_addresses != old.host_addresses || new.dhcp_range != old.dhcp_range);
+        let tools = if nat_changed {
+            Some(nat::tools()?)
+        } else {
+            None
+        };
+        if nat_changed && new.host_addresses != old.host_addresses {
+            self.check_host_networks(&new.name, &addrs).await?;
+        }
         if new.host_addresses != old.host_addresses {
             let host = self.host()?;
             host.ensure_bridge(&bridge).await.map_err(host_error)?;
@@ -270,11 +352,33 @@ impl Switches {
                 .await
                 .map_err(host_error)?;
         }
+        if let (Some(plan), Some(tools)) = (&nat_plan, &tools) {
+            if let Err(e) = self.nat.apply(tools, new.id, &bridge, plan) {
+                // Back to the old addresses and services.
+                let back = parse_addresses(old.kind, &old.host_addresses).unwrap_or_default();
+                if let Ok(host) = self.host() {
+                    let _ = host.set_addresses(&bridge, &back).await;
+                }
+                if let Ok(old_plan) = nat::plan(&back, old.dhcp_range.as_deref()) {
+                    let _ = self.nat.apply(tools, old.id, &bridge, &old_plan);
+                }
+                return Err(ApiError::internal(format!(
+                    "cannot change the NAT switch {}: {e}",
+                    old.name
+                )));
+            }
+        }
         if let Err(e) = store::save(&self.dir, &new) {
             if new.host_addresses != old.host_addresses {
                 let back = parse_addresses(old.kind, &old.host_addresses).unwrap_or_default();
                 if let Ok(host) = self.host() {
                     let _ = host.set_addresses(&bridge, &back).await;
+                }
+            }
+            if let Some(tools) = &tools {
+                let back = nat::addresses(&old.host_addresses);
+                if let Ok(old_plan) = nat::plan(&back, old.dhcp_range.as_deref()) {
+                    let _ = self.nat.apply(tools, old.id, &bridge, &old_plan);
                 }
             }
             return Err(ApiError::internal(format!(
@@ -296,8 +400,14 @@ impl Switches {
                 store::path(&self.dir, id).display()
             ))
         })?;
-        lock(&self.entries).remove(&id);
+        let gone = lock(&self.entries).remove(&id);
         let bridge = bridge_of(id);
+        if gone.is_some_and(|s| s.kind == SwitchKind::Nat) {
+            // dnsmasq goes before its bridge; the table and files with it.
+            let nft = vswitch::nat::Nft::locate().ok();
+            self.nat.remove(nft.as_ref(), id, &bridge, true);
+            self.nat.release_forwarding(self.nat_count());
+        }
         if let Ok(host) = self.host() {
             if let Err(e) = host.delete_link(&bridge).await {
                 tracing::error!("the switch {id} is deleted, but its bridge {bridge} is not: {e}");
@@ -328,6 +438,21 @@ impl Switches {
                 Ok::<_, vswitch::SwitchError>(made)
             }
             .await;
+            let result = match (result, s.kind) {
+                (Ok(made), SwitchKind::Nat) => {
+                    let applied = nat::plan(&addrs, s.dhcp_range.as_deref())
+                        .map_err(|e| e.message)
+                        .and_then(|plan| {
+                            let tools = nat::tools().map_err(|e| e.message)?;
+                            self.nat.apply(&tools, s.id, &bridge, &plan)
+                        });
+                    if let Err(e) = applied {
+                        tracing::error!(switch = %s.id, name = %s.name, "cannot set up the NAT of {bridge}: {e}");
+                    }
+                    Ok(made)
+                }
+                (other, _) => other,
+            };
             match result {
                 Ok(made) => {
                     tracing::info!(switch = %s.id, name = %s.name, %bridge, ?made, "virtual switch ready")
@@ -337,6 +462,29 @@ impl Switches {
                 }
             }
         }
+        // Tables named like ours that no switch of this service has are left
+        // alone: another service on this host (another data dir) may own them.
+        self.nat.release_forwarding(self.nat_count());
+    }
+
+    /// How many NAT switches there are.
+    pub fn nat_count(&self) -> usize {
+        lock(&self.entries)
+            .values()
+            .filter(|s| s.kind == SwitchKind::Nat)
+            .count()
+    }
+
+    /// The NAT switch's services as they are now (`None` for other types).
+    pub fn nat_info(&self, s: &SwitchSettings) -> Option<api::switches::NatInfo> {
+        (s.kind == SwitchKind::Nat).then(|| {
+            let addrs = nat::addresses(&s.host_addresses);
+            self.nat.info(
+                s.id,
+                &bridge_of(s.id),
+                nat::plan(&addrs, s.dhcp_range.as_deref()),
+            )
+        })
     }
 
     /// Makes the ports of a VM about to start: a tap on its switch's bridge for

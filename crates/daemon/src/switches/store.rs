@@ -10,7 +10,8 @@ use uuid::Uuid;
 /// The schema version this build writes.
 ///
 /// - 1: the first (private and internal switches).
-pub const SCHEMA_VERSION: u32 = 1;
+/// - 2: NAT switches (`type: nat`, `dhcp_range`). Nothing to upgrade.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// One switch's settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +24,9 @@ pub struct SwitchSettings {
     /// Internal switches: the host's addresses on the bridge, canonical text.
     #[serde(default)]
     pub host_addresses: Vec<String>,
+    /// NAT switches: the DHCP range given (`START-END`); derived when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp_range: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -115,10 +119,11 @@ mod tests {
             name: "lan".into(),
             kind: SwitchKind::Internal,
             host_addresses: vec!["10.44.0.1/24".into()],
+            dhcp_range: None,
         };
         save(dir.path(), &s).unwrap();
         let text = std::fs::read_to_string(path(dir.path(), s.id)).unwrap();
-        assert!(text.contains("\"schema_version\": 1"), "{text}");
+        assert!(text.contains("\"schema_version\": 2"), "{text}");
         assert!(text.contains("\"type\": \"internal\""), "{text}");
         std::fs::write(
             dir.path().join("broken.json"),
@@ -127,7 +132,7 @@ mod tests {
         .unwrap();
         std::fs::write(
             dir.path().join("future.json"),
-            text.replace("\"schema_version\": 1", "\"schema_version\": 9"),
+            text.replace("\"schema_version\": 2", "\"schema_version\": 9"),
         )
         .unwrap();
         let (found, problems) = load_all(dir.path());
