@@ -381,7 +381,8 @@ done
 fn cli() -> std::path::PathBuf {
     let daemon = std::path::Path::new(env!("CARGO_BIN_EXE_viridiand"));
     let cli = daemon.with_file_name("viridian");
-    if !cli.exists() {
+    // Built every time (a no-op when fresh): a stale binary would lack new commands.
+    {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-p", "cli", "--bin", "viridian"]);
