@@ -300,6 +300,10 @@ pub async fn add_adapter(svc: &Arc<Service>, key: &str, body: Incoming) -> Answe
         mac: mac.clone(),
         pci_slot: req.pci_slot,
         switch,
+        mac_address_spoofing: false,
+        dhcp_guard: false,
+        router_guard: false,
+        maximum_bandwidth: None,
     };
     let (_, vm) = svc.update_vm(key, |s| {
         s.network_adapters.push(adapter);
