@@ -9,12 +9,32 @@ use hyper::Response;
 
 use crate::error::ApiError;
 use crate::http::body::{full, json, Body};
-use crate::metering::{prometheus, MetricsRow};
+use crate::metering::{prometheus, prometheus_network, MetricsRow, NetworkRow};
 use crate::service::{find, Service};
 
 type Answer = Result<Response<Body>, ApiError>;
 
-pub fn metrics(svc: &Arc<Service>) -> Answer {
+pub async fn metrics(svc: &Arc<Service>) -> Answer {
+    let adapters = svc.switches.all_counters().await;
+    let names: std::collections::HashMap<uuid::Uuid, String> = {
+        let store = svc.store();
+        adapters
+            .iter()
+            .filter_map(|(id, _)| store.get(*id).map(|e| (*id, e.name())))
+            .collect()
+    };
+    let network: Vec<NetworkRow<'_>> = adapters
+        .iter()
+        .filter_map(|(id, c)| {
+            Some(NetworkRow {
+                id: *id,
+                name: names.get(id)?,
+                mac: &c.mac,
+                counters: c.counters.as_ref()?,
+            })
+        })
+        .collect();
+    let network = prometheus_network(&network);
     let vms = svc
         .workers
         .as_ref()
@@ -34,7 +54,7 @@ pub fn metrics(svc: &Arc<Service>) -> Answer {
     Response::builder()
         .status(200)
         .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-        .body(full(Bytes::from(prometheus(&rows))))
+        .body(full(Bytes::from(prometheus(&rows) + &network)))
         .map_err(|e| ApiError::internal(format!("cannot build the response: {e}")))
 }
 
