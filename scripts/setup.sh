@@ -6,7 +6,7 @@ set -euo pipefail
 APT_PACKAGES=(
     qemu-system-x86 qemu-utils qemu-block-extra ovmf seabios ipxe-qemu
     busybox-static cpio gzip python3 python3-libvhdi
-    iproute2 util-linux
+    iproute2 util-linux nftables
     syslinux syslinux-common mtools dosfstools
     build-essential pkg-config curl ca-certificates
 )
