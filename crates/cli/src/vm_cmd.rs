@@ -303,9 +303,17 @@ pub enum NicCmd {
         #[arg(long)]
         router_guard: Option<OnOff>,
         /// Bits per second each way (100M, 1G, 64k), or none for unlimited.
-        #[arg(long, value_parser = crate::size::bandwidth_bits)]
-        maximum_bandwidth: Option<Option<u64>>,
+        #[arg(long, value_parser = bandwidth, allow_hyphen_values = true)]
+        maximum_bandwidth: Option<Bandwidth>,
     },
+}
+
+/// `--maximum-bandwidth`: bits per second, or `None` for unlimited.
+#[derive(Clone, Copy, Debug)]
+pub struct Bandwidth(Option<u64>);
+
+fn bandwidth(text: &str) -> Result<Bandwidth, String> {
+    crate::size::bandwidth_bits(text).map(Bandwidth)
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -702,7 +710,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                 mac_address_spoofing: mac_spoofing.map(OnOff::on),
                 dhcp_guard: dhcp_guard.map(OnOff::on),
                 router_guard: router_guard.map(OnOff::on),
-                maximum_bandwidth,
+                maximum_bandwidth: maximum_bandwidth.map(|b| b.0),
             };
             let (a, _) = client.call::<NetworkAdapter>(Method::PATCH, &path, Some(&req))?;
             if conn.json {

@@ -341,6 +341,9 @@ fn guards_and_bandwidth_are_enforced_live_counted_and_removed_with_the_vms() {
     assert!(!q.contains("tbf"), "{q}");
     let from_a_free = time_from_a(&d);
     let to_a_free = time_to_a(&d);
+    eprintln!(
+        "{TRANSFER} bytes under {LIMIT} bits/s: from a {from_a:.2} s, to a {to_a:.2} s; unlimited: {from_a_free:.2} s, {to_a_free:.2} s"
+    );
     assert!(
         from_a_free < from_a && to_a_free < to_a,
         "unlimited was not faster: from a {from_a_free:.2} s vs {from_a:.2} s, to a {to_a_free:.2} s vs {to_a:.2} s"

@@ -251,7 +251,7 @@ pub async fn update_adapter(svc: &Arc<Service>, vm: &str, mac: &str, body: Incom
         |a: &vm_config::NetworkAdapter| canonical_mac(&a.mac).ok().as_deref() == Some(&wanted);
     let no_such = |name: &str| {
         ApiError::not_found(format!(
-            "VM {name} has no network adapter with MAC {wanted}; `viridian vm nic list` or GET /v1/vms/{{vm}}/network-adapters lists them"
+            "VM {name} has no network adapter with MAC {wanted}; `viridian vm show {name}` lists its adapters"
         ))
     };
     let live = {
