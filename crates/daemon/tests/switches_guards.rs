@@ -23,9 +23,9 @@ const TRANSFER: usize = 2 << 20;
 /// The limit the timed transfers run under, bits/s.
 const LIMIT: u64 = 4_000_000;
 
-/// Guest a: a rogue DHCP server (busybox udhcpd), a sink on TCP 5002 for what
-/// the host sends it, and a sender of `TRANSFER` bytes to the host's TCP 5001,
-/// tried every second.
+/// Guest a: a rogue DHCP server (busybox udhcpd), a receiver of what the host's
+/// TCP 5002 sends (it says how many bytes it got), and a sender of `TRANSFER`
+/// bytes to the host's TCP 5001; both tried every second.
 fn guest_a() -> String {
     format!(
         r#"ip link set lo up
@@ -34,7 +34,7 @@ ip addr add {A}/24 dev eth0
 printf 'start 10.50.0.100\nend 10.50.0.110\ninterface eth0\nlease_file /tmp/leases\noption subnet 255.255.255.0\n' > /tmp/udhcpd.conf
 touch /tmp/leases
 udhcpd -f /tmp/udhcpd.conf &
-(while true; do nc -l -p 5002 > /dev/null; done) &
+(while true; do n=$(nc {HOST} 5002 < /dev/null | wc -c); [ "$n" -gt 0 ] && echo "VIRIDIAN-GUEST: got $n"; sleep 1; done) &
 echo "VIRIDIAN-GUEST: net up"
 while true; do
   dd if=/dev/zero bs=1024 count={k} 2>/dev/null | nc {HOST} 5001 && echo "VIRIDIAN-GUEST: sent"
@@ -126,17 +126,21 @@ c.close()
 }
 
 /// Seconds the host takes to send `TRANSFER` bytes to guest a until a has them
-/// all and closes.
+/// all and closes (a says on its console how many it got).
 fn time_to_a(d: &Daemon) -> f64 {
+    let got = |d: &Daemon| {
+        console_of(d, "a")
+            .matches(&format!("VIRIDIAN-GUEST: got {TRANSFER}"))
+            .count()
+    };
+    let before = got(d);
     let script = format!(
         r#"
 import socket, time
-for i in range(120):
-    try:
-        c = socket.create_connection(("{A}", 5002), timeout=5); break
-    except OSError:
-        time.sleep(0.5)
-c.settimeout(120)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("{HOST}", 5002)); s.listen(1); s.settimeout(120)
+c, _ = s.accept(); c.settimeout(120)
 t = time.monotonic()
 c.sendall(b"\0" * {TRANSFER})
 c.shutdown(socket.SHUT_WR)
@@ -146,6 +150,9 @@ print(time.monotonic() - t)
     );
     let (ok, out) = d.in_netns("python3", &["-c", &script]);
     assert!(ok, "the sender failed: {out}");
+    wait_for("a to say it got the bytes", Duration::from_secs(30), || {
+        got(d) > before
+    });
     out.trim().parse().unwrap()
 }
 
@@ -259,6 +266,19 @@ fn guards_and_bandwidth_are_enforced_live_counted_and_removed_with_the_vms() {
     );
     assert!(
         rules.contains(&format!("udp sport 67 counter name \"{tap_a}-dhcp\" drop")),
+        "{rules}"
+    );
+    // The router guard's rules (no busybox tool sends router advertisements).
+    assert!(
+        rules.contains(&format!(
+            "icmpv6 type {{ nd-router-advert, nd-redirect }} counter name \"{tap_a}-router\" drop"
+        )) && rules.contains(&format!(
+            "icmp type redirect counter name \"{tap_a}-router\" drop"
+        )),
+        "{rules}"
+    );
+    assert!(
+        !rules.contains(&format!("{tap_b}-router\" drop")),
         "{rules}"
     );
     let (_, q) = d.in_netns("tc", &["qdisc", "show", "dev", &tap_a]);
