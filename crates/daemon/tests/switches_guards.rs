@@ -490,3 +490,71 @@ fn guards_and_bandwidth_are_enforced_live_counted_and_removed_with_the_vms() {
     let (_, q) = d.in_netns("tc", &["qdisc", "show"]);
     assert!(!q.contains("tbf") && !q.contains("ingress"), "{q}");
 }
+
+#[test]
+fn without_nftables_a_port_stays_off_its_switch_and_changes_name_nftables() {
+    ensure_worker_binary();
+    let mut d = Daemon::start_in_netns(&[]);
+    let _cleanup = KillWorkersOnDrop(d.data.clone());
+    // A PATH with every program of the system's but `nft`.
+    let bin = d.dir.path().join("bin-without-nft");
+    std::fs::create_dir_all(&bin).unwrap();
+    for dir in [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            if name != "nft" && !bin.join(&name).exists() {
+                let _ = std::os::unix::fs::symlink(e.path(), bin.join(&name));
+            }
+        }
+    }
+    d.env = vec![("PATH".into(), bin.display().to_string())];
+    d.restart();
+    let r = d.post("/v1/switches", json!({"name": "lab"}));
+    assert_eq!(r.status, 201, "{}", r.raw);
+    // A VM with no disks: its firmware finds nothing to boot, which is enough here.
+    d.create_vm("x");
+    let r = d.post("/v1/vms/x/network-adapters", json!({"switch": "lab"}));
+    assert_eq!(r.status, 201, "{}", r.raw);
+    let mac = r.body["mac"].as_str().unwrap().to_string();
+    let r = d.post("/v1/vms/x/start", json!({}));
+    assert_eq!(r.status, 202, "{}", r.raw);
+    let job = wait_job(&d, r.body["id"].as_str().unwrap());
+    assert_eq!(job["state"], "Completed", "{job}\n{}", d.log());
+    let nic = d.get("/v1/vms/x").body["runtime"]["network_adapters"][0].clone();
+    assert_eq!(nic["connected"], false, "{nic}");
+    assert!(
+        nic["reason"].as_str().unwrap().contains("nftables"),
+        "{nic}"
+    );
+    let tap = nic["tap"].as_str().unwrap().to_string();
+    let (_, link) = d.in_netns("ip", &["-o", "link", "show", "dev", &tap]);
+    assert!(
+        !link.contains("master"),
+        "an unguarded port is on a bridge: {link}"
+    );
+    // A change is refused naming nftables, and the settings stay as they were.
+    let r = patch(
+        &d,
+        &format!("/v1/vms/x/network-adapters/{mac}"),
+        json!({"dhcp_guard": true}),
+    );
+    assert!(r.status >= 500, "{}", r.raw);
+    assert!(
+        r.body["message"].as_str().unwrap().contains("nftables"),
+        "{}",
+        r.raw
+    );
+    assert_eq!(
+        d.get("/v1/vms/x").body["settings"]["network_adapters"][0]["dhcp_guard"],
+        false
+    );
+    let job = act(&d, "x", "stop");
+    assert_eq!(job["state"], "Completed", "{job}");
+}
