@@ -246,6 +246,25 @@ pub fn measurement(m: &VmMeasurement) {
             println!("  {line}");
         }
     }
+    if !m.network_adapters.is_empty() {
+        println!(
+            "  network:     {} received, {} sent",
+            human(m.network_received_bytes),
+            human(m.network_sent_bytes)
+        );
+    }
+    for a in &m.network_adapters {
+        let c = &a.counters;
+        println!(
+            "  adapter {}: {} received, {} sent; dropped {} (mac spoofing), {} (dhcp guard), {} (router guard)",
+            a.mac,
+            human(c.received_bytes),
+            human(c.sent_bytes),
+            c.dropped.mac_address_spoofing,
+            c.dropped.dhcp_guard,
+            c.dropped.router_guard
+        );
+    }
 }
 
 pub fn job_table(jobs: &[Job]) {

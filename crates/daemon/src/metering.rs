@@ -212,6 +212,10 @@ pub fn measurement(
         disk_data_written_bytes: all(|t| t.write_bytes),
         average_normalized_iops: per_second(all(|t| t.normalized_ops), ms),
         drives,
+        // The switches know the ports; the caller adds them.
+        network_received_bytes: 0,
+        network_sent_bytes: 0,
+        network_adapters: Vec::new(),
     })
 }
 

@@ -457,6 +457,14 @@ fn guards_and_bandwidth_are_enforced_live_counted_and_removed_with_the_vms() {
         "{m}"
     );
 
+    // Measure-VM: the adapters' totals since their ports were made.
+    let m = d.get("/v1/vms/a/measure").body;
+    assert!(
+        m["network_sent_bytes"].as_u64().unwrap() >= 2 * TRANSFER as u64
+            && m["network_adapters"][0]["mac"] == json!(mac_a),
+        "{m}"
+    );
+
     // A daemon restart keeps the ports' guards (and their counts).
     let rules = nft_ruleset(&d);
     d.restart();

@@ -58,7 +58,7 @@ pub async fn metrics(svc: &Arc<Service>) -> Answer {
         .map_err(|e| ApiError::internal(format!("cannot build the response: {e}")))
 }
 
-pub fn measure(svc: &Arc<Service>, key: &str) -> Answer {
+pub async fn measure(svc: &Arc<Service>, key: &str) -> Answer {
     let (id, name, state) = {
         let store = svc.store();
         let entry = find(&store, key)?;
@@ -73,7 +73,7 @@ pub fn measure(svc: &Arc<Service>, key: &str) -> Answer {
     if !matches!(state, VmState::Running | VmState::Paused) {
         return Err(not_running());
     }
-    let m = svc
+    let mut m = svc
         .workers
         .as_ref()
         .and_then(|w| w.measure(id))
@@ -83,5 +83,26 @@ pub fn measure(svc: &Arc<Service>, key: &str) -> Answer {
                 format!("VM {name} has no counters yet; ask again in a second"),
             )
         })?;
+    let mut connections = svc.switches.connections(id);
+    svc.switches.add_counters(&mut connections).await;
+    m.network_adapters = connections
+        .into_iter()
+        .filter_map(|c| {
+            Some(api::vms::AdapterMeasurement {
+                counters: c.counters?,
+                mac: c.mac,
+            })
+        })
+        .collect();
+    m.network_received_bytes = m
+        .network_adapters
+        .iter()
+        .map(|a| a.counters.received_bytes)
+        .sum();
+    m.network_sent_bytes = m
+        .network_adapters
+        .iter()
+        .map(|a| a.counters.sent_bytes)
+        .sum();
     Ok(json(200, &m))
 }

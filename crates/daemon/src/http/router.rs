@@ -211,7 +211,7 @@ async fn dispatch(
             Ok(json(200, &svc.update_host(&req)?))
         }
         (&M::GET, ["v1", "metrics"]) => metrics::metrics(svc).await,
-        (&M::GET, ["v1", "vms", vm, "measure"]) => metrics::measure(svc, vm),
+        (&M::GET, ["v1", "vms", vm, "measure"]) => metrics::measure(svc, vm).await,
         (&M::GET, ["v1", "openapi.json"]) => Ok(json(200, &api::openapi::document())),
         (&M::GET, ["v1", "events"]) => sse::events(svc, shutdown),
 
