@@ -64,6 +64,8 @@ pub enum GuardError {
     Refused { action: String, stderr: String },
     #[error("nftables answered with JSON this service does not understand ({0})")]
     Output(String),
+    #[error(transparent)]
+    Name(#[from] crate::SwitchError),
 }
 
 fn counter_names(tap: &str) -> [String; 3] {
@@ -224,7 +226,7 @@ fn port_commands(tap: &str, g: &PortGuards) -> Vec<Value> {
 /// Makes the port `tap`'s guards `g`, in one transaction: at the port's making
 /// and at every change (its drop counts are kept).
 pub async fn apply(tap: &str, g: &PortGuards) -> Result<(), GuardError> {
-    crate::check_ours(tap).map_err(|e| GuardError::Output(e.to_string()))?;
+    crate::check_ours(tap)?;
     transact(
         &format!("set the guards of the port {tap}"),
         port_commands(tap, g),
@@ -258,6 +260,7 @@ fn port_names(items: &[Value]) -> Vec<String> {
 /// Removes the port `tap`'s guards and counters; with the last port, the whole
 /// table. A port without guards is fine.
 pub async fn remove(tap: &str) -> Result<(), GuardError> {
+    crate::check_ours(tap)?;
     let Some(items) = list_table().await? else {
         return Ok(());
     };
