@@ -221,6 +221,14 @@ pub fn routes() -> Vec<Route> {
             None,
         ),
         r(
+            "patch",
+            "/v1/vms/{vm}/network-adapters/{mac}",
+            "Change a network adapter's guards and maximum bandwidth (a running VM's port at once)",
+            Some(s::<switches::UpdateNetworkAdapterRequest>),
+            200,
+            Some(s::<NetworkAdapter>),
+        ),
+        r(
             "post",
             "/v1/vms/{vm}/network-adapters/{mac}/connect",
             "Connect a network adapter to a virtual switch (an Off VM's at its next start; a running or paused VM's at once: its port moves to the switch)",

@@ -174,6 +174,62 @@ pub struct AdapterConnection {
     /// Why a configured adapter is not connected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Its port's traffic and drops since the port was made (`GET /v1/vms/{vm}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<AdapterCounters>,
+}
+
+/// A running adapter's counters, as the host's kernel keeps them for its port.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AdapterCounters {
+    /// Bytes and frames the switch passed to the VM.
+    pub received_bytes: u64,
+    pub received_packets: u64,
+    /// Bytes and frames the VM sent into the switch (before its guards).
+    pub sent_bytes: u64,
+    pub sent_packets: u64,
+    /// Frames from the VM each guard dropped.
+    pub dropped: GuardDrops,
+}
+
+/// Frames from a VM dropped by each of its adapter's guards.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct GuardDrops {
+    /// Another source MAC than the adapter's, with MAC address spoofing off.
+    pub mac_address_spoofing: u64,
+    /// DHCP server messages, with the DHCP guard on.
+    pub dhcp_guard: u64,
+    /// Router advertisements and redirects, with the router guard on.
+    pub router_guard: u64,
+}
+
+/// `PATCH /v1/vms/{vm}/network-adapters/{mac}`: what is given changes, the rest
+/// stays (Hyper-V's Set-VMNetworkAdapter). A running VM's port changes at once.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateNetworkAdapterRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_address_spoofing: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp_guard: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_guard: Option<bool>,
+    /// Bits per second each way; `null` takes the limit away.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(
+        min = "vm_config::validate::MIN_BANDWIDTH",
+        max = "vm_config::validate::MAX_BANDWIDTH"
+    ))]
+    pub maximum_bandwidth: Option<Option<u64>>,
+}
+
+/// A field that is present, `null` included (absent stays `None` by `default`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    Option::<u64>::deserialize(d).map(Some)
 }
 
 /// `POST /v1/vms/{vm}/network-adapters/{mac}/connect`

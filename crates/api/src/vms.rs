@@ -184,6 +184,23 @@ pub struct VmMeasurement {
     /// Each drive's averages and totals, IDE before SCSI.
     #[serde(default)]
     pub drives: Vec<DriveMeasurement>,
+    /// Bytes the VM's connected adapters received since their ports were made
+    /// (Hyper-V's inbound network traffic).
+    #[serde(default)]
+    pub network_received_bytes: u64,
+    /// Bytes they sent (outbound traffic).
+    #[serde(default)]
+    pub network_sent_bytes: u64,
+    /// Each connected adapter's totals and drops by guard.
+    #[serde(default)]
+    pub network_adapters: Vec<AdapterMeasurement>,
+}
+
+/// One adapter's totals in a measurement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AdapterMeasurement {
+    pub mac: String,
+    pub counters: crate::switches::AdapterCounters,
 }
 
 /// One line of `GET /v1/vms`.

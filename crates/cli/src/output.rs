@@ -74,6 +74,7 @@ pub fn vm_details(vm: &Vm) {
                     .as_deref()
                     .map_or(", not connected".into(), |sw| format!(", switch {sw}"));
                 println!("  network:     {:?} {}{slot}{switch}", a.kind, a.mac);
+                println!("               {}", crate::vm_cmd::adapter_options(a));
             }
             if !s.notes.is_empty() {
                 println!("  notes:       {}", s.notes);
@@ -112,6 +113,9 @@ pub fn vm_details(vm: &Vm) {
     }
     for a in &r.network_adapters {
         match (&a.tap, &a.reason) {
+            (Some(_), Some(reason)) if !a.connected => {
+                println!("  network:     {} DISCONNECTED: {reason}", a.mac)
+            }
             (Some(tap), _) => println!(
                 "  network:     {} on switch {} (port {tap}, {})",
                 a.mac,
@@ -120,6 +124,19 @@ pub fn vm_details(vm: &Vm) {
             ),
             (None, Some(reason)) => println!("  network:     {} DISCONNECTED: {reason}", a.mac),
             (None, None) => println!("  network:     {} not connected", a.mac),
+        }
+        if let Some(c) = &a.counters {
+            println!(
+                "               received {} in {} frames, sent {} in {} frames",
+                human(c.received_bytes),
+                c.received_packets,
+                human(c.sent_bytes),
+                c.sent_packets
+            );
+            println!(
+                "               dropped: {} by mac spoofing, {} by dhcp guard, {} by router guard",
+                c.dropped.mac_address_spoofing, c.dropped.dhcp_guard, c.dropped.router_guard
+            );
         }
     }
     if let Some(p) = &r.processor_settings {
@@ -228,6 +245,25 @@ pub fn measurement(m: &VmMeasurement) {
         for line in drive_measurement(d) {
             println!("  {line}");
         }
+    }
+    if !m.network_adapters.is_empty() {
+        println!(
+            "  network:     {} received, {} sent",
+            human(m.network_received_bytes),
+            human(m.network_sent_bytes)
+        );
+    }
+    for a in &m.network_adapters {
+        let c = &a.counters;
+        println!(
+            "  adapter {}: {} received, {} sent; dropped {} (mac spoofing), {} (dhcp guard), {} (router guard)",
+            a.mac,
+            human(c.received_bytes),
+            human(c.sent_bytes),
+            c.dropped.mac_address_spoofing,
+            c.dropped.dhcp_guard,
+            c.dropped.router_guard
+        );
     }
 }
 

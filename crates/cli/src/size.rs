@@ -62,9 +62,85 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// `100 Mbit/s`, `1.5 Gbit/s`, `64 kbit/s`, `8000 bit/s`.
+pub fn human_bits(bits: u64) -> String {
+    let units = [
+        (1e12, "Tbit/s"),
+        (1e9, "Gbit/s"),
+        (1e6, "Mbit/s"),
+        (1e3, "kbit/s"),
+    ];
+    for (scale, name) in units {
+        let v = bits as f64 / scale;
+        if v >= 1.0 {
+            return if v.fract() == 0.0 {
+                format!("{v:.0} {name}")
+            } else {
+                format!("{v:.2} {name}")
+            };
+        }
+    }
+    format!("{bits} bit/s")
+}
+
+/// A network bandwidth: bits per second with decimal units (`100M` is 100
+/// Mbit/s, `1.5G`, `64k`, `2500000`; `bit`, `bps` or `b` may follow), or `none`
+/// for unlimited (`None`).
+pub fn bandwidth_bits(text: &str) -> Result<Option<u64>, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let bad = || {
+        format!("{text:?} is not a bandwidth; give bits per second like 100M, 1.5G or 64k, or none for unlimited")
+    };
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let unit = suffix.trim().to_ascii_lowercase();
+    let unit = unit
+        .strip_suffix("bps")
+        .or_else(|| unit.strip_suffix("bit"))
+        .or_else(|| unit.strip_suffix('b'))
+        .unwrap_or(&unit);
+    let mult: f64 = match unit {
+        "" => 1.0,
+        "k" => 1e3,
+        "m" => 1e6,
+        "g" => 1e9,
+        "t" => 1e12,
+        _ => return Err(bad()),
+    };
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let bits = (n * mult).round();
+    if bits == 0.0 {
+        return Err(format!(
+            "a maximum bandwidth of {text:?} would carry nothing; give a rate like 100M, or none for unlimited"
+        ));
+    }
+    if !bits.is_finite() || bits > u64::MAX as f64 {
+        return Err(format!("{text:?} is out of range"));
+    }
+    Ok(Some(bits as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bandwidths_parse_in_decimal_bits_and_refuse_zero_and_signs() {
+        assert_eq!(bandwidth_bits("100M"), Ok(Some(100_000_000)));
+        assert_eq!(bandwidth_bits("1.5Gbit"), Ok(Some(1_500_000_000)));
+        assert_eq!(bandwidth_bits("64kbps"), Ok(Some(64_000)));
+        assert_eq!(bandwidth_bits("2500000"), Ok(Some(2_500_000)));
+        assert_eq!(bandwidth_bits("none"), Ok(None));
+        for bad in ["0", "0M", "-5M", "fast", "10Q", ""] {
+            let e = bandwidth_bits(bad).unwrap_err();
+            assert!(e.contains("bandwidth"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn sizes_parse_with_binary_units() {

@@ -289,6 +289,56 @@ pub enum NicCmd {
     },
     /// Disconnect the adapter from its switch (also while the VM runs).
     Disconnect { vm: String, mac: String },
+    /// Change the adapter's guards and bandwidth (a running VM's port at once).
+    Set {
+        vm: String,
+        mac: String,
+        /// Let frames with another source MAC through (off: they are dropped).
+        #[arg(long = "mac-spoofing")]
+        mac_spoofing: Option<OnOff>,
+        /// Drop DHCP server messages the VM sends.
+        #[arg(long)]
+        dhcp_guard: Option<OnOff>,
+        /// Drop router advertisements and redirects the VM sends.
+        #[arg(long)]
+        router_guard: Option<OnOff>,
+        /// Bits per second each way (100M, 1G, 64k), or none for unlimited.
+        #[arg(long, value_parser = bandwidth, allow_hyphen_values = true)]
+        maximum_bandwidth: Option<Bandwidth>,
+    },
+}
+
+/// `--maximum-bandwidth`: bits per second, or `None` for unlimited.
+#[derive(Clone, Copy, Debug)]
+pub struct Bandwidth(Option<u64>);
+
+fn bandwidth(text: &str) -> Result<Bandwidth, String> {
+    crate::size::bandwidth_bits(text).map(Bandwidth)
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+impl OnOff {
+    fn on(self) -> bool {
+        self == OnOff::On
+    }
+}
+
+/// `mac spoofing off, dhcp guard on, router guard off, bandwidth 100 Mbit/s`.
+pub fn adapter_options(a: &NetworkAdapter) -> String {
+    let onoff = |b: bool| if b { "on" } else { "off" };
+    format!(
+        "mac spoofing {}, dhcp guard {}, router guard {}, bandwidth {}",
+        onoff(a.mac_address_spoofing),
+        onoff(a.dhcp_guard),
+        onoff(a.router_guard),
+        a.maximum_bandwidth
+            .map_or("unlimited".into(), crate::size::human_bits)
+    )
 }
 
 fn vm_path(vm: &str) -> String {
@@ -642,6 +692,31 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                 output::print_json(&a);
             } else {
                 println!("disconnected network adapter {} of {vm}", a.mac);
+            }
+        }
+        VmCmd::Nic {
+            cmd:
+                NicCmd::Set {
+                    vm,
+                    mac,
+                    mac_spoofing,
+                    dhcp_guard,
+                    router_guard,
+                    maximum_bandwidth,
+                },
+        } => {
+            let path = format!("{}/network-adapters/{}", vm_path(&vm), segment(&mac));
+            let req = api::switches::UpdateNetworkAdapterRequest {
+                mac_address_spoofing: mac_spoofing.map(OnOff::on),
+                dhcp_guard: dhcp_guard.map(OnOff::on),
+                router_guard: router_guard.map(OnOff::on),
+                maximum_bandwidth: maximum_bandwidth.map(|b| b.0),
+            };
+            let (a, _) = client.call::<NetworkAdapter>(Method::PATCH, &path, Some(&req))?;
+            if conn.json {
+                output::print_json(&a);
+            } else {
+                println!("network adapter {} of {vm}: {}", a.mac, adapter_options(&a));
             }
         }
     }

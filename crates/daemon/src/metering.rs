@@ -212,6 +212,10 @@ pub fn measurement(
         disk_data_written_bytes: all(|t| t.write_bytes),
         average_normalized_iops: per_second(all(|t| t.normalized_ops), ms),
         drives,
+        // The switches know the ports; the caller adds them.
+        network_received_bytes: 0,
+        network_sent_bytes: 0,
+        network_adapters: Vec::new(),
     })
 }
 
@@ -348,6 +352,79 @@ pub fn prometheus(rows: &[MetricsRow<'_>]) -> String {
                 })
             }),
         );
+    }
+    out
+}
+
+/// One adapter of a running VM with its counters, for [`prometheus_network`].
+pub struct NetworkRow<'a> {
+    pub id: uuid::Uuid,
+    pub name: &'a str,
+    pub mac: &'a str,
+    pub counters: &'a api::switches::AdapterCounters,
+}
+
+/// A per-adapter counter family: name, help, and the counter it shows.
+type NetworkFamily = (
+    &'static str,
+    &'static str,
+    fn(&api::switches::AdapterCounters) -> u64,
+);
+
+/// The adapters' counters in Prometheus text, labelled by VM and MAC; the guards'
+/// drops also by guard.
+pub fn prometheus_network(rows: &[NetworkRow<'_>]) -> String {
+    let mut out = String::new();
+    let labels = |r: &NetworkRow<'_>| {
+        format!(
+            "vm=\"{}\",id=\"{}\",adapter=\"{}\"",
+            escape(r.name),
+            r.id,
+            escape(r.mac)
+        )
+    };
+    let families: [NetworkFamily; 4] = [
+        (
+            "viridian_vm_network_received_bytes_total",
+            "Bytes the switch passed to the VM's adapter.",
+            |c| c.received_bytes,
+        ),
+        (
+            "viridian_vm_network_received_packets_total",
+            "Frames the switch passed to the VM's adapter.",
+            |c| c.received_packets,
+        ),
+        (
+            "viridian_vm_network_sent_bytes_total",
+            "Bytes the VM's adapter sent into the switch (before its guards).",
+            |c| c.sent_bytes,
+        ),
+        (
+            "viridian_vm_network_sent_packets_total",
+            "Frames the VM's adapter sent into the switch (before its guards).",
+            |c| c.sent_packets,
+        ),
+    ];
+    for (name, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for r in rows {
+            let _ = writeln!(out, "{name}{{{}}} {}", labels(r), value(r.counters));
+        }
+    }
+    let name = "viridian_vm_network_dropped_packets_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Frames from the VM's adapter that a guard dropped.\n# TYPE {name} counter"
+    );
+    for r in rows {
+        let d = &r.counters.dropped;
+        for (guard, n) in [
+            ("mac_address_spoofing", d.mac_address_spoofing),
+            ("dhcp_guard", d.dhcp_guard),
+            ("router_guard", d.router_guard),
+        ] {
+            let _ = writeln!(out, "{name}{{{},guard=\"{guard}\"}} {n}", labels(r));
+        }
     }
     out
 }
@@ -516,6 +593,51 @@ mod tests {
         assert!(text.contains(r#",vcpu="0"} 1"#), "{text}");
         assert!(text.contains("viridian_vm_memory_bytes{"), "{text}");
         assert!(text.contains("viridian_vm_processor_weight{"), "{text}");
+    }
+
+    #[test]
+    fn prometheus_network_series_are_counters_labelled_by_adapter_and_guard() {
+        let c = api::switches::AdapterCounters {
+            received_bytes: 100,
+            received_packets: 2,
+            sent_bytes: 300,
+            sent_packets: 4,
+            dropped: api::switches::GuardDrops {
+                mac_address_spoofing: 5,
+                dhcp_guard: 6,
+                router_guard: 0,
+            },
+        };
+        let text = prometheus_network(&[NetworkRow {
+            id: uuid::Uuid::nil(),
+            name: "a",
+            mac: "52:54:00:00:00:01",
+            counters: &c,
+        }]);
+        let l = r#"vm="a",id="00000000-0000-0000-0000-000000000000",adapter="52:54:00:00:00:01""#;
+        assert!(
+            text.contains(&format!(
+                "viridian_vm_network_sent_bytes_total{{{l}}} 300\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "viridian_vm_network_received_packets_total{{{l}}} 2\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "viridian_vm_network_dropped_packets_total{{{l},guard=\"dhcp_guard\"}} 6\n"
+            )),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# TYPE viridian_vm_network_dropped_packets_total counter\n")
+                .count(),
+            1
+        );
     }
 
     #[test]

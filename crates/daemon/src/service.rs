@@ -469,6 +469,13 @@ impl Service {
         Ok(())
     }
 
+    /// The rules for settings of a running VM changed in place (an adapter's
+    /// options): the pure rules only, as nothing else changes.
+    pub fn check_running_settings(&self, new: &VmSettings) -> Result<(), ApiError> {
+        validate::validate(new, &self.limits)?;
+        Ok(())
+    }
+
     /// Every rule for settings about to be written: the pure rules, a unique name,
     /// disks and MACs not used elsewhere, and the files of new or changed drives.
     fn check_new_settings(

@@ -14,7 +14,10 @@ use crate::VmSettings;
 /// - 2: network adapters carry a device id and their PCI slot (see [`crate::devices`]).
 /// - 3: network adapters may name the virtual switch they connect to (`switch`).
 ///   Nothing to upgrade: an older adapter is not connected.
-pub const SCHEMA_VERSION: u32 = 3;
+/// - 4: network adapters carry their guards and bandwidth (`mac_address_spoofing`,
+///   `dhcp_guard`, `router_guard`, `maximum_bandwidth`). Nothing to upgrade: an
+///   older adapter has the defaults (spoofing off, guards off, unlimited).
+pub const SCHEMA_VERSION: u32 = 4;
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

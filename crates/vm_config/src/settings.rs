@@ -215,6 +215,27 @@ pub struct NetworkAdapter {
     /// adapter disconnected, and the VM still starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switch: Option<String>,
+    /// Whether frames the VM sends with another source MAC pass the switch
+    /// (Hyper-V's MacAddressSpoofing). Off: they are dropped (schema 4).
+    #[serde(default)]
+    pub mac_address_spoofing: bool,
+    /// Whether DHCP server messages the VM sends are dropped (Hyper-V's
+    /// DhcpGuard): DHCPv4 from UDP port 67, DHCPv6 from UDP port 547 (schema 4).
+    #[serde(default)]
+    pub dhcp_guard: bool,
+    /// Whether router advertisements and redirects the VM sends are dropped
+    /// (Hyper-V's RouterGuard): ICMPv6 router advertisements and redirects, ICMP
+    /// redirects (schema 4).
+    #[serde(default)]
+    pub router_guard: bool,
+    /// The most the adapter carries each way, in bits per second (Hyper-V's
+    /// MaximumBandwidth). Absent: unlimited (schema 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(
+        min = "crate::validate::MIN_BANDWIDTH",
+        max = "crate::validate::MAX_BANDWIDTH"
+    ))]
+    pub maximum_bandwidth: Option<u64>,
 }
 
 /// Synthetic (virtio, fast) or legacy (emulated, boots PXE on generation 1).

@@ -177,6 +177,10 @@ fn generation_rules_for_dvd_ide_and_legacy_adapters() {
         switch: None,
         kind: AdapterKind::Legacy,
         mac: random_mac(),
+        mac_address_spoofing: false,
+        dhcp_guard: false,
+        router_guard: false,
+        maximum_bandwidth: None,
     }];
     assert_eq!(check(&s), Err(ConfigError::LegacyAdapterInGeneration2));
 }
@@ -238,6 +242,10 @@ fn bad_and_duplicate_macs_are_rejected() {
         switch: None,
         kind: AdapterKind::Synthetic,
         mac: "01:00:00:00:00:01".into(),
+        mac_address_spoofing: false,
+        dhcp_guard: false,
+        router_guard: false,
+        maximum_bandwidth: None,
     }];
     assert!(matches!(check(&s), Err(ConfigError::MacInvalid(_))));
     let mac = random_mac();
@@ -248,6 +256,10 @@ fn bad_and_duplicate_macs_are_rejected() {
             switch: None,
             kind: AdapterKind::Synthetic,
             mac: mac.clone(),
+            mac_address_spoofing: false,
+            dhcp_guard: false,
+            router_guard: false,
+            maximum_bandwidth: None,
         },
         NetworkAdapter {
             id: None,
@@ -255,6 +267,10 @@ fn bad_and_duplicate_macs_are_rejected() {
             switch: None,
             kind: AdapterKind::Legacy,
             mac: mac.to_uppercase(),
+            mac_address_spoofing: false,
+            dhcp_guard: false,
+            router_guard: false,
+            maximum_bandwidth: None,
         },
     ];
     assert!(matches!(check(&s), Err(ConfigError::MacInUse { .. })));
@@ -299,10 +315,14 @@ fn an_adapters_switch_round_trips_and_schema_2_files_read_as_not_connected() {
         mac: "52:54:00:12:34:56".into(),
         pci_slot: Some(16),
         switch: Some("a6f1c1d4-0000-4000-8000-000000000001".into()),
+        mac_address_spoofing: false,
+        dhcp_guard: false,
+        router_guard: false,
+        maximum_bandwidth: None,
     }];
     file::save(&path, &s).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    assert!(text.contains("\"schema_version\": 3"), "{text}");
+    assert!(text.contains("\"schema_version\": 4"), "{text}");
     assert_eq!(file::load(&path).unwrap(), s);
     // A schema 2 file has no `switch`: its adapters load, not connected.
     let mut v2: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -318,4 +338,83 @@ fn an_adapters_switch_round_trips_and_schema_2_files_read_as_not_connected() {
     let loaded = file::load(&path).unwrap();
     assert_eq!(loaded.network_adapters[0].switch, None);
     assert_eq!(loaded.network_adapters[0].mac, "52:54:00:12:34:56");
+}
+
+#[test]
+fn adapter_guards_round_trip_and_schema_3_files_read_with_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.json");
+    let mut s = vm(2);
+    s.network_adapters = vec![NetworkAdapter {
+        id: Some(Uuid::new_v4()),
+        kind: AdapterKind::Synthetic,
+        mac: "52:54:00:12:34:56".into(),
+        pci_slot: Some(16),
+        switch: None,
+        mac_address_spoofing: true,
+        dhcp_guard: true,
+        router_guard: true,
+        maximum_bandwidth: Some(100_000_000),
+    }];
+    file::save(&path, &s).unwrap();
+    assert_eq!(file::load(&path).unwrap(), s);
+    // A schema 3 file has none of them: spoofing off, guards off, unlimited.
+    let mut v3: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v3["schema_version"] = 3.into();
+    let a = v3["settings"]["network_adapters"][0]
+        .as_object_mut()
+        .unwrap();
+    for k in [
+        "mac_address_spoofing",
+        "dhcp_guard",
+        "router_guard",
+        "maximum_bandwidth",
+    ] {
+        a.remove(k).unwrap();
+    }
+    std::fs::write(&path, serde_json::to_string(&v3).unwrap()).unwrap();
+    let a = &file::load(&path).unwrap().network_adapters[0];
+    assert_eq!(
+        (
+            a.mac_address_spoofing,
+            a.dhcp_guard,
+            a.router_guard,
+            a.maximum_bandwidth
+        ),
+        (false, false, false, None)
+    );
+}
+
+#[test]
+fn maximum_bandwidth_outside_its_range_is_rejected_naming_the_adapter() {
+    let mut s = vm(2);
+    for (bw, ok) in [
+        (0, false),
+        (7_999, false),
+        (8_000, true),
+        (1_000_000_000_001, false),
+    ] {
+        s.network_adapters = vec![NetworkAdapter {
+            id: None,
+            kind: AdapterKind::Synthetic,
+            mac: "52:54:00:12:34:56".into(),
+            pci_slot: None,
+            switch: None,
+            mac_address_spoofing: false,
+            dhcp_guard: false,
+            router_guard: false,
+            maximum_bandwidth: Some(bw),
+        }];
+        match check(&s) {
+            Ok(()) => assert!(ok, "{bw} accepted"),
+            Err(e) => {
+                assert!(!ok, "{bw}: {e}");
+                assert!(
+                    e.to_string().contains("52:54:00:12:34:56") && e.to_string().contains("bits/s"),
+                    "{e}"
+                );
+            }
+        }
+    }
 }

@@ -41,6 +41,9 @@ pub const MAX_RELATIVE_WEIGHT: u32 = 10_000;
 pub const MIN_MEMORY_MIB: u64 = 32;
 pub const MAX_CHECKPOINT_NAME_CHARS: usize = 100;
 pub const MAX_NOTES_CHARS: usize = 4000;
+/// The least and the most a network adapter's `maximum_bandwidth` can be, bits/s.
+pub const MIN_BANDWIDTH: u64 = 8_000;
+pub const MAX_BANDWIDTH: u64 = 1_000_000_000_000;
 pub const MAX_SYNTHETIC_ADAPTERS: usize = 8;
 pub const MAX_LEGACY_ADAPTERS: usize = 4;
 
@@ -106,6 +109,8 @@ pub enum ConfigError {
     TooManyAdapters { kind: &'static str, max: usize },
     #[error("MAC address {0:?} is not valid; write six hex bytes separated by colons, not multicast, e.g. 52:54:00:12:34:56")]
     MacInvalid(String),
+    #[error("the maximum bandwidth of the network adapter {mac} is {given} bits/s; give {MIN_BANDWIDTH} to {MAX_BANDWIDTH} bits/s (8 kbit/s to 1 Tbit/s), or none for unlimited")]
+    BandwidthInvalid { mac: String, given: u64 },
     #[error("MAC address {mac} is already used by {owner}; each adapter needs its own address")]
     MacInUse { mac: String, owner: String },
     #[error("the path {0:?} is not absolute; give the full path starting with /")]
@@ -470,6 +475,11 @@ fn validate_adapters(s: &VmSettings) -> Result<(), ConfigError> {
             }
         }
         let mac = canonical_mac(&a.mac)?;
+        if let Some(bw) = a.maximum_bandwidth {
+            if !(MIN_BANDWIDTH..=MAX_BANDWIDTH).contains(&bw) {
+                return Err(ConfigError::BandwidthInvalid { mac, given: bw });
+            }
+        }
         if !macs.insert(mac.clone()) {
             return Err(ConfigError::MacInUse {
                 mac,

@@ -113,6 +113,10 @@ fn new_adapters_get_free_slots_from_16_and_keep_them_when_others_go() {
             mac: mac.into(),
             pci_slot: None,
             switch: None,
+            mac_address_spoofing: false,
+            dhcp_guard: false,
+            router_guard: false,
+            maximum_bandwidth: None,
         });
     }
     devices::assign_identity(&mut s, Some(&old));

@@ -7,14 +7,17 @@
 mod cidr;
 pub mod datapath;
 pub mod dnsmasq;
+pub mod guards;
 mod names;
 pub mod nat;
+pub mod shaping;
 mod tap;
 
 use futures_util::stream::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
+use rtnetlink::packet_route::link::Stats64;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use rtnetlink::{Handle, LinkBridge, LinkIfb, LinkUnspec};
 
 pub use cidr::{Cidr, CidrError};
 pub use datapath::DataPath;
@@ -61,6 +64,16 @@ pub struct Link {
     pub up: bool,
 }
 
+/// A link's traffic counters as the kernel keeps them (for a tap: `rx` is what
+/// its VM sent, `tx` what it was sent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+}
+
 /// Whether [`Host::ensure_bridge`] made the bridge or found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ensured {
@@ -92,7 +105,7 @@ fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code().abs() == errno)
 }
 
-fn check_ours(name: &str) -> Result<(), SwitchError> {
+pub(crate) fn check_ours(name: &str) -> Result<(), SwitchError> {
     if is_ours(name)
         && name.len() <= MAX_NAME_BYTES
         && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
@@ -125,6 +138,7 @@ fn link_of(msg: &LinkMessage) -> Link {
                             InfoKind::Bridge => "bridge".into(),
                             InfoKind::Tun => "tun".into(),
                             InfoKind::Veth => "veth".into(),
+                            InfoKind::Ifb => "ifb".into(),
                             other => other.to_string(),
                         };
                     }
@@ -158,6 +172,62 @@ impl Host {
             Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
             Err(e) => Err(netlink(format!("look up the link {name}"))(e)),
         }
+    }
+
+    /// The traffic counters of the link `name`, if there is one.
+    pub async fn stats(&self, name: &str) -> Result<Option<LinkStats>, SwitchError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let msg = match links.try_next().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Ok(None),
+            Err(e) if is_errno(&e, libc::ENODEV) => return Ok(None),
+            Err(e) => return Err(netlink(format!("read the counters of {name}"))(e)),
+        };
+        let s: Option<Stats64> = msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Stats64(s) => Some(*s),
+            _ => None,
+        });
+        Ok(Some(s.map_or_else(LinkStats::default, |s| LinkStats {
+            rx_bytes: s.rx_bytes,
+            rx_packets: s.rx_packets,
+            tx_bytes: s.tx_bytes,
+            tx_packets: s.tx_packets,
+        })))
+    }
+
+    /// Makes sure the ifb link `name` exists and is up.
+    pub async fn ensure_ifb(&self, name: &str) -> Result<(), SwitchError> {
+        check_ours(name)?;
+        let link = match self.link(name).await? {
+            Some(l) if l.kind != "ifb" => {
+                return Err(SwitchError::WrongKind {
+                    name: name.into(),
+                    found: l.kind,
+                    wanted: "ifb",
+                })
+            }
+            Some(l) => l,
+            None => {
+                self.handle
+                    .link()
+                    .add(LinkIfb::new(name).build())
+                    .execute()
+                    .await
+                    .map_err(netlink(format!("create the ifb link {name}")))?;
+                self.link(name)
+                    .await?
+                    .ok_or_else(|| SwitchError::NoSuchLink(name.into()))?
+            }
+        };
+        if !link.up {
+            self.set_up(&link).await?;
+        }
+        Ok(())
     }
 
     /// Every link whose name carries Viridian's prefix.

@@ -168,3 +168,115 @@ fn refuses_foreign_names_and_wrong_kinds() {
         );
     });
 }
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().expect("run");
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn guards_are_one_table_of_chains_per_port_and_go_with_the_last_port() {
+    use vswitch::guards::{self, PortGuards};
+    in_new_netns(|| async {
+        let (t1, t2) = (tap_name(1), tap_name(2));
+        let mut g = PortGuards {
+            mac: "52:54:00:00:00:01".into(),
+            mac_address_spoofing: false,
+            dhcp_guard: false,
+            router_guard: false,
+        };
+        guards::apply(&t1, &g).await.unwrap();
+        let rules = run("nft", &["list", "ruleset"]);
+        assert!(rules.contains("table bridge viridian"), "{rules}");
+        assert!(
+            rules.contains(&format!(
+                "ether saddr != 52:54:00:00:00:01 counter name \"{t1}-mac\" drop"
+            )),
+            "{rules}"
+        );
+        assert!(!rules.contains("udp sport 67"), "{rules}");
+        // A change replaces the port's rules (applied twice: still once each).
+        g.dhcp_guard = true;
+        g.router_guard = true;
+        guards::apply(&t1, &g).await.unwrap();
+        guards::apply(&t1, &g).await.unwrap();
+        let rules = run("nft", &["list", "ruleset"]);
+        assert_eq!(rules.matches("udp sport 67").count(), 1, "{rules}");
+        assert_eq!(rules.matches("iifname vmap @port").count(), 1, "{rules}");
+        assert!(rules.contains("nd-router-advert"), "{rules}");
+        guards::apply(
+            &t2,
+            &PortGuards {
+                mac: "52:54:00:00:00:02".into(),
+                ..g.clone()
+            },
+        )
+        .await
+        .unwrap();
+        let mut ports = guards::ports().await.unwrap();
+        ports.sort();
+        assert_eq!(ports, [t1.clone(), t2.clone()]);
+        let drops = guards::drops().await.unwrap();
+        assert_eq!(drops.len(), 2);
+        assert_eq!(drops[0].1, guards::GuardDrops::default());
+        guards::remove(&t1).await.unwrap();
+        let rules = run("nft", &["list", "ruleset"]);
+        assert!(!rules.contains(&t1) && rules.contains(&t2), "{rules}");
+        guards::remove(&t2).await.unwrap();
+        guards::remove(&t2).await.unwrap();
+        let rules = run("nft", &["list", "ruleset"]);
+        assert!(rules.trim().is_empty(), "{rules}");
+    });
+}
+
+#[test]
+fn a_bandwidth_limit_is_a_tbf_each_way_and_goes_without_a_trace() {
+    use vswitch::shaping;
+    in_new_netns(|| async {
+        let host = Host::connect().unwrap();
+        let br = bridge_name(0x1a2b3c4d << 96);
+        host.ensure_bridge(&br).await.unwrap();
+        let tap = tap_name(7);
+        host.create_tap(&tap, &br).await.unwrap();
+        let ifb = shaping::ifb_for(&tap);
+        shaping::set_bandwidth(&host, &tap, Some(10_000_000))
+            .await
+            .unwrap();
+        shaping::set_bandwidth(&host, &tap, Some(20_000_000))
+            .await
+            .unwrap();
+        let q = run("tc", &["-j", "qdisc", "show", "dev", &tap]);
+        let q: serde_json::Value = serde_json::from_str(&q).unwrap();
+        let kinds: Vec<&str> = q
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["tbf", "ingress"], "{q}");
+        assert_eq!(q[0]["options"]["rate"], 2_500_000, "{q}");
+        let f = run(
+            "tc",
+            &["-j", "filter", "show", "dev", &tap, "parent", "ffff:"],
+        );
+        assert!(f.contains(&format!("\"to_dev\":\"{ifb}\"")), "{f}");
+        let q = run("tc", &["-j", "qdisc", "show", "dev", &ifb]);
+        assert!(
+            q.contains("\"kind\":\"tbf\"") && q.contains("2500000"),
+            "{q}"
+        );
+        shaping::set_bandwidth(&host, &tap, None).await.unwrap();
+        let q = run("tc", &["-j", "qdisc", "show", "dev", &tap]);
+        assert!(!q.contains("tbf") && !q.contains("ingress"), "{q}");
+        assert!(host.link(&ifb).await.unwrap().is_none());
+        // Again, and on a tap that is gone: nothing to do.
+        shaping::clear(&host, &tap).await.unwrap();
+        host.delete_link(&tap).await.unwrap();
+        shaping::clear(&host, &tap).await.unwrap();
+    });
+}

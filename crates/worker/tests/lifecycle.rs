@@ -185,6 +185,10 @@ async fn generation2_boots_on_q35_with_ovmf_its_own_uefi_variable_store_and_its_
         switch: None,
         kind: vm_config::AdapterKind::Synthetic,
         mac: "52:54:00:00:be:ef".into(),
+        mac_address_spoofing: false,
+        dhcp_guard: false,
+        router_guard: false,
+        maximum_bandwidth: None,
     }];
     s.memory.startup_mib = 256;
     let mut vm = Vm::new(

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use api::switches::{
     ConnectAdapterRequest, CreateSwitchRequest, Lease, LeaseList, Switch, SwitchAdapter,
-    SwitchKind, SwitchList, UpdateSwitchRequest,
+    SwitchKind, SwitchList, UpdateNetworkAdapterRequest, UpdateSwitchRequest,
 };
 use api::ErrorCode;
 use hyper::body::Incoming;
@@ -278,9 +278,12 @@ async fn set_switch(
         .iter()
         .position(is_it)
         .ok_or_else(|| no_such(&name))?;
-    let mac = settings.network_adapters[index].mac.clone();
     svc.switches
-        .move_port(settings.id, &mac, switch.as_ref())
+        .move_port(
+            settings.id,
+            &settings.network_adapters[index],
+            switch.as_ref(),
+        )
         .await?;
     settings.network_adapters[index].switch = switch.as_ref().map(|s| s.id.to_string());
     let adapter = settings.network_adapters[index].clone();
@@ -292,4 +295,96 @@ async fn set_switch(
         vm: svc.summary(entry),
     });
     Ok(json(200, &adapter))
+}
+
+/// `PATCH /v1/vms/{vm}/network-adapters/{mac}`: an adapter's guards and maximum
+/// bandwidth. A VM that is Off gets new settings; a running (or paused) VM's
+/// port changes first, then its settings are written (a port that cannot change
+/// is put back as it was, and nothing is written).
+pub async fn update_adapter(svc: &Arc<Service>, vm: &str, mac: &str, body: Incoming) -> Answer {
+    let req: UpdateNetworkAdapterRequest = read_json(body).await?;
+    let wanted = canonical_mac(mac)?;
+    let apply = |a: &mut vm_config::NetworkAdapter| {
+        if let Some(v) = req.mac_address_spoofing {
+            a.mac_address_spoofing = v;
+        }
+        if let Some(v) = req.dhcp_guard {
+            a.dhcp_guard = v;
+        }
+        if let Some(v) = req.router_guard {
+            a.router_guard = v;
+        }
+        if let Some(v) = req.maximum_bandwidth {
+            a.maximum_bandwidth = v;
+        }
+    };
+    let is_it =
+        |a: &vm_config::NetworkAdapter| canonical_mac(&a.mac).ok().as_deref() == Some(&wanted);
+    let no_such = |name: &str| {
+        ApiError::not_found(format!(
+            "VM {name} has no network adapter with MAC {wanted}; `viridian vm show {name}` lists its adapters"
+        ))
+    };
+    let live = {
+        let store = svc.store();
+        let entry = find(&store, vm)?;
+        let state = svc.runtime.get(entry.id).state;
+        let settings = entry
+            .settings
+            .clone()
+            .ok_or_else(|| damaged_unreadable(entry))?;
+        matches!(state, VmState::Running | VmState::Paused).then_some(settings)
+    };
+    let Some(old) = live else {
+        let (adapter, _) = svc.update_vm(vm, |s| {
+            let name = s.name.clone();
+            let a = s
+                .network_adapters
+                .iter_mut()
+                .find(|a| is_it(a))
+                .ok_or_else(|| no_such(&name))?;
+            apply(a);
+            Ok(a.clone())
+        })?;
+        return Ok(json(200, &adapter));
+    };
+    let index = old
+        .network_adapters
+        .iter()
+        .position(is_it)
+        .ok_or_else(|| no_such(&old.name))?;
+    let mut new = old.clone();
+    apply(&mut new.network_adapters[index]);
+    svc.check_running_settings(&new)?;
+    let adapter = new.network_adapters[index].clone();
+    svc.switches.set_port_options(new.id, &adapter).await?;
+    let saved = {
+        let mut store = svc.store();
+        store
+            .save(new)
+            .map(|entry| svc.summary(entry))
+            .map_err(|e| ApiError::internal(error_chain(&e)))
+    };
+    match saved {
+        Ok(summary) => {
+            svc.events
+                .publish(api::events::EventBody::Vm { vm: summary });
+            Ok(json(200, &adapter))
+        }
+        Err(e) => {
+            // The settings say what the port does: put the port back.
+            if let Err(back) = svc
+                .switches
+                .set_port_options(old.id, &old.network_adapters[index])
+                .await
+            {
+                tracing::error!(
+                    "cannot put the port of {} back: {}",
+                    adapter.mac,
+                    back.message
+                );
+            }
+            Err(e)
+        }
+    }
 }

@@ -62,10 +62,17 @@ pub async fn create(svc: &Arc<Service>, body: Incoming) -> Answer {
     Ok(resp)
 }
 
-pub fn get(svc: &Arc<Service>, key: &str) -> Answer {
-    let store = svc.store();
-    let entry = find(&store, key)?;
-    Ok(json(200, &svc.vm_view(entry)))
+pub async fn get(svc: &Arc<Service>, key: &str) -> Answer {
+    let mut vm = {
+        let store = svc.store();
+        let entry = find(&store, key)?;
+        svc.vm_view(entry)
+    };
+    // Each port's traffic and drops, read from the kernel now.
+    svc.switches
+        .add_counters(&mut vm.runtime.network_adapters)
+        .await;
+    Ok(json(200, &vm))
 }
 
 pub async fn update(svc: &Arc<Service>, key: &str, body: Incoming) -> Answer {
@@ -300,6 +307,10 @@ pub async fn add_adapter(svc: &Arc<Service>, key: &str, body: Incoming) -> Answe
         mac: mac.clone(),
         pci_slot: req.pci_slot,
         switch,
+        mac_address_spoofing: false,
+        dhcp_guard: false,
+        router_guard: false,
+        maximum_bandwidth: None,
     };
     let (_, vm) = svc.update_vm(key, |s| {
         s.network_adapters.push(adapter);

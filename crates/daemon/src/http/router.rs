@@ -210,8 +210,8 @@ async fn dispatch(
             let req: api::host::UpdateHostRequest = crate::http::body::read_json(body).await?;
             Ok(json(200, &svc.update_host(&req)?))
         }
-        (&M::GET, ["v1", "metrics"]) => metrics::metrics(svc),
-        (&M::GET, ["v1", "vms", vm, "measure"]) => metrics::measure(svc, vm),
+        (&M::GET, ["v1", "metrics"]) => metrics::metrics(svc).await,
+        (&M::GET, ["v1", "vms", vm, "measure"]) => metrics::measure(svc, vm).await,
         (&M::GET, ["v1", "openapi.json"]) => Ok(json(200, &api::openapi::document())),
         (&M::GET, ["v1", "events"]) => sse::events(svc, shutdown),
 
@@ -220,7 +220,7 @@ async fn dispatch(
         (&M::POST, ["v1", "vms", vm, "export"]) => transfer::export(svc, vm, body).await,
         (&M::GET, ["v1", "vms"]) => vms::list(svc),
         (&M::POST, ["v1", "vms"]) => vms::create(svc, body).await,
-        (&M::GET, ["v1", "vms", vm]) => vms::get(svc, vm),
+        (&M::GET, ["v1", "vms", vm]) => vms::get(svc, vm).await,
         (&M::PATCH, ["v1", "vms", vm]) => vms::update(svc, vm, body).await,
         (&M::DELETE, ["v1", "vms", vm]) => vms::delete(svc, vm, query.as_deref()),
         (&M::POST, ["v1", "vms", vm, "move-storage"]) => vms::move_storage(svc, vm, body).await,
@@ -238,6 +238,9 @@ async fn dispatch(
         (&M::POST, ["v1", "vms", vm, "network-adapters"]) => vms::add_adapter(svc, vm, body).await,
         (&M::DELETE, ["v1", "vms", vm, "network-adapters", mac]) => {
             vms::remove_adapter(svc, vm, mac)
+        }
+        (&M::PATCH, ["v1", "vms", vm, "network-adapters", mac]) => {
+            switches::update_adapter(svc, vm, mac, body).await
         }
         (&M::POST, ["v1", "vms", vm, "network-adapters", mac, "connect"]) => {
             switches::connect(svc, vm, mac, body).await

@@ -13,11 +13,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
-use api::switches::{AdapterConnection, SwitchKind};
+use api::switches::{AdapterConnection, AdapterCounters, GuardDrops, SwitchKind};
 use api::ErrorCode;
 use uuid::Uuid;
-use vm_config::VmSettings;
-use vswitch::{Cidr, DataPath, Host};
+use vm_config::{NetworkAdapter, VmSettings};
+use vswitch::guards::{self, PortGuards};
+use vswitch::{shaping, Cidr, DataPath, Host};
 
 use crate::error::ApiError;
 pub use store::SwitchSettings;
@@ -59,6 +60,35 @@ pub fn tap_for(vm: Uuid, mac: &str) -> String {
 
 pub fn bridge_of(id: Uuid) -> String {
     vswitch::bridge_name(id.as_u128())
+}
+
+fn guards_of(a: &NetworkAdapter) -> PortGuards {
+    PortGuards {
+        mac: a.mac.clone(),
+        mac_address_spoofing: a.mac_address_spoofing,
+        dhcp_guard: a.dhcp_guard,
+        router_guard: a.router_guard,
+    }
+}
+
+/// Makes the port `tap` enforce adapter `a`'s guards and maximum bandwidth.
+async fn enforce(host: &Host, tap: &str, a: &NetworkAdapter) -> Result<(), String> {
+    guards::apply(tap, &guards_of(a))
+        .await
+        .map_err(|e| crate::vms::store::error_chain(&e))?;
+    shaping::set_bandwidth(host, tap, a.maximum_bandwidth)
+        .await
+        .map_err(|e| crate::vms::store::error_chain(&e))
+}
+
+/// Takes the port `tap`'s guards and limits off the host (its ifb included).
+async fn unenforce(host: &Host, tap: &str) {
+    if let Err(e) = guards::remove(tap).await {
+        tracing::warn!(%tap, "cannot remove the port's guards: {}", crate::vms::store::error_chain(&e));
+    }
+    if let Err(e) = shaping::clear(host, tap).await {
+        tracing::warn!(%tap, "cannot remove the port's bandwidth limit: {}", crate::vms::store::error_chain(&e));
+    }
 }
 
 /// Checks a switch name being set: the rules of VM names, said of a switch.
@@ -506,6 +536,7 @@ impl Switches {
                 tap: None,
                 data_path: None,
                 reason: None,
+                counters: None,
             };
             // An adapter that names a switch gets a tap: on the switch's bridge
             // when that exists, on none otherwise (it can be connected while the
@@ -517,21 +548,42 @@ impl Switches {
             }
             let tap = tap_for(vm.id, &a.mac);
             let target = a.switch.as_ref().map(|key| (key, self.resolve(key)));
-            let made = match (self.host(), &target) {
-                (Err(e), _) => Err(e.message),
-                (Ok(h), Some((_, Some(s)))) => h
-                    .create_tap(&tap, &bridge_of(s.id))
-                    .await
-                    .map_err(|e| crate::vms::store::error_chain(&e)),
-                (Ok(h), _) => h
-                    .create_detached_tap(&tap)
-                    .await
-                    .map_err(|e| crate::vms::store::error_chain(&e)),
+            // The tap is made on no bridge, given its guards and limit, and only
+            // then put on the switch: it never carries a frame unguarded. A port
+            // whose guards cannot be set stays off the switch.
+            let mut guarded = Ok(());
+            let made = match self.host() {
+                Err(e) => Err(e.message),
+                Ok(h) => match h.create_detached_tap(&tap).await {
+                    Err(e) => Err(crate::vms::store::error_chain(&e)),
+                    Ok(()) => {
+                        guarded = enforce(h, &tap, a).await;
+                        match (&guarded, &target) {
+                            (Ok(()), Some((_, Some(s)))) => h
+                                .attach(&tap, &bridge_of(s.id))
+                                .await
+                                .map_err(|e| crate::vms::store::error_chain(&e)),
+                            // Off any bridge (a quick restart's tap may be on one).
+                            _ => h
+                                .detach(&tap)
+                                .await
+                                .map_err(|e| crate::vms::store::error_chain(&e)),
+                        }
+                    }
+                },
             };
             match (&made, &target) {
-                (Ok(()), Some((_, Some(s)))) => {
+                (Ok(()), Some((_, Some(s)))) if guarded.is_ok() => {
                     c.connected = true;
                     c.switch = Some(s.name.clone());
+                }
+                (Ok(()), Some((_, Some(s)))) => {
+                    c.switch = Some(s.name.clone());
+                    c.reason = Some(format!(
+                        "its port on the switch {} cannot be guarded: {}",
+                        s.name,
+                        guarded.as_ref().err().map_or("", String::as_str)
+                    ));
                 }
                 (Err(e), Some((_, Some(s)))) => {
                     c.switch = Some(s.name.clone());
@@ -581,6 +633,7 @@ impl Switches {
                     data_path: port.map(|p| if p.vhost { "vhost-net" } else { "userspace" }.into()),
                     reason: (port.is_none() && a.switch.is_some())
                         .then(|| "the adapter was not connected when the VM started".to_string()),
+                    counters: None,
                 }
             })
             .collect();
@@ -592,9 +645,10 @@ impl Switches {
     pub async fn move_port(
         &self,
         vm: Uuid,
-        mac: &str,
+        adapter: &NetworkAdapter,
         to: Option<&SwitchSettings>,
     ) -> Result<(), ApiError> {
+        let mac = adapter.mac.as_str();
         let _changing = self.changes.lock().await;
         let tap = lock(&self.ports)
             .get(&vm)
@@ -607,6 +661,11 @@ impl Switches {
                 )
             })?;
         let host = self.host()?;
+        if to.is_some() {
+            enforce(host, &tap, adapter)
+                .await
+                .map_err(|e| ApiError::internal(format!("the port {tap} of the adapter {mac} cannot be guarded, so it stays where it is: {e}")))?;
+        }
         match to {
             Some(s) => host.attach(&tap, &bridge_of(s.id)).await,
             None => host.detach(&tap).await,
@@ -622,6 +681,109 @@ impl Switches {
         }
         tracing::info!(vm = %vm, %mac, %tap, switch = ?to.map(|s| &s.name), "network adapter moved while running");
         Ok(())
+    }
+
+    /// Applies a running VM's adapter's guards and bandwidth to its port at once.
+    /// An adapter with no port in this run has nothing on the host to change.
+    pub async fn set_port_options(
+        &self,
+        vm: Uuid,
+        adapter: &NetworkAdapter,
+    ) -> Result<(), ApiError> {
+        let _changing = self.changes.lock().await;
+        let Some(tap) = self.tap_of(vm, &adapter.mac) else {
+            return Ok(());
+        };
+        let host = self.host()?;
+        enforce(host, &tap, adapter).await.map_err(|e| {
+            ApiError::internal(format!(
+                "cannot change the port {tap} of the network adapter {}: {e}",
+                adapter.mac
+            ))
+        })?;
+        tracing::info!(vm = %vm, mac = %adapter.mac, %tap, spoofing = adapter.mac_address_spoofing, dhcp_guard = adapter.dhcp_guard, router_guard = adapter.router_guard, bandwidth = ?adapter.maximum_bandwidth, "network adapter's port changed while running");
+        Ok(())
+    }
+
+    fn tap_of(&self, vm: Uuid, mac: &str) -> Option<String> {
+        lock(&self.ports)
+            .get(&vm)
+            .and_then(|cs| cs.iter().find(|c| c.mac.eq_ignore_ascii_case(mac)))
+            .and_then(|c| c.tap.clone())
+    }
+
+    /// Every port's counters now, by tap: the tap's traffic and its guards' drops.
+    async fn port_counters(&self, taps: &[String]) -> HashMap<String, AdapterCounters> {
+        let mut out = HashMap::new();
+        let Ok(host) = self.host() else {
+            return out;
+        };
+        let drops: HashMap<String, guards::GuardDrops> = if taps.is_empty() {
+            HashMap::new()
+        } else {
+            match guards::drops().await {
+                Ok(d) => d.into_iter().collect(),
+                Err(e) => {
+                    // Asked at every read of a running VM: no warning each time.
+                    tracing::debug!(
+                        "cannot read the guards' counters: {}",
+                        crate::vms::store::error_chain(&e)
+                    );
+                    HashMap::new()
+                }
+            }
+        };
+        for tap in taps {
+            let Ok(Some(s)) = host.stats(tap).await else {
+                continue;
+            };
+            let d = drops.get(tap).copied().unwrap_or_default();
+            out.insert(
+                tap.clone(),
+                AdapterCounters {
+                    // The tap receives what the VM sends and sends what it receives.
+                    received_bytes: s.tx_bytes,
+                    received_packets: s.tx_packets,
+                    sent_bytes: s.rx_bytes,
+                    sent_packets: s.rx_packets,
+                    dropped: GuardDrops {
+                        mac_address_spoofing: d.mac_spoofing.packets,
+                        dhcp_guard: d.dhcp_guard.packets,
+                        router_guard: d.router_guard.packets,
+                    },
+                },
+            );
+        }
+        out
+    }
+
+    /// Fills in the counters of connections that have a port.
+    pub async fn add_counters(&self, connections: &mut [AdapterConnection]) {
+        let taps: Vec<String> = connections.iter().filter_map(|c| c.tap.clone()).collect();
+        let mut counters = self.port_counters(&taps).await;
+        for c in connections {
+            if let Some(tap) = &c.tap {
+                c.counters = counters.remove(tap);
+            }
+        }
+    }
+
+    /// Every running VM's adapters with their counters (for `/v1/metrics`).
+    pub async fn all_counters(&self) -> Vec<(Uuid, AdapterConnection)> {
+        let mut all: Vec<(Uuid, AdapterConnection)> = lock(&self.ports)
+            .iter()
+            .flat_map(|(vm, cs)| cs.iter().map(|c| (*vm, c.clone())))
+            .filter(|(_, c)| c.tap.is_some())
+            .collect();
+        let taps: Vec<String> = all.iter().filter_map(|(_, c)| c.tap.clone()).collect();
+        let mut counters = self.port_counters(&taps).await;
+        for (_, c) in &mut all {
+            if let Some(tap) = &c.tap {
+                c.counters = counters.remove(tap);
+            }
+        }
+        all.retain(|(_, c)| c.counters.is_some());
+        all
     }
 
     pub fn connections(&self, vm: Uuid) -> Vec<AdapterConnection> {
@@ -655,6 +817,7 @@ impl Switches {
                 if claimed {
                     continue;
                 }
+                unenforce(host, &tap).await;
                 match host.delete_link(&tap).await {
                     Ok(()) => tracing::debug!(vm = %vm, %tap, "port removed"),
                     Err(e) => tracing::warn!(vm = %vm, "cannot remove the tap {tap}: {e}"),
@@ -686,7 +849,40 @@ impl Switches {
         for l in links {
             if l.kind == "tun" && ours.contains(&l.name) {
                 tracing::info!(tap = %l.name, "removing a tap no running VM uses");
+                unenforce(host, &l.name).await;
                 let _ = host.delete_link(&l.name).await;
+            } else if l.kind == "ifb" && ours.iter().any(|t| shaping::ifb_for(t) == l.name) {
+                let _ = host.delete_link(&l.name).await;
+            }
+        }
+        // Guards of ports that are gone (their taps went in a crash).
+        match guards::ports().await {
+            Ok(ports) => {
+                for p in ports.iter().filter(|p| ours.contains(p)) {
+                    tracing::info!(tap = %p, "removing the guards of a port no running VM uses");
+                    if let Err(e) = guards::remove(p).await {
+                        tracing::warn!(tap = %p, "cannot remove the port's guards: {}", crate::vms::store::error_chain(&e));
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(
+                "no guards to look at: {}",
+                crate::vms::store::error_chain(&e)
+            ),
+        }
+        // The running VMs' ports keep their guards and limits (the kernel kept
+        // them across the restart); made again from the settings, in case.
+        for vm in vms {
+            for a in &vm.network_adapters {
+                let connected = lock(&self.ports).get(&vm.id).is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.connected && c.mac.eq_ignore_ascii_case(&a.mac))
+                });
+                if let (true, Some(tap)) = (connected, self.tap_of(vm.id, &a.mac)) {
+                    if let Err(e) = enforce(host, &tap, a).await {
+                        tracing::error!(vm = %vm.id, mac = %a.mac, "cannot guard the port {tap} again: {e}");
+                    }
+                }
             }
         }
     }
