@@ -263,8 +263,20 @@ fn pinging_guest(addrs: &[&str], peers: &[&str]) -> String {
             "  if ping -c1 -W1 {p} >/dev/null 2>&1; then echo \"VIRIDIAN-GUEST: reached {p} $n\"; else echo \"VIRIDIAN-GUEST: missed {p} $n\"; fi\n"
         ));
     }
+    // The link as the guest sees it: each change of eth0's carrier count, once.
+    s.push_str("  c=$(cat /sys/class/net/eth0/carrier_changes)\n  if [ \"$c\" != \"$lc\" ]; then echo \"VIRIDIAN-GUEST: carrier changes $c\"; lc=$c; fi\n");
     s.push_str("  sleep 0.2\ndone\n");
     s
+}
+
+/// The guest's last reported count of its link's carrier changes.
+fn carrier_changes(console: &str) -> u64 {
+    console
+        .rsplit("VIRIDIAN-GUEST: carrier changes ")
+        .next()
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// How many times the console says `what` about `peer` (`reached`, `missed`).
@@ -525,6 +537,7 @@ fn guests_reach_each_other_on_their_switch_only_and_the_host_on_an_internal_one(
         .unwrap()
         .to_string();
     let blue = d.get("/v1/switches/blue").body["id"].clone();
+    let carrier_before = carrier_changes(&console_of(&d, "c"));
     let r = d.post(
         &format!("/v1/vms/c/network-adapters/{cmac}/connect"),
         json!({"switch": "blue"}),
@@ -536,6 +549,12 @@ fn guests_reach_each_other_on_their_switch_only_and_the_host_on_an_internal_one(
     });
     let rt = &d.get("/v1/vms/c").body["runtime"];
     assert_eq!(rt["network_adapters"][0]["switch"], "blue", "{rt}");
+    // The guest saw its link go down and up (so a DHCP client asks again).
+    wait_for(
+        "c to see its link go down and up",
+        Duration::from_secs(30),
+        || carrier_changes(&console_of(&d, "c")) >= carrier_before + 2,
+    );
     // Disconnected while running: it reaches no one any more.
     let r = d.post(
         &format!("/v1/vms/c/network-adapters/{cmac}/disconnect"),

@@ -93,6 +93,14 @@ pub enum Request {
     SetProcessor {
         processor: vm_config::ProcessorSettings,
     },
+    /// Take the link of the adapter with this MAC down or up, as the guest sees
+    /// it (QMP `set_link`): the daemon takes it down while it moves the adapter's
+    /// port to another switch and up afterwards, so the guest renews its address.
+    /// Workers older than this answer that they do not understand the request.
+    SetLink {
+        mac: String,
+        up: bool,
+    },
     /// Make every write to the VM's writable disks durable and leave their
     /// files as a clean close would (a VHDX's log emptied), the VM running on.
     FlushDisks,

@@ -1214,6 +1214,34 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
             }
         }
         Request::SetProcessor { processor } => set_processor(shared, processor),
+        Request::SetLink { mac, up } => {
+            if !matches!(state, WorkerState::Running | WorkerState::Paused) {
+                return invalid(shared, "change an adapter's link", "");
+            }
+            let Some(i) = shared
+                .spec
+                .settings
+                .network_adapters
+                .iter()
+                .position(|a| a.mac.eq_ignore_ascii_case(&mac))
+            else {
+                return Response::Error {
+                    kind: FailureKind::InvalidState,
+                    message: format!(
+                        "VM {} started without a network adapter with MAC {mac}",
+                        shared.name()
+                    ),
+                };
+            };
+            let args = serde_json::json!({"name": format!("nic{i}"), "up": up});
+            match shared.qmp.execute("set_link", Some(args)).await {
+                Ok(_) => {
+                    tracing::info!(vm = %shared.name(), mac = %mac, up, "adapter link changed");
+                    ok(shared)
+                }
+                Err(e) => failed("changing the adapter's link failed", &e),
+            }
+        }
         Request::FlushDisks => {
             if !matches!(state, WorkerState::Running | WorkerState::Paused) {
                 return invalid(shared, "flush its disks", "");

@@ -278,13 +278,32 @@ async fn set_switch(
         .iter()
         .position(is_it)
         .ok_or_else(|| no_such(&name))?;
-    svc.switches
+    // The guest sees its link go down while the port moves and come back on the
+    // new switch (so it asks for an address again), as Hyper-V's guests do.
+    let mac = settings.network_adapters[index].mac.clone();
+    let link = |up: bool| {
+        let workers = svc.workers.clone();
+        let mac = mac.clone();
+        let id = settings.id;
+        async move {
+            if let Some(w) = workers {
+                if let Err(e) = w.set_link(id, mac.clone(), up).await {
+                    tracing::warn!(vm = %id, mac = %mac, up, error = %e, "cannot change the adapter's link as the guest sees it");
+                }
+            }
+        }
+    };
+    link(false).await;
+    let moved = svc
+        .switches
         .move_port(
             settings.id,
             &settings.network_adapters[index],
             switch.as_ref(),
         )
-        .await?;
+        .await;
+    link(true).await;
+    moved?;
     settings.network_adapters[index].switch = switch.as_ref().map(|s| s.id.to_string());
     let adapter = settings.network_adapters[index].clone();
     let mut store = svc.store();

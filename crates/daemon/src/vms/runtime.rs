@@ -87,6 +87,8 @@ pub trait WorkerControl: Send + Sync + 'static {
         merge: LayerMerge,
         progress: Box<dyn FnMut(u64, u64) + Send>,
     ) -> BoxFuture<Result<worker::control::MergeOutcome, JobError>>;
+    /// Takes a running VM's adapter (by MAC) link down or up, as its guest sees it.
+    fn set_link(&self, id: Uuid, mac: String, up: bool) -> BoxFuture<Result<(), JobError>>;
     /// Applies new reserve, limit and weight to a running VM (same count).
     fn set_processor(
         &self,

@@ -726,6 +726,11 @@ impl WorkerControl for Arc<WorkerSupervisor> {
         })
     }
 
+    fn set_link(&self, id: Uuid, mac: String, up: bool) -> BoxFuture<Result<(), JobError>> {
+        let this = self.clone();
+        Box::pin(async move { this.call(id, Request::SetLink { mac, up }).await.map(drop) })
+    }
+
     fn set_processor(
         &self,
         id: Uuid,
