@@ -92,7 +92,9 @@ pub struct ImportProblem {
     /// `IdInUse`, `NameInUse`, `MacInUse`, `DiskInUse`, `Destination`,
     /// `MissingSwitch` (an adapter's switch is not on this host),
     /// `UnknownSwitch` (a `switch_mapping` names a switch this host does not have),
-    /// `UnusedSwitchMapping` (a `switch_mapping` names a switch no adapter is on).
+    /// `UnusedSwitchMapping` (a `switch_mapping` names a switch no adapter is on),
+    /// `ConflictingSwitchMapping` (two mappings of one switch, by name and by id,
+    /// disagree).
     pub kind: String,
     /// What is wrong, naming the file or setting.
     pub message: String,

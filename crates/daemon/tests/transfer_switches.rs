@@ -295,6 +295,16 @@ fn import_resolves_exported_switches_by_name_or_mapping_and_reports_missing_ones
         "{}",
         r.raw
     );
+    // Mapped twice, by name and by id, to different switches: refused.
+    let r = b.post(
+        "/v1/vms/import/check",
+        json!({"source": source, "mode": "copy", "new_id": true, "name": "web2",
+            "switch_mapping": {"backend": "none", "lab": "here", lab_a.clone(): "lab"}}),
+    );
+    let p = problems(&r.body);
+    assert_eq!(p.len(), 1, "{}", r.raw);
+    assert_eq!(p[0].0, "ConflictingSwitchMapping", "{}", r.raw);
+    assert!(p[0].1.contains("lab=here"), "{}", p[0].1);
     completed(&b, "/v1/vms/import", req);
     let vm = b.get("/v1/vms/web2").body;
     let got = adapter_switches(&vm["settings"]);

@@ -617,6 +617,24 @@ fn resolve_switches(
             );
         }
     }
+    for e in &exported {
+        let given: Vec<(&String, &String)> = mapping
+            .iter()
+            .filter(|(old, _)| e.answers_to(old))
+            .collect();
+        if given.windows(2).any(|w| w[0].1 != w[1].1) {
+            let list: Vec<String> = given.iter().map(|(o, n)| format!("{o}={n}")).collect();
+            p.add(
+                "ConflictingSwitchMapping",
+                format!(
+                    "the switch mappings {} all name the exported switch {:?} and disagree",
+                    list.join(", "),
+                    e.label()
+                ),
+                "map each exported switch once",
+            );
+        }
+    }
     let mut lines = Vec::new();
     let mut out = HashMap::new();
     for (e, (key, adapters)) in exported.iter().zip(used) {

@@ -352,6 +352,29 @@ mod tests {
     }
 
     #[test]
+    fn an_exported_switch_answers_to_its_name_id_or_recorded_key() {
+        let id = Uuid::parse_str("a6f1c1d4-0000-4000-8000-000000000001").unwrap();
+        let e = ExportedSwitch {
+            key: id.to_string(),
+            id: Some(id),
+            name: Some("lab".into()),
+            kind: None,
+        };
+        assert!(e.answers_to("lab"));
+        assert!(e.answers_to(&id.to_string()));
+        assert!(e.answers_to("A6F1C1D4-0000-4000-8000-000000000001"));
+        assert!(!e.answers_to("backend"));
+        assert_eq!(e.label(), "lab");
+        // A version 1 manifest: the settings' key is all there is.
+        let old = ExportedSwitch::from_key(&id.to_string());
+        assert_eq!((old.id, old.name.as_deref()), (Some(id), None));
+        assert_eq!(old.label(), id.to_string());
+        assert!(old.answers_to(&id.to_string()) && !old.answers_to("lab"));
+        let by_name = ExportedSwitch::from_key("lab");
+        assert_eq!((by_name.id, by_name.name.as_deref()), (None, Some("lab")));
+    }
+
+    #[test]
     fn export_paths_cannot_leave_the_folder() {
         let root = Path::new("/e/vm");
         assert_eq!(
