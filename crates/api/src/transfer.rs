@@ -1,6 +1,8 @@
 //! Export and import of VMs (`POST /v1/vms/{vm}/export`, `POST /v1/vms/import`,
 //! `POST /v1/vms/import/check`).
 
+use std::collections::BTreeMap;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -52,6 +54,34 @@ pub struct ImportRequest {
     /// Import under this name instead of the exported one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Puts the adapters of an exported switch on a switch of this host: the
+    /// exported switch's name (or id) to this host's switch by name or id, or to
+    /// `none` to import them disconnected. Unmapped switches are matched by id,
+    /// else by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub switch_mapping: BTreeMap<String, String>,
+}
+
+/// What the adapters of one exported switch are connected to on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ImportSwitch {
+    /// The switch's name on the exporting host (its id when the export does not
+    /// record the name: an export of an older Viridian).
+    pub exported: String,
+    /// Its id on the exporting host, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exported_id: Option<Uuid>,
+    /// The switch of this host the adapters are put on; absent: disconnected, or
+    /// no switch found (then a `MissingSwitch` problem says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch_name: Option<String>,
+    /// How it was found: `id`, `name`, `mapping`, or `missing`.
+    pub matched_by: String,
+    /// The adapters on it, by MAC address as exported (`MAC in checkpoint "NAME"`
+    /// for a checkpoint's).
+    pub adapters: Vec<String>,
 }
 
 /// One thing that stops an import, and what to do about it.
@@ -59,7 +89,12 @@ pub struct ImportRequest {
 pub struct ImportProblem {
     /// Stable kind scripts can switch on: `UnreadableExport`, `UnreadableSettings`,
     /// `SchemaTooNew`, `MissingFile`, `TruncatedFile`, `BrokenChain`, `InvalidSettings`,
-    /// `IdInUse`, `NameInUse`, `MacInUse`, `DiskInUse`, `Destination`.
+    /// `IdInUse`, `NameInUse`, `MacInUse`, `DiskInUse`, `Destination`,
+    /// `MissingSwitch` (an adapter's switch is not on this host),
+    /// `UnknownSwitch` (a `switch_mapping` names a switch this host does not have),
+    /// `UnusedSwitchMapping` (a `switch_mapping` names a switch no adapter is on),
+    /// `ConflictingSwitchMapping` (two mappings of one switch, by name and by id,
+    /// disagree).
     pub kind: String,
     /// What is wrong, naming the file or setting.
     pub message: String,
@@ -82,5 +117,8 @@ pub struct ImportReport {
     pub disks: Vec<String>,
     /// Bytes an import by copy writes.
     pub bytes: u64,
+    /// Each switch the exported adapters are on, and where they go here.
+    #[serde(default)]
+    pub switches: Vec<ImportSwitch>,
     pub problems: Vec<ImportProblem>,
 }

@@ -246,3 +246,49 @@ fn print_host(conn: &connection::Connection, info: &api::host::HostInfo) {
         info.mac_address_pool.minimum, info.mac_address_pool.maximum
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_import_takes_repeated_switch_mappings_and_refuses_one_without_equals() {
+        let cli = Cli::try_parse_from([
+            "viridian",
+            "vm",
+            "import",
+            "/e/web",
+            "--check",
+            "--switch",
+            "lab=here",
+            "--switch",
+            "backend=none",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Vm {
+            cmd:
+                vm_cmd::VmCmd::Import {
+                    switch_mapping,
+                    check,
+                    ..
+                },
+        } = cli.command
+        else {
+            panic!("not parsed as vm import");
+        };
+        assert!(check);
+        assert_eq!(
+            switch_mapping,
+            vec![
+                ("lab".to_string(), "here".to_string()),
+                ("backend".to_string(), "none".to_string())
+            ]
+        );
+        let err =
+            match Cli::try_parse_from(["viridian", "vm", "import", "/e/web", "--switch", "lab"]) {
+                Ok(_) => panic!("--switch lab was accepted"),
+                Err(e) => e.to_string(),
+            };
+        assert!(err.contains("is not OLD=NEW"), "{err}");
+    }
+}

@@ -44,6 +44,40 @@ pub struct ImportArgs {
     pub new_id: bool,
     pub name: Option<String>,
     pub check: bool,
+    /// `--switch OLD=NEW`, in the order given.
+    pub switch_mapping: Vec<(String, String)>,
+}
+
+/// Parses one `--switch OLD=NEW`.
+pub fn parse_switch_mapping(text: &str) -> Result<(String, String), String> {
+    let Some((old, new)) = text.split_once('=') else {
+        return Err(format!(
+            "{text:?} is not OLD=NEW: give the exported switch's name, `=`, and a switch of this host (or none), like lab=lan or lab=none"
+        ));
+    };
+    let (old, new) = (old.trim(), new.trim());
+    if old.is_empty() || new.is_empty() {
+        return Err(format!(
+            "{text:?} leaves out the {} switch: give OLD=NEW, like lab=lan or lab=none",
+            if old.is_empty() { "exported" } else { "new" }
+        ));
+    }
+    Ok((old.to_string(), new.to_string()))
+}
+
+/// The `--switch` mappings as the request carries them; an OLD given twice is refused.
+fn switch_mapping(
+    given: Vec<(String, String)>,
+) -> Result<std::collections::BTreeMap<String, String>, Failure> {
+    let mut out = std::collections::BTreeMap::new();
+    for (old, new) in given {
+        if let Some(before) = out.insert(old.clone(), new.clone()) {
+            return Err(Failure::Usage(format!(
+                "--switch maps {old} twice (to {before} and to {new}); give each exported switch once"
+            )));
+        }
+    }
+    Ok(out)
 }
 
 pub fn import(conn: &Connection, args: ImportArgs) -> Result<(), Failure> {
@@ -61,6 +95,7 @@ pub fn import(conn: &Connection, args: ImportArgs) -> Result<(), Failure> {
             .map(|d| conn.host_path(d)),
         new_id: args.new_id,
         name: args.name,
+        switch_mapping: switch_mapping(args.switch_mapping)?,
     };
     if args.check {
         let (report, _) =
@@ -108,6 +143,19 @@ pub fn report_text(r: &ImportReport) -> String {
         r.disks.len(),
         r.bytes.div_ceil(1 << 20)
     ));
+    for (i, sw) in r.switches.iter().enumerate() {
+        let to = match (&sw.switch_name, sw.matched_by.as_str()) {
+            (Some(name), how) => format!("switch {name} (by {how})"),
+            (None, "mapping") => "disconnected (by mapping)".to_string(),
+            (None, _) => "no switch here".to_string(),
+        };
+        s.push_str(&format!(
+            "{:<13}{} -> {to}: {}\n",
+            if i == 0 { "switches:" } else { "" },
+            sw.exported,
+            sw.adapters.join(", ")
+        ));
+    }
     if r.problems.is_empty() {
         s.push_str("problems:    none; the import can go ahead\n");
     } else {
@@ -120,4 +168,34 @@ pub fn report_text(r: &ImportReport) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switch_mappings_are_old_equals_new_each_old_once() {
+        assert_eq!(
+            parse_switch_mapping("lab=here"),
+            Ok(("lab".into(), "here".into()))
+        );
+        assert_eq!(
+            parse_switch_mapping("backend=none"),
+            Ok(("backend".into(), "none".into()))
+        );
+        let no_eq = parse_switch_mapping("lab").unwrap_err();
+        assert!(no_eq.contains("is not OLD=NEW"), "{no_eq}");
+        let no_new = parse_switch_mapping("lab=").unwrap_err();
+        assert!(no_new.contains("leaves out the new switch"), "{no_new}");
+        let no_old = parse_switch_mapping("=here").unwrap_err();
+        assert!(
+            no_old.contains("leaves out the exported switch"),
+            "{no_old}"
+        );
+        let twice = switch_mapping(vec![("lab".into(), "a".into()), ("lab".into(), "b".into())])
+            .unwrap_err();
+        assert!(twice.to_string().contains("maps lab twice"), "{twice}");
+        assert_eq!(twice.exit_code(), 2);
+    }
 }

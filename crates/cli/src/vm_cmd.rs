@@ -146,6 +146,11 @@ pub enum VmCmd {
         /// Only print the compatibility report; import nothing.
         #[arg(long)]
         check: bool,
+        /// Put the adapters of exported switch OLD (its name or id) on this host's
+        /// switch NEW (name or id), or `OLD=none` to import them disconnected.
+        /// Repeatable. Unmapped switches match by id, else by name.
+        #[arg(long = "switch", value_name = "OLD=NEW", value_parser = crate::transfer_cmd::parse_switch_mapping)]
+        switch_mapping: Vec<(String, String)>,
     },
     /// Start a VM (or resume it from its saved state).
     Start { vm: String },
@@ -629,6 +634,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
             new_id,
             name,
             check,
+            switch_mapping,
         } => crate::transfer_cmd::import(
             conn,
             crate::transfer_cmd::ImportArgs {
@@ -637,6 +643,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                 new_id,
                 name,
                 check,
+                switch_mapping,
             },
         )?,
         VmCmd::Start { vm } => crate::vm_lifecycle::action(conn, &vm, "start")?,

@@ -438,7 +438,7 @@ fn registering_an_export_twice_is_refused_and_a_newer_format_is_named() {
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(
         other.join("export.json"),
-        text.replace("\"format_version\": 1", "\"format_version\": 9"),
+        text.replace("\"format_version\": 2", "\"format_version\": 9"),
     )
     .unwrap();
     let r = d.post(

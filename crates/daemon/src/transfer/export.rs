@@ -5,12 +5,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use api::ErrorCode;
+use uuid::Uuid;
 use vm_config::{DriveMedia, VmSettings};
 
 use super::package::{self, ExportKind, FileRole, Manifest, ManifestFile, Names};
 use crate::checkpoints::ops::SAVED_STATE_FILE;
 use crate::checkpoints::tree::{self, Tree, SETTINGS_FILE};
 use crate::error::ApiError;
+use crate::switches::SwitchSettings;
 use crate::vms::store::error_chain;
 
 /// What to export: the state the exported VM arrives in, and for a full export
@@ -25,6 +27,8 @@ pub struct Source {
     pub saved_state: Option<PathBuf>,
     pub kind: ExportKind,
     pub checkpoint: Option<String>,
+    /// This host's switches, to record the name of each one an adapter is on.
+    pub switches: Vec<SwitchSettings>,
 }
 
 pub struct Exported {
@@ -459,6 +463,7 @@ fn write_all(
     for f in &mut files {
         f.bytes = size_of(&folder.join(&f.path));
     }
+    let all_settings = std::iter::once(&src.settings).chain(node_settings.iter().map(|(_, s)| s));
     let manifest = Manifest {
         format: package::FORMAT.into(),
         format_version: package::FORMAT_VERSION,
@@ -470,6 +475,7 @@ fn write_all(
         exported_ms: crate::checkpoints::ops::now_ms(),
         viridian_version: env!("CARGO_PKG_VERSION").into(),
         files,
+        switches: exported_switches(all_settings, &src.switches),
     };
     package::write_manifest(folder, &manifest).map_err(|e| {
         failed(format!(
@@ -482,6 +488,38 @@ fn write_all(
         bytes: total,
         files: manifest.files.len(),
     })
+}
+
+/// Every switch an adapter of `states` is on, with its name, id and type as this
+/// host knows it (a switch the host no longer has: what the settings record).
+fn exported_switches<'a>(
+    states: impl Iterator<Item = &'a VmSettings>,
+    switches: &[SwitchSettings],
+) -> Vec<package::ExportedSwitch> {
+    let mut out: Vec<package::ExportedSwitch> = Vec::new();
+    for key in states.flat_map(|s| {
+        s.network_adapters
+            .iter()
+            .filter_map(|a| a.switch.as_deref())
+    }) {
+        if out.iter().any(|e| e.key == key) {
+            continue;
+        }
+        let here = Uuid::parse_str(key)
+            .ok()
+            .and_then(|id| switches.iter().find(|s| s.id == id))
+            .or_else(|| switches.iter().find(|s| s.name == key));
+        out.push(match here {
+            Some(s) => package::ExportedSwitch {
+                key: key.to_string(),
+                id: Some(s.id),
+                name: Some(s.name.clone()),
+                kind: Some(s.kind),
+            },
+            None => package::ExportedSwitch::from_key(key),
+        });
+    }
+    out
 }
 
 /// Syncs every directory under `root` (the files were synced as they were written).

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use api::transfer::{ImportMode, ImportProblem, ImportReport, ImportRequest};
+use api::transfer::{ImportMode, ImportProblem, ImportReport, ImportRequest, ImportSwitch};
 use uuid::Uuid;
 use vm_config::{validate, DriveMedia, HostLimits, VmSettings};
 
@@ -13,6 +13,7 @@ use super::package::{self, FileRole, Manifest};
 use crate::checkpoints::ops::SAVED_STATE_FILE;
 use crate::checkpoints::tree::{self, Tree, SETTINGS_FILE};
 use crate::error::ApiError;
+use crate::switches::SwitchSettings;
 use crate::vms::store::{error_chain, SETTINGS_FILE as VM_FILE};
 
 /// A VM the import must not collide with.
@@ -107,6 +108,7 @@ pub fn inspect(
     data_dir: &Path,
     existing: &[Existing],
     limits: &HostLimits,
+    switches: &[SwitchSettings],
 ) -> (ImportReport, Option<Plan>) {
     let mut p = Problems(Vec::new());
     let mut report = ImportReport {
@@ -117,9 +119,18 @@ pub fn inspect(
         checkpoints: 0,
         disks: vec![],
         bytes: 0,
+        switches: vec![],
         problems: vec![],
     };
-    let plan = inspect_into(req, data_dir, existing, limits, &mut p, &mut report);
+    let plan = inspect_into(
+        req,
+        data_dir,
+        existing,
+        limits,
+        switches,
+        &mut p,
+        &mut report,
+    );
     report.problems = p.0;
     let plan = plan.filter(|_| report.problems.is_empty());
     (report, plan)
@@ -130,6 +141,7 @@ fn inspect_into(
     data_dir: &Path,
     existing: &[Existing],
     limits: &HostLimits,
+    switches: &[SwitchSettings],
     p: &mut Problems,
     report: &mut ImportReport,
 ) -> Option<Plan> {
@@ -340,8 +352,21 @@ fn inspect_into(
     }
 
     let settings = settings?;
+    let (found, on_host) = resolve_switches(
+        &manifest,
+        &settings,
+        &node_settings,
+        tree.as_ref(),
+        &req.switch_mapping,
+        switches,
+        p,
+    );
+    report.switches = found;
     // The VM as it will be.
     let mut new = settings.clone();
+    for a in &mut new.network_adapters {
+        reconnect(a, &on_host);
+    }
     if req.new_id {
         new.id = Uuid::new_v4();
         // Stand-ins until the import runs: `pool_macs` gives them the pool's.
@@ -468,6 +493,7 @@ fn inspect_into(
             s.id = new.id;
             s.name = new.name.clone();
             for a in &mut s.network_adapters {
+                reconnect(a, &on_host);
                 if let Some((mac, aid)) = rename_adapters.get(&a.mac.to_ascii_lowercase()) {
                     a.mac = mac.clone();
                     a.id = *aid;
@@ -491,6 +517,184 @@ fn inspect_into(
             ImportMode::Copy => destination,
         },
     })
+}
+
+/// Puts adapter `a` on the switch of this host its exported switch resolved to.
+fn reconnect(a: &mut vm_config::NetworkAdapter, on_host: &HashMap<String, Option<String>>) {
+    if let Some(key) = &a.switch {
+        if let Some(new) = on_host.get(key) {
+            a.switch = new.clone();
+        }
+    }
+}
+
+/// Where the adapters of each exported switch go on this host: the switch of a
+/// `switch_mapping` (or none), else the switch with the same id, else the one
+/// with the same name (Hyper-V matches by name). Returns the report's lines and,
+/// by what the settings record, the switch id to record instead (`None`:
+/// disconnected); a switch found nowhere is a `MissingSwitch` problem, a bad
+/// mapping its own.
+fn resolve_switches(
+    manifest: &Manifest,
+    settings: &VmSettings,
+    node_settings: &[(Uuid, VmSettings)],
+    tree: Option<&Tree>,
+    mapping: &std::collections::BTreeMap<String, String>,
+    host: &[SwitchSettings],
+    p: &mut Problems,
+) -> (Vec<ImportSwitch>, HashMap<String, Option<String>>) {
+    // Each recorded switch with the adapters on it, the VM's first.
+    let mut used: Vec<(String, Vec<String>)> = Vec::new();
+    let mut note = |key: &str, adapter: String, plain: &str| {
+        let i = match used.iter().position(|(k, _)| k == key) {
+            Some(i) => i,
+            None => {
+                used.push((key.to_string(), Vec::new()));
+                used.len() - 1
+            }
+        };
+        let list = &mut used[i].1;
+        if !list.iter().any(|a| a == &adapter || a == plain) {
+            list.push(adapter);
+        }
+    };
+    for a in &settings.network_adapters {
+        if let Some(key) = &a.switch {
+            note(key, a.mac.clone(), &a.mac);
+        }
+    }
+    for (id, s) in node_settings {
+        let name = tree
+            .and_then(|t| t.node(*id))
+            .map_or_else(|| id.to_string(), |n| n.name.clone());
+        for a in &s.network_adapters {
+            if let Some(key) = &a.switch {
+                note(key, format!("{} in checkpoint {name:?}", a.mac), &a.mac);
+            }
+        }
+    }
+    let exported: Vec<package::ExportedSwitch> = used
+        .iter()
+        .map(|(key, _)| {
+            manifest
+                .switches
+                .iter()
+                .find(|e| &e.key == key)
+                .cloned()
+                .unwrap_or_else(|| package::ExportedSwitch::from_key(key))
+        })
+        .collect();
+    let on_host = |key: &str| -> Option<&SwitchSettings> {
+        Uuid::parse_str(key)
+            .ok()
+            .and_then(|id| host.iter().find(|s| s.id == id))
+            .or_else(|| host.iter().find(|s| s.name == key))
+    };
+    for (old, new) in mapping {
+        if !exported.iter().any(|e| e.answers_to(old)) {
+            let names: Vec<&str> = exported.iter().map(|e| e.label()).collect();
+            p.add(
+                "UnusedSwitchMapping",
+                format!(
+                    "the switch mapping {old}={new} names the exported switch {old:?}, which no network adapter of the export is on ({})",
+                    if names.is_empty() {
+                        "none is on a switch".to_string()
+                    } else {
+                        format!("they are on {}", names.join(", "))
+                    }
+                ),
+                "leave that mapping out, or give the switch's name as the report lists it under switches",
+            );
+        } else if new != "none" && on_host(new).is_none() {
+            p.add(
+                "UnknownSwitch",
+                format!(
+                    "the switch mapping {old}={new} names the switch {new:?}, which this host does not have"
+                ),
+                format!(
+                    "map {old} to a switch `viridian switch list` shows (or to none, to import it disconnected), or create a switch named {new} first"
+                ),
+            );
+        }
+    }
+    for e in &exported {
+        let given: Vec<(&String, &String)> = mapping
+            .iter()
+            .filter(|(old, _)| e.answers_to(old))
+            .collect();
+        if given.windows(2).any(|w| w[0].1 != w[1].1) {
+            let list: Vec<String> = given.iter().map(|(o, n)| format!("{o}={n}")).collect();
+            p.add(
+                "ConflictingSwitchMapping",
+                format!(
+                    "the switch mappings {} all name the exported switch {:?} and disagree",
+                    list.join(", "),
+                    e.label()
+                ),
+                "map each exported switch once",
+            );
+        }
+    }
+    let mut lines = Vec::new();
+    let mut out = HashMap::new();
+    for (e, (key, adapters)) in exported.iter().zip(used) {
+        let mapped = mapping.iter().find(|(old, _)| e.answers_to(old));
+        let (target, how) = match mapped {
+            Some((_, new)) if new == "none" => (None, "mapping"),
+            Some((_, new)) => (on_host(new), "mapping"),
+            None => match e.id.and_then(|id| host.iter().find(|s| s.id == id)) {
+                Some(s) => (Some(s), "id"),
+                None => match e
+                    .name
+                    .as_deref()
+                    .and_then(|n| host.iter().find(|s| s.name == n))
+                {
+                    Some(s) => (Some(s), "name"),
+                    None => (None, "missing"),
+                },
+            },
+        };
+        if how == "missing" {
+            let which = if adapters.len() == 1 {
+                format!("network adapter {}", adapters[0])
+            } else {
+                format!("network adapters {}", adapters.join(", "))
+            };
+            let is_are = if adapters.len() == 1 { "is" } else { "are" };
+            let label = e.label();
+            match &e.name {
+                Some(name) => p.add(
+                    "MissingSwitch",
+                    format!(
+                        "the virtual switch {name:?}{} that {which} {is_are} on is not on this host",
+                        e.id.map_or(String::new(), |id| format!(" ({id})"))
+                    ),
+                    format!(
+                        "map it with --switch {name}=NEW (or --switch {name}=none to import it disconnected), or create a switch named {name}"
+                    ),
+                ),
+                None => p.add(
+                    "MissingSwitch",
+                    format!(
+                        "the virtual switch with the id {label} that {which} {is_are} on is not on this host (the export, from an older Viridian, does not record its name)"
+                    ),
+                    format!(
+                        "map it with --switch {label}=NEW (or --switch {label}=none to import it disconnected)"
+                    ),
+                ),
+            }
+        }
+        out.insert(key, target.map(|s| s.id.to_string()));
+        lines.push(ImportSwitch {
+            exported: e.label().to_string(),
+            exported_id: e.id,
+            switch: target.map(|s| s.id),
+            switch_name: target.map(|s| s.name.clone()),
+            matched_by: how.into(),
+            adapters,
+        });
+    }
+    (lines, out)
 }
 
 /// A disk of the export opens, and its parents are in the export and fit.

@@ -200,6 +200,7 @@ async fn export_job(
         (entry.dir.clone(), settings, svc.state_of(entry).state)
     };
     let mut progress = progress_of(&ctx);
+    let switches = svc.switches.all();
     blocking("the transfer", move || {
         let mut t = ops::load(&dir)?;
         // The point in time exported: a checkpoint (the named one, or the
@@ -241,6 +242,7 @@ async fn export_job(
             saved_state,
             kind,
             checkpoint,
+            switches,
         };
         export::export(&src, &folder, &mut progress)
     })
@@ -290,7 +292,13 @@ fn inspect(svc: &Arc<Service>, req: &ImportRequest) -> (ImportReport, Option<imp
             import::Existing { settings, disks }
         })
         .collect();
-    import::inspect(req, &svc.config.data_dir, &existing, &svc.limits)
+    import::inspect(
+        req,
+        &svc.config.data_dir,
+        &existing,
+        &svc.limits,
+        &svc.switches.all(),
+    )
 }
 
 /// The import's folders must lie in the storage roots: the export read from, and

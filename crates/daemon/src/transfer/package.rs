@@ -29,7 +29,12 @@ use uuid::Uuid;
 pub const MANIFEST_FILE: &str = "export.json";
 pub const FORMAT: &str = "viridian-vm-export";
 /// The manifest version this build writes; older ones are read, newer refused.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// - 1: the first.
+/// - 2: `switches`, the name (and id, type) of every switch an adapter of the VM
+///   or of a checkpoint is on, so another host can match them by name. Version 1
+///   manifests have none: their adapters' switches are known by id only.
+pub const FORMAT_VERSION: u32 = 2;
 pub const DISKS_FOLDER: &str = crate::vms::store::DISKS_FOLDER;
 
 /// What an export holds.
@@ -80,6 +85,53 @@ pub struct Manifest {
     pub viridian_version: String,
     /// Every file but the manifest and the JSON settings, with its size.
     pub files: Vec<ManifestFile>,
+    /// The switches the adapters are on, as the exporting host knew them (version 2).
+    #[serde(default)]
+    pub switches: Vec<ExportedSwitch>,
+}
+
+/// A switch some adapter of the export is on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportedSwitch {
+    /// What the adapters' settings record (the switch's id, or a name).
+    pub key: String,
+    /// The switch's id on the exporting host, when it was there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Uuid>,
+    /// Its name there (absent when the exporting host had no such switch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<api::switches::SwitchKind>,
+}
+
+impl ExportedSwitch {
+    /// What a version 1 manifest tells of `key`: an id, or a name.
+    pub fn from_key(key: &str) -> ExportedSwitch {
+        let id = Uuid::parse_str(key).ok();
+        ExportedSwitch {
+            key: key.to_string(),
+            id,
+            name: id.is_none().then(|| key.to_string()),
+            kind: None,
+        }
+    }
+
+    /// The switch as a user knows it: its name, else what the settings record.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.key)
+    }
+
+    /// Whether `old` (of a `--switch OLD=NEW` mapping) names this switch: its
+    /// name, its id, or what the settings record.
+    pub fn answers_to(&self, old: &str) -> bool {
+        let same_id = |id: Uuid| Uuid::parse_str(old).is_ok_and(|o| o == id);
+        self.name.as_deref() == Some(old)
+            || self.key == old
+            || self.id.is_some_and(same_id)
+            || Uuid::parse_str(&self.key).is_ok_and(same_id)
+    }
 }
 
 /// Why a manifest cannot be used.
@@ -297,6 +349,29 @@ mod tests {
             n.name_for(vm, Path::new("/data/vms/1/Virtual Hard Disks/os-2.vhd")),
             "Virtual Hard Disks/os-2-2.vhd"
         );
+    }
+
+    #[test]
+    fn an_exported_switch_answers_to_its_name_id_or_recorded_key() {
+        let id = Uuid::parse_str("a6f1c1d4-0000-4000-8000-000000000001").unwrap();
+        let e = ExportedSwitch {
+            key: id.to_string(),
+            id: Some(id),
+            name: Some("lab".into()),
+            kind: None,
+        };
+        assert!(e.answers_to("lab"));
+        assert!(e.answers_to(&id.to_string()));
+        assert!(e.answers_to("A6F1C1D4-0000-4000-8000-000000000001"));
+        assert!(!e.answers_to("backend"));
+        assert_eq!(e.label(), "lab");
+        // A version 1 manifest: the settings' key is all there is.
+        let old = ExportedSwitch::from_key(&id.to_string());
+        assert_eq!((old.id, old.name.as_deref()), (Some(id), None));
+        assert_eq!(old.label(), id.to_string());
+        assert!(old.answers_to(&id.to_string()) && !old.answers_to("lab"));
+        let by_name = ExportedSwitch::from_key("lab");
+        assert_eq!((by_name.id, by_name.name.as_deref()), (None, Some("lab")));
     }
 
     #[test]
