@@ -482,7 +482,7 @@ mod paths {
             let (s, body) = c.send("GET", &format!("/v1/jobs/{job}/wait?timeout=60"), "");
             out[2].push(t.elapsed());
             assert_eq!(s, 200, "{body}");
-            assert!(body.contains("completed"), "{body}");
+            assert!(body.contains("\"state\":\"Completed\""), "{body}");
         }
         out
     }
