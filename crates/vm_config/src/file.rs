@@ -17,7 +17,9 @@ use crate::VmSettings;
 /// - 4: network adapters carry their guards and bandwidth (`mac_address_spoofing`,
 ///   `dhcp_guard`, `router_guard`, `maximum_bandwidth`). Nothing to upgrade: an
 ///   older adapter has the defaults (spoofing off, guards off, unlimited).
-pub const SCHEMA_VERSION: u32 = 4;
+/// - 5: network adapters carry their VLAN (`vlan_mode`, `vlan_id`, `vlan_allowed`,
+///   `vlan_native`). Nothing to upgrade: an older adapter is untagged.
+pub const SCHEMA_VERSION: u32 = 5;
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -236,6 +236,130 @@ pub struct NetworkAdapter {
         max = "crate::validate::MAX_BANDWIDTH"
     ))]
     pub maximum_bandwidth: Option<u64>,
+    /// How the adapter's frames are tagged on its switch (Hyper-V's
+    /// Set-VMNetworkAdapterVlan): `untagged` (the default), `access` (one VLAN,
+    /// `vlan_id`, the guest sees untagged frames) or `trunk` (tagged frames of
+    /// `vlan_allowed`, `vlan_native` untagged). Schema 5; older adapters are untagged.
+    #[serde(default)]
+    pub vlan_mode: VlanMode,
+    /// The access VLAN, 1–4094 (access mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(
+        min = "crate::validate::MIN_VLAN_ID",
+        max = "crate::validate::MAX_VLAN_ID"
+    ))]
+    pub vlan_id: Option<u16>,
+    /// The VLANs a trunk carries tagged: ids and ranges within 1–4094 (trunk mode only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = "crate::validate::MAX_VLAN_RANGES"))]
+    pub vlan_allowed: Vec<VlanRange>,
+    /// The VLAN a trunk carries untagged, 1–4094 (trunk mode only; absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(
+        min = "crate::validate::MIN_VLAN_ID",
+        max = "crate::validate::MAX_VLAN_ID"
+    ))]
+    pub vlan_native: Option<u16>,
+}
+
+/// How an adapter's frames are tagged on its switch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VlanMode {
+    /// No VLAN: the switch's untagged segment (where the host's interface is).
+    #[default]
+    Untagged,
+    /// One VLAN (`vlan_id`); the guest sends and receives untagged frames.
+    Access,
+    /// Tagged frames of the allowed VLANs, and the native VLAN untagged.
+    Trunk,
+}
+
+impl VlanMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            VlanMode::Untagged => "untagged",
+            VlanMode::Access => "access",
+            VlanMode::Trunk => "trunk",
+        }
+    }
+}
+
+/// VLAN ids `first` to `last`, both included (`last` absent: just `first`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VlanRange {
+    #[schemars(range(
+        min = "crate::validate::MIN_VLAN_ID",
+        max = "crate::validate::MAX_VLAN_ID"
+    ))]
+    pub first: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(
+        min = "crate::validate::MIN_VLAN_ID",
+        max = "crate::validate::MAX_VLAN_ID"
+    ))]
+    pub last: Option<u16>,
+}
+
+impl VlanRange {
+    pub fn last(&self) -> u16 {
+        self.last.unwrap_or(self.first)
+    }
+
+    /// Parses `10,20-30` (Hyper-V's AllowedVlanIdList) into ranges; the
+    /// values are checked by [`crate::validate`].
+    pub fn parse_list(text: &str) -> Result<Vec<VlanRange>, String> {
+        let bad = |part: &str| {
+            format!("{part:?} in the VLAN list {text:?} is not a VLAN id or range; write ids and ranges of 1 to 4094 separated by commas, like 10,20-30")
+        };
+        let mut out = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            let (a, b) = match part.split_once('-') {
+                Some((a, b)) => (a.trim(), Some(b.trim())),
+                None => (part, None),
+            };
+            let first: u16 = a.parse().map_err(|_| bad(part))?;
+            let last = b
+                .map(|b| b.parse::<u16>().map_err(|_| bad(part)))
+                .transpose()?;
+            out.push(VlanRange { first, last });
+        }
+        Ok(out)
+    }
+
+    /// Ranges as Hyper-V writes them: `10,20-30`.
+    pub fn list_text(ranges: &[VlanRange]) -> String {
+        ranges
+            .iter()
+            .map(|r| match r.last {
+                Some(l) if l != r.first => format!("{}-{l}", r.first),
+                _ => r.first.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl NetworkAdapter {
+    /// The adapter's VLAN setting in one line: `untagged`, `access 10`,
+    /// `trunk 10,20-30 native 1`.
+    pub fn vlan_text(&self) -> String {
+        match self.vlan_mode {
+            VlanMode::Untagged => "untagged".into(),
+            VlanMode::Access => match self.vlan_id {
+                Some(id) => format!("access {id}"),
+                None => "access (no id)".into(),
+            },
+            VlanMode::Trunk => {
+                let mut t = format!("trunk {}", VlanRange::list_text(&self.vlan_allowed));
+                if let Some(n) = self.vlan_native {
+                    t.push_str(&format!(" native {n}"));
+                }
+                t
+            }
+        }
+    }
 }
 
 /// Synthetic (virtio, fast) or legacy (emulated, boots PXE on generation 1).

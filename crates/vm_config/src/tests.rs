@@ -181,6 +181,10 @@ fn generation_rules_for_dvd_ide_and_legacy_adapters() {
         dhcp_guard: false,
         router_guard: false,
         maximum_bandwidth: None,
+        vlan_mode: Default::default(),
+        vlan_id: None,
+        vlan_allowed: Vec::new(),
+        vlan_native: None,
     }];
     assert_eq!(check(&s), Err(ConfigError::LegacyAdapterInGeneration2));
 }
@@ -246,6 +250,10 @@ fn bad_and_duplicate_macs_are_rejected() {
         dhcp_guard: false,
         router_guard: false,
         maximum_bandwidth: None,
+        vlan_mode: Default::default(),
+        vlan_id: None,
+        vlan_allowed: Vec::new(),
+        vlan_native: None,
     }];
     assert!(matches!(check(&s), Err(ConfigError::MacInvalid(_))));
     let mac = random_mac();
@@ -260,6 +268,10 @@ fn bad_and_duplicate_macs_are_rejected() {
             dhcp_guard: false,
             router_guard: false,
             maximum_bandwidth: None,
+            vlan_mode: Default::default(),
+            vlan_id: None,
+            vlan_allowed: Vec::new(),
+            vlan_native: None,
         },
         NetworkAdapter {
             id: None,
@@ -271,6 +283,10 @@ fn bad_and_duplicate_macs_are_rejected() {
             dhcp_guard: false,
             router_guard: false,
             maximum_bandwidth: None,
+            vlan_mode: Default::default(),
+            vlan_id: None,
+            vlan_allowed: Vec::new(),
+            vlan_native: None,
         },
     ];
     assert!(matches!(check(&s), Err(ConfigError::MacInUse { .. })));
@@ -319,10 +335,17 @@ fn an_adapters_switch_round_trips_and_schema_2_files_read_as_not_connected() {
         dhcp_guard: false,
         router_guard: false,
         maximum_bandwidth: None,
+        vlan_mode: Default::default(),
+        vlan_id: None,
+        vlan_allowed: Vec::new(),
+        vlan_native: None,
     }];
     file::save(&path, &s).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    assert!(text.contains("\"schema_version\": 4"), "{text}");
+    assert!(
+        text.contains(&format!("\"schema_version\": {}", file::SCHEMA_VERSION)),
+        "{text}"
+    );
     assert_eq!(file::load(&path).unwrap(), s);
     // A schema 2 file has no `switch`: its adapters load, not connected.
     let mut v2: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -355,6 +378,10 @@ fn adapter_guards_round_trip_and_schema_3_files_read_with_the_defaults() {
         dhcp_guard: true,
         router_guard: true,
         maximum_bandwidth: Some(100_000_000),
+        vlan_mode: Default::default(),
+        vlan_id: None,
+        vlan_allowed: Vec::new(),
+        vlan_native: None,
     }];
     file::save(&path, &s).unwrap();
     assert_eq!(file::load(&path).unwrap(), s);
@@ -405,6 +432,10 @@ fn maximum_bandwidth_outside_its_range_is_rejected_naming_the_adapter() {
             dhcp_guard: false,
             router_guard: false,
             maximum_bandwidth: Some(bw),
+            vlan_mode: Default::default(),
+            vlan_id: None,
+            vlan_allowed: Vec::new(),
+            vlan_native: None,
         }];
         match check(&s) {
             Ok(()) => assert!(ok, "{bw} accepted"),
@@ -417,4 +448,131 @@ fn maximum_bandwidth_outside_its_range_is_rejected_naming_the_adapter() {
             }
         }
     }
+}
+
+fn vlan_adapter(mode: VlanMode) -> NetworkAdapter {
+    NetworkAdapter {
+        id: None,
+        kind: AdapterKind::Synthetic,
+        mac: "52:54:00:12:34:56".into(),
+        pci_slot: None,
+        switch: None,
+        mac_address_spoofing: false,
+        dhcp_guard: false,
+        router_guard: false,
+        maximum_bandwidth: None,
+        vlan_mode: mode,
+        vlan_id: None,
+        vlan_allowed: Vec::new(),
+        vlan_native: None,
+    }
+}
+
+#[test]
+fn vlan_settings_round_trip_and_schema_4_files_load_untagged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.json");
+    let mut s = vm(2);
+    let mut access = vlan_adapter(VlanMode::Access);
+    access.vlan_id = Some(10);
+    let mut trunk = vlan_adapter(VlanMode::Trunk);
+    trunk.mac = "52:54:00:12:34:57".into();
+    trunk.vlan_allowed = VlanRange::parse_list("10,20-30").unwrap();
+    trunk.vlan_native = Some(1);
+    s.network_adapters = vec![access, trunk];
+    validate(&s, &HostLimits::default()).unwrap();
+    file::save(&path, &s).unwrap();
+    assert_eq!(file::load(&path).unwrap(), s);
+    assert_eq!(s.network_adapters[0].vlan_text(), "access 10");
+    assert_eq!(s.network_adapters[1].vlan_text(), "trunk 10,20-30 native 1");
+    // A schema 4 file has no VLAN fields: its adapters are untagged.
+    let mut v4: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v4["schema_version"] = 4.into();
+    for a in v4["settings"]["network_adapters"].as_array_mut().unwrap() {
+        let a = a.as_object_mut().unwrap();
+        for k in ["vlan_mode", "vlan_id", "vlan_allowed", "vlan_native"] {
+            a.remove(k);
+        }
+    }
+    std::fs::write(&path, serde_json::to_string(&v4).unwrap()).unwrap();
+    let loaded = file::load(&path).unwrap();
+    for a in &loaded.network_adapters {
+        assert_eq!(a.vlan_mode, VlanMode::Untagged);
+        assert_eq!(a.vlan_text(), "untagged");
+    }
+}
+
+#[test]
+fn vlan_settings_out_of_range_or_of_the_wrong_mode_are_refused_by_name() {
+    let check = |a: NetworkAdapter| {
+        let mut s = vm(2);
+        s.network_adapters = vec![a];
+        validate(&s, &HostLimits::default())
+    };
+    let mut a = vlan_adapter(VlanMode::Access);
+    for (id, ok) in [(0, false), (1, true), (4094, true), (4095, false)] {
+        a.vlan_id = Some(id);
+        let r = check(a.clone());
+        assert_eq!(r.is_ok(), ok, "{id}: {r:?}");
+        if let Err(e) = r {
+            assert!(matches!(e, ConfigError::VlanIdInvalid { given, .. } if given == id));
+            assert!(e.to_string().contains("1 to 4094"), "{e}");
+        }
+    }
+    a.vlan_id = None;
+    assert!(matches!(
+        check(a.clone()),
+        Err(ConfigError::VlanIdMissing { .. })
+    ));
+    a.vlan_id = Some(10);
+    a.vlan_allowed = VlanRange::parse_list("20").unwrap();
+    let e = check(a.clone()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ConfigError::VlanFieldForMode {
+                mode: "access",
+                field: "allowed VLANs",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let mut t = vlan_adapter(VlanMode::Trunk);
+    assert!(matches!(
+        check(t.clone()),
+        Err(ConfigError::VlanAllowedMissing { .. })
+    ));
+    t.vlan_allowed = VlanRange::parse_list("30-20").unwrap();
+    assert!(matches!(
+        check(t.clone()),
+        Err(ConfigError::VlanRangeReversed {
+            first: 30,
+            last: 20,
+            ..
+        })
+    ));
+    t.vlan_allowed = VlanRange::parse_list("10,4000-4095").unwrap();
+    assert!(matches!(
+        check(t.clone()),
+        Err(ConfigError::VlanIdInvalid { given: 4095, .. })
+    ));
+    t.vlan_allowed = VlanRange::parse_list("10").unwrap();
+    t.vlan_id = Some(10);
+    assert!(matches!(
+        check(t.clone()),
+        Err(ConfigError::VlanFieldForMode { mode: "trunk", .. })
+    ));
+    let mut u = vlan_adapter(VlanMode::Untagged);
+    u.vlan_native = Some(3);
+    assert!(matches!(
+        check(u),
+        Err(ConfigError::VlanFieldForMode {
+            mode: "untagged",
+            ..
+        })
+    ));
+    assert!(VlanRange::parse_list("10,x").unwrap_err().contains("\"x\""));
+    assert!(VlanRange::parse_list("").is_err());
 }

@@ -4,8 +4,8 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use crate::settings::{
-    AdapterKind, BootEntry, ControllerKind, Drive, DriveMedia, Slot, VmSettings,
-    CURRENT_CONFIGURATION_VERSION,
+    AdapterKind, BootEntry, ControllerKind, Drive, DriveMedia, NetworkAdapter, Slot, VlanMode,
+    VmSettings, CURRENT_CONFIGURATION_VERSION,
 };
 
 /// What the host allows; the daemon fills it in from the machine it runs on.
@@ -44,6 +44,11 @@ pub const MAX_NOTES_CHARS: usize = 4000;
 /// The least and the most a network adapter's `maximum_bandwidth` can be, bits/s.
 pub const MIN_BANDWIDTH: u64 = 8_000;
 pub const MAX_BANDWIDTH: u64 = 1_000_000_000_000;
+/// VLAN ids an adapter can carry: 1 to 4094 (0 and 4095 are reserved by 802.1Q).
+pub const MIN_VLAN_ID: u16 = 1;
+pub const MAX_VLAN_ID: u16 = 4094;
+/// The most entries a trunk's `vlan_allowed` list may have.
+pub const MAX_VLAN_RANGES: usize = 64;
 pub const MAX_SYNTHETIC_ADAPTERS: usize = 8;
 pub const MAX_LEGACY_ADAPTERS: usize = 4;
 
@@ -111,6 +116,27 @@ pub enum ConfigError {
     MacInvalid(String),
     #[error("the maximum bandwidth of the network adapter {mac} is {given} bits/s; give {MIN_BANDWIDTH} to {MAX_BANDWIDTH} bits/s (8 kbit/s to 1 Tbit/s), or none for unlimited")]
     BandwidthInvalid { mac: String, given: u64 },
+    #[error("VLAN id {given} of the network adapter {mac} ({what}) is out of range; VLAN ids are {MIN_VLAN_ID} to {MAX_VLAN_ID}")]
+    VlanIdInvalid {
+        mac: String,
+        what: &'static str,
+        given: u16,
+    },
+    #[error("the network adapter {mac} is in access mode but has no VLAN id; give one (`--vlan 10`, `vlan_id`), or make it untagged")]
+    VlanIdMissing { mac: String },
+    #[error("the network adapter {mac} is in trunk mode but allows no VLAN; give the allowed VLANs (`--vlan-trunk 10,20-30`, `vlan_allowed`)")]
+    VlanAllowedMissing { mac: String },
+    #[error("the network adapter {mac} is in {mode} mode, which has no {field}; {hint}")]
+    VlanFieldForMode {
+        mac: String,
+        mode: &'static str,
+        field: &'static str,
+        hint: &'static str,
+    },
+    #[error("the VLAN range {first}-{last} of the network adapter {mac} runs backwards; write the lower id first")]
+    VlanRangeReversed { mac: String, first: u16, last: u16 },
+    #[error("the network adapter {mac} allows {given} VLAN ranges; at most {MAX_VLAN_RANGES} are allowed (join neighbouring ids into ranges)")]
+    VlanTooManyRanges { mac: String, given: usize },
     #[error("MAC address {mac} is already used by {owner}; each adapter needs its own address")]
     MacInUse { mac: String, owner: String },
     #[error("the path {0:?} is not absolute; give the full path starting with /")]
@@ -480,11 +506,103 @@ fn validate_adapters(s: &VmSettings) -> Result<(), ConfigError> {
                 return Err(ConfigError::BandwidthInvalid { mac, given: bw });
             }
         }
+        validate_vlan(&mac, a)?;
         if !macs.insert(mac.clone()) {
             return Err(ConfigError::MacInUse {
                 mac,
                 owner: format!("another adapter of this VM ({})", s.name),
             });
+        }
+    }
+    Ok(())
+}
+
+/// Checks an adapter's VLAN setting: ids in range, the fields its mode has and
+/// no others.
+pub fn validate_vlan(mac: &str, a: &NetworkAdapter) -> Result<(), ConfigError> {
+    let id = |what, given: u16| {
+        if (MIN_VLAN_ID..=MAX_VLAN_ID).contains(&given) {
+            Ok(())
+        } else {
+            Err(ConfigError::VlanIdInvalid {
+                mac: mac.to_string(),
+                what,
+                given,
+            })
+        }
+    };
+    let not_for = |mode: VlanMode, field, hint| ConfigError::VlanFieldForMode {
+        mac: mac.to_string(),
+        mode: mode.name(),
+        field,
+        hint,
+    };
+    if let Some(v) = a.vlan_id {
+        id("its access VLAN", v)?;
+    }
+    if let Some(v) = a.vlan_native {
+        id("its native VLAN", v)?;
+    }
+    if a.vlan_allowed.len() > MAX_VLAN_RANGES {
+        return Err(ConfigError::VlanTooManyRanges {
+            mac: mac.to_string(),
+            given: a.vlan_allowed.len(),
+        });
+    }
+    for r in &a.vlan_allowed {
+        id("in its allowed VLANs", r.first)?;
+        id("in its allowed VLANs", r.last())?;
+        if r.last() < r.first {
+            return Err(ConfigError::VlanRangeReversed {
+                mac: mac.to_string(),
+                first: r.first,
+                last: r.last(),
+            });
+        }
+    }
+    let trunk_only = "allowed VLANs and a native VLAN belong to trunk mode (`--vlan-trunk`)";
+    match a.vlan_mode {
+        VlanMode::Untagged => {
+            if a.vlan_id.is_some() {
+                return Err(not_for(
+                    a.vlan_mode,
+                    "VLAN id",
+                    "an access VLAN needs access mode (`--vlan 10`)",
+                ));
+            }
+            if !a.vlan_allowed.is_empty() {
+                return Err(not_for(a.vlan_mode, "allowed VLANs", trunk_only));
+            }
+            if a.vlan_native.is_some() {
+                return Err(not_for(a.vlan_mode, "native VLAN", trunk_only));
+            }
+        }
+        VlanMode::Access => {
+            if a.vlan_id.is_none() {
+                return Err(ConfigError::VlanIdMissing {
+                    mac: mac.to_string(),
+                });
+            }
+            if !a.vlan_allowed.is_empty() {
+                return Err(not_for(a.vlan_mode, "allowed VLANs", trunk_only));
+            }
+            if a.vlan_native.is_some() {
+                return Err(not_for(a.vlan_mode, "native VLAN", trunk_only));
+            }
+        }
+        VlanMode::Trunk => {
+            if a.vlan_id.is_some() {
+                return Err(not_for(
+                    a.vlan_mode,
+                    "access VLAN id",
+                    "a trunk carries its allowed VLANs tagged and its native VLAN untagged (`vlan_native`)",
+                ));
+            }
+            if a.vlan_allowed.is_empty() {
+                return Err(ConfigError::VlanAllowedMissing {
+                    mac: mac.to_string(),
+                });
+            }
         }
     }
     Ok(())

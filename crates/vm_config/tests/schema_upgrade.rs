@@ -117,6 +117,10 @@ fn new_adapters_get_free_slots_from_16_and_keep_them_when_others_go() {
             dhcp_guard: false,
             router_guard: false,
             maximum_bandwidth: None,
+            vlan_mode: Default::default(),
+            vlan_id: None,
+            vlan_allowed: Vec::new(),
+            vlan_native: None,
         });
     }
     devices::assign_identity(&mut s, Some(&old));

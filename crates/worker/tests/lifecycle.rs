@@ -189,6 +189,10 @@ async fn generation2_boots_on_q35_with_ovmf_its_own_uefi_variable_store_and_its_
         dhcp_guard: false,
         router_guard: false,
         maximum_bandwidth: None,
+        vlan_mode: Default::default(),
+        vlan_id: None,
+        vlan_allowed: Vec::new(),
+        vlan_native: None,
     }];
     s.memory.startup_mib = 256;
     let mut vm = Vm::new(

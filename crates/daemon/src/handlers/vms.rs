@@ -311,6 +311,10 @@ pub async fn add_adapter(svc: &Arc<Service>, key: &str, body: Incoming) -> Answe
         dhcp_guard: false,
         router_guard: false,
         maximum_bandwidth: None,
+        vlan_mode: Default::default(),
+        vlan_id: None,
+        vlan_allowed: Vec::new(),
+        vlan_native: None,
     };
     let (_, vm) = svc.update_vm(key, |s| {
         s.network_adapters.push(adapter);
