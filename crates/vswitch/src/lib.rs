@@ -12,6 +12,7 @@ mod names;
 pub mod nat;
 pub mod shaping;
 mod tap;
+pub mod vlan;
 
 use futures_util::stream::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
@@ -21,7 +22,9 @@ use rtnetlink::{Handle, LinkBridge, LinkIfb, LinkUnspec};
 
 pub use cidr::{Cidr, CidrError};
 pub use datapath::DataPath;
-pub use names::{bridge_name, is_ours, tap_name, MAX_NAME_BYTES, PREFIX};
+pub use names::{
+    bridge_name, is_ours, tap_name, vlan_bridge_name, vlan_of_bridge, MAX_NAME_BYTES, PREFIX,
+};
 
 /// What went wrong on the host's side of a switch.
 #[derive(Debug, thiserror::Error)]
@@ -84,17 +87,17 @@ pub enum Ensured {
 /// A netlink connection to the kernel of the network namespace this was opened in.
 #[derive(Clone)]
 pub struct Host {
-    handle: Handle,
+    pub(crate) handle: Handle,
 }
 
-fn netlink(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> SwitchError {
+pub(crate) fn netlink(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> SwitchError {
     move |e| SwitchError::Netlink {
         action: action.into(),
         source: to_io(e),
     }
 }
 
-fn to_io(e: rtnetlink::Error) -> std::io::Error {
+pub(crate) fn to_io(e: rtnetlink::Error) -> std::io::Error {
     match e {
         rtnetlink::Error::NetlinkError(m) => m.to_io(),
         other => std::io::Error::other(other.to_string()),

@@ -19,6 +19,21 @@ pub fn tap_name(key: u64) -> String {
     format!("{PREFIX}t-{:010x}", key & 0xff_ffff_ffff)
 }
 
+/// A switch's bridge for one VLAN, where kernels without bridge VLAN filtering
+/// put its access ports: `vswv`, the switch's 8 hex digits (as its bridge's) and
+/// the VLAN id in 3 hex digits (`vswv1a2b3c4d00a` is VLAN 10 of `vsw-1a2b3c4d`).
+pub fn vlan_bridge_name(switch_id: u128, vlan: u16) -> String {
+    format!("{PREFIX}v{:08x}{:03x}", switch_id >> 96, vlan & 0xfff)
+}
+
+/// The VLAN of a name [`vlan_bridge_name`] gave the switch `switch_id`'s bridge.
+pub fn vlan_of_bridge(switch_id: u128, name: &str) -> Option<u16> {
+    let rest = name.strip_prefix(&format!("{PREFIX}v{:08x}", switch_id >> 96))?;
+    (rest.len() == 3)
+        .then(|| u16::from_str_radix(rest, 16).ok())
+        .flatten()
+}
+
 /// Whether a link's name is one of ours.
 pub fn is_ours(name: &str) -> bool {
     name.starts_with(PREFIX)
@@ -38,6 +53,12 @@ mod tests {
             assert!(n.len() <= MAX_NAME_BYTES, "{n}");
             assert!(is_ours(n));
         }
+        let v = vlan_bridge_name(0x1a2b_3c4d_0000_4000_8000_0000_0000_00ff_u128, 4094);
+        assert_eq!(v, "vswv1a2b3c4dffe");
+        assert!(v.len() <= MAX_NAME_BYTES && is_ours(&v));
+        assert_eq!(vlan_of_bridge(0x1a2b_3c4d_u128 << 96, &v), Some(4094));
+        assert_eq!(vlan_of_bridge(0x1a2b_3c4e_u128 << 96, &v), None);
+        assert_eq!(vlan_of_bridge(0x1a2b_3c4d_u128 << 96, &b), None);
         assert!(!is_ours("eth0"));
         assert!(!is_ours("virbr0"));
     }
