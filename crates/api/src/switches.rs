@@ -225,11 +225,77 @@ pub struct UpdateNetworkAdapterRequest {
         max = "vm_config::validate::MAX_BANDWIDTH"
     ))]
     pub maximum_bandwidth: Option<Option<u64>>,
+    /// `untagged`, `access` or `trunk` (Hyper-V's Set-VMNetworkAdapterVlan
+    /// `-Untagged`, `-Access`, `-Trunk`). Changing the mode drops the fields the
+    /// new mode has not (an access id when going trunk, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan_mode: Option<vm_config::VlanMode>,
+    /// The access VLAN, 1–4094 (access mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(
+        min = "vm_config::validate::MIN_VLAN_ID",
+        max = "vm_config::validate::MAX_VLAN_ID"
+    ))]
+    pub vlan_id: Option<u16>,
+    /// The VLANs a trunk carries tagged (trunk mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = "vm_config::validate::MAX_VLAN_RANGES"))]
+    pub vlan_allowed: Option<Vec<vm_config::VlanRange>>,
+    /// The VLAN a trunk carries untagged, 1–4094 (trunk mode); `null` takes it away.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(
+        min = "vm_config::validate::MIN_VLAN_ID",
+        max = "vm_config::validate::MAX_VLAN_ID"
+    ))]
+    pub vlan_native: Option<Option<u16>>,
+}
+
+impl UpdateNetworkAdapterRequest {
+    /// Whether the request changes the adapter's VLAN.
+    pub fn changes_vlan(&self) -> bool {
+        self.vlan_mode.is_some()
+            || self.vlan_id.is_some()
+            || self.vlan_allowed.is_some()
+            || self.vlan_native.is_some()
+    }
+
+    /// Applies the request's VLAN fields to `a` (checked afterwards with the
+    /// rest of the settings).
+    pub fn apply_vlan(&self, a: &mut vm_config::NetworkAdapter) {
+        use vm_config::VlanMode;
+        if let Some(mode) = self.vlan_mode {
+            if mode != a.vlan_mode {
+                if mode != VlanMode::Access {
+                    a.vlan_id = None;
+                }
+                if mode != VlanMode::Trunk {
+                    a.vlan_allowed.clear();
+                    a.vlan_native = None;
+                }
+            }
+            a.vlan_mode = mode;
+        }
+        if let Some(id) = self.vlan_id {
+            a.vlan_id = Some(id);
+        }
+        if let Some(list) = &self.vlan_allowed {
+            a.vlan_allowed = list.clone();
+        }
+        if let Some(native) = self.vlan_native {
+            a.vlan_native = native;
+        }
+    }
 }
 
 /// A field that is present, `null` included (absent stays `None` by `default`).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
-    Option::<u64>::deserialize(d).map(Some)
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// `POST /v1/vms/{vm}/network-adapters/{mac}/connect`
@@ -246,4 +312,22 @@ pub struct NetworkInfo {
     /// `vhost-net` or `userspace`.
     pub data_path: String,
     pub reason: String,
+    /// What the kernel offers for adapters' VLANs, probed at the service's start.
+    #[serde(default)]
+    pub vlan: VlanInfo,
+}
+
+/// The kernel's VLAN features and how adapters' VLAN settings are enforced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct VlanInfo {
+    /// Bridges filter by VLAN (`CONFIG_BRIDGE_VLAN_FILTERING`).
+    pub bridge_vlan_filtering: bool,
+    pub bridge_vlan_filtering_reason: String,
+    /// 802.1Q VLAN links (`CONFIG_VLAN_8021Q`).
+    pub dot1q: bool,
+    pub dot1q_reason: String,
+    /// How access-mode adapters are kept apart.
+    pub access: String,
+    /// Whether trunk-mode adapters are enforced, or why they are refused.
+    pub trunk: String,
 }

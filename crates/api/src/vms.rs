@@ -353,6 +353,28 @@ pub struct AddNetworkAdapterRequest {
     /// The virtual switch to connect it to, by name or id; not connected unless given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switch: Option<String>,
+    /// Its VLAN mode (`untagged` unless given) and the fields of that mode, as
+    /// `PATCH /v1/vms/{vm}/network-adapters/{mac}` takes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan_mode: Option<vm_config::VlanMode>,
+    /// The access VLAN, 1–4094; alone it means access mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(
+        min = "vm_config::validate::MIN_VLAN_ID",
+        max = "vm_config::validate::MAX_VLAN_ID"
+    ))]
+    pub vlan_id: Option<u16>,
+    /// The VLANs a trunk carries tagged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = "vm_config::validate::MAX_VLAN_RANGES"))]
+    pub vlan_allowed: Option<Vec<vm_config::VlanRange>>,
+    /// The VLAN a trunk carries untagged, 1–4094.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(
+        min = "vm_config::validate::MIN_VLAN_ID",
+        max = "vm_config::validate::MAX_VLAN_ID"
+    ))]
+    pub vlan_native: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

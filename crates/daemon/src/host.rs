@@ -115,6 +115,7 @@ pub fn info(config: &DaemonConfig, limits: &HostLimits) -> HostInfo {
             api::switches::NetworkInfo {
                 data_path: d.name().into(),
                 reason: d.reason,
+                vlan: Default::default(),
             }
         },
     }

@@ -126,6 +126,7 @@ impl Service {
         let mut host = self.host.clone();
         host.resources = self.capacity.report(self.running_demand(&store, None));
         host.new_vm_defaults = self.defaults();
+        host.network.vlan = self.switches.vlan_info();
         let range = self.mac_pool.range();
         host.mac_address_pool = api::host::MacAddressPool {
             minimum: range.minimum.to_string(),

@@ -267,6 +267,7 @@ async fn set_switch(
                 .find(|a| is_it(a))
                 .ok_or_else(|| no_such(&name))?;
             a.switch = switch.as_ref().map(|s| s.id.to_string());
+            svc.switches.check_vlan(a)?;
             Ok(a.clone())
         })?;
         return Ok(json(200, &adapter));
@@ -316,6 +317,16 @@ async fn set_switch(
     Ok(json(200, &adapter))
 }
 
+/// Sets the adapter's link as the guest sees it (a failure is logged: the port
+/// change itself went ahead).
+async fn link(svc: &Arc<Service>, vm: uuid::Uuid, mac: &str, up: bool) {
+    if let Some(w) = svc.workers.clone() {
+        if let Err(e) = w.set_link(vm, mac.to_string(), up).await {
+            tracing::warn!(vm = %vm, mac = %mac, up, error = %e, "cannot change the adapter's link as the guest sees it");
+        }
+    }
+}
+
 /// `PATCH /v1/vms/{vm}/network-adapters/{mac}`: an adapter's guards and maximum
 /// bandwidth. A VM that is Off gets new settings; a running (or paused) VM's
 /// port changes first, then its settings are written (a port that cannot change
@@ -336,6 +347,7 @@ pub async fn update_adapter(svc: &Arc<Service>, vm: &str, mac: &str, body: Incom
         if let Some(v) = req.maximum_bandwidth {
             a.maximum_bandwidth = v;
         }
+        req.apply_vlan(a);
     };
     let is_it =
         |a: &vm_config::NetworkAdapter| canonical_mac(&a.mac).ok().as_deref() == Some(&wanted);
@@ -363,6 +375,7 @@ pub async fn update_adapter(svc: &Arc<Service>, vm: &str, mac: &str, body: Incom
                 .find(|a| is_it(a))
                 .ok_or_else(|| no_such(&name))?;
             apply(a);
+            svc.switches.check_vlan(a)?;
             Ok(a.clone())
         })?;
         return Ok(json(200, &adapter));
@@ -376,7 +389,25 @@ pub async fn update_adapter(svc: &Arc<Service>, vm: &str, mac: &str, body: Incom
     apply(&mut new.network_adapters[index]);
     svc.check_running_settings(&new)?;
     let adapter = new.network_adapters[index].clone();
-    svc.switches.set_port_options(new.id, &adapter).await?;
+    svc.switches.check_vlan(&adapter)?;
+    // A new VLAN moves the port (between per-VLAN bridges, or its VLANs on a
+    // filtering bridge) with a link blip, so the guest notices and asks again.
+    let moves = req.changes_vlan() && svc.switches.has_port(new.id, &adapter.mac);
+    let id = new.id;
+    let place = |a: vm_config::NetworkAdapter| {
+        let svc = svc.clone();
+        async move {
+            if !moves {
+                return svc.switches.set_port_options(id, &a).await;
+            }
+            let switch = a.switch.as_deref().and_then(|k| svc.switches.resolve(k));
+            link(&svc, id, &a.mac, false).await;
+            let moved = svc.switches.move_port(id, &a, switch.as_ref()).await;
+            link(&svc, id, &a.mac, true).await;
+            moved
+        }
+    };
+    place(adapter.clone()).await?;
     let saved = {
         let mut store = svc.store();
         store
@@ -392,11 +423,7 @@ pub async fn update_adapter(svc: &Arc<Service>, vm: &str, mac: &str, body: Incom
         }
         Err(e) => {
             // The settings say what the port does: put the port back.
-            if let Err(back) = svc
-                .switches
-                .set_port_options(old.id, &old.network_adapters[index])
-                .await
-            {
+            if let Err(back) = place(old.network_adapters[index].clone()).await {
                 tracing::error!(
                     "cannot put the port of {} back: {}",
                     adapter.mac,

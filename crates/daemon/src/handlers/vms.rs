@@ -301,6 +301,13 @@ pub async fn add_adapter(svc: &Arc<Service>, key: &str, body: Incoming) -> Answe
         Some(key) => Some(svc.switches.find(key)?.id.to_string()),
         None => None,
     };
+    let vlan_mode = req.vlan_mode.unwrap_or(if req.vlan_id.is_some() {
+        vm_config::VlanMode::Access
+    } else if req.vlan_allowed.is_some() || req.vlan_native.is_some() {
+        vm_config::VlanMode::Trunk
+    } else {
+        vm_config::VlanMode::Untagged
+    });
     let adapter = NetworkAdapter {
         id: None,
         kind: req.kind.unwrap_or(AdapterKind::Synthetic),
@@ -311,11 +318,12 @@ pub async fn add_adapter(svc: &Arc<Service>, key: &str, body: Incoming) -> Answe
         dhcp_guard: false,
         router_guard: false,
         maximum_bandwidth: None,
-        vlan_mode: Default::default(),
-        vlan_id: None,
-        vlan_allowed: Vec::new(),
-        vlan_native: None,
+        vlan_mode,
+        vlan_id: req.vlan_id,
+        vlan_allowed: req.vlan_allowed.unwrap_or_default(),
+        vlan_native: req.vlan_native,
     };
+    svc.switches.check_vlan(&adapter)?;
     let (_, vm) = svc.update_vm(key, |s| {
         s.network_adapters.push(adapter);
         Ok(())

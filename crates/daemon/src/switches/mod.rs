@@ -16,8 +16,10 @@ use std::sync::{Mutex, MutexGuard};
 use api::switches::{AdapterConnection, AdapterCounters, GuardDrops, SwitchKind};
 use api::ErrorCode;
 use uuid::Uuid;
+use vm_config::VlanMode;
 use vm_config::{NetworkAdapter, VmSettings};
 use vswitch::guards::{self, PortGuards};
+use vswitch::vlan::{PortVlans, VlanSupport};
 use vswitch::{shaping, Cidr, DataPath, Host};
 
 use crate::error::ApiError;
@@ -34,6 +36,61 @@ pub struct Switches {
     ports: Mutex<HashMap<Uuid, Vec<AdapterConnection>>>,
     /// NAT switches' rules and DHCP/DNS servers.
     pub nat: nat::Nat,
+    /// What the kernel offers for VLANs, probed once at start.
+    pub vlan: VlanSupport,
+}
+
+/// Where one adapter's port goes on its switch, and what VLANs it carries there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PortPlan {
+    /// The bridge the tap is a port of.
+    bridge: String,
+    /// A bridge of the switch made for one VLAN (no VLAN filtering here).
+    vlan_bridge: bool,
+    /// The port's VLANs on a filtering bridge (`None`: the bridge does not filter).
+    vlans: Option<PortVlans>,
+}
+
+/// Where adapter `a`'s port goes on switch `switch` with the kernel offering
+/// `vlan`, or why its VLAN setting cannot be enforced there.
+fn plan_port(vlan: &VlanSupport, switch: Uuid, a: &NetworkAdapter) -> Result<PortPlan, ApiError> {
+    let filtering = vlan.bridge_vlan_filtering;
+    let main = PortPlan {
+        bridge: bridge_of(switch),
+        vlan_bridge: false,
+        vlans: filtering.then_some(PortVlans::Untagged),
+    };
+    match (a.vlan_mode, a.vlan_id) {
+        (VlanMode::Untagged, _) => Ok(main),
+        (VlanMode::Access, Some(id)) if filtering => Ok(PortPlan {
+            vlans: Some(PortVlans::Access(id)),
+            ..main
+        }),
+        (VlanMode::Access, Some(id)) => Ok(PortPlan {
+            bridge: vswitch::vlan_bridge_name(switch.as_u128(), id),
+            vlan_bridge: true,
+            vlans: None,
+        }),
+        (VlanMode::Access, None) => Err(ApiError::from(vm_config::ConfigError::VlanIdMissing {
+            mac: a.mac.clone(),
+        })),
+        (VlanMode::Trunk, _) if filtering => Ok(PortPlan {
+            vlans: Some(PortVlans::Trunk {
+                allowed: a.vlan_allowed.iter().map(|r| (r.first, r.last())).collect(),
+                native: a.vlan_native,
+            }),
+            ..main
+        }),
+        (VlanMode::Trunk, _) => Err(trunk_refused(vlan, &a.mac)),
+    }
+}
+
+fn trunk_refused(vlan: &VlanSupport, mac: &str) -> ApiError {
+    ApiError::invalid(format!(
+        "the network adapter {mac} cannot be a VLAN trunk on this host: trunks need bridge VLAN filtering, and this kernel lacks {} ({}); use access mode (one VLAN per adapter, `--vlan ID`), or run Viridian on a kernel built with it",
+        vswitch::vlan::FILTERING_OPTION,
+        vlan.bridge_vlan_filtering_reason
+    ))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -153,6 +210,97 @@ impl Switches {
             changes: tokio::sync::Mutex::new(()),
             ports: Mutex::default(),
             nat: nat::Nat::new(dir.clone()),
+            vlan: {
+                let v = vswitch::vlan::detect();
+                tracing::info!(
+                    filtering = v.bridge_vlan_filtering,
+                    dot1q = v.dot1q,
+                    "VLANs: {}; {}",
+                    v.bridge_vlan_filtering_reason,
+                    v.dot1q_reason
+                );
+                v
+            },
+        }
+    }
+
+    /// What `GET /v1/host` says of VLANs.
+    pub fn vlan_info(&self) -> api::switches::VlanInfo {
+        let v = &self.vlan;
+        api::switches::VlanInfo {
+            bridge_vlan_filtering: v.bridge_vlan_filtering,
+            bridge_vlan_filtering_reason: v.bridge_vlan_filtering_reason.clone(),
+            dot1q: v.dot1q,
+            dot1q_reason: v.dot1q_reason.clone(),
+            access: v.access_enforcement().into(),
+            trunk: if v.bridge_vlan_filtering {
+                "enforced by bridge VLAN filtering".into()
+            } else {
+                format!(
+                    "refused: needs bridge VLAN filtering ({})",
+                    vswitch::vlan::FILTERING_OPTION
+                )
+            },
+        }
+    }
+
+    /// Refuses a VLAN setting that this host could not enforce on the switch the
+    /// adapter names (an adapter on no switch may hold any valid setting).
+    pub fn check_vlan(&self, a: &NetworkAdapter) -> Result<(), ApiError> {
+        if a.switch.is_some() && a.vlan_mode == VlanMode::Trunk && !self.vlan.bridge_vlan_filtering
+        {
+            return Err(trunk_refused(&self.vlan, &a.mac));
+        }
+        Ok(())
+    }
+
+    /// Puts the tap on the bridge `plan` names (made first if it is a per-VLAN
+    /// bridge; the switch's bridge made to filter where the plan says so), with
+    /// its VLANs.
+    async fn attach_planned(host: &Host, tap: &str, plan: &PortPlan) -> Result<(), String> {
+        let chain = |e: vswitch::SwitchError| crate::vms::store::error_chain(&e);
+        if plan.vlan_bridge {
+            host.ensure_bridge(&plan.bridge).await.map_err(chain)?;
+        }
+        if plan.vlans.is_some() && !host.vlan_filtering(&plan.bridge).await.map_err(chain)? {
+            host.set_vlan_filtering(&plan.bridge).await.map_err(chain)?;
+        }
+        host.attach(tap, &plan.bridge).await.map_err(chain)?;
+        if let Some(v) = &plan.vlans {
+            host.set_port_vlans(tap, v).await.map_err(chain)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the per-VLAN bridges of `switch` (every switch for `None`) that
+    /// have no port left; with `all`, the ones with ports too (the switch is
+    /// going).
+    async fn prune_vlan_bridges(&self, host: &Host, switch: Option<Uuid>, all: bool) {
+        let ids: Vec<Uuid> = match switch {
+            Some(id) => vec![id],
+            None => lock(&self.entries).keys().copied().collect(),
+        };
+        let Ok(links) = host.our_links().await else {
+            return;
+        };
+        for l in links.iter().filter(|l| l.kind == "bridge") {
+            let Some(id) = ids
+                .iter()
+                .find(|id| vswitch::vlan_of_bridge(id.as_u128(), &l.name).is_some())
+            else {
+                continue;
+            };
+            let empty = !links.iter().any(|p| p.master == Some(l.index));
+            if all || empty {
+                match host.delete_link(&l.name).await {
+                    Ok(()) => {
+                        tracing::info!(switch = %id, bridge = %l.name, "per-VLAN bridge removed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(switch = %id, "cannot remove the per-VLAN bridge {}: {e}", l.name)
+                    }
+                }
+            }
         }
     }
 
@@ -439,6 +587,7 @@ impl Switches {
             self.nat.release_forwarding(self.nat_count());
         }
         if let Ok(host) = self.host() {
+            self.prune_vlan_bridges(host, Some(id), true).await;
             if let Err(e) = host.delete_link(&bridge).await {
                 tracing::error!("the switch {id} is deleted, but its bridge {bridge} is not: {e}");
             }
@@ -551,18 +700,26 @@ impl Switches {
             // The tap is made on no bridge, given its guards and limit, and only
             // then put on the switch: it never carries a frame unguarded. A port
             // whose guards cannot be set stays off the switch.
-            let mut guarded = Ok(());
+            // A VLAN setting this host cannot enforce keeps the port off too.
+            let mut guarded = match &target {
+                Some((_, Some(s))) => plan_port(&self.vlan, s.id, a)
+                    .map(drop)
+                    .map_err(|e| e.message),
+                _ => Ok(()),
+            };
             let made = match self.host() {
                 Err(e) => Err(e.message),
                 Ok(h) => match h.create_detached_tap(&tap).await {
                     Err(e) => Err(crate::vms::store::error_chain(&e)),
                     Ok(()) => {
-                        guarded = enforce(h, &tap, a).await;
+                        if guarded.is_ok() {
+                            guarded = enforce(h, &tap, a).await;
+                        }
                         match (&guarded, &target) {
-                            (Ok(()), Some((_, Some(s)))) => h
-                                .attach(&tap, &bridge_of(s.id))
-                                .await
-                                .map_err(|e| crate::vms::store::error_chain(&e)),
+                            (Ok(()), Some((_, Some(s)))) => match plan_port(&self.vlan, s.id, a) {
+                                Ok(plan) => Self::attach_planned(h, &tap, &plan).await,
+                                Err(e) => Err(e.message),
+                            },
                             // Off any bridge (a quick restart's tap may be on one).
                             _ => h
                                 .detach(&tap)
@@ -580,7 +737,7 @@ impl Switches {
                 (Ok(()), Some((_, Some(s)))) => {
                     c.switch = Some(s.name.clone());
                     c.reason = Some(format!(
-                        "its port on the switch {} cannot be guarded: {}",
+                        "its port on the switch {} cannot be guarded or put on its VLAN: {}",
                         s.name,
                         guarded.as_ref().err().map_or("", String::as_str)
                     ));
@@ -661,16 +818,30 @@ impl Switches {
                 )
             })?;
         let host = self.host()?;
+        // Refused VLAN settings change nothing: the plan comes first.
+        let plan = to
+            .map(|s| plan_port(&self.vlan, s.id, adapter))
+            .transpose()?;
         if to.is_some() {
             enforce(host, &tap, adapter)
                 .await
                 .map_err(|e| ApiError::internal(format!("the port {tap} of the adapter {mac} cannot be guarded, so it stays where it is: {e}")))?;
         }
-        match to {
-            Some(s) => host.attach(&tap, &bridge_of(s.id)).await,
-            None => host.detach(&tap).await,
-        }
-        .map_err(host_error)?;
+        let moved = match &plan {
+            Some(plan) => {
+                // Off its old bridge first: on a filtering bridge a port comes
+                // back with the default VLAN only, which its plan then replaces.
+                if plan.vlans.is_some() {
+                    host.detach(&tap).await.map_err(host_error)?;
+                }
+                Self::attach_planned(host, &tap, plan)
+                    .await
+                    .map_err(ApiError::internal)
+            }
+            None => host.detach(&tap).await.map_err(host_error),
+        };
+        self.prune_vlan_bridges(host, None, false).await;
+        moved?;
         if let Some(c) = lock(&self.ports)
             .get_mut(&vm)
             .and_then(|cs| cs.iter_mut().find(|c| c.mac.eq_ignore_ascii_case(mac)))
@@ -703,6 +874,11 @@ impl Switches {
         })?;
         tracing::info!(vm = %vm, mac = %adapter.mac, %tap, spoofing = adapter.mac_address_spoofing, dhcp_guard = adapter.dhcp_guard, router_guard = adapter.router_guard, bandwidth = ?adapter.maximum_bandwidth, "network adapter's port changed while running");
         Ok(())
+    }
+
+    /// Whether the running VM's adapter has a port in this run.
+    pub fn has_port(&self, vm: Uuid, mac: &str) -> bool {
+        self.tap_of(vm, mac).is_some()
     }
 
     fn tap_of(&self, vm: Uuid, mac: &str) -> Option<String> {
@@ -823,6 +999,7 @@ impl Switches {
                     Err(e) => tracing::warn!(vm = %vm, "cannot remove the tap {tap}: {e}"),
                 }
             }
+            this.prune_vlan_bridges(host, None, false).await;
         });
     }
 
@@ -882,9 +1059,24 @@ impl Switches {
                     if let Err(e) = enforce(host, &tap, a).await {
                         tracing::error!(vm = %vm.id, mac = %a.mac, "cannot guard the port {tap} again: {e}");
                     }
+                    // Its VLAN's bridge made again where it went (a per-VLAN
+                    // bridge removed by hand), the tap on it.
+                    let switch = a.switch.as_deref().and_then(|k| self.resolve(k));
+                    if let Some(s) = switch {
+                        let placed = match plan_port(&self.vlan, s.id, a) {
+                            Ok(plan) => Self::attach_planned(host, &tap, &plan).await,
+                            Err(e) => Err(e.message),
+                        };
+                        if let Err(e) = placed {
+                            tracing::error!(vm = %vm.id, mac = %a.mac, "cannot put the port {tap} on its VLAN again: {e}");
+                        }
+                    }
                 }
             }
         }
+        // Per-VLAN bridges no port uses any more (their last VM stopped while
+        // the service was down).
+        self.prune_vlan_bridges(host, None, false).await;
     }
 }
 
