@@ -210,6 +210,18 @@ fn print_host(conn: &connection::Connection, info: &api::host::HostInfo) {
         "network:     {} ({})",
         info.network.data_path, info.network.reason
     );
+    let v = &info.network.vlan;
+    println!("vlans:       access: {}; trunk: {}", v.access, v.trunk);
+    println!(
+        "             bridge VLAN filtering: {} ({})",
+        if v.bridge_vlan_filtering { "yes" } else { "no" },
+        v.bridge_vlan_filtering_reason
+    );
+    println!(
+        "             802.1Q: {} ({})",
+        if v.dot1q { "yes" } else { "no" },
+        v.dot1q_reason
+    );
     let l = &info.limits;
     println!(
         "limits:      up to {} processors per VM, {}-{} MiB memory",

@@ -282,6 +282,9 @@ pub enum NicCmd {
         /// The virtual switch to connect it to (name or id).
         #[arg(long)]
         switch: Option<String>,
+        /// Put it on this VLAN in access mode (1-4094).
+        #[arg(long)]
+        vlan: Option<u16>,
     },
     /// Remove the adapter with this MAC address.
     Remove { vm: String, mac: String },
@@ -310,7 +313,27 @@ pub enum NicCmd {
         /// Bits per second each way (100M, 1G, 64k), or none for unlimited.
         #[arg(long, value_parser = bandwidth, allow_hyphen_values = true)]
         maximum_bandwidth: Option<Bandwidth>,
+        /// Access mode on this VLAN (1-4094); the guest sees untagged frames.
+        #[arg(long, conflicts_with_all = ["vlan_trunk", "untagged"])]
+        vlan: Option<u16>,
+        /// Trunk mode carrying these VLANs tagged: ids and ranges, like 10,20-30.
+        #[arg(long, value_parser = vlan_list, conflicts_with = "untagged")]
+        vlan_trunk: Option<VlanList>,
+        /// The VLAN a trunk carries untagged (with --vlan-trunk, or on a trunk).
+        #[arg(long, conflicts_with_all = ["vlan", "untagged"])]
+        vlan_native: Option<u16>,
+        /// No VLAN: the switch's untagged segment.
+        #[arg(long)]
+        untagged: bool,
     },
+}
+
+/// `--vlan-trunk`: VLAN ids and ranges.
+#[derive(Debug, Clone)]
+pub struct VlanList(Vec<api::vm_config::VlanRange>);
+
+fn vlan_list(text: &str) -> Result<VlanList, String> {
+    api::vm_config::VlanRange::parse_list(text).map(VlanList)
 }
 
 /// `--maximum-bandwidth`: bits per second, or `None` for unlimited.
@@ -337,12 +360,13 @@ impl OnOff {
 pub fn adapter_options(a: &NetworkAdapter) -> String {
     let onoff = |b: bool| if b { "on" } else { "off" };
     format!(
-        "mac spoofing {}, dhcp guard {}, router guard {}, bandwidth {}",
+        "mac spoofing {}, dhcp guard {}, router guard {}, bandwidth {}, vlan {}",
         onoff(a.mac_address_spoofing),
         onoff(a.dhcp_guard),
         onoff(a.router_guard),
         a.maximum_bandwidth
-            .map_or("unlimited".into(), crate::size::human_bits)
+            .map_or("unlimited".into(), crate::size::human_bits),
+        a.vlan_text()
     )
 }
 
@@ -595,6 +619,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                     mac,
                     pci_slot,
                     switch,
+                    vlan,
                 },
         } => {
             let kind = Some(if legacy {
@@ -607,6 +632,10 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                 mac,
                 pci_slot,
                 switch,
+                vlan_mode: None,
+                vlan_id: vlan,
+                vlan_allowed: None,
+                vlan_native: None,
             };
             let path = format!("{}/network-adapters", vm_path(&vm));
             let (a, _) = client.call::<NetworkAdapter>(Method::POST, &path, Some(&req))?;
@@ -710,14 +739,32 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                     dhcp_guard,
                     router_guard,
                     maximum_bandwidth,
+                    vlan,
+                    vlan_trunk,
+                    vlan_native,
+                    untagged,
                 },
         } => {
+            use api::vm_config::VlanMode;
+            let vlan_mode = if untagged {
+                Some(VlanMode::Untagged)
+            } else if vlan.is_some() {
+                Some(VlanMode::Access)
+            } else if vlan_trunk.is_some() {
+                Some(VlanMode::Trunk)
+            } else {
+                None
+            };
             let path = format!("{}/network-adapters/{}", vm_path(&vm), segment(&mac));
             let req = api::switches::UpdateNetworkAdapterRequest {
                 mac_address_spoofing: mac_spoofing.map(OnOff::on),
                 dhcp_guard: dhcp_guard.map(OnOff::on),
                 router_guard: router_guard.map(OnOff::on),
                 maximum_bandwidth: maximum_bandwidth.map(|b| b.0),
+                vlan_mode,
+                vlan_id: vlan,
+                vlan_allowed: vlan_trunk.map(|l| l.0),
+                vlan_native: vlan_native.map(Some),
             };
             let (a, _) = client.call::<NetworkAdapter>(Method::PATCH, &path, Some(&req))?;
             if conn.json {
