@@ -247,6 +247,8 @@ impl Switches {
     /// Refuses a VLAN setting that this host could not enforce on the switch the
     /// adapter names (an adapter on no switch may hold any valid setting).
     pub fn check_vlan(&self, a: &NetworkAdapter) -> Result<(), ApiError> {
+        // A setting that is wrong anywhere says so first.
+        vm_config::validate::validate_vlan(&a.mac, a)?;
         if a.switch.is_some() && a.vlan_mode == VlanMode::Trunk && !self.vlan.bridge_vlan_filtering
         {
             return Err(trunk_refused(&self.vlan, &a.mac));
