@@ -350,7 +350,7 @@ fn guests_on_one_vlan_reach_each_other_only_and_a_running_guest_moves_between_vl
         },
     );
     // The switch deleted: nothing of it is left.
-    let r = d.req("DELETE", "/v1/switches/lan", None);
+    let r = d.req("DELETE", "/v1/switches/lan?force=true", None);
     assert!(r.status == 204 || r.status == 200, "{}", r.raw);
     assert!(
         links(&d).iter().all(|l| !l.starts_with("vsw")),
