@@ -76,7 +76,7 @@ fn vm_with_history(d: &Daemon) -> Vec<PathBuf> {
     }
     let r = d.post(
         "/v1/vms/web/network-adapters",
-        json!({"mac": "52:54:00:00:aa:01"}),
+        json!({"mac": "52:54:00:00:aa:01", "vlan_id": 10}),
     );
     assert_eq!(r.status, 201, "{}", r.raw);
     for p in drive_paths(d, "web") {
@@ -198,6 +198,15 @@ fn full_export_is_self_contained_and_imports_by_copy_with_its_tree() {
         a["settings"]["network_adapters"][0]["pci_slot"],
         b["settings"]["network_adapters"][0]["pci_slot"]
     );
+    // The adapter's VLAN went through export, import and a checkpoint's apply.
+    for v in [&a, &b] {
+        let nic = &v["settings"]["network_adapters"][0];
+        assert_eq!(
+            (nic["vlan_mode"].as_str(), nic["vlan_id"].as_u64()),
+            (Some("access"), Some(10)),
+            "{nic}"
+        );
+    }
 }
 
 #[test]
