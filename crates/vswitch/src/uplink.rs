@@ -199,7 +199,7 @@ impl Host {
                 });
             }
         }
-        out.sort_by(|a, b| a.cidr.cmp(&b.cidr));
+        out.sort_by_key(|a| a.cidr);
         Ok(out)
     }
 
