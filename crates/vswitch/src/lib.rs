@@ -12,6 +12,7 @@ mod names;
 pub mod nat;
 pub mod shaping;
 mod tap;
+pub mod uplink;
 pub mod vlan;
 
 use futures_util::stream::TryStreamExt;
@@ -65,6 +66,10 @@ pub struct Link {
     /// The bridge it is a port of.
     pub master: Option<u32>,
     pub up: bool,
+    /// Its hardware address (empty for links without one).
+    pub mac: Vec<u8>,
+    /// The loopback interface.
+    pub loopback: bool,
 }
 
 /// A link's traffic counters as the kernel keeps them (for a tap: `rx` is what
@@ -119,7 +124,7 @@ pub(crate) fn check_ours(name: &str) -> Result<(), SwitchError> {
     }
 }
 
-fn link_of(msg: &LinkMessage) -> Link {
+pub(crate) fn link_of(msg: &LinkMessage) -> Link {
     let mut link = Link {
         index: msg.header.index,
         name: String::new(),
@@ -129,11 +134,17 @@ fn link_of(msg: &LinkMessage) -> Link {
             .header
             .flags
             .contains(rtnetlink::packet_route::link::LinkFlags::Up),
+        mac: Vec::new(),
+        loopback: msg
+            .header
+            .flags
+            .contains(rtnetlink::packet_route::link::LinkFlags::Loopback),
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => link.name = n.clone(),
             LinkAttribute::Controller(m) => link.master = Some(*m),
+            LinkAttribute::Address(a) => link.mac = a.clone(),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     if let LinkInfo::Kind(k) = info {
@@ -142,6 +153,7 @@ fn link_of(msg: &LinkMessage) -> Link {
                             InfoKind::Tun => "tun".into(),
                             InfoKind::Veth => "veth".into(),
                             InfoKind::Ifb => "ifb".into(),
+                            InfoKind::Bond => "bond".into(),
                             other => other.to_string(),
                         };
                     }

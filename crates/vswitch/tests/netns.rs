@@ -280,3 +280,85 @@ fn a_bandwidth_limit_is_a_tbf_each_way_and_goes_without_a_trace() {
         shaping::clear(&host, &tap).await.unwrap();
     });
 }
+
+#[test]
+fn an_uplinks_addresses_and_routes_move_to_the_bridge_and_back() {
+    in_new_netns(|| async {
+        ip(&[
+            "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
+        ]);
+        ip(&["link", "set", "lan0", "up"]);
+        ip(&["link", "set", "lan1", "up"]);
+        ip(&["addr", "add", "192.0.2.1/24", "dev", "lan0"]);
+        ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.0.2.254",
+            "dev",
+            "lan0",
+            "metric",
+            "100",
+        ]);
+        ip(&[
+            "route",
+            "add",
+            "198.51.100.0/24",
+            "via",
+            "192.0.2.254",
+            "dev",
+            "lan0",
+            "metric",
+            "50",
+        ]);
+        let host = Host::connect().unwrap();
+        let lan0 = host.link("lan0").await.unwrap().unwrap();
+        let addrs = host.host_addresses("lan0").await.unwrap();
+        let routes = host.host_routes("lan0").await.unwrap();
+        assert_eq!(addrs.len(), 1, "{addrs:?}");
+        let shown: Vec<String> = routes.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "default via 192.0.2.254 metric 100",
+                "198.51.100.0/24 via 192.0.2.254 metric 50"
+            ],
+            "the kernel's subnet route is not among them"
+        );
+        let br = bridge_name(0x5e5e_0000 << 96);
+        host.ensure_bridge_with_mac(&br, Some(&lan0.mac))
+            .await
+            .unwrap();
+        host.enslave("lan0", &br).await.unwrap();
+        host.add_host_addresses(&br, &addrs, true).await.unwrap();
+        host.remove_host_addresses("lan0", &addrs).await.unwrap();
+        host.remove_host_routes("lan0", &routes).await.unwrap();
+        host.add_host_routes(&br, &routes).await.unwrap();
+        // Again, as after a restart cut off halfway: nothing fails, nothing doubles.
+        host.enslave("lan0", &br).await.unwrap();
+        host.add_host_addresses(&br, &addrs, true).await.unwrap();
+        host.add_host_routes(&br, &routes).await.unwrap();
+        let bridge = host.link(&br).await.unwrap().unwrap();
+        assert_eq!(bridge.mac, lan0.mac);
+        assert_eq!(
+            host.link("lan0").await.unwrap().unwrap().master,
+            Some(bridge.index)
+        );
+        assert_eq!(host.host_addresses(&br).await.unwrap().len(), 1);
+        assert!(host.host_addresses("lan0").await.unwrap().is_empty());
+        assert_eq!(host.host_routes(&br).await.unwrap(), routes);
+        assert!(host.host_routes("lan0").await.unwrap().is_empty());
+        // And back.
+        host.release("lan0", &br).await.unwrap();
+        host.add_host_addresses("lan0", &addrs, false)
+            .await
+            .unwrap();
+        host.delete_link(&br).await.unwrap();
+        host.add_host_routes("lan0", &routes).await.unwrap();
+        let back = host.link("lan0").await.unwrap().unwrap();
+        assert_eq!((back.master, back.up), (None, true));
+        assert_eq!(host.host_addresses("lan0").await.unwrap(), addrs);
+        assert_eq!(host.host_routes("lan0").await.unwrap(), routes);
+    });
+}
