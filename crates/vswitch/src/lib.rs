@@ -16,7 +16,7 @@ pub mod uplink;
 pub mod vlan;
 
 use futures_util::stream::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use rtnetlink::packet_route::link::Stats64;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkIfb, LinkUnspec};
@@ -175,6 +175,19 @@ impl Host {
 
     /// The link called `name`, if there is one.
     pub async fn link(&self, name: &str) -> Result<Option<Link>, SwitchError> {
+        Ok(self
+            .link_message(name, "look up the link")
+            .await?
+            .map(|msg| link_of(&msg)))
+    }
+
+    /// The kernel's message for the link called `name`, if there is one;
+    /// `action` names what failed otherwise (`look up the link`).
+    pub(crate) async fn link_message(
+        &self,
+        name: &str,
+        action: &str,
+    ) -> Result<Option<LinkMessage>, SwitchError> {
         let mut links = self
             .handle
             .link()
@@ -182,26 +195,16 @@ impl Host {
             .match_name(name.to_string())
             .execute();
         match links.try_next().await {
-            Ok(Some(msg)) => Ok(Some(link_of(&msg))),
-            Ok(None) => Ok(None),
+            Ok(msg) => Ok(msg),
             Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
-            Err(e) => Err(netlink(format!("look up the link {name}"))(e)),
+            Err(e) => Err(netlink(format!("{action} {name}"))(e)),
         }
     }
 
     /// The traffic counters of the link `name`, if there is one.
     pub async fn stats(&self, name: &str) -> Result<Option<LinkStats>, SwitchError> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let msg = match links.try_next().await {
-            Ok(Some(msg)) => msg,
-            Ok(None) => return Ok(None),
-            Err(e) if is_errno(&e, libc::ENODEV) => return Ok(None),
-            Err(e) => return Err(netlink(format!("read the counters of {name}"))(e)),
+        let Some(msg) = self.link_message(name, "read the counters of").await? else {
+            return Ok(None);
         };
         let s: Option<Stats64> = msg.attributes.iter().find_map(|a| match a {
             LinkAttribute::Stats64(s) => Some(*s),
@@ -400,18 +403,8 @@ impl Host {
             .await?
             .ok_or_else(|| SwitchError::NoSuchLink(name.into()))?;
         let mut out = Vec::new();
-        let mut addrs = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(link.index)
-            .execute();
-        while let Some(msg) = addrs
-            .try_next()
-            .await
-            .map_err(netlink(format!("list the addresses of {name}")))?
-        {
-            if msg.header.index != link.index || msg.header.scope != AddressScope::Universe {
+        for msg in self.address_messages(&link).await? {
+            if msg.header.scope != AddressScope::Universe {
                 continue;
             }
             let addr = msg.attributes.iter().find_map(|a| match a {
@@ -432,6 +425,30 @@ impl Host {
             }
         }
         out.sort();
+        Ok(out)
+    }
+
+    /// Every address the kernel lists for `link`.
+    pub(crate) async fn address_messages(
+        &self,
+        link: &Link,
+    ) -> Result<Vec<AddressMessage>, SwitchError> {
+        let mut out = Vec::new();
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(link.index)
+            .execute();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(netlink(format!("list the addresses of {}", link.name)))?
+        {
+            if msg.header.index == link.index {
+                out.push(msg);
+            }
+        }
         Ok(out)
     }
 

@@ -9,9 +9,7 @@
 use std::net::IpAddr;
 
 use futures_util::stream::TryStreamExt;
-use rtnetlink::packet_route::address::{
-    AddressAttribute, AddressFlags, AddressMessage, AddressScope,
-};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -200,26 +198,6 @@ impl Host {
             }
         }
         out.sort_by_key(|a| a.cidr);
-        Ok(out)
-    }
-
-    async fn address_messages(&self, link: &Link) -> Result<Vec<AddressMessage>, SwitchError> {
-        let mut out = Vec::new();
-        let mut addrs = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(link.index)
-            .execute();
-        while let Some(msg) = addrs
-            .try_next()
-            .await
-            .map_err(netlink(format!("list the addresses of {}", link.name)))?
-        {
-            if msg.header.index == link.index {
-                out.push(msg);
-            }
-        }
         Ok(out)
     }
 

@@ -228,18 +228,7 @@ pub fn add_vlans_message(port: u32, vlans: &PortVlans) -> Option<LinkMessage> {
 impl Host {
     /// Whether the bridge `name` filters by VLAN.
     pub async fn vlan_filtering(&self, name: &str) -> Result<bool, SwitchError> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let Some(msg) = links
-            .next()
-            .await
-            .transpose()
-            .map_err(netlink(format!("look up the bridge {name}")))?
-        else {
+        let Some(msg) = self.link_message(name, "look up the bridge").await? else {
             return Err(SwitchError::NoSuchLink(name.into()));
         };
         Ok(msg.attributes.iter().any(|a| match a {
