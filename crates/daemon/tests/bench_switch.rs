@@ -18,8 +18,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::guest::{
-    config_disk, ensure_worker_binary, gen1_vm_with_disks, guest_dir, wait_console,
-    KillWorkersOnDrop,
+    ensure_worker_binary, guest_dir, scripted_vm, wait_console, KillWorkersOnDrop,
 };
 use common::{wait_job, Daemon};
 use serde_json::{json, Value};
@@ -208,8 +207,7 @@ fn set_guards(d: &Daemon, vm: &str, mac: &str, on: bool) {
         "PATCH",
         &format!("/v1/vms/{vm}/network-adapters/{mac}"),
         Some(
-            &json!({"mac_address_spoofing": !on, "dhcp_guard": on, "router_guard": on})
-                .to_string(),
+            &json!({"mac_address_spoofing": !on, "dhcp_guard": on, "router_guard": on}).to_string(),
         ),
     );
     assert_eq!(r.status, 200, "{}", r.raw);
@@ -238,12 +236,7 @@ fn switch_benchmark() {
     let ours = r.body["bridge"].as_str().unwrap().to_string();
     let mut macs = Vec::new();
     for (name, script) in [("a", guest_a()), ("b", guest_b())] {
-        let dir = d.dir.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let boot = dir.join("boot.vhd");
-        std::fs::copy(guest.join("boot-fixed.vhd"), &boot).unwrap();
-        let cfg = config_disk(&dir, &script);
-        gen1_vm_with_disks(&d, name, &[("ide", 0, 0, &boot), ("ide", 0, 1, &cfg)]);
+        scripted_vm(&d, &guest, name, &script);
         let r = d.post(
             &format!("/v1/vms/{name}/network-adapters"),
             json!({"switch": "lab"}),

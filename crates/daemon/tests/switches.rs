@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::guest::{
-    act, config_disk, ensure_worker_binary, gen1_vm_with_disks, guest_dir, wait_console,
-    KillWorkersOnDrop,
+    act, ensure_worker_binary, guest_dir, scripted_vm, wait_console, wait_for, KillWorkersOnDrop,
 };
 use common::{wait_job, Daemon};
 use serde_json::{json, Value};
@@ -289,14 +288,6 @@ fn console_of(d: &Daemon, name: &str) -> String {
     common::guest::console(d, name)
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 #[test]
 fn guests_reach_each_other_on_their_switch_only_and_the_host_on_an_internal_one() {
     ensure_worker_binary();
@@ -342,12 +333,7 @@ fn guests_reach_each_other_on_their_switch_only_and_the_host_on_an_internal_one(
         ),
     ];
     for (name, switch, addrs, peers) in &vms {
-        let dir = d.dir.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let boot = dir.join("boot.vhd");
-        std::fs::copy(guest.join("boot-fixed.vhd"), &boot).unwrap();
-        let cfg = config_disk(&dir, &pinging_guest(addrs, peers));
-        gen1_vm_with_disks(&d, name, &[("ide", 0, 0, &boot), ("ide", 0, 1, &cfg)]);
+        scripted_vm(&d, &guest, name, &pinging_guest(addrs, peers));
         let r = d.post(
             &format!("/v1/vms/{name}/network-adapters"),
             json!({"switch": switch}),

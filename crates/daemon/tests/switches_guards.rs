@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::guest::{
-    act, config_disk, ensure_worker_binary, gen1_vm_with_disks, guest_dir, wait_console,
-    KillWorkersOnDrop,
+    act, ensure_worker_binary, guest_dir, scripted_vm, wait_console, wait_for, KillWorkersOnDrop,
 };
 use common::{wait_job, Daemon};
 use serde_json::{json, Value};
@@ -78,14 +77,6 @@ fn tries_after(console: &str, after: &str, what: &str) -> usize {
     console.split_once(after).map_or(0, |x| {
         x.1.matches(&format!("VIRIDIAN-GUEST: {what} ")).count()
     })
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn patch(d: &Daemon, path: &str, body: Value) -> common::Reply {
@@ -199,12 +190,7 @@ fn guards_and_bandwidth_are_enforced_live_counted_and_removed_with_the_vms() {
     let bridge = r.body["bridge"].as_str().unwrap().to_string();
     let mut macs = Vec::new();
     for (name, script) in [("a", guest_a()), ("b", guest_b())] {
-        let dir = d.dir.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let boot = dir.join("boot.vhd");
-        std::fs::copy(guest.join("boot-fixed.vhd"), &boot).unwrap();
-        let cfg = config_disk(&dir, &script);
-        gen1_vm_with_disks(&d, name, &[("ide", 0, 0, &boot), ("ide", 0, 1, &cfg)]);
+        scripted_vm(&d, &guest, name, &script);
         let r = d.post(
             &format!("/v1/vms/{name}/network-adapters"),
             json!({"switch": "lab"}),

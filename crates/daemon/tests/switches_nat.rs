@@ -9,17 +9,9 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::guest::{act, config_disk, ensure_worker_binary, gen1_vm_with_disks, guest_dir};
+use common::guest::{act, ensure_worker_binary, guest_dir, scripted_vm, wait_for};
 use common::{wait_job, Daemon};
 use serde_json::{json, Value};
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
 
 /// Our nft tables in the daemon's namespace, from `nft -j` (JSON).
 fn our_tables(d: &Daemon) -> Vec<String> {
@@ -523,12 +515,7 @@ fn a_guest_on_a_nat_switch_gets_a_lease_resolves_names_and_fetches_through_the_m
     assert_eq!(r.status, 201, "{}\n{}", r.raw, d.log());
     let bridge = r.body["bridge"].as_str().unwrap().to_string();
 
-    let dir = d.dir.path().join("g");
-    std::fs::create_dir_all(&dir).unwrap();
-    let boot = dir.join("boot.vhd");
-    std::fs::copy(guest.join("boot-fixed.vhd"), &boot).unwrap();
-    let cfg = config_disk(&dir, GUEST);
-    gen1_vm_with_disks(&d, "g", &[("ide", 0, 0, &boot), ("ide", 0, 1, &cfg)]);
+    scripted_vm(&d, &guest, "g", GUEST);
     let r = d.post("/v1/vms/g/network-adapters", json!({"switch": "nat"}));
     assert_eq!(r.status, 201, "{}", r.raw);
     let mac = r.body["mac"].as_str().unwrap().to_ascii_lowercase();

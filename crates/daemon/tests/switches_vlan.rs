@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::guest::{
-    config_disk, ensure_worker_binary, gen1_vm_with_disks, guest_dir, wait_console,
-    KillWorkersOnDrop,
+    ensure_worker_binary, guest_dir, scripted_vm, wait_console, wait_for, KillWorkersOnDrop,
 };
 use common::{wait_job, Daemon};
 use serde_json::{json, Value};
@@ -62,14 +61,6 @@ fn tries(console: &str, what: &str, peer: &str) -> usize {
 
 fn console_of(d: &Daemon, name: &str) -> String {
     common::guest::console(d, name)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn patch(d: &Daemon, vm: &str, mac: &str, body: Value) -> common::Reply {
@@ -215,12 +206,7 @@ fn guests_on_one_vlan_reach_each_other_only_and_a_running_guest_moves_between_vl
     ];
     let mut macs = Vec::new();
     for (name, vlan, addr, peers) in &vms {
-        let dir = d.dir.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let boot = dir.join("boot.vhd");
-        std::fs::copy(guest.join("boot-fixed.vhd"), &boot).unwrap();
-        let cfg = config_disk(&dir, &pinging_guest(addr, peers));
-        gen1_vm_with_disks(&d, name, &[("ide", 0, 0, &boot), ("ide", 0, 1, &cfg)]);
+        scripted_vm(&d, &guest, name, &pinging_guest(addr, peers));
         let r = d.post(
             &format!("/v1/vms/{name}/network-adapters"),
             json!({"switch": "lan", "vlan_id": vlan}),

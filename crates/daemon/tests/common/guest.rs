@@ -200,6 +200,26 @@ pub fn config_disk(dir: &Path, script: &str) -> PathBuf {
     cfg
 }
 
+/// Generation-1 VM `name` booting a copy of the cached test guest that runs `script`,
+/// its disks in a folder `name` of the test's directory.
+pub fn scripted_vm(d: &Daemon, guest: &Path, name: &str, script: &str) {
+    let dir = d.dir.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let boot = dir.join("boot.vhd");
+    std::fs::copy(guest.join("boot-fixed.vhd"), &boot).unwrap();
+    let cfg = config_disk(&dir, script);
+    gen1_vm_with_disks(d, name, &[("ide", 0, 0, &boot), ("ide", 0, 1, &cfg)]);
+}
+
+/// Waits (checking every 250 ms) until `f` holds; fails the test after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// The VM's serial console log, as text.
 pub fn console(d: &Daemon, name: &str) -> String {
     let r = d.get(&format!("/v1/vms/{name}/console/log"));
