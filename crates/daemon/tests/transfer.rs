@@ -417,6 +417,42 @@ fn damaged_export_is_reported_whole_and_nothing_changes() {
     );
 }
 
+/// A request no export could satisfy (a relative path, a bad new name) is an
+/// `InvalidParameter` from import and from its check alike, not a report.
+#[test]
+fn import_and_its_check_refuse_a_malformed_request_before_reading_anything() {
+    let d = Daemon::start(&[]);
+    vm_with_history(&d);
+    let (folder, _) = export_web(&d);
+    let source = folder.display().to_string();
+    let before = d.snapshot();
+    for (body, says) in [
+        (json!({"source": "relative/export"}), "not an absolute path"),
+        (json!({"source": source, "name": ""}), "name"),
+        (
+            json!({"source": source, "new_id": true, "name": "9f0c1f6e-7a51-4f3e-9d3c-3a3f0b7c2d11"}),
+            "UUID",
+        ),
+        (
+            json!({"source": source, "mode": "copy", "destination": "copies"}),
+            "destination \"copies\" is not an absolute path",
+        ),
+        (json!({"source": "/tmp/a\u{1}b"}), "control character"),
+    ] {
+        for path in ["/v1/vms/import", "/v1/vms/import/check"] {
+            let r = d.post(path, body.clone());
+            assert_eq!(r.status, 422, "{path} {body}: {}", r.raw);
+            assert_eq!(r.code(), "InvalidParameter", "{path} {body}: {}", r.raw);
+            assert!(
+                r.body["message"].as_str().unwrap().contains(says),
+                "{path} {body}: {}",
+                r.raw
+            );
+        }
+    }
+    assert_eq!(d.snapshot(), before, "nothing changed");
+}
+
 #[test]
 fn registering_an_export_twice_is_refused_and_a_newer_format_is_named() {
     let d = Daemon::start(&[]);

@@ -167,6 +167,9 @@ fn refused_deletes_change_nothing_and_a_saved_vm_needs_force() {
     assert_eq!((r.status, r.code()), (404, "NotFound"), "{}", r.raw);
     let r = d.req("DELETE", "/v1/vms/s?force=perhaps", None);
     assert_eq!((r.status, r.code()), (422, "InvalidParameter"), "{}", r.raw);
+    // A value left empty is no boolean either (found by schemathesis).
+    let r = d.req("DELETE", "/v1/vms/s?force=", None);
+    assert_eq!((r.status, r.code()), (422, "InvalidParameter"), "{}", r.raw);
     let r = d.req("DELETE", "/v1/vms/s", None);
     assert_eq!((r.status, r.code()), (409, "InvalidState"), "{}", r.raw);
     assert!(

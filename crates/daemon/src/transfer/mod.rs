@@ -301,17 +301,41 @@ fn inspect(svc: &Arc<Service>, req: &ImportRequest) -> (ImportReport, Option<imp
     )
 }
 
+/// The request's own shape, which no export can fix: absolute paths without
+/// control characters (the document's pattern) and a valid new name. Answered as
+/// `InvalidParameter` by import and by its check alike, before any file is read.
+fn check_import_request(req: &ImportRequest) -> Result<(), ApiError> {
+    let path = |what: &str, value: &str| {
+        if !value.starts_with('/') {
+            return Err(ApiError::invalid(format!(
+                "the {what} {value:?} is not an absolute path; give the full path"
+            )));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(ApiError::invalid(format!(
+                "the {what} {value:?} holds a control character"
+            )));
+        }
+        Ok(())
+    };
+    path("source", &req.source)?;
+    if let Some(dest) = &req.destination {
+        path("destination", dest)?;
+    }
+    if let Some(name) = &req.name {
+        vm_config::validate::validate_new_name(name)
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// The import's folders must lie in the storage roots: the export read from, and
 /// with `copy` the destination written to.
 pub fn confine_import(svc: &Service, req: &ImportRequest) -> Result<(), ApiError> {
-    let source = std::path::Path::new(&req.source);
-    if source.is_absolute() {
-        svc.roots.existing(source)?;
-    }
-    if let Some(dest) = req.destination.as_deref().map(std::path::Path::new) {
-        if dest.is_absolute() {
-            svc.roots.folder(dest)?;
-        }
+    check_import_request(req)?;
+    svc.roots.existing(std::path::Path::new(&req.source))?;
+    if let Some(dest) = req.destination.as_deref() {
+        svc.roots.folder(std::path::Path::new(dest))?;
     }
     Ok(())
 }

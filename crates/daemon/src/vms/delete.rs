@@ -120,10 +120,11 @@ pub(crate) fn flag(query: Option<&str>, name: &str) -> Result<bool, ApiError> {
         return Ok(false);
     };
     for kv in q.split('&') {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        // A bare `?force` is the flag set; `force=` with no value is no boolean.
+        let (k, v) = kv.split_once('=').unwrap_or((kv, "true"));
         if k == name {
             return match v {
-                "" | "true" | "1" => Ok(true),
+                "true" | "1" => Ok(true),
                 "false" | "0" => Ok(false),
                 _ => Err(ApiError::invalid(format!(
                     "the query parameter {name}={v} is not a boolean; use true or false"
