@@ -1159,7 +1159,13 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
         }
         return Response::Ok { status };
     }
-    let _op = shared.op.lock().await;
+    // One operation at a time, but an adapter's link (one QMP command, no state
+    // change) does not wait behind a long one such as a shutdown waiting for
+    // its guest: a switch port's move would stall as long.
+    let _op = match request {
+        Request::SetLink { .. } => None,
+        _ => Some(shared.op.lock().await),
+    };
     let state = shared.state();
     let ok = |shared: &Shared| Response::Ok {
         status: shared.status.borrow().clone(),

@@ -21,6 +21,10 @@ use api::vms::VmState;
 
 type Answer = Result<Response<Body>, ApiError>;
 
+/// How long a running VM's worker gets to show the guest its link going down
+/// or up around a port's move.
+const LINK_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The adapters of every VM whose settings name the switch `id`.
 fn adapters_on(svc: &Service, id: Uuid) -> Vec<SwitchAdapter> {
     let store = svc.store();
@@ -50,11 +54,21 @@ async fn view(svc: &Service, s: &SwitchSettings) -> Switch {
         id: s.id,
         name: s.name.clone(),
         kind: s.kind,
-        host_addresses: s.host_addresses.clone(),
+        // An external switch holds the uplink's addresses for the host.
+        host_addresses: match s.kind {
+            SwitchKind::External => crate::switches::external::moved_subnets(s)
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            _ => s.host_addresses.clone(),
+        },
         bridge: bridge_of(s.id),
         present: svc.switches.present(s).await,
         adapters: adapters_on(svc, s.id),
         nat: svc.switches.nat_info(s),
+        adapter: s.adapter.clone(),
+        allow_management_os: s.allow_management_os,
+        uplink: svc.switches.uplink_info(s).await,
     }
 }
 
@@ -70,7 +84,14 @@ pub async fn create(svc: &Arc<Service>, body: Incoming) -> Answer {
     let req: CreateSwitchRequest = read_json(body).await?;
     let s = svc
         .switches
-        .create(req.name, req.kind, &req.host_addresses, req.dhcp_range)
+        .create(
+            req.name,
+            req.kind,
+            &req.host_addresses,
+            req.dhcp_range,
+            req.adapter,
+            req.allow_management_os,
+        )
         .await?;
     let mut resp = json(201, &view(svc, &s).await);
     if let Ok(v) = format!("/v1/switches/{}", s.id).parse() {
@@ -88,7 +109,13 @@ pub async fn update(svc: &Arc<Service>, key: &str, body: Incoming) -> Answer {
     let req: UpdateSwitchRequest = read_json(body).await?;
     let s = svc
         .switches
-        .update(key, req.name, req.host_addresses, req.dhcp_range)
+        .update(
+            key,
+            req.name,
+            req.host_addresses,
+            req.dhcp_range,
+            req.allow_management_os,
+        )
         .await?;
     Ok(json(200, &view(svc, &s).await))
 }
@@ -288,8 +315,17 @@ async fn set_switch(
         let id = settings.id;
         async move {
             if let Some(w) = workers {
-                if let Err(e) = w.set_link(id, mac.clone(), up).await {
-                    tracing::warn!(vm = %id, mac = %mac, up, error = %e, "cannot change the adapter's link as the guest sees it");
+                // The link as the guest sees it is a courtesy: a worker busy with
+                // a long request (a shutdown waiting for its guest) does not hold
+                // up the move.
+                match tokio::time::timeout(LINK_TIME_LIMIT, w.set_link(id, mac.clone(), up)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(vm = %id, mac = %mac, up, error = %e, "cannot change the adapter's link as the guest sees it")
+                    }
+                    Err(_) => {
+                        tracing::warn!(vm = %id, mac = %mac, up, "the VM's worker did not change the adapter's link as the guest sees it within {} s; the port moves regardless", LINK_TIME_LIMIT.as_secs())
+                    }
                 }
             }
         }
