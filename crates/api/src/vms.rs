@@ -375,6 +375,21 @@ pub struct AddNetworkAdapterRequest {
         max = "vm_config::validate::MAX_VLAN_ID"
     ))]
     pub vlan_native: Option<u16>,
+    /// Its guards, as `PATCH /v1/vms/{vm}/network-adapters/{mac}` sets them:
+    /// all off unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_address_spoofing: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp_guard: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_guard: Option<bool>,
+    /// Bits per second each way; unlimited unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(
+        min = "vm_config::validate::MIN_BANDWIDTH",
+        max = "vm_config::validate::MAX_BANDWIDTH"
+    ))]
+    pub maximum_bandwidth: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -285,6 +285,18 @@ pub enum NicCmd {
         /// Put it on this VLAN in access mode (1-4094).
         #[arg(long)]
         vlan: Option<u16>,
+        /// Let frames with another source MAC through (off unless given).
+        #[arg(long = "mac-spoofing")]
+        mac_spoofing: Option<OnOff>,
+        /// Drop DHCP server messages the VM sends (off unless given).
+        #[arg(long)]
+        dhcp_guard: Option<OnOff>,
+        /// Drop router advertisements and redirects the VM sends (off unless given).
+        #[arg(long)]
+        router_guard: Option<OnOff>,
+        /// Bits per second each way (100M, 1G, 64k); unlimited unless given.
+        #[arg(long, value_parser = bandwidth, allow_hyphen_values = true)]
+        maximum_bandwidth: Option<Bandwidth>,
     },
     /// Remove the adapter with this MAC address.
     Remove { vm: String, mac: String },
@@ -620,6 +632,10 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                     pci_slot,
                     switch,
                     vlan,
+                    mac_spoofing,
+                    dhcp_guard,
+                    router_guard,
+                    maximum_bandwidth,
                 },
         } => {
             let kind = Some(if legacy {
@@ -636,6 +652,10 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                 vlan_id: vlan,
                 vlan_allowed: None,
                 vlan_native: None,
+                mac_address_spoofing: mac_spoofing.map(OnOff::on),
+                dhcp_guard: dhcp_guard.map(OnOff::on),
+                router_guard: router_guard.map(OnOff::on),
+                maximum_bandwidth: maximum_bandwidth.and_then(|b| b.0),
             };
             let path = format!("{}/network-adapters", vm_path(&vm));
             let (a, _) = client.call::<NetworkAdapter>(Method::POST, &path, Some(&req))?;
