@@ -17,6 +17,10 @@ pub enum SwitchKind {
     /// An internal switch whose IPv4 subnet is masqueraded through the host's
     /// default route, with DHCP and DNS (dnsmasq) for the VMs on it.
     Nat,
+    /// VMs on it are on the network of a host interface (its `adapter`, the
+    /// uplink), as the host is; with `allow_management_os` the host keeps its
+    /// addresses there, moved from the interface to the switch.
+    External,
 }
 
 impl SwitchKind {
@@ -25,6 +29,7 @@ impl SwitchKind {
             SwitchKind::Private => "private",
             SwitchKind::Internal => "internal",
             SwitchKind::Nat => "nat",
+            SwitchKind::External => "external",
         }
     }
 }
@@ -49,6 +54,34 @@ pub struct Switch {
     /// NAT switches: the masquerade, DHCP and DNS as they are now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatInfo>,
+    /// External switches: the host interface that is the switch's uplink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// External switches: whether the host shares the uplink (its addresses
+    /// and routes are on the switch's bridge).
+    #[serde(default)]
+    pub allow_management_os: bool,
+    /// External switches: the uplink as it is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<UplinkInfo>,
+}
+
+/// An external switch's uplink on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct UplinkInfo {
+    /// The host interface.
+    pub adapter: String,
+    /// Whether it is a port of the switch's bridge now.
+    pub connected: bool,
+    /// The host's addresses moved from the interface to the switch.
+    #[serde(default)]
+    pub moved_addresses: Vec<String>,
+    /// The host's routes moved with them (`default via 192.0.2.254 metric 100`).
+    #[serde(default)]
+    pub moved_routes: Vec<String>,
+    /// Why it is not connected, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// A NAT switch's services on the host.
@@ -139,6 +172,16 @@ pub struct CreateSwitchRequest {
     /// around the host's address unless given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhcp_range: Option<String>,
+    /// External switches (required there, refused elsewhere): the host
+    /// interface that becomes the switch's uplink (`eth0`, `bond0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 15))]
+    pub adapter: Option<String>,
+    /// External switches: the host shares the uplink; its addresses and routes
+    /// on the interface move to the switch. Without it, an interface that holds
+    /// addresses is refused (the host would lose them).
+    #[serde(default)]
+    pub allow_management_os: bool,
 }
 
 /// `PATCH /v1/switches/{switch}`: what is given changes, the rest stays.
@@ -155,6 +198,11 @@ pub struct UpdateSwitchRequest {
     /// range derived from the subnet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhcp_range: Option<String>,
+    /// External switches: whether the host shares the uplink can only be the
+    /// value it was created with (delete the switch and create it again to
+    /// change it); another value is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_management_os: Option<bool>,
 }
 
 /// How one of a running VM's adapters is connected now.

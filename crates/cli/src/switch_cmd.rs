@@ -20,6 +20,8 @@ pub enum Kind {
     /// Internal, plus the IPv4 subnet masqueraded to the host's default route,
     /// and DHCP and DNS for the VMs (dnsmasq).
     Nat,
+    /// VMs on the network of a host interface (--adapter), as the host is.
+    External,
 }
 
 #[derive(Subcommand, Debug)]
@@ -37,6 +39,13 @@ pub enum SwitchCmd {
         /// the larger side of the subnet around the host's address unless given.
         #[arg(long = "dhcp-range", value_name = "START-END")]
         dhcp_range: Option<String>,
+        /// External switches: the host interface that becomes the uplink (eth0).
+        #[arg(long, value_name = "INTERFACE")]
+        adapter: Option<String>,
+        /// External switches: the host shares the uplink; its addresses and
+        /// routes move from the interface to the switch (and back at delete).
+        #[arg(long)]
+        allow_management_os: bool,
     },
     /// The virtual switches.
     List,
@@ -106,6 +115,28 @@ fn details(s: &Switch) {
             println!("  problem:     {p}");
         }
     }
+    if let Some(u) = &s.uplink {
+        println!(
+            "  uplink:      {} ({}){}",
+            u.adapter,
+            if u.connected {
+                "connected"
+            } else {
+                "not connected"
+            },
+            if s.allow_management_os {
+                ", shared with the host"
+            } else {
+                ", the host has no presence on it"
+            }
+        );
+        for r in &u.moved_routes {
+            println!("  host route:  {r}");
+        }
+        if let Some(p) = &u.problem {
+            println!("  problem:     {p}");
+        }
+    }
     for a in &s.adapters {
         println!("  adapter:     {} of {} ({})", a.mac, a.vm_name, a.vm);
     }
@@ -119,6 +150,8 @@ pub fn run(cmd: SwitchCmd, conn: &Connection) -> Result<(), Failure> {
             kind,
             host_addresses,
             dhcp_range,
+            adapter,
+            allow_management_os,
         } => {
             let req = CreateSwitchRequest {
                 name,
@@ -126,9 +159,12 @@ pub fn run(cmd: SwitchCmd, conn: &Connection) -> Result<(), Failure> {
                     Kind::Private => SwitchKind::Private,
                     Kind::Internal => SwitchKind::Internal,
                     Kind::Nat => SwitchKind::Nat,
+                    Kind::External => SwitchKind::External,
                 },
                 host_addresses,
                 dhcp_range,
+                adapter,
+                allow_management_os,
             };
             let (s, _) = client.call::<Switch>(Method::POST, "/v1/switches", Some(&req))?;
             if conn.json {
@@ -187,6 +223,7 @@ pub fn run(cmd: SwitchCmd, conn: &Connection) -> Result<(), Failure> {
                     Some(host_addresses)
                 },
                 dhcp_range,
+                allow_management_os: None,
             };
             let (s, _) = client.call::<Switch>(Method::PATCH, &path(&switch), Some(&req))?;
             if conn.json {

@@ -138,9 +138,9 @@ fn switches_are_bridges_with_their_addresses_and_bad_input_changes_nothing() {
         ),
         (
             json!({"name": "x", "type": "external"}),
-            400,
-            "MalformedRequest",
-            "",
+            422,
+            "InvalidParameter",
+            "needs the host interface",
         ),
     ];
     for (body, status, code, words) in cases {
@@ -580,4 +580,45 @@ fn guests_reach_each_other_on_their_switch_only_and_the_host_on_an_internal_one(
     });
     let (_, links) = d.in_netns("ip", &["-o", "link", "show"]);
     assert_eq!(links.matches("vsw-").count(), 3, "{links}");
+}
+
+/// `nic add` takes the guards and the bandwidth limit that `PATCH` changes; an
+/// impossible limit adds nothing.
+#[test]
+fn an_adapter_is_added_with_its_guards_and_bandwidth() {
+    let d = Daemon::start_in_netns(&[]);
+    d.create_vm("g");
+    let r = d.post(
+        "/v1/vms/g/network-adapters",
+        json!({"mac_address_spoofing": true, "dhcp_guard": true, "router_guard": true, "maximum_bandwidth": 50_000_000u64}),
+    );
+    assert_eq!(r.status, 201, "{}", r.raw);
+    assert_eq!(
+        (
+            &r.body["mac_address_spoofing"],
+            &r.body["dhcp_guard"],
+            &r.body["router_guard"],
+            &r.body["maximum_bandwidth"]
+        ),
+        (
+            &json!(true),
+            &json!(true),
+            &json!(true),
+            &json!(50_000_000u64)
+        ),
+        "{}",
+        r.raw
+    );
+    let r = d.post("/v1/vms/g/network-adapters", json!({}));
+    assert_eq!(r.status, 201, "{}", r.raw);
+    assert_eq!(r.body["dhcp_guard"], false, "off unless given: {}", r.raw);
+    assert!(r.body["maximum_bandwidth"].is_null(), "{}", r.raw);
+    let before = d.get("/v1/vms/g/network-adapters").body;
+    let r = d.post(
+        "/v1/vms/g/network-adapters",
+        json!({"maximum_bandwidth": 10}),
+    );
+    assert_eq!((r.status, r.code()), (422, "InvalidParameter"), "{}", r.raw);
+    assert!(r.raw.contains("maximum bandwidth"), "{}", r.raw);
+    assert_eq!(d.get("/v1/vms/g/network-adapters").body, before);
 }

@@ -113,7 +113,7 @@ fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code().abs() == errno)
 }
 
-pub(crate) fn check_ours(name: &str) -> Result<(), SwitchError> {
+pub fn check_ours(name: &str) -> Result<(), SwitchError> {
     if is_ours(name)
         && name.len() <= MAX_NAME_BYTES
         && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/')

@@ -19,7 +19,7 @@ use rtnetlink::{LinkBridge, LinkUnspec};
 use crate::{check_ours, is_errno, netlink, Cidr, Ensured, Host, Link, SwitchError};
 
 /// One of the host's addresses on an interface, as much of it as is moved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HostAddress {
     pub cidr: Cidr,
     /// `IFA_F_*` flags that a user sets (`noprefixroute`, `nodad`, ...); the
@@ -32,7 +32,7 @@ pub struct HostAddress {
 /// A route through an interface, as much of it as is moved: the kernel's own
 /// routes (a subnet's route made with its address, IPv6 link-local and
 /// multicast ones) are not, they follow the addresses.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HostRoute {
     /// The destination network (`0.0.0.0` / `::` with prefix 0: the default route).
     pub destination: IpAddr,

@@ -6,6 +6,7 @@
 //! it found it: a bridge made for a switch whose file then cannot be written is
 //! removed again, and addresses are put back.
 
+pub mod external;
 pub mod nat;
 pub mod store;
 
@@ -53,7 +54,12 @@ struct PortPlan {
 
 /// Where adapter `a`'s port goes on switch `switch` with the kernel offering
 /// `vlan`, or why its VLAN setting cannot be enforced there.
-fn plan_port(vlan: &VlanSupport, switch: Uuid, a: &NetworkAdapter) -> Result<PortPlan, ApiError> {
+fn plan_port(
+    vlan: &VlanSupport,
+    s: &SwitchSettings,
+    a: &NetworkAdapter,
+) -> Result<PortPlan, ApiError> {
+    let switch = s.id;
     let filtering = vlan.bridge_vlan_filtering;
     let main = PortPlan {
         bridge: bridge_of(switch),
@@ -66,6 +72,17 @@ fn plan_port(vlan: &VlanSupport, switch: Uuid, a: &NetworkAdapter) -> Result<Por
             vlans: Some(PortVlans::Access(id)),
             ..main
         }),
+        // A per-VLAN bridge has no uplink: the VLAN would not reach the
+        // external network.
+        (VlanMode::Access, Some(_)) if s.kind == SwitchKind::External => {
+            Err(ApiError::invalid(format!(
+                "the network adapter {} cannot be on a VLAN of the external switch {} on this host: tagging its frames onto the uplink needs bridge VLAN filtering, and this kernel lacks {} ({}); leave the adapter untagged, or use a private or internal switch for VLANs between VMs",
+                a.mac,
+                s.name,
+                vswitch::vlan::FILTERING_OPTION,
+                vlan.bridge_vlan_filtering_reason
+            )))
+        }
         (VlanMode::Access, Some(id)) => Ok(PortPlan {
             bridge: vswitch::vlan_bridge_name(switch.as_u128(), id),
             vlan_bridge: true,
@@ -358,10 +375,12 @@ impl Switches {
                     ),
                 ));
             }
-            for text in &other.host_addresses {
-                let Ok(theirs) = text.parse::<Cidr>() else {
-                    continue;
-                };
+            let theirs_all = other
+                .host_addresses
+                .iter()
+                .filter_map(|text| text.parse::<Cidr>().ok())
+                .chain(external::moved_subnets(other));
+            for theirs in theirs_all {
                 if let Some(mine) = addrs.iter().find(|a| a.overlaps(&theirs)) {
                     return Err(ApiError::new(
                         ErrorCode::InUse,
@@ -379,7 +398,17 @@ impl Switches {
     /// A NAT switch's subnets may not overlap the host's own networks (addresses
     /// on links that are not ours): its masquerade and routes would take them over.
     async fn check_host_networks(&self, name: &str, addrs: &[Cidr]) -> Result<(), ApiError> {
-        let theirs = self.host()?.foreign_addresses().await.map_err(host_error)?;
+        let mut theirs = self.host()?.foreign_addresses().await.map_err(host_error)?;
+        // The host's addresses that external switches hold for it are its
+        // networks too.
+        for s in lock(&self.entries).values() {
+            let on = s.adapter.clone().unwrap_or_default();
+            theirs.extend(
+                external::moved_subnets(s)
+                    .into_iter()
+                    .map(|c| (on.clone(), c)),
+            );
+        }
         for (link, other) in theirs {
             if let Some(mine) = addrs.iter().find(|a| a.overlaps(&other)) {
                 return Err(ApiError::new(
@@ -401,8 +430,16 @@ impl Switches {
         kind: SwitchKind,
         host_addresses: &[String],
         dhcp_range: Option<String>,
+        adapter: Option<String>,
+        allow_management_os: bool,
     ) -> Result<SwitchSettings, ApiError> {
         validate_name(&name)?;
+        external::check_fields(
+            kind,
+            adapter.as_deref(),
+            allow_management_os,
+            host_addresses,
+        )?;
         let addrs = parse_addresses(kind, host_addresses)?;
         let dhcp_range = dhcp_range.filter(|r| !r.is_empty());
         let nat_plan = match kind {
@@ -429,8 +466,14 @@ impl Switches {
             kind,
             host_addresses: addrs.iter().map(Cidr::to_string).collect(),
             dhcp_range,
+            adapter,
+            allow_management_os,
+            uplink: None,
         };
         self.check_conflicts(&s, &addrs)?;
+        if kind == SwitchKind::External {
+            return self.create_external(s).await;
+        }
         let host = self.host()?;
         if nat_plan.is_some() {
             self.check_host_networks(&s.name, &addrs).await?;
@@ -484,10 +527,40 @@ impl Switches {
         name: Option<String>,
         host_addresses: Option<Vec<String>>,
         dhcp_range: Option<String>,
+        allow_management_os: Option<bool>,
     ) -> Result<SwitchSettings, ApiError> {
         let _changing = self.changes.lock().await;
         let old = self.find(key)?;
         let mut new = old.clone();
+        if let Some(allow) = allow_management_os.filter(|a| *a != old.allow_management_os) {
+            return Err(if old.kind == SwitchKind::External {
+                ApiError::new(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "the switch {} was created {} the host sharing its uplink {}; that cannot change on a live switch (the host's addresses would have nowhere to go): delete the switch and create it again {} --allow-management-os",
+                        old.name,
+                        if old.allow_management_os { "with" } else { "without" },
+                        old.adapter.as_deref().unwrap_or(""),
+                        if allow { "with" } else { "without" }
+                    ),
+                )
+            } else {
+                ApiError::invalid(format!(
+                    "allow_management_os is for external switches; the switch {} is {}",
+                    old.name,
+                    old.kind.name()
+                ))
+            });
+        }
+        if old.kind == SwitchKind::External && host_addresses.is_some() {
+            return Err(ApiError::invalid(format!(
+                "the host's addresses on the external switch {} are those of its uplink {}: change them on the switch's bridge {} with the host's own tools, or delete the switch (which gives them back to {}) and change them there",
+                old.name,
+                old.adapter.as_deref().unwrap_or(""),
+                bridge_of(old.id),
+                old.adapter.as_deref().unwrap_or("")
+            )));
+        }
         if let Some(range) = dhcp_range {
             if new.kind != SwitchKind::Nat {
                 return Err(ApiError::invalid(format!(
@@ -574,6 +647,13 @@ impl Switches {
     /// go by the kernel and carry nothing). The caller checked who uses it.
     pub async fn delete(&self, id: Uuid) -> Result<(), ApiError> {
         let _changing = self.changes.lock().await;
+        let external = lock(&self.entries)
+            .get(&id)
+            .filter(|s| s.kind == SwitchKind::External)
+            .cloned();
+        if let Some(s) = external {
+            return self.delete_external(s).await;
+        }
         store::remove(&self.dir, id).map_err(|e| {
             ApiError::internal(format!(
                 "cannot remove {}: {e}",
@@ -607,6 +687,10 @@ impl Switches {
         };
         let _changing = self.changes.lock().await;
         for s in self.all() {
+            if s.kind == SwitchKind::External {
+                self.rebuild_external(host, s).await;
+                continue;
+            }
             let bridge = bridge_of(s.id);
             let addrs: Vec<Cidr> = s
                 .host_addresses
@@ -704,9 +788,7 @@ impl Switches {
             // whose guards cannot be set stays off the switch.
             // A VLAN setting this host cannot enforce keeps the port off too.
             let mut guarded = match &target {
-                Some((_, Some(s))) => plan_port(&self.vlan, s.id, a)
-                    .map(drop)
-                    .map_err(|e| e.message),
+                Some((_, Some(s))) => plan_port(&self.vlan, s, a).map(drop).map_err(|e| e.message),
                 _ => Ok(()),
             };
             let made = match self.host() {
@@ -718,7 +800,7 @@ impl Switches {
                             guarded = enforce(h, &tap, a).await;
                         }
                         match (&guarded, &target) {
-                            (Ok(()), Some((_, Some(s)))) => match plan_port(&self.vlan, s.id, a) {
+                            (Ok(()), Some((_, Some(s)))) => match plan_port(&self.vlan, s, a) {
                                 Ok(plan) => Self::attach_planned(h, &tap, &plan).await,
                                 Err(e) => Err(e.message),
                             },
@@ -821,9 +903,7 @@ impl Switches {
             })?;
         let host = self.host()?;
         // Refused VLAN settings change nothing: the plan comes first.
-        let plan = to
-            .map(|s| plan_port(&self.vlan, s.id, adapter))
-            .transpose()?;
+        let plan = to.map(|s| plan_port(&self.vlan, s, adapter)).transpose()?;
         if to.is_some() {
             enforce(host, &tap, adapter)
                 .await
@@ -1065,7 +1145,7 @@ impl Switches {
                     // bridge removed by hand), the tap on it.
                     let switch = a.switch.as_deref().and_then(|k| self.resolve(k));
                     if let Some(s) = switch {
-                        let placed = match plan_port(&self.vlan, s.id, a) {
+                        let placed = match plan_port(&self.vlan, &s, a) {
                             Ok(plan) => Self::attach_planned(host, &tap, &plan).await,
                             Err(e) => Err(e.message),
                         };

@@ -11,7 +11,9 @@ use uuid::Uuid;
 ///
 /// - 1: the first (private and internal switches).
 /// - 2: NAT switches (`type: nat`, `dhcp_range`). Nothing to upgrade.
-pub const SCHEMA_VERSION: u32 = 2;
+/// - 3: external switches (`type: external`, `adapter`, `allow_management_os`,
+///   `uplink`). Nothing to upgrade.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// One switch's settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +29,32 @@ pub struct SwitchSettings {
     /// NAT switches: the DHCP range given (`START-END`); derived when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhcp_range: Option<String>,
+    /// External switches: the host interface that is the uplink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// External switches: the host shares the uplink.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_management_os: bool,
+    /// External switches: what was moved off the uplink, written before the
+    /// host is changed so that a service cut off halfway finishes (or, when
+    /// `deleting`, undoes) the move at its next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<UplinkRecord>,
+}
+
+/// The host's addresses and routes an external switch took from its uplink
+/// (given back when the switch is deleted).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkRecord {
+    #[serde(default)]
+    pub addresses: Vec<vswitch::uplink::HostAddress>,
+    #[serde(default)]
+    pub routes: Vec<vswitch::uplink::HostRoute>,
+    /// The switch is being deleted: the next start gives the uplink back and
+    /// removes the file.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -120,10 +148,13 @@ mod tests {
             kind: SwitchKind::Internal,
             host_addresses: vec!["10.44.0.1/24".into()],
             dhcp_range: None,
+            adapter: None,
+            allow_management_os: false,
+            uplink: None,
         };
         save(dir.path(), &s).unwrap();
         let text = std::fs::read_to_string(path(dir.path(), s.id)).unwrap();
-        assert!(text.contains("\"schema_version\": 2"), "{text}");
+        assert!(text.contains("\"schema_version\": 3"), "{text}");
         assert!(text.contains("\"type\": \"internal\""), "{text}");
         std::fs::write(
             dir.path().join("broken.json"),
@@ -132,7 +163,7 @@ mod tests {
         .unwrap();
         std::fs::write(
             dir.path().join("future.json"),
-            text.replace("\"schema_version\": 2", "\"schema_version\": 9"),
+            text.replace("\"schema_version\": 3", "\"schema_version\": 9"),
         )
         .unwrap();
         let (found, problems) = load_all(dir.path());
