@@ -29,6 +29,24 @@ impl Lan {
         self.0.id()
     }
 
+    /// Pings the host's address 192.0.2.1 from the network every 50 ms, one
+    /// line each (`ok` or `miss`, a miss taking its 1 s time-out) into `log`,
+    /// until the returned process is killed.
+    fn watch_host(&self, log: &std::path::Path) -> Child {
+        Command::new("nsenter")
+            .arg(format!("--net=/proc/{}/ns/net", self.pid()))
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "while true; do if busybox ping -c1 -W1 192.0.2.1 >/dev/null 2>&1; then echo ok; else echo miss; fi; sleep 0.05; done",
+            ])
+            .stdout(std::fs::File::create(log).unwrap())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     fn run(&self, script: &str) -> (bool, String) {
         let out = Command::new("nsenter")
             .arg(format!("--net=/proc/{}/ns/net", self.pid()))
@@ -130,7 +148,7 @@ fn mac_of(d: &Daemon, link: &str) -> String {
 #[test]
 fn an_external_switch_takes_the_interface_with_the_hosts_addresses_and_gives_them_back() {
     let mut d = Daemon::start_in_netns(&[]);
-    let _lan = host_and_lan(&d);
+    let lan = host_and_lan(&d);
     let lan0_mac = mac_of(&d, "lan0");
     // A bridge made by hand with a port, an interface without addresses, and an
     // internal switch of ours: none can be taken.
@@ -229,7 +247,23 @@ fn an_external_switch_takes_the_interface_with_the_hosts_addresses_and_gives_the
         assert_eq!(switch_files(&d), files, "{body} wrote a file");
     }
 
-    // The host shares lan0: its address and routes move to the switch.
+    // The host shares lan0: its address and routes move to the switch, and
+    // the network reaches the host there before, during and after.
+    let watch_log = d.dir.path().join("watch.log");
+    let mut watcher = lan.watch_host(&watch_log);
+    let answers = |what: &str| {
+        let text = std::fs::read_to_string(&watch_log).unwrap_or_default();
+        (
+            text.matches("ok").count(),
+            text.matches("miss").count(),
+            what.to_string(),
+        )
+    };
+    wait_for(
+        "the network to reach the host",
+        Duration::from_secs(10),
+        || answers("").0 >= 3,
+    );
     let r = d.post(
         "/v1/switches",
         json!({"name": "uplink", "type": "external", "adapter": "lan0", "allow_management_os": true}),
@@ -276,6 +310,17 @@ fn an_external_switch_takes_the_interface_with_the_hosts_addresses_and_gives_the
         assert!(reaches(d, "198.51.100.1"), "{}", host_state(d));
     };
     moved(&d);
+    let seen = answers("create").0;
+    wait_for(
+        "the network to reach the host after",
+        Duration::from_secs(10),
+        || answers("").0 >= seen + 3,
+    );
+    let (ok, missed, _) = answers("create");
+    assert!(
+        missed <= 1,
+        "the network lost the host for {missed} s while lan0 moved ({ok} answers)"
+    );
 
     // lan0 is taken; the network's subnet is the host's.
     let r = d.post(
@@ -333,8 +378,30 @@ fn an_external_switch_takes_the_interface_with_the_hosts_addresses_and_gives_the
     moved(&d);
 
     // Deleted: lan0 is the host's again, as it was.
+    std::fs::write(&watch_log, b"").unwrap();
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    let mut watcher = lan.watch_host(&watch_log);
+    wait_for(
+        "the network to reach the host",
+        Duration::from_secs(10),
+        || answers("").0 >= 3,
+    );
     let r = d.req("DELETE", "/v1/switches/wan", None);
     assert_eq!(r.status, 204, "{}\n{}", r.raw, d.log());
+    let seen = answers("delete").0;
+    wait_for(
+        "the network to reach the host after",
+        Duration::from_secs(10),
+        || answers("").0 >= seen + 3,
+    );
+    let (ok, missed, _) = answers("delete");
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    assert!(
+        missed <= 1,
+        "the network lost the host for {missed} s while lan0 came back ({ok} answers)"
+    );
     assert_eq!(host_state(&d), before, "{}", d.log());
     assert_eq!(switch_files(&d), files);
     assert!(reaches(&d, "192.0.2.254"));
