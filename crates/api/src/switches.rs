@@ -300,6 +300,9 @@ pub struct UpdateNetworkAdapterRequest {
         max = "vm_config::validate::MAX_VLAN_ID"
     ))]
     pub vlan_native: Option<Option<u16>>,
+    /// `none`, `source` or `destination` (Hyper-V's `-PortMirroring`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mirroring: Option<vm_config::PortMirroring>,
 }
 
 impl UpdateNetworkAdapterRequest {

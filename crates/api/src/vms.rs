@@ -390,6 +390,9 @@ pub struct AddNetworkAdapterRequest {
         max = "vm_config::validate::MAX_BANDWIDTH"
     ))]
     pub maximum_bandwidth: Option<u64>,
+    /// Its part in port mirroring on its switch; `none` unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mirroring: Option<vm_config::PortMirroring>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

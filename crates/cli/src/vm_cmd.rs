@@ -297,6 +297,9 @@ pub enum NicCmd {
         /// Bits per second each way (100M, 1G, 64k); unlimited unless given.
         #[arg(long, value_parser = bandwidth, allow_hyphen_values = true)]
         maximum_bandwidth: Option<Bandwidth>,
+        /// Its part in port mirroring on its switch (none unless given).
+        #[arg(long, value_enum)]
+        port_mirroring: Option<Mirroring>,
     },
     /// Remove the adapter with this MAC address.
     Remove { vm: String, mac: String },
@@ -337,6 +340,9 @@ pub enum NicCmd {
         /// No VLAN: the switch's untagged segment.
         #[arg(long)]
         untagged: bool,
+        /// Its part in port mirroring on its switch.
+        #[arg(long, value_enum)]
+        port_mirroring: Option<Mirroring>,
     },
 }
 
@@ -356,6 +362,26 @@ fn bandwidth(text: &str) -> Result<Bandwidth, String> {
     crate::size::bandwidth_bits(text).map(Bandwidth)
 }
 
+/// `--port-mirroring`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mirroring {
+    None,
+    /// Its frames, both ways, are copied to the destinations on its switch.
+    Source,
+    /// It receives a copy of the sources' frames on its switch.
+    Destination,
+}
+
+impl Mirroring {
+    fn api(self) -> api::vm_config::PortMirroring {
+        match self {
+            Mirroring::None => api::vm_config::PortMirroring::None,
+            Mirroring::Source => api::vm_config::PortMirroring::Source,
+            Mirroring::Destination => api::vm_config::PortMirroring::Destination,
+        }
+    }
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnOff {
     On,
@@ -372,13 +398,14 @@ impl OnOff {
 pub fn adapter_options(a: &NetworkAdapter) -> String {
     let onoff = |b: bool| if b { "on" } else { "off" };
     format!(
-        "mac spoofing {}, dhcp guard {}, router guard {}, bandwidth {}, vlan {}",
+        "mac spoofing {}, dhcp guard {}, router guard {}, bandwidth {}, vlan {}, port mirroring {}",
         onoff(a.mac_address_spoofing),
         onoff(a.dhcp_guard),
         onoff(a.router_guard),
         a.maximum_bandwidth
             .map_or("unlimited".into(), crate::size::human_bits),
-        a.vlan_text()
+        a.vlan_text(),
+        a.port_mirroring.name()
     )
 }
 
@@ -636,6 +663,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                     dhcp_guard,
                     router_guard,
                     maximum_bandwidth,
+                    port_mirroring,
                 },
         } => {
             let kind = Some(if legacy {
@@ -656,6 +684,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                 dhcp_guard: dhcp_guard.map(OnOff::on),
                 router_guard: router_guard.map(OnOff::on),
                 maximum_bandwidth: maximum_bandwidth.and_then(|b| b.0),
+                port_mirroring: port_mirroring.map(Mirroring::api),
             };
             let path = format!("{}/network-adapters", vm_path(&vm));
             let (a, _) = client.call::<NetworkAdapter>(Method::POST, &path, Some(&req))?;
@@ -763,6 +792,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                     vlan_trunk,
                     vlan_native,
                     untagged,
+                    port_mirroring,
                 },
         } => {
             use api::vm_config::VlanMode;
@@ -785,6 +815,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                 vlan_id: vlan,
                 vlan_allowed: vlan_trunk.map(|l| l.0),
                 vlan_native: vlan_native.map(Some),
+                port_mirroring: port_mirroring.map(Mirroring::api),
             };
             let (a, _) = client.call::<NetworkAdapter>(Method::PATCH, &path, Some(&req))?;
             if conn.json {

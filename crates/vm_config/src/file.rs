@@ -19,7 +19,9 @@ use crate::VmSettings;
 ///   older adapter has the defaults (spoofing off, guards off, unlimited).
 /// - 5: network adapters carry their VLAN (`vlan_mode`, `vlan_id`, `vlan_allowed`,
 ///   `vlan_native`). Nothing to upgrade: an older adapter is untagged.
-pub const SCHEMA_VERSION: u32 = 5;
+/// - 6: network adapters carry their port mirroring (`port_mirroring`). Nothing to
+///   upgrade: an older adapter mirrors nothing.
+pub const SCHEMA_VERSION: u32 = 6;
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -7,7 +7,8 @@ pub mod validate;
 
 pub use settings::{
     AdapterKind, BootEntry, ControllerKind, Drive, DriveMedia, MemorySettings, NetworkAdapter,
-    ProcessorSettings, Slot, VlanMode, VlanRange, VmSettings, CURRENT_CONFIGURATION_VERSION,
+    PortMirroring, ProcessorSettings, Slot, VlanMode, VlanRange, VmSettings,
+    CURRENT_CONFIGURATION_VERSION,
 };
 pub use validate::{ConfigError, HostLimits};
 

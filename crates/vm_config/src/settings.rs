@@ -260,6 +260,36 @@ pub struct NetworkAdapter {
         max = "crate::validate::MAX_VLAN_ID"
     ))]
     pub vlan_native: Option<u16>,
+    /// Port mirroring on its switch (Hyper-V's `-PortMirroring`): a source's
+    /// frames, both ways, are copied to every destination on the same switch.
+    #[serde(default, skip_serializing_if = "PortMirroring::is_none")]
+    pub port_mirroring: PortMirroring,
+}
+
+/// An adapter's part in port mirroring on its switch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PortMirroring {
+    #[default]
+    None,
+    /// What it sends and receives is copied to the destinations.
+    Source,
+    /// It receives a copy of every source's frames.
+    Destination,
+}
+
+impl PortMirroring {
+    pub fn is_none(&self) -> bool {
+        *self == PortMirroring::None
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PortMirroring::None => "none",
+            PortMirroring::Source => "source",
+            PortMirroring::Destination => "destination",
+        }
+    }
 }
 
 /// How an adapter's frames are tagged on its switch.

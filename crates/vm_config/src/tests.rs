@@ -185,6 +185,7 @@ fn generation_rules_for_dvd_ide_and_legacy_adapters() {
         vlan_id: None,
         vlan_allowed: Vec::new(),
         vlan_native: None,
+        port_mirroring: Default::default(),
     }];
     assert_eq!(check(&s), Err(ConfigError::LegacyAdapterInGeneration2));
 }
@@ -254,6 +255,7 @@ fn bad_and_duplicate_macs_are_rejected() {
         vlan_id: None,
         vlan_allowed: Vec::new(),
         vlan_native: None,
+        port_mirroring: Default::default(),
     }];
     assert!(matches!(check(&s), Err(ConfigError::MacInvalid(_))));
     let mac = random_mac();
@@ -272,6 +274,7 @@ fn bad_and_duplicate_macs_are_rejected() {
             vlan_id: None,
             vlan_allowed: Vec::new(),
             vlan_native: None,
+            port_mirroring: Default::default(),
         },
         NetworkAdapter {
             id: None,
@@ -287,6 +290,7 @@ fn bad_and_duplicate_macs_are_rejected() {
             vlan_id: None,
             vlan_allowed: Vec::new(),
             vlan_native: None,
+            port_mirroring: Default::default(),
         },
     ];
     assert!(matches!(check(&s), Err(ConfigError::MacInUse { .. })));
@@ -339,6 +343,7 @@ fn an_adapters_switch_round_trips_and_schema_2_files_read_as_not_connected() {
         vlan_id: None,
         vlan_allowed: Vec::new(),
         vlan_native: None,
+        port_mirroring: Default::default(),
     }];
     file::save(&path, &s).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
@@ -382,6 +387,7 @@ fn adapter_guards_round_trip_and_schema_3_files_read_with_the_defaults() {
         vlan_id: None,
         vlan_allowed: Vec::new(),
         vlan_native: None,
+        port_mirroring: Default::default(),
     }];
     file::save(&path, &s).unwrap();
     assert_eq!(file::load(&path).unwrap(), s);
@@ -436,6 +442,7 @@ fn maximum_bandwidth_outside_its_range_is_rejected_naming_the_adapter() {
             vlan_id: None,
             vlan_allowed: Vec::new(),
             vlan_native: None,
+            port_mirroring: Default::default(),
         }];
         match check(&s) {
             Ok(()) => assert!(ok, "{bw} accepted"),
@@ -465,6 +472,7 @@ fn vlan_adapter(mode: VlanMode) -> NetworkAdapter {
         vlan_id: None,
         vlan_allowed: Vec::new(),
         vlan_native: None,
+        port_mirroring: Default::default(),
     }
 }
 

@@ -121,6 +121,7 @@ fn new_adapters_get_free_slots_from_16_and_keep_them_when_others_go() {
             vlan_id: None,
             vlan_allowed: Vec::new(),
             vlan_native: None,
+            port_mirroring: Default::default(),
         });
     }
     devices::assign_identity(&mut s, Some(&old));

@@ -8,6 +8,7 @@ mod cidr;
 pub mod datapath;
 pub mod dnsmasq;
 pub mod guards;
+pub mod mirror;
 mod names;
 pub mod nat;
 pub mod shaping;

@@ -181,6 +181,16 @@ impl Nft {
         .map(drop)
     }
 
+    /// Runs an nft script in one transaction (for the other tables of ours).
+    pub fn run_script(&self, script: &str, action: &str) -> Result<(), NatError> {
+        self.run(&["-f", "-"], Some(script), action).map(drop)
+    }
+
+    /// `nft -j list tables FAMILY`.
+    pub fn list_tables_json(&self, family: &str) -> Result<String, NatError> {
+        self.run(&["-j", "list", "tables", family], None, "list the tables")
+    }
+
     /// The names of our tables (`viridian-nat-...`) in the `ip` family.
     pub fn tables(&self) -> Result<Vec<String>, NatError> {
         let out = self.run(&["-j", "list", "tables", "ip"], None, "list the tables")?;

@@ -193,6 +193,7 @@ async fn generation2_boots_on_q35_with_ovmf_its_own_uefi_variable_store_and_its_
         vlan_id: None,
         vlan_allowed: Vec::new(),
         vlan_native: None,
+        port_mirroring: Default::default(),
     }];
     s.memory.startup_mib = 256;
     let mut vm = Vm::new(

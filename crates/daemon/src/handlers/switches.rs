@@ -309,28 +309,7 @@ async fn set_switch(
     // The guest sees its link go down while the port moves and come back on the
     // new switch (so it asks for an address again), as Hyper-V's guests do.
     let mac = settings.network_adapters[index].mac.clone();
-    let link = |up: bool| {
-        let workers = svc.workers.clone();
-        let mac = mac.clone();
-        let id = settings.id;
-        async move {
-            if let Some(w) = workers {
-                // The link as the guest sees it is a courtesy: a worker busy with
-                // a long request (a shutdown waiting for its guest) does not hold
-                // up the move.
-                match tokio::time::timeout(LINK_TIME_LIMIT, w.set_link(id, mac.clone(), up)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(vm = %id, mac = %mac, up, error = %e, "cannot change the adapter's link as the guest sees it")
-                    }
-                    Err(_) => {
-                        tracing::warn!(vm = %id, mac = %mac, up, "the VM's worker did not change the adapter's link as the guest sees it within {} s; the port moves regardless", LINK_TIME_LIMIT.as_secs())
-                    }
-                }
-            }
-        }
-    };
-    link(false).await;
+    link(svc, settings.id, &mac, false).await;
     let moved = svc
         .switches
         .move_port(
@@ -339,7 +318,7 @@ async fn set_switch(
             switch.as_ref(),
         )
         .await;
-    link(true).await;
+    link(svc, settings.id, &mac, true).await;
     moved?;
     settings.network_adapters[index].switch = switch.as_ref().map(|s| s.id.to_string());
     let adapter = settings.network_adapters[index].clone();
@@ -355,11 +334,23 @@ async fn set_switch(
 
 /// Sets the adapter's link as the guest sees it (a failure is logged: the port
 /// change itself went ahead).
+///
+/// The link as the guest sees it is a courtesy: a worker busy with a long
+/// request does not hold up the port's move (`LINK_TIME_LIMIT`).
 async fn link(svc: &Arc<Service>, vm: uuid::Uuid, mac: &str, up: bool) {
-    if let Some(w) = svc.workers.clone() {
-        if let Err(e) = w.set_link(vm, mac.to_string(), up).await {
-            tracing::warn!(vm = %vm, mac = %mac, up, error = %e, "cannot change the adapter's link as the guest sees it");
+    let Some(w) = svc.workers.clone() else {
+        return;
+    };
+    match tokio::time::timeout(LINK_TIME_LIMIT, w.set_link(vm, mac.to_string(), up)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(vm = %vm, mac = %mac, up, error = %e, "cannot change the adapter's link as the guest sees it")
         }
+        Err(_) => tracing::warn!(
+            vm = %vm, mac = %mac, up,
+            "the VM's worker did not change the adapter's link as the guest sees it within {} s; the port moves regardless",
+            LINK_TIME_LIMIT.as_secs()
+        ),
     }
 }
 
@@ -382,6 +373,9 @@ pub async fn update_adapter(svc: &Arc<Service>, vm: &str, mac: &str, body: Incom
         }
         if let Some(v) = req.maximum_bandwidth {
             a.maximum_bandwidth = v;
+        }
+        if let Some(v) = req.port_mirroring {
+            a.port_mirroring = v;
         }
         req.apply_vlan(a);
     };

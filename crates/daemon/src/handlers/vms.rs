@@ -322,6 +322,7 @@ pub async fn add_adapter(svc: &Arc<Service>, key: &str, body: Incoming) -> Answe
         vlan_id: req.vlan_id,
         vlan_allowed: req.vlan_allowed.unwrap_or_default(),
         vlan_native: req.vlan_native,
+        port_mirroring: req.port_mirroring.unwrap_or_default(),
     };
     svc.switches.check_vlan(&adapter)?;
     let (_, vm) = svc.update_vm(key, |s| {

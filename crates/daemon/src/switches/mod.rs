@@ -17,8 +17,7 @@ use std::sync::{Mutex, MutexGuard};
 use api::switches::{AdapterConnection, AdapterCounters, GuardDrops, SwitchKind};
 use api::ErrorCode;
 use uuid::Uuid;
-use vm_config::VlanMode;
-use vm_config::{NetworkAdapter, VmSettings};
+use vm_config::{NetworkAdapter, PortMirroring, VlanMode, VmSettings};
 use vswitch::guards::{self, PortGuards};
 use vswitch::vlan::{PortVlans, VlanSupport};
 use vswitch::{shaping, Cidr, DataPath, Host};
@@ -39,6 +38,10 @@ pub struct Switches {
     pub nat: nat::Nat,
     /// What the kernel offers for VLANs, probed once at start.
     pub vlan: VlanSupport,
+    /// Each port's switch and part in port mirroring, by tap.
+    mirrors: Mutex<HashMap<String, (Uuid, PortMirroring)>>,
+    /// The switches that have a mirror table now.
+    mirror_tables: Mutex<std::collections::HashSet<Uuid>>,
 }
 
 /// Where one adapter's port goes on its switch, and what VLANs it carries there.
@@ -238,6 +241,66 @@ impl Switches {
                 );
                 v
             },
+            mirrors: Mutex::default(),
+            mirror_tables: Mutex::default(),
+        }
+    }
+
+    /// Records the port `tap`'s place (its switch and part in mirroring; `None`:
+    /// on no switch, or gone) and rewrites the mirror tables of the switches it
+    /// left and joined. Runs under `changes`.
+    fn place_mirror(&self, tap: &str, on: Option<(Uuid, PortMirroring)>) -> Result<(), String> {
+        let before = match on {
+            Some(v) => lock(&self.mirrors).insert(tap.to_string(), v),
+            None => lock(&self.mirrors).remove(tap),
+        };
+        let mut switches: Vec<Uuid> = before.into_iter().chain(on).map(|(s, _)| s).collect();
+        switches.dedup();
+        let mut result = Ok(());
+        for s in switches {
+            if let Err(e) = self.sync_mirror(s) {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    /// Makes the mirror table of `switch` match its ports: each source's frames
+    /// copied to each destination; no table without both.
+    fn sync_mirror(&self, switch: Uuid) -> Result<(), String> {
+        let (mut sources, mut destinations) = (Vec::new(), Vec::new());
+        for (tap, (s, mode)) in lock(&self.mirrors).iter() {
+            match (*s == switch, mode) {
+                (true, PortMirroring::Source) => sources.push(tap.clone()),
+                (true, PortMirroring::Destination) => destinations.push(tap.clone()),
+                _ => {}
+            }
+        }
+        sources.sort();
+        destinations.sort();
+        let wanted = !sources.is_empty() && !destinations.is_empty();
+        if !wanted && !lock(&self.mirror_tables).contains(&switch) {
+            return Ok(());
+        }
+        let bridge = bridge_of(switch);
+        let nft = vswitch::nat::Nft::locate().map_err(|e| crate::vms::store::error_chain(&e))?;
+        vswitch::mirror::apply(&nft, &bridge, &sources, &destinations)
+            .map_err(|e| crate::vms::store::error_chain(&e))?;
+        if wanted {
+            lock(&self.mirror_tables).insert(switch);
+            tracing::info!(%switch, ?sources, ?destinations, "port mirroring set");
+        } else {
+            lock(&self.mirror_tables).remove(&switch);
+            tracing::info!(%switch, "port mirroring removed");
+        }
+        Ok(())
+    }
+
+    /// Forgets every port of a switch being deleted and removes its mirror table.
+    fn drop_mirrors(&self, switch: Uuid) {
+        lock(&self.mirrors).retain(|_, (s, _)| *s != switch);
+        if let Err(e) = self.sync_mirror(switch) {
+            tracing::warn!(%switch, "cannot remove the port mirroring of a deleted switch: {e}");
         }
     }
 
@@ -651,6 +714,7 @@ impl Switches {
             .get(&id)
             .filter(|s| s.kind == SwitchKind::External)
             .cloned();
+        self.drop_mirrors(id);
         if let Some(s) = external {
             return self.delete_external(s).await;
         }
@@ -817,6 +881,9 @@ impl Switches {
                 (Ok(()), Some((_, Some(s)))) if guarded.is_ok() => {
                     c.connected = true;
                     c.switch = Some(s.name.clone());
+                    if let Err(e) = self.place_mirror(&tap, Some((s.id, a.port_mirroring))) {
+                        tracing::error!(vm = %vm.id, mac = %a.mac, "cannot set the port mirroring of {tap}: {e}");
+                    }
                 }
                 (Ok(()), Some((_, Some(s)))) => {
                     c.switch = Some(s.name.clone());
@@ -924,6 +991,9 @@ impl Switches {
         };
         self.prune_vlan_bridges(host, None, false).await;
         moved?;
+        if let Err(e) = self.place_mirror(&tap, to.map(|s| (s.id, adapter.port_mirroring))) {
+            tracing::error!(vm = %vm, %mac, "cannot set the port mirroring of {tap}: {e}");
+        }
         if let Some(c) = lock(&self.ports)
             .get_mut(&vm)
             .and_then(|cs| cs.iter_mut().find(|c| c.mac.eq_ignore_ascii_case(mac)))
@@ -954,6 +1024,17 @@ impl Switches {
                 adapter.mac
             ))
         })?;
+        // Its part in mirroring, on the switch it is on now.
+        let on = lock(&self.mirrors).get(&tap).map(|(s, _)| *s);
+        if let Some(switch) = on {
+            self.place_mirror(&tap, Some((switch, adapter.port_mirroring)))
+                .map_err(|e| {
+                    ApiError::internal(format!(
+                        "cannot change the port mirroring of the network adapter {}: {e}",
+                        adapter.mac
+                    ))
+                })?;
+        }
         tracing::info!(vm = %vm, mac = %adapter.mac, %tap, spoofing = adapter.mac_address_spoofing, dhcp_guard = adapter.dhcp_guard, router_guard = adapter.router_guard, bandwidth = ?adapter.maximum_bandwidth, "network adapter's port changed while running");
         Ok(())
     }
@@ -1075,6 +1156,9 @@ impl Switches {
                 if claimed {
                     continue;
                 }
+                if let Err(e) = this.place_mirror(&tap, None) {
+                    tracing::warn!(vm = %vm, "cannot take the port {tap} out of port mirroring: {e}");
+                }
                 unenforce(host, &tap).await;
                 match host.delete_link(&tap).await {
                     Ok(()) => tracing::debug!(vm = %vm, %tap, "port removed"),
@@ -1141,6 +1225,18 @@ impl Switches {
                     if let Err(e) = enforce(host, &tap, a).await {
                         tracing::error!(vm = %vm.id, mac = %a.mac, "cannot guard the port {tap} again: {e}");
                     }
+                    // Its mirroring as the settings say (the table is rewritten
+                    // whole, so one left by the last run is replaced).
+                    let on = a
+                        .switch
+                        .as_deref()
+                        .and_then(|k| self.resolve(k))
+                        .map(|s| s.id);
+                    if let Some(switch) = on {
+                        if let Err(e) = self.place_mirror(&tap, Some((switch, a.port_mirroring))) {
+                            tracing::error!(vm = %vm.id, mac = %a.mac, "cannot set the port mirroring of {tap} again: {e}");
+                        }
+                    }
                     // Its VLAN's bridge made again where it went (a per-VLAN
                     // bridge removed by hand), the tap on it.
                     let switch = a.switch.as_deref().and_then(|k| self.resolve(k));
@@ -1159,6 +1255,19 @@ impl Switches {
         // Per-VLAN bridges no port uses any more (their last VM stopped while
         // the service was down).
         self.prune_vlan_bridges(host, None, false).await;
+        // Mirror tables of the last run: made again from the ports above, or
+        // removed when their sources or destinations stopped meanwhile.
+        if let Ok(nft) = vswitch::nat::Nft::locate() {
+            let tables = vswitch::mirror::tables(&nft).unwrap_or_default();
+            for s in self.all() {
+                if tables.contains(&vswitch::mirror::table_name(&bridge_of(s.id))) {
+                    lock(&self.mirror_tables).insert(s.id);
+                    if let Err(e) = self.sync_mirror(s.id) {
+                        tracing::error!(switch = %s.id, "cannot set the port mirroring again: {e}");
+                    }
+                }
+            }
+        }
     }
 }
 
