@@ -188,8 +188,17 @@ fn switches_are_bridges_with_their_addresses_and_bad_input_changes_nothing() {
     assert_eq!(r.status, 201, "{}", r.raw);
     assert_eq!(r.body["switch"], lan["id"]);
     let mac = r.body["mac"].as_str().unwrap().to_string();
+    // A switch the body names that does not exist makes the request invalid.
     let r = d.post("/v1/vms/web/network-adapters", json!({"switch": "nowhere"}));
-    assert_eq!((r.status, r.code()), (404, "NotFound"), "{}", r.raw);
+    assert_eq!((r.status, r.code()), (422, "InvalidParameter"), "{}", r.raw);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"nowhere\", which does not exist"),
+        "{}",
+        r.raw
+    );
     assert_eq!(
         d.get("/v1/switches/lab").body["adapters"][0]["vm_name"],
         "web"

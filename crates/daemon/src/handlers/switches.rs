@@ -252,7 +252,9 @@ fn disconnect_all(
 /// Off; a running (or paused) VM's adapter moves to the switch at once.
 pub async fn connect(svc: &Arc<Service>, vm: &str, mac: &str, body: Incoming) -> Answer {
     let req: ConnectAdapterRequest = read_json(body).await?;
-    let s = svc.switches.find(&req.switch)?;
+    // The VM first: a missing one is the answer (404) whatever the body says.
+    find(&svc.store(), vm)?;
+    let s = svc.switches.find_named(&req.switch)?;
     set_switch(svc, vm, mac, Some(s)).await
 }
 

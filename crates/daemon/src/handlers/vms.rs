@@ -296,9 +296,11 @@ pub async fn add_adapter(svc: &Arc<Service>, key: &str, body: Incoming) -> Answe
         Some(m) => canonical_mac(&m)?,
         None => svc.new_mac()?,
     };
+    // The VM first: a missing one is the answer (404) whatever the body says.
+    find(&svc.store(), key)?;
     // Recorded by id, so renaming the switch keeps the adapter on it.
     let switch = match &req.switch {
-        Some(key) => Some(svc.switches.find(key)?.id.to_string()),
+        Some(key) => Some(svc.switches.find_named(key)?.id.to_string()),
         None => None,
     };
     let vlan_mode = req.vlan_mode.unwrap_or(if req.vlan_id.is_some() {

@@ -411,6 +411,16 @@ impl Switches {
         entries.values().find(|s| s.name == key).cloned()
     }
 
+    /// The switch a request's body names (an adapter's `switch`): one that does
+    /// not exist makes the request invalid (422), not its URL's target missing.
+    pub fn find_named(&self, key: &str) -> Result<SwitchSettings, ApiError> {
+        self.resolve(key).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "the request names the virtual switch {key:?}, which does not exist on this host; `GET /v1/switches` lists them"
+            ))
+        })
+    }
+
     pub fn find(&self, key: &str) -> Result<SwitchSettings, ApiError> {
         self.resolve(key).ok_or_else(|| {
             ApiError::not_found(format!(
