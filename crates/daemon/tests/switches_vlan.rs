@@ -314,8 +314,7 @@ fn guests_on_one_vlan_reach_each_other_only_and_a_running_guest_moves_between_vl
     assert_eq!(r.status, 200, "{}", r.raw);
     assert_eq!(adapter(&d, "c")["vlan_id"], 10);
     assert_eq!(vlan_bridges(&d), [vlan_bridge(10)], "{:?}", links(&d));
-    let r0 = tries(&console_of(&d, "c"), "reached", "10.0.0.1");
-    assert_eq!(r0, 0);
+    // (Before the move c never reached a, checked above; it may have by now.)
     wait_for("c to reach a on VLAN 10", Duration::from_secs(120), || {
         tries(&console_of(&d, "c"), "reached", "10.0.0.1") > 0
     });
