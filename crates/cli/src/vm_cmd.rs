@@ -285,21 +285,8 @@ pub enum NicCmd {
         /// Put it on this VLAN in access mode (1-4094).
         #[arg(long)]
         vlan: Option<u16>,
-        /// Let frames with another source MAC through (off unless given).
-        #[arg(long = "mac-spoofing")]
-        mac_spoofing: Option<OnOff>,
-        /// Drop DHCP server messages the VM sends (off unless given).
-        #[arg(long)]
-        dhcp_guard: Option<OnOff>,
-        /// Drop router advertisements and redirects the VM sends (off unless given).
-        #[arg(long)]
-        router_guard: Option<OnOff>,
-        /// Bits per second each way (100M, 1G, 64k); unlimited unless given.
-        #[arg(long, value_parser = bandwidth, allow_hyphen_values = true)]
-        maximum_bandwidth: Option<Bandwidth>,
-        /// Its part in port mirroring on its switch (none unless given).
-        #[arg(long, value_enum)]
-        port_mirroring: Option<Mirroring>,
+        #[command(flatten)]
+        port: PortArgs,
     },
     /// Remove the adapter with this MAC address.
     Remove { vm: String, mac: String },
@@ -316,18 +303,8 @@ pub enum NicCmd {
     Set {
         vm: String,
         mac: String,
-        /// Let frames with another source MAC through (off: they are dropped).
-        #[arg(long = "mac-spoofing")]
-        mac_spoofing: Option<OnOff>,
-        /// Drop DHCP server messages the VM sends.
-        #[arg(long)]
-        dhcp_guard: Option<OnOff>,
-        /// Drop router advertisements and redirects the VM sends.
-        #[arg(long)]
-        router_guard: Option<OnOff>,
-        /// Bits per second each way (100M, 1G, 64k), or none for unlimited.
-        #[arg(long, value_parser = bandwidth, allow_hyphen_values = true)]
-        maximum_bandwidth: Option<Bandwidth>,
+        #[command(flatten)]
+        port: PortArgs,
         /// Access mode on this VLAN (1-4094); the guest sees untagged frames.
         #[arg(long, conflicts_with_all = ["vlan_trunk", "untagged"])]
         vlan: Option<u16>,
@@ -340,10 +317,28 @@ pub enum NicCmd {
         /// No VLAN: the switch's untagged segment.
         #[arg(long)]
         untagged: bool,
-        /// Its part in port mirroring on its switch.
-        #[arg(long, value_enum)]
-        port_mirroring: Option<Mirroring>,
     },
+}
+
+/// An adapter's port settings, as `nic add` and `nic set` take them (off, unlimited
+/// and none unless given to `nic add`; unchanged unless given to `nic set`).
+#[derive(clap::Args, Debug)]
+pub struct PortArgs {
+    /// Let frames with another source MAC through (off: they are dropped).
+    #[arg(long = "mac-spoofing")]
+    mac_spoofing: Option<OnOff>,
+    /// Drop DHCP server messages the VM sends.
+    #[arg(long)]
+    dhcp_guard: Option<OnOff>,
+    /// Drop router advertisements and redirects the VM sends.
+    #[arg(long)]
+    router_guard: Option<OnOff>,
+    /// Bits per second each way (100M, 1G, 64k), or none for unlimited.
+    #[arg(long, value_parser = bandwidth, allow_hyphen_values = true)]
+    maximum_bandwidth: Option<Bandwidth>,
+    /// Its part in port mirroring on its switch.
+    #[arg(long, value_enum)]
+    port_mirroring: Option<Mirroring>,
 }
 
 /// `--vlan-trunk`: VLAN ids and ranges.
@@ -659,11 +654,7 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                     pci_slot,
                     switch,
                     vlan,
-                    mac_spoofing,
-                    dhcp_guard,
-                    router_guard,
-                    maximum_bandwidth,
-                    port_mirroring,
+                    port,
                 },
         } => {
             let kind = Some(if legacy {
@@ -680,11 +671,11 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                 vlan_id: vlan,
                 vlan_allowed: None,
                 vlan_native: None,
-                mac_address_spoofing: mac_spoofing.map(OnOff::on),
-                dhcp_guard: dhcp_guard.map(OnOff::on),
-                router_guard: router_guard.map(OnOff::on),
-                maximum_bandwidth: maximum_bandwidth.and_then(|b| b.0),
-                port_mirroring: port_mirroring.map(Mirroring::api),
+                mac_address_spoofing: port.mac_spoofing.map(OnOff::on),
+                dhcp_guard: port.dhcp_guard.map(OnOff::on),
+                router_guard: port.router_guard.map(OnOff::on),
+                maximum_bandwidth: port.maximum_bandwidth.and_then(|b| b.0),
+                port_mirroring: port.port_mirroring.map(Mirroring::api),
             };
             let path = format!("{}/network-adapters", vm_path(&vm));
             let (a, _) = client.call::<NetworkAdapter>(Method::POST, &path, Some(&req))?;
@@ -784,15 +775,11 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
                 NicCmd::Set {
                     vm,
                     mac,
-                    mac_spoofing,
-                    dhcp_guard,
-                    router_guard,
-                    maximum_bandwidth,
+                    port,
                     vlan,
                     vlan_trunk,
                     vlan_native,
                     untagged,
-                    port_mirroring,
                 },
         } => {
             use api::vm_config::VlanMode;
@@ -807,15 +794,15 @@ pub fn run(cmd: VmCmd, conn: &Connection) -> Result<(), Failure> {
             };
             let path = format!("{}/network-adapters/{}", vm_path(&vm), segment(&mac));
             let req = api::switches::UpdateNetworkAdapterRequest {
-                mac_address_spoofing: mac_spoofing.map(OnOff::on),
-                dhcp_guard: dhcp_guard.map(OnOff::on),
-                router_guard: router_guard.map(OnOff::on),
-                maximum_bandwidth: maximum_bandwidth.map(|b| b.0),
+                mac_address_spoofing: port.mac_spoofing.map(OnOff::on),
+                dhcp_guard: port.dhcp_guard.map(OnOff::on),
+                router_guard: port.router_guard.map(OnOff::on),
+                maximum_bandwidth: port.maximum_bandwidth.map(|b| b.0),
                 vlan_mode,
                 vlan_id: vlan,
                 vlan_allowed: vlan_trunk.map(|l| l.0),
                 vlan_native: vlan_native.map(Some),
-                port_mirroring: port_mirroring.map(Mirroring::api),
+                port_mirroring: port.port_mirroring.map(Mirroring::api),
             };
             let (a, _) = client.call::<NetworkAdapter>(Method::PATCH, &path, Some(&req))?;
             if conn.json {

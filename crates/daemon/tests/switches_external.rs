@@ -251,18 +251,14 @@ fn an_external_switch_takes_the_interface_with_the_hosts_addresses_and_gives_the
     // the network reaches the host there before, during and after.
     let watch_log = d.dir.path().join("watch.log");
     let mut watcher = lan.watch_host(&watch_log);
-    let answers = |what: &str| {
+    let answers = || {
         let text = std::fs::read_to_string(&watch_log).unwrap_or_default();
-        (
-            text.matches("ok").count(),
-            text.matches("miss").count(),
-            what.to_string(),
-        )
+        (text.matches("ok").count(), text.matches("miss").count())
     };
     wait_for(
         "the network to reach the host",
         Duration::from_secs(10),
-        || answers("").0 >= 3,
+        || answers().0 >= 3,
     );
     let r = d.post(
         "/v1/switches",
@@ -310,13 +306,13 @@ fn an_external_switch_takes_the_interface_with_the_hosts_addresses_and_gives_the
         assert!(reaches(d, "198.51.100.1"), "{}", host_state(d));
     };
     moved(&d);
-    let seen = answers("create").0;
+    let seen = answers().0;
     wait_for(
         "the network to reach the host after",
         Duration::from_secs(10),
-        || answers("").0 >= seen + 3,
+        || answers().0 >= seen + 3,
     );
-    let (ok, missed, _) = answers("create");
+    let (ok, missed) = answers();
     assert!(
         missed <= 1,
         "the network lost the host for {missed} s while lan0 moved ({ok} answers)"
@@ -385,17 +381,17 @@ fn an_external_switch_takes_the_interface_with_the_hosts_addresses_and_gives_the
     wait_for(
         "the network to reach the host",
         Duration::from_secs(10),
-        || answers("").0 >= 3,
+        || answers().0 >= 3,
     );
     let r = d.req("DELETE", "/v1/switches/wan", None);
     assert_eq!(r.status, 204, "{}\n{}", r.raw, d.log());
-    let seen = answers("delete").0;
+    let seen = answers().0;
     wait_for(
         "the network to reach the host after",
         Duration::from_secs(10),
-        || answers("").0 >= seen + 3,
+        || answers().0 >= seen + 3,
     );
-    let (ok, missed, _) = answers("delete");
+    let (ok, missed) = answers();
     let _ = watcher.kill();
     let _ = watcher.wait();
     assert!(
