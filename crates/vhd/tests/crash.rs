@@ -174,3 +174,38 @@ fn compact_leaves_the_old_or_the_compacted_disk_at_every_crash_point() {
     });
     report_crash_points("compact", tried, 10);
 }
+
+#[test]
+fn a_first_block_placed_right_after_the_bat_keeps_the_old_footer_until_the_new_one_is_flushed() {
+    // 15,872 BAT entries (512-byte blocks): the footer copy, header and BAT end
+    // one sector before a 64 KiB boundary, so the old trailing footer sits
+    // where a 64 KiB-aligned block's bitmap goes. The bitmap written over it
+    // could reach the disk before the new footer did: a file ending in a bitmap.
+    const BLOCK: u32 = 512;
+    const SIZE: u64 = 15_872 * BLOCK as u64;
+    let tried = at_every_crash_point_in_every_mode(|storage, n| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.vhd");
+        let opts = CreateOptions {
+            kind: NewDisk::Dynamic {
+                size: SIZE,
+                block_size: BLOCK,
+            },
+            exact_size: true,
+        };
+        create_on(&vhd::HostStorage, &path, &opts, &mut NoProgress).unwrap();
+        {
+            let disk = vhd::open_on(storage, &path, false).unwrap();
+            let _ = disk.write_at(&[0x5a; SECTOR], 0);
+            let _ = disk.flush();
+        }
+        storage.power_cut().unwrap();
+        Vhd::assert_consistent(&path, n);
+        let first = read_all(&path)[..SECTOR].to_vec();
+        assert!(
+            first.iter().all(|&b| b == 0) || first.iter().all(|&b| b == 0x5a),
+            "crash point {n}: the first sector reads neither its old nor its new bytes"
+        );
+    });
+    report_crash_points("first block after the BAT", tried, 5);
+}

@@ -617,7 +617,11 @@ impl VhdImage {
         if entry != BAT_UNUSED {
             return Ok(entry);
         }
-        let start = (meta.end + sp.bitmap_size).div_ceil(DATA_ALIGN) * DATA_ALIGN - sp.bitmap_size;
+        // Past the old trailing footer at `meta.end`, which must stay intact
+        // until the new one is durable (only a flush orders the two writes).
+        let old_footer_end = meta.end + FOOTER_SIZE as u64;
+        let start =
+            (old_footer_end + sp.bitmap_size).div_ceil(DATA_ALIGN) * DATA_ALIGN - sp.bitmap_size;
         let new_end = start + sp.bitmap_size + sp.block_size;
         let entry = u32::try_from(start / SECTOR).map_err(|_| VhdError::Invalid {
             path: self.path.clone(),
