@@ -13,7 +13,7 @@
 //! (buffered): only the leaf goes through a `Storage`.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -114,6 +114,46 @@ impl BackingFile for DirectFile {
         let (b, lo) = self.bounce(offset, buf.len())?;
         let at = (offset - lo) as usize;
         buf.copy_from_slice(&b.as_slice()[at..at + buf.len()]);
+        Ok(())
+    }
+
+    /// One `preadv`, as the host file does: buffers that O_DIRECT cannot take
+    /// (the engine's small bitmap buffer) are read through aligned stand-ins
+    /// and copied out; the data buffer the caller aligned is read in place.
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        let sectors = bufs
+            .iter()
+            .all(|b| (b.len() as u64).is_multiple_of(IO_ALIGN));
+        if !sectors || !offset.is_multiple_of(IO_ALIGN) {
+            let (b, lo) = self.bounce(offset, bufs.iter().map(|b| b.len()).sum())?;
+            let mut at = (offset - lo) as usize;
+            for buf in bufs.iter_mut() {
+                let n = buf.len();
+                buf.copy_from_slice(&b.as_slice()[at..at + n]);
+                at += n;
+            }
+            return Ok(());
+        }
+        let mut stand_ins: Vec<Option<AlignedBuf>> = bufs
+            .iter()
+            .map(|b| (!aligned(b, 0)).then(|| AlignedBuf::new(b.len())))
+            .collect();
+        {
+            let mut parts: Vec<IoSliceMut<'_>> = bufs
+                .iter_mut()
+                .zip(stand_ins.iter_mut())
+                .map(|(b, s)| match s {
+                    Some(s) => IoSliceMut::new(s.as_mut_slice()),
+                    None => IoSliceMut::new(b),
+                })
+                .collect();
+            vhd::backing::preadv_exact(&self.file, &mut parts, offset)?;
+        }
+        for (b, s) in bufs.iter_mut().zip(&stand_ins) {
+            if let Some(s) = s {
+                b.copy_from_slice(s.as_slice());
+            }
+        }
         Ok(())
     }
 

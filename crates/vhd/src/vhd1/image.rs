@@ -2,6 +2,7 @@
 //! [`super`] for the write ordering that keeps the file consistent across crashes.
 
 use std::collections::{BTreeSet, HashMap};
+use std::io::IoSliceMut;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -32,7 +33,14 @@ pub(super) enum Bitmap {
 
 impl Bitmap {
     fn from_bytes(bytes: Vec<u8>, sectors: u64) -> Self {
-        if (0..sectors).all(|s| bat::bit(&bytes, s)) {
+        // Whole bytes first (a sequential reader loads one bitmap per block;
+        // bit by bit this was 1 % of a warm read's time), then the odd bits.
+        let whole = (sectors / 8) as usize;
+        let full = bytes
+            .get(..whole)
+            .is_some_and(|b| b.iter().all(|&x| x == 0xff))
+            && (whole as u64 * 8..sectors).all(|s| bat::bit(&bytes, s));
+        if full {
             Bitmap::Full
         } else {
             Bitmap::Sectors(Arc::new(bytes))
@@ -519,8 +527,11 @@ impl VhdImage {
     /// bitmap and the data after it are read in one request (the bitmap sits
     /// right before the block's data), so a sequential reader pays no separate
     /// bitmap read per block (with O_DIRECT, one synchronous device read per
-    /// block less). Returns whether `buf` was filled: `false` when the block is
-    /// not allocated, its bitmap is cached, or not every sector read is present.
+    /// block less). The request is vectored: the bitmap lands in its own small
+    /// buffer and the data straight in `buf`, with no block-sized buffer to
+    /// allocate, clear and copy out of. Returns whether `buf` was filled:
+    /// `false` when the block is not allocated, its bitmap is cached, or not
+    /// every sector read is present (then `buf` holds bytes to be overwritten).
     fn read_block_start(&self, sp: &Sparse, buf: &mut [u8], block: u32) -> Result<bool> {
         let entry = {
             let meta = sp.meta.read().map_err(|_| self.lock_err())?;
@@ -530,24 +541,20 @@ impl VhdImage {
             }
             entry
         };
-        let bitmap_len = sp.bitmap_size as usize;
-        let mut both = vec![0u8; bitmap_len + buf.len()];
-        read_exact(
-            self.file(),
-            &self.path,
-            &mut both,
-            u64::from(entry) * SECTOR,
-        )?;
+        let mut bitmap = vec![0u8; sp.bitmap_size as usize];
+        let at = u64::from(entry) * SECTOR;
+        self.file()
+            .read_vectored_at(
+                &mut [IoSliceMut::new(&mut bitmap), IoSliceMut::new(buf)],
+                at,
+            )
+            .map_err(io_error(&self.path))?;
         // Judged by the bitmap read with the data: what the file said then.
-        let loaded = Bitmap::from_bytes(both[..bitmap_len].to_vec(), sp.block_size / SECTOR);
+        let loaded = Bitmap::from_bytes(bitmap, sp.block_size / SECTOR);
         let sectors = (buf.len() as u64).div_ceil(SECTOR);
         let usable = loaded.all_present(0, sectors);
         self.cache_bitmap(sp, block, loaded)?;
-        if !usable {
-            return Ok(false);
-        }
-        buf.copy_from_slice(&both[bitmap_len..]);
-        Ok(true)
+        Ok(usable)
     }
 
     /// Reads from the parent, or zeros where there is none or it is smaller.
