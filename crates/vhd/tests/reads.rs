@@ -2,8 +2,9 @@
 //! written: requests spanning adjacent allocated blocks, an unallocated block,
 //! a differencing block whose sector bitmap is partly present, and the disk's
 //! end; the first read of a block after opening (its bitmap read with its
-//! data).
+//! data); and the layout that lets the kernel read a VHD like a raw file.
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use vhd::vhd1::create::{create, CreateOptions, NewDisk};
@@ -196,4 +197,46 @@ fn a_block_read_first_after_writes_in_the_same_session_returns_the_new_bytes() {
         buf == model[..buf.len()],
         "the first 64 KiB differ from what was written"
     );
+}
+
+/// First offset at or after `from` where `path` has a hole.
+fn next_hole(path: &Path, from: u64) -> u64 {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: lseek only reads the descriptor, which `f` keeps open, and integers.
+    let at = unsafe { libc::lseek(f.as_raw_fd(), from as libc::off_t, libc::SEEK_HOLE) };
+    assert!(
+        at >= 0,
+        "SEEK_HOLE failed: {}",
+        std::io::Error::last_os_error()
+    );
+    at as u64
+}
+
+#[test]
+fn a_vhd_written_front_to_back_has_no_holes_between_its_blocks() {
+    // Holes between blocks make every block a separate extent, which the
+    // kernel's read-ahead reads in small pieces (BENCHMARKS.md, issue 23).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhd");
+    new_disk(&path, None);
+    let disk = vhd::open(&path, false).unwrap();
+    let data = pattern(BLOCK, 1);
+    for b in 0..5 {
+        disk.write_at(&data, b * BLOCK).unwrap();
+    }
+    disk.flush().unwrap();
+    drop(disk);
+    let image = vhd::vhd1::VhdImage::open_layer(&path, true).unwrap();
+    let first = u64::from(image.bat()[0]) * 512;
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(
+        next_hole(&path, first),
+        len,
+        "a hole between the first block at {first} and the end of the {len}-byte file"
+    );
+    let mut model = vec![0u8; SIZE as usize];
+    for b in 0..5 {
+        model[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize].copy_from_slice(&data);
+    }
+    assert_spans_read_as_model(&path, &model);
 }

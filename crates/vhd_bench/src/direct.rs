@@ -13,7 +13,7 @@
 //! (buffered): only the leaf goes through a `Storage`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -173,6 +173,23 @@ impl BackingFile for DirectFile {
         let at = (offset - lo) as usize;
         b.as_mut_slice()[at..at + buf.len()].copy_from_slice(buf);
         self.file.write_all_at(b.as_slice(), lo)
+    }
+
+    /// One write, as the host file's `pwritev` is: the pieces (the engine's
+    /// zeros before a new block's bitmap, and the bitmap) are joined in an
+    /// aligned buffer, rather than each becoming a synchronous device write.
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+        if let [one] = bufs {
+            return self.write_at(one, offset);
+        }
+        let total = bufs.iter().map(|b| b.len()).sum();
+        let mut joined = AlignedBuf::new(total);
+        let mut at = 0;
+        for b in bufs {
+            joined.as_mut_slice()[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        }
+        self.write_at(joined.as_slice(), offset)
     }
 
     fn flush(&self) -> io::Result<()> {
