@@ -959,6 +959,34 @@ impl VhdxImage {
         })
     }
 
+    /// Where the disk's byte `off` lies in the file and how many of the `len`
+    /// bytes from it can be read there in one request: up to the end of its
+    /// block, and on through the blocks after it while each is fully present
+    /// and starts where the one before it ends in the file (a sequential
+    /// writer's blocks do). `None` when `off`'s block is not fully present.
+    fn present_run(&self, off: u64, len: u64) -> Result<Option<(u64, u64)>> {
+        let bs = self.layout.block_size;
+        let st = self.state.read().map_err(|_| self.lock_err())?;
+        let mut block = off / bs;
+        let e = self.entry(&st, block);
+        if e.state != bat::PAYLOAD_BLOCK_FULLY_PRESENT {
+            return Ok(None);
+        }
+        let at = e.offset() + off % bs;
+        let mut n = (bs - off % bs).min(len);
+        let mut next_at = e.offset() + bs;
+        while n < len {
+            block += 1;
+            let e = self.entry(&st, block);
+            if e.state != bat::PAYLOAD_BLOCK_FULLY_PRESENT || e.offset() != next_at {
+                break;
+            }
+            n = (n + bs).min(len);
+            next_at += bs;
+        }
+        Ok(Some((at, n)))
+    }
+
     fn read_in_block(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let block = offset / self.layout.block_size;
         let in_block = offset % self.layout.block_size;
@@ -1431,6 +1459,11 @@ impl Disk for VhdxImage {
         let mut pos = 0usize;
         while pos < buf.len() {
             let off = offset + pos as u64;
+            if let Some((at, n)) = self.present_run(off, (buf.len() - pos) as u64)? {
+                self.read_data(&mut buf[pos..pos + n as usize], at)?;
+                pos += n as usize;
+                continue;
+            }
             let n = ((bs - off % bs) as usize).min(buf.len() - pos);
             self.read_in_block(&mut buf[pos..pos + n], off)?;
             pos += n;
