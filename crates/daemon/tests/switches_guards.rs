@@ -20,7 +20,7 @@ const SPOOFED: &str = "52:54:00:99:99:99";
 /// Bytes each timed transfer carries.
 const TRANSFER: usize = 2 << 20;
 /// The limit the timed transfers run under, bits/s.
-const LIMIT: u64 = 4_000_000;
+const LIMIT: u64 = 1_500_000;
 
 /// Guest a: a rogue DHCP server (busybox udhcpd), a receiver of what the host's
 /// TCP 5002 sends (it says how many bytes it got), and a sender of `TRANSFER`
