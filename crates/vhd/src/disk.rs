@@ -350,3 +350,129 @@ impl DiskCell {
         Ok(old)
     }
 }
+
+/// Holds a served drive's requests back: while a [`Held`] from [`Gate::hold`]
+/// lives, a front end's request waits in [`Gate::enter`] before it touches the
+/// disk or the guest's memory. A checkpoint of a running VM holds its drives
+/// from the snapshot's instant until the guest's memory is saved (the backend's
+/// writes into guest memory are not seen by QEMU's write tracking) and its disks
+/// are on their new layers.
+///
+/// The front end calls `enter` before it takes any lock the VM's own stop path
+/// needs (a vhost-user virtqueue's), so QEMU can still stop and start the device
+/// while requests wait.
+#[derive(Debug, Default)]
+pub struct Gate {
+    state: std::sync::Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    holds: usize,
+    busy: usize,
+}
+
+impl Gate {
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits while the gate is held, then lets one request (or one batch) in
+    /// until the returned pass drops.
+    pub fn enter(&self) -> Pass<'_> {
+        let mut s = self.state();
+        while s.holds > 0 {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.busy += 1;
+        Pass(self)
+    }
+
+    /// Holds every later request back and waits for those already in to finish;
+    /// they are held until the returned guard drops.
+    pub fn hold(self: &std::sync::Arc<Self>) -> Held {
+        let mut s = self.state();
+        s.holds += 1;
+        while s.busy > 0 {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        Held(self.clone())
+    }
+
+    /// Whether requests are held now.
+    pub fn is_held(&self) -> bool {
+        self.state().holds > 0
+    }
+}
+
+/// One request let in by [`Gate::enter`].
+#[derive(Debug)]
+pub struct Pass<'a>(&'a Gate);
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.state();
+        s.busy -= 1;
+        if s.busy == 0 {
+            self.0.changed.notify_all();
+        }
+    }
+}
+
+/// Requests held back by [`Gate::hold`] until this drops.
+#[derive(Debug)]
+pub struct Held(std::sync::Arc<Gate>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut s = self.0.state();
+        s.holds -= 1;
+        if s.holds == 0 {
+            self.0.changed.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::Gate;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn a_held_gate_keeps_requests_out_until_released_and_hold_waits_for_those_in() {
+        let gate = Arc::new(Gate::default());
+        // A request in flight: hold() returns only after it finishes.
+        let pass = gate.enter();
+        let (g2, finished) = (gate.clone(), Arc::new(AtomicBool::new(false)));
+        let f2 = finished.clone();
+        let holder = std::thread::spawn(move || {
+            let held = g2.hold();
+            assert!(f2.load(Ordering::SeqCst), "hold returned with a request in");
+            held
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        finished.store(true, Ordering::SeqCst);
+        drop(pass);
+        let held = holder.join().unwrap();
+        assert!(gate.is_held());
+        // A new request waits until the hold is dropped.
+        let (g3, got_in) = (gate.clone(), Arc::new(AtomicBool::new(false)));
+        let in2 = got_in.clone();
+        let request = std::thread::spawn(move || {
+            let _pass = g3.enter();
+            in2.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !got_in.load(Ordering::SeqCst),
+            "a request got past a held gate"
+        );
+        drop(held);
+        request.join().unwrap();
+        assert!(got_in.load(Ordering::SeqCst));
+        assert!(!gate.is_held());
+    }
+}

@@ -15,7 +15,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 pub use backing::{BackingFile, HostStorage, Storage};
-pub use disk::{Allocation, BlockStatus, Disk, DiskCell, FileExtent, RawDisk, SwitchError};
+pub use disk::{
+    Allocation, BlockStatus, Disk, DiskCell, FileExtent, Gate, Held, Pass, RawDisk, SwitchError,
+};
 pub use error::{Error, Result};
 pub use progress::{NoProgress, Progress};
 

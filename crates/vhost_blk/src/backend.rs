@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use drive_counters::DriveCounters;
-use vhd::{Disk, DiskCell};
+use vhd::{Disk, DiskCell, Gate};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
@@ -92,6 +92,9 @@ pub(crate) struct BlkBackend {
     /// What the guest did with the disk; shared with the server, so the totals
     /// outlive this connection.
     counters: Arc<DriveCounters>,
+    /// Shared with the server: while it is held, no queue is processed (see
+    /// [`vhd::Gate`]).
+    gate: Arc<Gate>,
 }
 
 /// What happened to one request: its status byte and how many bytes the device
@@ -209,9 +212,15 @@ impl Buffers {
 }
 
 impl BlkBackend {
-    pub(crate) fn new(disk: Arc<DiskCell>, opts: BlkOptions, counters: Arc<DriveCounters>) -> Self {
+    pub(crate) fn new(
+        disk: Arc<DiskCell>,
+        opts: BlkOptions,
+        counters: Arc<DriveCounters>,
+        gate: Arc<Gate>,
+    ) -> Self {
         let queues = usize::from(opts.num_queues.max(1));
         Self {
+            gate,
             disk,
             opts,
             mem: Mutex::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
@@ -796,6 +805,10 @@ impl VhostUserBackend for BlkBackend {
         let vring = vrings.get(q).ok_or_else(|| {
             io::Error::other(format!("event for queue {q}, which does not exist"))
         })?;
+        // Before the virtqueue's lock: QEMU stops the device (GET_VRING_BASE
+        // takes that lock) while requests are held here, and unpopped
+        // requests stay in the ring for whoever runs the queue next.
+        let _pass = self.gate.enter();
         // Held until every popped request is complete: see the module comment.
         let mut guard = vring.get_mut();
         if self.event_idx.load(Ordering::Relaxed) {
@@ -836,6 +849,7 @@ mod tests {
             Arc::new(DiskCell::new(disk)),
             BlkOptions::default(),
             counters.clone(),
+            Arc::default(),
         );
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x20000)]).unwrap();
         (dev, mem, counters)

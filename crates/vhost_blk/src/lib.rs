@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vhd::{Disk, DiskCell};
+use vhd::{Disk, DiskCell, Gate, Held};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -58,6 +58,8 @@ pub struct Server {
     counters: Arc<DriveCounters>,
     /// The disk, shared with every connection's device.
     disk: Arc<DiskCell>,
+    /// Holds every connection's requests back (see [`Server::hold`]).
+    gate: Arc<Gate>,
 }
 
 impl Server {
@@ -72,6 +74,8 @@ impl Server {
         let stopping = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(DriveCounters::new());
         let counting = counters.clone();
+        let gate = Arc::new(Gate::default());
+        let gating = gate.clone();
         let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
         let name = format!(
             "vhost-blk-{}",
@@ -86,7 +90,7 @@ impl Server {
             .spawn(move || {
                 while !stop2.load(Ordering::Acquire) {
                     // A fresh device per connection: ring state never leaks between front ends.
-                    let backend = Arc::new(BlkBackend::new(disk.clone(), opts.clone(), counting.clone()));
+                    let backend = Arc::new(BlkBackend::new(disk.clone(), opts.clone(), counting.clone(), gating.clone()));
                     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
                     let mut daemon = VhostUserDaemon::new(name.clone(), backend, mem)
                         .map_err(|e| format!("creating the device: {e}"))?;
@@ -119,6 +123,7 @@ impl Server {
             thread: Some(thread),
             counters,
             disk: cell,
+            gate,
         })
     }
 
@@ -131,6 +136,14 @@ impl Server {
         disk: Arc<dyn Disk>,
     ) -> std::result::Result<Arc<dyn Disk>, vhd::SwitchError> {
         self.disk.replace(disk)
+    }
+
+    /// Holds the guest's requests back until the returned guard drops: requests
+    /// being processed finish first, later ones wait in their virtqueue, and the
+    /// front end can still stop and start the device meanwhile. Nothing writes
+    /// to the disk or to the guest's memory while it is held.
+    pub fn hold(&self) -> Held {
+        self.gate.hold()
     }
 
     /// The disk served now.
