@@ -65,6 +65,25 @@ pub struct Event {
     /// Event data; `Null` when QEMU sent none.
     #[serde(default)]
     pub data: Value,
+    /// When QEMU emitted it (host wall clock); absent in events that had none.
+    #[serde(default)]
+    pub timestamp: Option<Timestamp>,
+}
+
+/// A QMP event's `timestamp`: seconds and microseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Timestamp {
+    pub seconds: i64,
+    pub microseconds: i64,
+}
+
+impl Timestamp {
+    /// Microseconds since the Unix epoch.
+    pub fn micros(&self) -> i64 {
+        self.seconds
+            .saturating_mul(1_000_000)
+            .saturating_add(self.microseconds)
+    }
 }
 
 /// QEMU's version as announced in the greeting.
@@ -300,6 +319,17 @@ impl Client {
         self.execute("migrate", Some(json!({ "uri": uri })))
             .await
             .map(drop)
+    }
+
+    /// Turns the migration capability `name` (e.g. `background-snapshot`) on or
+    /// off for the next migration.
+    pub async fn set_migration_capability(&self, name: &str, on: bool) -> Result<()> {
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [{ "capability": name, "state": on }] })),
+        )
+        .await
+        .map(drop)
     }
 
     /// `query-migrate`.
@@ -551,6 +581,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(event.event, "RESUME");
+        assert_eq!(event.timestamp.map(|t| t.micros()), Some(1_000_002));
     }
 
     #[tokio::test]
