@@ -117,6 +117,21 @@ pub enum Request {
     SaveState {
         path: PathBuf,
     },
+    /// A checkpoint of the running VM that keeps the guest running while its
+    /// memory is saved: QEMU's `background-snapshot` (userfaultfd write
+    /// protection) writes the memory of one instant into `path` (temp file,
+    /// fsync, rename) while the guest runs on; the guest stops only for the
+    /// switch-over. The disks' requests are held from just before that instant
+    /// until the save is done, then each slot in `layers` gets its new
+    /// differencing child (as [`Request::NewLayers`]) and the requests go on
+    /// there, so memory and disks are of the same instant. Answered by
+    /// `snapshot`. All or nothing: on any failure the VM runs on its old chains
+    /// and no file is left. `unsupported` (nothing changed) when this host,
+    /// QEMU or VM cannot do it: the caller checkpoints another way.
+    SnapshotState {
+        path: PathBuf,
+        layers: Vec<DiskSwitch>,
+    },
     /// Give the disk in each slot a new differencing child at the given path
     /// and serve that from now on (the paused VM's checkpoint): each served
     /// chain is flushed and closed while its requests wait, the child made
@@ -159,6 +174,8 @@ pub enum FailureKind {
     Timeout,
     /// Something went wrong doing it.
     Failed,
+    /// This worker, its QEMU, the host or the VM cannot do it; nothing changed.
+    Unsupported,
 }
 
 /// The answer to a request.
@@ -179,6 +196,28 @@ pub enum Response {
     },
     /// The answer to [`Request::MergeLayer`].
     Merged(MergeOutcome),
+    /// The answer to [`Request::SnapshotState`].
+    Snapshot(SnapshotOutcome),
+}
+
+/// What a background snapshot did (times in milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotOutcome {
+    /// The guest's vCPUs stopped, from QEMU's STOP event to its RESUME event.
+    pub downtime_ms: u64,
+    /// Size of the state file written.
+    pub bytes: u64,
+    /// How long the memory was saved with the guest running (RESUME to the
+    /// migration's end).
+    pub background_ms: u64,
+    /// How long the disks' requests were held (the guest ran, its disk I/O
+    /// waited).
+    pub io_held_ms: u64,
+    /// The VM was paused for the snapshot's setup too (it has IDE disks, whose
+    /// requests QEMU drains while it stops the guest, so they can be held
+    /// only with the guest stopped): the downtime then includes the setup.
+    #[serde(default)]
+    pub paused_for_setup: bool,
 }
 
 /// What a live merge did.
@@ -275,6 +314,17 @@ impl Client {
     ) -> Result<MergeOutcome, ClientError> {
         match self.exchange(request, progress).await? {
             Response::Merged(outcome) => Ok(outcome),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Sends a [`Request::SnapshotState`] and waits for the snapshot.
+    pub async fn snapshot_state(
+        &mut self,
+        request: &Request,
+    ) -> Result<SnapshotOutcome, ClientError> {
+        match self.exchange(request, &mut |_, _| {}).await? {
+            Response::Snapshot(outcome) => Ok(outcome),
             other => Err(self.unexpected(&other)),
         }
     }

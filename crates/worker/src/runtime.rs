@@ -24,6 +24,8 @@ pub const SERIAL_SOCKET: &str = "serial.sock";
 pub const NBD_SOCKET: &str = "nbd.sock";
 pub const QEMU_LOG: &str = "qemu.log";
 const SAVE_SOCKET: &str = "save.sock";
+
+mod snapshot;
 const INCOMING_SOCKET: &str = "incoming.sock";
 
 /// Faults that keep a worker from running its VM.
@@ -109,6 +111,9 @@ struct Shared {
     /// Held by a live merge for its whole run: one at a time, and no disk
     /// switch meanwhile.
     merging: tokio::sync::Mutex<()>,
+    /// A background snapshot runs: QEMU's STOP and RESUME around its instant
+    /// are its own, not a pause of the VM.
+    snapshotting: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -437,6 +442,7 @@ async fn run_inner(
         served: tokio::sync::Mutex::new(None),
         answering: tokio::sync::RwLock::new(()),
         merging: tokio::sync::Mutex::new(()),
+        snapshotting: std::sync::atomic::AtomicBool::new(false),
     });
 
     *shared.served.lock().await = Some(served);
@@ -491,7 +497,10 @@ async fn run_inner(
                 }
                 Ok(event) if event.event == "STOP" => {
                     // A guest-caused pause (e.g. an I/O error) shows as Paused.
-                    if event_shared.state() == WorkerState::Running {
+                    let snapshot = event_shared
+                        .snapshotting
+                        .load(std::sync::atomic::Ordering::SeqCst);
+                    if event_shared.state() == WorkerState::Running && !snapshot {
                         event_shared
                             .set_state(WorkerState::Paused, Some("QEMU paused the VM".into()));
                     }
@@ -1193,6 +1202,9 @@ async fn handle(shared: &Arc<Shared>, request: Request) -> Response {
                 },
             }
         }
+        Request::SnapshotState { path, layers } => {
+            snapshot::snapshot_state(shared, &path, layers).await
+        }
         Request::NewLayers { layers } => {
             if state != WorkerState::Paused {
                 return invalid(shared, "take new disk layers", "; pause it first");
@@ -1410,6 +1422,20 @@ async fn save(shared: &Shared) -> Result<(), String> {
 /// Pauses the VM (if it runs) and writes its memory and device state into
 /// `target` (temp file, fsync, rename, folder synced); QEMU stays, paused.
 async fn save_to(shared: &Shared, target: &Path) -> Result<(), String> {
+    shared.qmp.stop().await.map_err(|e| {
+        format!(
+            "saving VM {} into {} failed: pausing it: {e}",
+            shared.name(),
+            target.display()
+        )
+    })?;
+    migrate_to_file(shared, target).await.map(drop)
+}
+
+/// Has QEMU migrate the VM into `target` (temp file, fsync, rename, folder
+/// synced) with the migration capabilities set now; returns the bytes written.
+/// On a failure no file is left.
+async fn migrate_to_file(shared: &Shared, target: &Path) -> Result<u64, String> {
     let rt = &shared.spec.runtime_dir;
     let target = target.to_path_buf();
     let tmp = target.with_extension("bin.tmp");
@@ -1420,11 +1446,6 @@ async fn save_to(shared: &Shared, target: &Path) -> Result<(), String> {
             target.display()
         )
     };
-    shared
-        .qmp
-        .stop()
-        .await
-        .map_err(|e| fail("pausing it", &e))?;
     let socket = rt.join(SAVE_SOCKET);
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).map_err(|e| fail("opening the save socket", &e))?;
@@ -1471,18 +1492,28 @@ async fn save_to(shared: &Shared, target: &Path) -> Result<(), String> {
                 .unwrap_or_else(|| format!("{:?}", info.status)),
         ));
     }
-    let written = copy
-        .await
-        .map_err(|e| fail("the copy task", &e))?
-        .map_err(|e| fail("writing the file", &e))?;
-    std::fs::rename(&tmp, &target).map_err(|e| fail("renaming the file into place", &e))?;
+    let written = match copy.await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(fail("writing the file", &e));
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(fail("the copy task", &e));
+        }
+    };
+    if let Err(e) = std::fs::rename(&tmp, &target) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(fail("renaming the file into place", &e));
+    }
     if let Some(dir) = target.parent() {
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
     }
     tracing::info!(bytes = written, file = %target.display(), "VM state saved");
-    Ok(())
+    Ok(written)
 }
 
 /// Samples the VM's counters now.
