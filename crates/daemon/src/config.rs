@@ -56,6 +56,13 @@ pub struct DaemonConfig {
     /// Most checkpoints a VM may have.
     #[arg(long, default_value_t = crate::checkpoints::DEFAULT_LIMIT)]
     pub checkpoint_limit: usize,
+    /// Checkpoints of running VMs: auto saves their memory while the guest runs
+    /// (QEMU's background snapshot; the guest stops only for the switch-over)
+    /// where the host, QEMU and the VM allow it, and otherwise pauses the guest
+    /// while its memory is saved; off always pauses it. Each job's result says
+    /// which way was used and why.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
+    pub background_checkpoints: String,
     /// Logical processors admission control counts (default: the host's).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub host_processors: Option<u32>,

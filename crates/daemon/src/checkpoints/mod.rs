@@ -522,6 +522,39 @@ pub(crate) async fn take(
                     "this viridiand runs no VMs",
                 ));
             };
+            let note = |kind: &str, value: String| {
+                ctx.add_affected(AffectedElement::new(kind, value));
+            };
+            // Memory saved while the guest runs, where it can be; the reason
+            // it cannot is told with the way taken instead.
+            let why_not = if vm.state == VmState::Paused {
+                "the VM is paused (QEMU starts the guest again when a background snapshot has begun)".to_string()
+            } else if svc.config.background_checkpoints == "off" {
+                "viridiand runs with --background-checkpoints off".to_string()
+            } else {
+                match take_background(svc, workers.as_ref(), &vm, name.clone(), limit).await {
+                    Ok((node, outcome)) => {
+                        note("checkpoint-method", METHOD_BACKGROUND.into());
+                        if outcome.paused_for_setup {
+                            note("checkpoint-method-reason", "the VM has a writable IDE disk: its requests are held only with the guest paused, so the guest was paused for the snapshot's setup too".into());
+                        }
+                        note("guest-downtime-ms", outcome.downtime_ms.to_string());
+                        note("saved-bytes", outcome.bytes.to_string());
+                        note("background-save-ms", outcome.background_ms.to_string());
+                        note("disk-io-held-ms", outcome.io_held_ms.to_string());
+                        tracing::info!(vm = %id, downtime_ms = outcome.downtime_ms,
+                            background_ms = outcome.background_ms, io_held_ms = outcome.io_held_ms,
+                            "checkpoint of a running VM taken in the background");
+                        return Ok(node);
+                    }
+                    Err(InPlace::Refused(e)) => return Err(e),
+                    Err(InPlace::NotDone(e)) => {
+                        tracing::info!(vm = %id, error = %e,
+                            "no background checkpoint; pausing the guest while its memory is saved");
+                        e.to_string()
+                    }
+                }
+            };
             // Pause, save memory and device state, switch disks, resume; QEMU
             // stays. A worker that cannot (an older one) is saved and started
             // again instead.
@@ -529,10 +562,9 @@ pub(crate) async fn take(
             match take_in_place(svc, workers.as_ref(), &vm, name.clone(), limit).await {
                 Ok(node) => {
                     let downtime = started.elapsed();
-                    ctx.add_affected(AffectedElement::new(
-                        "guest-downtime-ms",
-                        downtime.as_millis().to_string(),
-                    ));
+                    note("checkpoint-method", METHOD_PAUSE.into());
+                    note("checkpoint-method-reason", why_not);
+                    note("guest-downtime-ms", downtime.as_millis().to_string());
                     tracing::info!(vm = %id, downtime_ms = downtime.as_millis() as u64, "checkpoint of a running VM taken in place");
                     return Ok(node);
                 }
@@ -540,6 +572,11 @@ pub(crate) async fn take(
                 Err(InPlace::NotDone(e)) => {
                     tracing::warn!(vm = %id, error = %e,
                         "the worker could not take the checkpoint in place; saving the VM and starting it again instead");
+                    note("checkpoint-method", METHOD_SAVE_AND_START.into());
+                    note(
+                        "checkpoint-method-reason",
+                        format!("{why_not}; and the worker could not pause it in place: {e}"),
+                    );
                 }
             }
             let started = Instant::now();
@@ -583,6 +620,95 @@ pub(crate) async fn take(
             "take a checkpoint",
         ))),
     }
+}
+
+/// `checkpoint-method` in a checkpoint job's result: the guest ran while its
+/// memory was saved (it stopped only for the switch-over).
+pub const METHOD_BACKGROUND: &str = "background";
+/// The guest was paused while its memory was saved, QEMU staying.
+pub const METHOD_PAUSE: &str = "pause";
+/// The VM was saved, and started again from that state.
+pub const METHOD_SAVE_AND_START: &str = "save-and-start";
+
+/// A checkpoint of the running VM `vm` with its memory saved while the guest
+/// runs: the checkpoint is recorded with its layers planned and its memory to
+/// come (the intent first), then the worker saves the memory of one instant
+/// into the checkpoint's folder and puts the disks on their layers from that
+/// instant; `vm.json` follows. `NotDone` when the worker, QEMU or the host
+/// cannot: the checkpoint is taken back and the VM runs on as before.
+async fn take_background(
+    svc: &Arc<Service>,
+    workers: &dyn crate::vms::runtime::WorkerControl,
+    vm: &Target,
+    name: Option<String>,
+    limit: usize,
+) -> Result<(Uuid, worker::control::SnapshotOutcome), InPlace> {
+    let id = vm.id;
+    let (dir, settings) = (vm.dir.clone(), vm.settings.clone());
+    let planned: Arc<Mutex<Option<ops::Intent>>> = Arc::default();
+    let plan = planned.clone();
+    let created = blocking("a checkpoint operation", move || {
+        let tell = |intent: &ops::Intent| {
+            ops::write_intent(&dir, intent)?;
+            *lock(&plan) = Some(intent.clone());
+            Ok(())
+        };
+        ops::create_with(
+            &dir,
+            &settings,
+            name,
+            ops::Memory::ToCome,
+            limit,
+            Some(&tell),
+        )
+    })
+    .await;
+    let intent = lock(&planned).take();
+    let take_back = |intent: ops::Intent| async move {
+        let dir = vm.dir.clone();
+        if let Err(e) = blocking("a checkpoint operation", move || {
+            ops::undo_intent(&dir, &intent)
+        })
+        .await
+        {
+            tracing::error!(vm = %id, error = %e, "cannot take back a background checkpoint that did not happen");
+        }
+    };
+    let created = match created {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(intent) = intent {
+                take_back(intent).await;
+            }
+            return Err(InPlace::Refused(e));
+        }
+    };
+    let Some(intent) = intent else {
+        return Err(InPlace::Refused(JobError::failed(
+            "Failed",
+            "the checkpoint's layers were not planned; this is a bug in viridiand",
+        )));
+    };
+    let layers = intent
+        .layers
+        .iter()
+        .map(|l| (l.slot, l.layer.clone()))
+        .collect();
+    let memory = ops::memory_path(&vm.dir, created.node.id);
+    let outcome = match workers.snapshot_state(id, memory, layers).await {
+        Ok(o) => o,
+        Err(e) => {
+            take_back(intent).await;
+            return Err(InPlace::NotDone(e));
+        }
+    };
+    if let Err(e) = write_settings(svc, created.settings) {
+        // The tree and the worker have the new layers; the intent left in
+        // place re-points vm.json at the next start.
+        return Err(InPlace::Refused(JobError::from(e)));
+    }
+    let _ = std::fs::remove_file(ops::intent_path(&vm.dir));
+    Ok((created.node.id, outcome))
 }
 
 /// Why a checkpoint of a running VM was not taken in place.
@@ -635,7 +761,14 @@ async fn take_in_place(
             *lock(&plan) = Some(intent.clone());
             Ok(())
         };
-        ops::create_with(&dir, &settings, name, Some(&memory), limit, Some(&tell))
+        ops::create_with(
+            &dir,
+            &settings,
+            name,
+            ops::Memory::File(&memory),
+            limit,
+            Some(&tell),
+        )
     })
     .await;
     let _ = std::fs::remove_file(&state);
@@ -657,6 +790,7 @@ async fn take_in_place(
     let intent = intent.unwrap_or(ops::Intent {
         node: created.node.id,
         layers: Vec::new(),
+        memory_to_come: false,
     });
     let layers = intent
         .layers

@@ -260,7 +260,29 @@ pub fn create(
     memory_state: Option<&Path>,
     limit: usize,
 ) -> Result<Created, ApiError> {
-    create_with(vm_dir, settings, name, memory_state, limit, None)
+    let memory = match memory_state {
+        Some(p) => Memory::File(p),
+        None => Memory::None,
+    };
+    create_with(vm_dir, settings, name, memory, limit, None)
+}
+
+/// The memory and device state a new checkpoint keeps.
+#[derive(Debug, Clone, Copy)]
+pub enum Memory<'a> {
+    /// None: applied, the checkpoint's VM is Off.
+    None,
+    /// This saved-state file, linked (or copied) into the checkpoint's folder.
+    File(&'a Path),
+    /// Written into the checkpoint's folder ([`memory_path`]) after this
+    /// returns, by the VM's worker while the guest runs: a background
+    /// checkpoint. Only with planned layers (the intent records it).
+    ToCome,
+}
+
+/// Where checkpoint `node`'s memory and device state lives.
+pub fn memory_path(vm_dir: &Path, node: Uuid) -> PathBuf {
+    tree::node_dir(vm_dir, node).join(SAVED_STATE_FILE)
 }
 
 /// How a checkpoint of a running VM makes its layers: the VM's worker makes
@@ -275,6 +297,9 @@ pub type PlannedLayers<'a> = &'a dyn Fn(&Intent) -> Result<(), ApiError>;
 pub struct Intent {
     pub node: Uuid,
     pub layers: Vec<PlannedLayer>,
+    /// The worker writes the checkpoint's memory state too ([`Memory::ToCome`]).
+    #[serde(default)]
+    pub memory_to_come: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -297,10 +322,15 @@ pub fn create_with(
     vm_dir: &Path,
     settings: &VmSettings,
     name: Option<String>,
-    memory_state: Option<&Path>,
+    memory_state: Memory<'_>,
     limit: usize,
     planned: Option<PlannedLayers<'_>>,
 ) -> Result<Created, ApiError> {
+    if matches!(memory_state, Memory::ToCome) && planned.is_none() {
+        return Err(ApiError::internal(
+            "a checkpoint whose memory is still to be written needs its layers planned",
+        ));
+    }
     let mut t = load(vm_dir)?;
     let count = t.visible().count();
     if count >= limit {
@@ -335,7 +365,7 @@ pub fn create_with(
         let files = scope.spawn(|| -> Result<(), ApiError> {
             vm_config::file::save(&dir.join(SETTINGS_FILE), settings)
                 .map_err(|e| ApiError::internal(error_chain(&e)))?;
-            if let Some(state) = memory_state {
+            if let Memory::File(state) = memory_state {
                 link_or_copy(state, &dir.join(SAVED_STATE_FILE)).map_err(|e| {
                     io(
                         format!("cannot keep {} with the checkpoint", state.display()),
@@ -354,6 +384,7 @@ pub fn create_with(
             None => new_layers(&layer_dir, &disks),
             Some(tell) => {
                 let intent = Intent {
+                    memory_to_come: matches!(memory_state, Memory::ToCome),
                     node: id,
                     layers: disks
                         .iter()
@@ -396,7 +427,7 @@ pub fn create_with(
         parent: t.current_parent,
         created_ms: now_ms(),
         disks,
-        memory_state: memory_state.is_some(),
+        memory_state: !matches!(memory_state, Memory::None),
         deleted: false,
     };
     t.nodes.push(node.clone());
@@ -455,6 +486,15 @@ pub fn recover_intent(
     let t = load(vm_dir)?;
     let recorded = t.node(intent.node).is_some();
     if recorded && intent.layers.iter().all(|l| l.layer.exists()) {
+        if intent.memory_to_come && !memory_path(vm_dir, intent.node).exists() {
+            // The disks switched but the memory never arrived: the checkpoint
+            // keeps the disks of its instant and, applied, starts the VM Off.
+            let mut t = t;
+            if let Some(n) = t.nodes.iter_mut().find(|n| n.id == intent.node) {
+                n.memory_state = false;
+            }
+            save(vm_dir, &t)?;
+        }
         for l in &intent.layers {
             write_current(l.slot, &l.parent, &l.layer)?;
         }
@@ -1216,7 +1256,7 @@ mod crash_tests {
             let tree_before = load(&vm_dir).unwrap();
             let tell = |intent: &Intent| write_intent(&vm_dir, intent);
             let created =
-                create_with(&vm_dir, &s, Some("C".into()), None, 50, Some(&tell)).unwrap();
+                create_with(&vm_dir, &s, Some("C".into()), Memory::None, 50, Some(&tell)).unwrap();
             assert!(intent_path(&vm_dir).exists());
             let t = load(&vm_dir).unwrap();
             assert!(t.node(created.node.id).is_some());
@@ -1253,5 +1293,54 @@ mod crash_tests {
             // Nothing left to recover.
             assert_eq!(recover_intent(&vm_dir, &mut write_current).unwrap(), None);
         }
+    }
+
+    /// A background checkpoint (memory to come from the worker) cut by a
+    /// crash after the worker made the layers: finished, with its memory
+    /// state when the file arrived and without it when it did not.
+    #[test]
+    fn a_background_checkpoint_cut_by_a_crash_keeps_its_memory_only_if_it_arrived() {
+        for arrived in [false, true] {
+            let root = tempfile::tempdir().unwrap();
+            let (vm_dir, s) = build(root.path());
+            let tell = |intent: &Intent| write_intent(&vm_dir, intent);
+            let created = create_with(&vm_dir, &s, None, Memory::ToCome, 50, Some(&tell)).unwrap();
+            assert!(created.node.memory_state);
+            let memory = memory_path(&vm_dir, created.node.id);
+            assert!(!memory.exists(), "the worker writes it");
+            if arrived {
+                std::fs::write(&memory, b"state").unwrap();
+            }
+            for (layer, parent) in paths(&created.settings).iter().zip(paths(&s)) {
+                vhd::create_child(layer, &parent).unwrap();
+            }
+            let current = RefCell::new(s.clone());
+            let mut write_current = |slot: Slot, old: &Path, new: &Path| {
+                repoint_drive(&mut current.borrow_mut(), slot, old, new);
+                Ok(())
+            };
+            assert_eq!(
+                recover_intent(&vm_dir, &mut write_current).unwrap(),
+                Some(true)
+            );
+            let t = load(&vm_dir).unwrap();
+            let node = t.node(created.node.id).unwrap();
+            assert_eq!(node.memory_state, arrived);
+            assert_eq!(paths(&current.borrow()), paths(&created.settings));
+        }
+    }
+
+    #[test]
+    fn memory_to_come_without_planned_layers_is_refused_and_changes_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let (vm_dir, s) = build(root.path());
+        let before = load(&vm_dir).unwrap();
+        let e = create(&vm_dir, &s, None, None, 50).map(drop);
+        assert!(e.is_ok());
+        let after_one = load(&vm_dir).unwrap();
+        assert_ne!(after_one, before);
+        let r = create_with(&vm_dir, &s, None, Memory::ToCome, 50, None);
+        assert!(r.is_err());
+        assert_eq!(load(&vm_dir).unwrap(), after_one);
     }
 }

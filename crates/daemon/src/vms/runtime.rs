@@ -78,6 +78,17 @@ pub trait WorkerControl: Send + Sync + 'static {
         id: Uuid,
         layers: Vec<(vm_config::Slot, PathBuf)>,
     ) -> BoxFuture<Result<(), JobError>>;
+    /// A checkpoint of a running VM with its memory saved while it runs
+    /// (`worker::control::Request::SnapshotState`): the memory of one instant
+    /// into `path`, and the disks in the given slots on new differencing
+    /// children at the given paths from that instant. All or nothing; the
+    /// error code `Unsupported` says this host, QEMU or VM cannot do it.
+    fn snapshot_state(
+        &self,
+        id: Uuid,
+        path: PathBuf,
+        layers: Vec<(vm_config::Slot, PathBuf)>,
+    ) -> BoxFuture<Result<worker::control::SnapshotOutcome, JobError>>;
     /// Merges `layer` into its parent `into` in the chain a running VM serves
     /// in `slot`, while it runs (`worker::control::Request::MergeLayer`),
     /// reporting bytes done of total to `progress`.

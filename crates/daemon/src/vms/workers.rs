@@ -160,6 +160,7 @@ fn refused(e: ClientError) -> JobError {
                 FailureKind::InvalidState => "InvalidState",
                 FailureKind::Timeout => "Timeout",
                 FailureKind::Failed => "Failed",
+                FailureKind::Unsupported => "Unsupported",
             },
             message,
         ),
@@ -696,6 +697,29 @@ impl WorkerControl for Arc<WorkerSupervisor> {
         let this = self.clone();
         let layers = disk_switches(layers);
         Box::pin(async move { this.call(id, Request::NewLayers { layers }).await.map(drop) })
+    }
+
+    fn snapshot_state(
+        &self,
+        id: Uuid,
+        path: PathBuf,
+        layers: Vec<(vm_config::Slot, PathBuf)>,
+    ) -> BoxFuture<Result<worker::control::SnapshotOutcome, JobError>> {
+        let this = self.clone();
+        let layers = disk_switches(layers);
+        Box::pin(async move {
+            let Some(rt) = this.runtime_dir_of(id) else {
+                return Err(JobError::failed(
+                    "InvalidState",
+                    format!("VM {} has no running worker", this.name_of(id)),
+                ));
+            };
+            let mut client = Client::connect(&rt).await.map_err(refused)?;
+            client
+                .snapshot_state(&Request::SnapshotState { path, layers })
+                .await
+                .map_err(refused)
+        })
     }
 
     fn merge_layer(

@@ -18,7 +18,7 @@ pub struct Daemon {
     pub data: PathBuf,
     pub socket: PathBuf,
     pub child: Option<Child>,
-    extra: Vec<String>,
+    pub extra: Vec<String>,
     /// Extra environment for every `launch` from now on.
     pub env: Vec<(String, String)>,
     /// The daemon runs in a network namespace of the test's own, held by this
