@@ -15,50 +15,11 @@
 #[path = "bench_client/mod.rs"]
 mod bench_client;
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Instant;
 
-use bench_client::{job, loadavg, start_daemon, Conn};
+use bench_client::{affected, guest_dir, job, loadavg, median, start_daemon, wait_console, Conn};
 use serde_json::{json, Value};
-
-fn guest_dir() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = std::process::Command::new(root.join("guest/build.sh"))
-        .output()
-        .expect("guest/build.sh runs");
-    assert!(out.status.success(), "guest/build.sh failed");
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default(),
-    )
-}
-
-fn wait_console(c: &mut Conn, vm: &str, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let (_, text) = c.call("GET", &format!("/v1/vms/{vm}/console/log"), "");
-        if text.contains(needle) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no {needle:?} on the console");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn affected(job: &Value, kind: &str) -> Option<String> {
-    job["affected_elements"]
-        .as_array()?
-        .iter()
-        .find(|a| a["kind"] == kind)
-        .and_then(|a| a["id"].as_str().map(str::to_string))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() {
     let rounds: usize = std::env::args()

@@ -151,6 +151,56 @@ impl Drop for DaemonProcess {
     }
 }
 
+impl DaemonProcess {
+    /// Stops the daemon with SIGTERM (its VMs keep running) and waits for it.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+/// The cached test guest's folder (builds it when missing: `guest/build.sh`).
+pub fn guest_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(root.join("guest/build.sh"))
+        .output()
+        .expect("guest/build.sh runs");
+    assert!(out.status.success(), "guest/build.sh failed");
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default(),
+    )
+}
+
+/// Waits up to 300 s for `needle` on VM `vm`'s console.
+pub fn wait_console(c: &mut Conn, vm: &str, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (_, text) = c.call("GET", &format!("/v1/vms/{vm}/console/log"), "");
+        if text.contains(needle) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {needle:?} on the console");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The id of a job's affected element of this kind.
+pub fn affected(job: &Value, kind: &str) -> Option<String> {
+    job["affected_elements"]
+        .as_array()?
+        .iter()
+        .find(|a| a["kind"] == kind)
+        .and_then(|a| a["id"].as_str().map(str::to_string))
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Starts the `viridiand` built next to the running example on `dir/data`.
 pub fn start_daemon(dir: &Path, extra: &[&str]) -> (DaemonProcess, PathBuf) {
     let exe = std::env::current_exe().unwrap();
