@@ -13,6 +13,19 @@ use std::time::{Duration, Instant};
 /// takes about a second.
 const BLOCK_TIME_LIMIT: Duration = Duration::from_secs(120);
 
+/// `expect_exit CODE COMMAND...`: what the docs write for a command meant to fail
+/// (`docs/README.md`); the block fails unless COMMAND exits with CODE.
+const EXPECT_EXIT: &str = r#"expect_exit() {
+    local want=$1 got=0
+    shift
+    "$@" || got=$?
+    if [ "$got" -ne "$want" ]; then
+        echo "expected exit code $want from: $*; it exited with $got" >&2
+        return 1
+    fi
+}
+"#;
+
 /// `viridiand` next to `viridian`; built on demand when only this crate was built.
 fn viridiand() -> PathBuf {
     let cli = Path::new(env!("CARGO_BIN_EXE_viridian"));
@@ -157,7 +170,8 @@ impl Daemon {
     /// page's working folder; returns whether it succeeded and what it printed.
     fn run(&self, block: &Block) -> (bool, String) {
         let script = self.dir.path().join("block.sh");
-        let mut text = String::from("exec 2>&1\nset -euxo pipefail\n");
+        let mut text = String::from(EXPECT_EXIT);
+        text.push_str("exec 2>&1\nset -euxo pipefail\n");
         text.push_str(&block.code);
         std::fs::write(&script, text).unwrap();
         let bin = Path::new(env!("CARGO_BIN_EXE_viridian")).parent().unwrap();
@@ -234,6 +248,25 @@ fn fences_are_found_with_their_lines_and_markers() {
     assert_eq!(found[1].code, "```\n", "a longer fence holds a shorter one");
     assert!(!found[1].runnable());
     assert_eq!((found[2].line, found[2].code.as_str()), (10, "open\n"));
+}
+
+#[test]
+fn expect_exit_passes_only_the_exit_code_it_names() {
+    let daemon = Daemon::start();
+    let block = |code: &str| Block {
+        line: 1,
+        info: "sh runnable".into(),
+        code: code.into(),
+    };
+    let (ok, out) = daemon.run(&block("expect_exit 4 viridian vm show nosuch\n"));
+    assert!(ok, "{out}");
+    let (ok, out) = daemon.run(&block("expect_exit 4 viridian vm list\n"));
+    assert!(!ok && out.contains("it exited with 0"), "{out}");
+    let (ok, out) = daemon.run(&block(
+        "expect_exit 5 viridian vm show nosuch\necho after\n",
+    ));
+    assert!(!ok && out.contains("it exited with 4"), "{out}");
+    assert!(!out.contains("\nafter\n"), "the block went on: {out}");
 }
 
 #[test]
