@@ -3,6 +3,7 @@
 //! `viridiand` started for its page. A block that fails fails the test with its
 //! file, line and output.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -238,6 +239,103 @@ impl Drop for Daemon {
     }
 }
 
+/// `PROGRAM WORDS... --help`, remembered: the commands and flags that exist.
+struct Helps {
+    programs: HashMap<&'static str, PathBuf>,
+    seen: HashMap<(String, Vec<String>), String>,
+}
+
+impl Helps {
+    fn new() -> Helps {
+        let mut programs = HashMap::new();
+        programs.insert("viridian", PathBuf::from(env!("CARGO_BIN_EXE_viridian")));
+        programs.insert("viridiand", viridiand());
+        Helps {
+            programs,
+            seen: HashMap::new(),
+        }
+    }
+
+    fn help(&mut self, program: &str, path: &[String]) -> String {
+        let key = (program.to_string(), path.to_vec());
+        if let Some(h) = self.seen.get(&key) {
+            return h.clone();
+        }
+        let out = Command::new(&self.programs[program])
+            .args(path)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let h = String::from_utf8_lossy(&out.stdout).into_owned();
+        self.seen.insert(key, h.clone());
+        h
+    }
+
+    /// What is wrong with one command line of the docs: a flag its command does
+    /// not have (global flags count for every command).
+    fn check(&mut self, line: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        let code = match line.find(" #") {
+            Some(i) => &line[..i],
+            None => line,
+        };
+        for segment in code.split(['|', ';', '&', '(', '`']) {
+            let words: Vec<&str> = segment.split_whitespace().collect();
+            let Some(&program) = words.first() else {
+                continue;
+            };
+            if !self.programs.contains_key(program) {
+                continue;
+            }
+            let mut path: Vec<String> = Vec::new();
+            for w in &words[1..] {
+                if w.starts_with('-') {
+                    continue;
+                }
+                let help = self.help(program, &path);
+                if commands_in_help(&help).iter().any(|c| c == w) {
+                    path.push(w.to_string());
+                } else {
+                    break;
+                }
+            }
+            let own = self.help(program, &path);
+            let global = self.help(program, &[]);
+            for w in &words[1..] {
+                let Some(flag) = w.trim_start_matches('[').strip_prefix("--") else {
+                    continue;
+                };
+                let name: String = flag
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                    .collect();
+                let needle = format!("--{name}");
+                if !name.is_empty() && !own.contains(&needle) && !global.contains(&needle) {
+                    let mut shown = vec![program.to_string()];
+                    shown.extend(path.iter().cloned());
+                    problems.push(format!(
+                        "`{}` has no {needle} (see `{} --help`)",
+                        shown.join(" "),
+                        shown.join(" ")
+                    ));
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// The command names under "Commands:" in clap's help text.
+fn commands_in_help(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn fences_are_found_with_their_lines_and_markers() {
     let md = "# t\n\n```sh runnable\nviridian host\n```\n\n````sh\n```\n````\n```sh\nopen";
@@ -267,6 +365,49 @@ fn expect_exit_passes_only_the_exit_code_it_names() {
     ));
     assert!(!ok && out.contains("it exited with 4"), "{out}");
     assert!(!out.contains("\nafter\n"), "the block went on: {out}");
+}
+
+#[test]
+fn every_command_in_docs_names_flags_that_exist() {
+    let mut helps = Helps::new();
+    assert!(helps
+        .check("viridian vm create a --cpus 1 --memory 1G")
+        .is_empty());
+    assert!(helps
+        .check("viridian --json vm list   # --nothing in a comment")
+        .is_empty());
+    assert_eq!(
+        helps.check("viridian vm create a --cpus 1 --no-such-flag"),
+        ["`viridian vm create` has no --no-such-flag (see `viridian vm create --help`)"]
+    );
+    assert_eq!(helps.check("viridiand [--no-such-flag N]").len(), 1);
+
+    let mut problems = Vec::new();
+    let mut pages: Vec<PathBuf> = std::fs::read_dir(docs_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    pages.push(docs_dir().join("../README.md"));
+    for page in &pages {
+        let markdown = std::fs::read_to_string(page).unwrap();
+        let name = page.file_name().unwrap().to_string_lossy().into_owned();
+        for b in blocks(&markdown) {
+            if b.info.split_whitespace().next() != Some("sh") {
+                continue;
+            }
+            for (i, line) in b.code.lines().enumerate() {
+                for p in helps.check(line.trim()) {
+                    problems.push(format!("{name}:{}: {p}", b.line + 1 + i));
+                }
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "commands in the docs use flags that do not exist:\n{}",
+        problems.join("\n")
+    );
 }
 
 #[test]
