@@ -411,6 +411,40 @@ fn every_command_in_docs_names_flags_that_exist() {
 }
 
 #[test]
+fn jobs_and_api_lists_every_route_the_service_serves() {
+    let page = std::fs::read_to_string(docs_dir().join("jobs-and-api.md")).unwrap();
+    let rows: Vec<(String, String)> = page
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let path = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+            Some((cells[1].to_string(), path.to_string()))
+        })
+        .collect();
+    let routes = api::openapi::routes();
+    let mut missing = Vec::new();
+    for r in &routes {
+        let row = (r.method.to_uppercase(), r.path.to_string());
+        if !rows.contains(&row) {
+            missing.push(format!("| {} | `{}` | {} |", row.0, row.1, r.summary));
+        }
+    }
+    let stale: Vec<&(String, String)> = rows
+        .iter()
+        .filter(|(m, p)| {
+            !routes
+                .iter()
+                .any(|r| r.method.eq_ignore_ascii_case(m) && r.path == p)
+        })
+        .collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "docs/jobs-and-api.md's table of paths differs from api::openapi::routes():\nmissing rows:\n{}\nrows the service does not serve: {stale:?}",
+        missing.join("\n")
+    );
+}
+
+#[test]
 fn every_runnable_example_in_docs_runs() {
     let mut pages: Vec<PathBuf> = std::fs::read_dir(docs_dir())
         .unwrap()
