@@ -27,23 +27,26 @@ const EXPECT_EXIT: &str = r#"expect_exit() {
 }
 "#;
 
-/// `viridiand` next to `viridian`; built on demand when only this crate was built.
+/// `viridiand`, and the `viridian-worker` it runs VMs with, next to `viridian`;
+/// built on demand when only this crate was built.
 fn viridiand() -> PathBuf {
     let cli = Path::new(env!("CARGO_BIN_EXE_viridian"));
-    let daemon = cli.with_file_name("viridiand");
-    if !daemon.exists() {
+    for (package, bin) in [("worker", "viridian-worker"), ("daemon", "viridiand")] {
+        if cli.with_file_name(bin).exists() {
+            continue;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "daemon", "--bin", "viridiand"]);
+        cmd.args(["build", "-p", package, "--bin", bin]);
         if cli.to_string_lossy().contains("/release/") {
             cmd.arg("--release");
         }
         assert!(
             cmd.status().unwrap().success(),
-            "cannot build viridiand for the docs test"
+            "cannot build {bin} for the docs test"
         );
     }
-    daemon
+    cli.with_file_name("viridiand")
 }
 
 fn docs_dir() -> PathBuf {
@@ -225,6 +228,26 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Workers outlive the service by design: turn off what a page left running
+        // (a block that failed half way), so no QEMU outlives the test.
+        let cli = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_viridian"))
+                .env("VIRIDIAN_SOCKET", &self.socket)
+                .args(args)
+                .stderr(Stdio::null())
+                .output()
+        };
+        if let Ok(out) = cli(&["--json", "vm", "list"]) {
+            let list: api::vms::VmList = match serde_json::from_slice(&out.stdout) {
+                Ok(list) => list,
+                Err(_) => api::vms::VmList { vms: Vec::new() },
+            };
+            for vm in list.vms {
+                if vm.state != api::vms::VmState::Off {
+                    let _ = cli(&["vm", "stop", &vm.id.to_string()]);
+                }
+            }
+        }
         // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(15);
