@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The longest one block may take; the runnable examples use no guest, so each
-/// takes about a second.
+/// The longest one block may take; the runnable examples boot no guest OS, so
+/// most take about a second (running-vms.md's whole lifecycle about 5 s).
 const BLOCK_TIME_LIMIT: Duration = Duration::from_secs(120);
 
 /// `expect_exit CODE COMMAND...`: what the docs write for a command meant to fail
