@@ -135,7 +135,11 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Man { out } => {
-            return match man_pages::write_pages(Cli::command(), "1", &out) {
+            let exit_status = man_pages::Section {
+                title: "EXIT STATUS",
+                items: failure::EXIT_STATUS,
+            };
+            return match man_pages::write_pages_with(Cli::command(), "1", &[exit_status], &out) {
                 Ok(written) => {
                     for path in written {
                         println!("{}", path.display());

@@ -76,6 +76,19 @@ fn man_writes_a_page_per_command_group_each_naming_its_commands() {
 
     let main = render(&out.join("viridian.1"));
     assert!(listed.contains("viridian.1"), "{listed}");
+    let exit_status = main
+        .split("EXIT STATUS")
+        .nth(1)
+        .unwrap_or_else(|| panic!("viridian(1) has no EXIT STATUS:\n{main}"));
+    for code in 0..=15 {
+        assert!(
+            exit_status
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{code} "))
+                    || l.trim() == code.to_string()),
+            "EXIT STATUS lacks {code}:\n{exit_status}"
+        );
+    }
     for group in &groups {
         assert!(
             main.contains(&format!("viridian-{group}(1)")),

@@ -36,15 +36,34 @@ pub enum Error {
     },
 }
 
+/// A section of the program's own page beyond what clap knows (EXIT STATUS,
+/// FILES): a list of tagged paragraphs.
+#[derive(Debug, Clone, Copy)]
+pub struct Section<'a> {
+    pub title: &'a str,
+    /// (tag, text): `("4", "NotFound.")`.
+    pub items: &'a [(&'a str, &'a str)],
+}
+
 /// The program's page, and one page for each visible subcommand of it, all in
 /// `section` (`"1"` for user commands, `"8"` for services).
 pub fn pages(cmd: Command, section: &str) -> Vec<Page> {
+    pages_with(cmd, section, &[])
+}
+
+/// [`pages`], with `extra` sections on the program's own page, after its options
+/// and subcommands.
+pub fn pages_with(cmd: Command, section: &str, extra: &[Section]) -> Vec<Page> {
     // clap's own `help` subcommand would get a page of its own; `--help` stays.
     let mut cmd = cmd.disable_help_subcommand(true);
     // Gives every subcommand its display name (`viridian-vm`) and bin name
     // (`viridian vm`), and copies global arguments down to them.
     cmd.build();
-    let mut pages = vec![page(Man::new(cmd.clone()).section(section))];
+    let mut pages = vec![main_page(
+        Man::new(cmd.clone()).section(section),
+        &cmd,
+        extra,
+    )];
     for group in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
         pages.push(group_page(group, section));
     }
@@ -72,12 +91,22 @@ fn escape_non_ascii(roff: &[u8]) -> Vec<u8> {
 
 /// Writes [`pages`] into `dir` (made if missing); returns the files written.
 pub fn write_pages(cmd: Command, section: &str, dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    write_pages_with(cmd, section, &[], dir)
+}
+
+/// Writes [`pages_with`] into `dir` (made if missing); returns the files written.
+pub fn write_pages_with(
+    cmd: Command,
+    section: &str,
+    extra: &[Section],
+    dir: &Path,
+) -> Result<Vec<PathBuf>, Error> {
     std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
         path: dir.to_path_buf(),
         source,
     })?;
     let mut written = Vec::new();
-    for p in pages(cmd, section) {
+    for p in pages_with(cmd, section, extra) {
         let path = dir.join(&p.file_name);
         std::fs::write(&path, &p.roff).map_err(|source| Error::Write {
             path: path.clone(),
@@ -88,13 +117,42 @@ pub fn write_pages(cmd: Command, section: &str, dir: &Path) -> Result<Vec<PathBu
     Ok(written)
 }
 
-fn page(man: Man) -> Page {
-    let mut roff = Vec::new();
+/// The program's page as `clap_mangen` writes it, with `extra` before VERSION.
+fn main_page(man: Man, cmd: &Command, extra: &[Section]) -> Page {
+    let mut out = Vec::new();
     // Rendering into a Vec cannot fail.
-    let _ = man.render(&mut roff);
+    let _ = man.render_title(&mut out);
+    let _ = man.render_name_section(&mut out);
+    let _ = man.render_synopsis_section(&mut out);
+    let _ = man.render_description_section(&mut out);
+    if cmd.get_arguments().any(|a| !a.is_hide_set()) {
+        let _ = man.render_options_section(&mut out);
+    }
+    if cmd.get_subcommands().any(|c| !c.is_hide_set()) {
+        let _ = man.render_subcommands_section(&mut out);
+    }
+    if cmd.get_after_long_help().is_some() || cmd.get_after_help().is_some() {
+        let _ = man.render_extra_section(&mut out);
+    }
+    for s in extra {
+        let mut roff = Roff::new();
+        roff.control("SH", [s.title]);
+        for (tag, text) in s.items {
+            roff.control("TP", []);
+            roff.text([bold(*tag)]);
+            roff.text([roman(*text)]);
+        }
+        let _ = roff.to_writer(&mut out);
+    }
+    if cmd.get_version().is_some() {
+        let _ = man.render_version_section(&mut out);
+    }
+    if cmd.get_author().is_some() {
+        let _ = man.render_authors_section(&mut out);
+    }
     Page {
         file_name: man.get_filename(),
-        roff,
+        roff: out,
     }
 }
 
@@ -236,6 +294,21 @@ mod tests {
                     ),
             )
             .subcommand(Command::new("secret").hide(true))
+    }
+
+    #[test]
+    fn extra_sections_go_on_the_programs_own_page_only() {
+        let exit = Section {
+            title: "EXIT STATUS",
+            items: &[("0", "Success."), ("4", "NotFound.")],
+        };
+        let pages = pages_with(tool(), "1", &[exit]);
+        let main = String::from_utf8(pages[0].roff.clone()).unwrap();
+        let at = main.find(".SH \"EXIT STATUS\"").expect("the section");
+        assert!(at < main.find(".SH VERSION").unwrap(), "{main}");
+        assert!(main.contains(".TP\n\\fB4\\fR\nNotFound."), "{main}");
+        let vm = String::from_utf8(pages[1].roff.clone()).unwrap();
+        assert!(!vm.contains("EXIT STATUS"), "{vm}");
     }
 
     #[test]
