@@ -9,6 +9,7 @@ APT_PACKAGES=(
     iproute2 util-linux nftables dnsmasq-base
     syslinux syslinux-common mtools dosfstools
     build-essential pkg-config curl ca-certificates
+    groff-base man-db
 )
 
 missing=()

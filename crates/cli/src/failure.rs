@@ -10,6 +10,27 @@
 
 use api::{ErrorBody, ErrorCode};
 
+/// The exit codes as the manual page lists them (EXIT STATUS), in the order of
+/// [`Failure::exit_code`].
+pub const EXIT_STATUS: &[(&str, &str)] = &[
+    ("0", "Success."),
+    ("1", "Any other error (MethodNotAllowed, RequestTimeout, Internal, a broken answer)."),
+    ("2", "A bad command line (also --host without --token or --ca-cert)."),
+    ("3", "viridiand cannot be reached. (viridian vhd check: problems remain.)"),
+    ("4", "NotFound."),
+    ("5", "An invalid request: InvalidParameter, MalformedRequest, PayloadTooLarge, ImportIncompatible."),
+    ("6", "InvalidState, Damaged or JobExpired."),
+    ("7", "AlreadyExists."),
+    ("8", "InUse."),
+    ("9", "Unauthorized."),
+    ("10", "The job failed (Exception or Killed)."),
+    ("11", "The job was cancelled (Terminated)."),
+    ("12", "job wait --timeout ran out while the job still runs."),
+    ("13", "InsufficientResources."),
+    ("14", "TooManyRequests: a cap on running jobs or event listeners; retry later."),
+    ("15", "Forbidden: a path outside the host's storage roots."),
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
     #[error("cannot reach viridiand at {endpoint}: {reason}")]

@@ -75,6 +75,13 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write the manual pages, viridian(1) and viridian-GROUP(1), into a folder.
+    #[command(hide = true)]
+    Man {
+        /// The folder to write them to (made if missing).
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -126,6 +133,27 @@ fn main() -> ExitCode {
                 &mut std::io::stdout(),
             );
             Ok(())
+        }
+        Command::Man { out } => {
+            let exit_status = man_pages::Section {
+                title: "EXIT STATUS",
+                items: failure::EXIT_STATUS,
+            };
+            return match man_pages::write_pages_with(Cli::command(), "1", &[exit_status], &out) {
+                Ok(written) => {
+                    for path in written {
+                        println!("{}", path.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    if let Some(cause) = std::error::Error::source(&err) {
+                        eprintln!("  caused by: {cause}");
+                    }
+                    ExitCode::from(1)
+                }
+            };
         }
     };
     match result {
