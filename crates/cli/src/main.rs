@@ -85,6 +85,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `viridian host | head` ends quietly, as other command-line tools do, instead
+    // of panicking on the closed pipe: the default SIGPIPE action ends the process.
+    // SAFETY: signal(2) with SIG_DFL, before any thread starts; no handler is
+    // installed, so nothing runs in signal context.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let conn = cli.connection;
     let result = match cli.command {

@@ -564,3 +564,27 @@ fn vhd_resize_replaces_the_disk_with_a_resized_copy_unless_in_place() {
         assert_eq!(std::fs::metadata(&disk).unwrap().ino(), inode);
     }
 }
+
+/// Output into a pipe whose reader has gone (`viridian ... | head`) ends the CLI
+/// by SIGPIPE, as other tools end, not by a panic.
+#[test]
+fn a_closed_output_pipe_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    // The reader is gone before the CLI writes its first byte.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["completions", "bash"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {stderr}",
+        out.status
+    );
+}
