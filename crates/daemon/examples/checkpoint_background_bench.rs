@@ -115,6 +115,8 @@ struct Figures {
     job_ms: Vec<f64>,
     state_mib: Vec<f64>,
     rate_percent: Vec<f64>,
+    background_ms: Vec<f64>,
+    io_held_ms: Vec<f64>,
     methods: Vec<String>,
 }
 
@@ -131,9 +133,20 @@ fn show(label: &str, f: &Figures) {
     } else {
         format!("{:.0} MiB", median(f.state_mib.clone()))
     };
+    let held = if f.io_held_ms.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", saved in the background {:.0} ms ({}), disk I/O held {:.0} ms ({})",
+            median(f.background_ms.clone()),
+            range(&f.background_ms),
+            median(f.io_held_ms.clone()),
+            range(&f.io_held_ms)
+        )
+    };
     println!(
         "{label}: downtime median {:.0} ms ({}), job {:.0} ms ({}), state {state}, \
-         guest counting rate during the job {:.0} % of before ({}), method {:?}",
+         guest counting rate during the job {:.0} % of before ({}){held}, method {:?}",
         median(f.downtime_ms.clone()),
         range(&f.downtime_ms),
         median(f.job_ms.clone()),
@@ -223,6 +236,14 @@ fn main() {
                     affected(&done, "saved-bytes").and_then(|v| v.parse::<f64>().ok())
                 {
                     f.state_mib.push(bytes / f64::from(1 << 20));
+                }
+                for (kind, into) in [
+                    ("background-save-ms", &mut f.background_ms),
+                    ("disk-io-held-ms", &mut f.io_held_ms),
+                ] {
+                    if let Some(v) = affected(&done, kind).and_then(|v| v.parse().ok()) {
+                        into.push(v);
+                    }
                 }
                 f.rate_percent.push(if before > 0.0 {
                     during / before * 100.0

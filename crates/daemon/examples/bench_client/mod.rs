@@ -201,7 +201,8 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Starts the `viridiand` built next to the running example on `dir/data`.
+/// Starts the `viridiand` built next to the running example on `dir/data`, with
+/// `dir` a storage root.
 pub fn start_daemon(dir: &Path, extra: &[&str]) -> (DaemonProcess, PathBuf) {
     let exe = std::env::current_exe().unwrap();
     let daemon = exe.parent().unwrap().parent().unwrap().join("viridiand");
@@ -211,6 +212,9 @@ pub fn start_daemon(dir: &Path, extra: &[&str]) -> (DaemonProcess, PathBuf) {
         .arg(dir.join("data"))
         .arg("--socket")
         .arg(&socket)
+        // The benchmark's own disks live beside the data dir.
+        .arg("--storage-root")
+        .arg(dir)
         .args(extra)
         .env("VIRIDIAN_LOG", "warn")
         .stderr(Stdio::inherit())
