@@ -204,6 +204,9 @@ fn vm_exported_while_running_imports_by_copy_and_by_register_with_its_checkpoint
             .expect("the job names the export folder"),
     );
     assert_eq!(folder, out.join(name));
+    // Its state was saved while it ran, as a checkpoint's is (its IDE boot disk
+    // kept it paused for the snapshot's setup only).
+    assert_eq!(affected(&job, "checkpoint-method"), ["background"], "{job}");
     assert_eq!(vm(&d, name)["runtime"]["state"], "Running");
     let seen = counts(&console(&d, name)).len();
     wait_counts(&d, name, seen, 2);
