@@ -18,10 +18,9 @@
 //!
 //! IDE disks go through QEMU's block layer to our NBD server, and QEMU drains
 //! their requests while it stops the guest: holding them before the instant
-//! would stall that stop. A VM with a writable IDE disk is therefore paused by
-//! the worker first (its requests drain), its IDE requests are held too, and
-//! QEMU's setup (write-protecting memory, which takes longer the more memory
-//! the guest has) runs inside the downtime. The outcome says so.
+//! would stall that stop, and pausing the guest first and holding them then
+//! hung a guest writing to its IDE disk all the time. A VM with a writable IDE
+//! disk is therefore answered `unsupported`, and the daemon pauses it instead.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -110,6 +109,12 @@ async fn snapshot(
     let Some(served) = served.as_mut() else {
         return Err(unsupported(format!("VM {name} serves no disks now")));
     };
+    if let Some(slot) = served.writable_ide() {
+        return Err(unsupported(format!(
+            "VM {name} has a writable IDE disk ({slot}): QEMU drains IDE requests while it \
+             stops the guest, so they cannot be held at the snapshot's instant"
+        )));
+    }
     shared
         .qmp
         .set_migration_capability(CAPABILITY, true)
@@ -120,14 +125,6 @@ async fn snapshot(
             ))
         })?;
     let mut events = shared.qmp.events();
-    let ide = served.writable_ide();
-    if ide.is_some() {
-        shared
-            .qmp
-            .stop()
-            .await
-            .map_err(|e| failed(format!("cannot pause VM {name}: {e}")))?;
-    }
     let resume_if_stopped = || async {
         if let Ok(status) = shared.qmp.query_status().await {
             if !status.running {
@@ -138,7 +135,7 @@ async fn snapshot(
         }
     };
     let held_at = Instant::now();
-    let held = tokio::task::block_in_place(|| served.hold(ide.is_some()));
+    let held = tokio::task::block_in_place(|| served.hold(false));
     let migrated = migrate_to_file(shared, path).await;
     let seen = stop_and_resume(&mut events);
     let bytes = match migrated {
@@ -172,7 +169,7 @@ async fn snapshot(
             bytes,
             background_ms: 0,
             io_held_ms: ms(io_held),
-            paused_for_setup: ide.is_some(),
+            paused_for_setup: false,
         });
     };
     let downtime = Duration::from_micros(resume_us.saturating_sub(stop_us).max(0) as u64);
@@ -184,7 +181,7 @@ async fn snapshot(
         bytes,
         background_ms: ms(background),
         io_held_ms: ms(io_held),
-        paused_for_setup: ide.is_some(),
+        paused_for_setup: false,
     })
 }
 
