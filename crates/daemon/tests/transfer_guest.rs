@@ -204,9 +204,15 @@ fn vm_exported_while_running_imports_by_copy_and_by_register_with_its_checkpoint
             .expect("the job names the export folder"),
     );
     assert_eq!(folder, out.join(name));
-    // Its state was saved while it ran, as a checkpoint's is (its IDE boot disk
-    // kept it paused for the snapshot's setup only).
-    assert_eq!(affected(&job, "checkpoint-method"), ["background"], "{job}");
+    // Its state was saved as a checkpoint's is: with an IDE boot disk, paused,
+    // and the job says why.
+    assert_eq!(affected(&job, "checkpoint-method"), ["pause"], "{job}");
+    assert!(
+        affected(&job, "checkpoint-method-reason")
+            .first()
+            .is_some_and(|r| r.contains("IDE")),
+        "{job}"
+    );
     assert_eq!(vm(&d, name)["runtime"]["state"], "Running");
     let seen = counts(&console(&d, name)).len();
     wait_counts(&d, name, seen, 2);
