@@ -106,13 +106,6 @@ struct Export {
 
 type Exports = Arc<HashMap<String, Export>>;
 
-/// What every connection shares: the exports and the gate that can hold their
-/// requests back ([`Server::hold`]).
-struct Served {
-    exports: Exports,
-    gate: Arc<vhd::Gate>,
-}
-
 /// Why [`Server::switch`] did not switch (the export keeps its disk).
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {
@@ -128,7 +121,6 @@ pub struct Server {
     /// The listening socket, shared with the acceptor thread.
     listener: Arc<UnixListener>,
     exports: Exports,
-    gate: Arc<vhd::Gate>,
     stopping: Arc<AtomicBool>,
     /// Ends with the connections still open when the server stopped.
     acceptor: Option<std::thread::JoinHandle<Vec<Connection>>>,
@@ -157,11 +149,6 @@ impl Server {
                 .collect(),
         );
         let served = exports.clone();
-        let gate = Arc::new(vhd::Gate::default());
-        let shared = Arc::new(Served {
-            exports: exports.clone(),
-            gate: gate.clone(),
-        });
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
         let listening = listener.clone();
@@ -177,13 +164,13 @@ impl Server {
                     let Ok(handle) = stream.try_clone() else {
                         continue;
                     };
-                    let shared = shared.clone();
+                    let exports = exports.clone();
                     let thread =
                         std::thread::Builder::new()
                             .name("nbd-conn".into())
                             .spawn(move || {
                                 let closer = stream.try_clone();
-                                if let Err(e) = serve(stream, &shared) {
+                                if let Err(e) = serve(stream, &exports) {
                                     if e.kind() != io::ErrorKind::UnexpectedEof {
                                         tracing::warn!("NBD connection ended with an error: {e}");
                                     }
@@ -205,7 +192,6 @@ impl Server {
             socket: socket.to_path_buf(),
             listener,
             exports: served,
-            gate,
             stopping,
             acceptor: Some(acceptor),
         })
@@ -236,14 +222,6 @@ impl Server {
             .get(name)
             .ok_or_else(|| SwitchError::NoExport(name.to_string()))?;
         Ok(export.disk.replace(disk)?)
-    }
-
-    /// Holds every connection's next request back until the returned guard
-    /// drops; a request being served finishes first. Hold only while the
-    /// client waits for nothing (QEMU's guest is stopped, or running with its
-    /// requests free to wait): a client draining its requests would wait too.
-    pub fn hold(&self) -> vhd::Held {
-        self.gate.hold()
     }
 
     /// The disk export `name` serves now.
@@ -344,8 +322,7 @@ fn transmission_flags(disk: &dyn vhd::Disk) -> u16 {
 }
 
 /// Serves one client: handshake, option haggling, then transmission.
-fn serve(mut s: UnixStream, served: &Served) -> io::Result<()> {
-    let exports = &served.exports;
+fn serve(mut s: UnixStream, exports: &Exports) -> io::Result<()> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -434,7 +411,7 @@ fn serve(mut s: UnixStream, served: &Served) -> io::Result<()> {
             _ => option_reply(&mut s, option, REP_ERR_UNSUP, &[])?,
         }
     };
-    transmit(s, &export.disk, &export.counters, &served.gate)
+    transmit(s, &export.disk, &export.counters)
 }
 
 /// The NBD error for a failed command. proto.md: a write (or write-zeroes)
@@ -479,12 +456,7 @@ fn with_fua(disk: &dyn vhd::Disk, flags: u16, result: vhd::Result<()>) -> vhd::R
 /// Serves one connection's requests. Each request takes the export's disk from
 /// `cell` for just its disk work (never while waiting on the socket), so a switch
 /// waits only for the requests in flight.
-fn transmit(
-    s: UnixStream,
-    cell: &vhd::DiskCell,
-    counters: &DriveCounters,
-    gate: &vhd::Gate,
-) -> io::Result<()> {
+fn transmit(s: UnixStream, cell: &vhd::DiskCell, counters: &DriveCounters) -> io::Result<()> {
     let mut r = io::BufReader::with_capacity(256 * 1024, s.try_clone()?);
     let mut w = io::BufWriter::with_capacity(256 * 1024, s);
     let mut buf = Vec::new();
@@ -505,17 +477,6 @@ fn transmit(
         if matches!(kind, CMD_READ | CMD_WRITE) && len > MAX_REQUEST {
             return Err(protocol(format!("request of {len} bytes is too large")));
         }
-        // A flush changes no data: it passes a held gate (QEMU flushes its
-        // drives while it stops the guest for a snapshot, and waits for it).
-        let _pass = if kind == CMD_FLUSH {
-            None
-        } else {
-            if gate.is_held() {
-                // The replies so far reach the client before this one waits.
-                w.flush()?;
-            }
-            Some(gate.enter())
-        };
         let reply = |w: &mut io::BufWriter<UnixStream>, error: u32| -> io::Result<()> {
             w.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
             w.write_all(&error.to_be_bytes())?;

@@ -213,11 +213,6 @@ pub struct SnapshotOutcome {
     /// How long the disks' requests were held (the guest ran, its disk I/O
     /// waited).
     pub io_held_ms: u64,
-    /// The VM was paused for the snapshot's setup too (it has IDE disks, whose
-    /// requests QEMU drains while it stops the guest, so they can be held
-    /// only with the guest stopped): the downtime then includes the setup.
-    #[serde(default)]
-    pub paused_for_setup: bool,
 }
 
 /// What a live merge did.

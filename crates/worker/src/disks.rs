@@ -298,18 +298,10 @@ impl ServedDisks {
         self.ide.iter().find(|d| !d.read_only).map(|d| d.slot)
     }
 
-    /// Holds the guest's requests to every synthetic disk, and with `ide` to
-    /// every IDE drive too, until the guards drop (see [`vhd::Gate`]).
-    /// Requests being served finish first. Hold IDE drives only while the
-    /// guest is stopped: QEMU drains their requests when it stops the guest.
-    pub fn hold(&self, ide: bool) -> Vec<vhd::Held> {
-        let mut held: Vec<vhd::Held> = self.synthetic.iter().map(|d| d.server.hold()).collect();
-        if ide {
-            if let Some(nbd) = &self.nbd {
-                held.push(nbd.hold());
-            }
-        }
-        held
+    /// Holds the guest's requests to every synthetic disk until the guards
+    /// drop (see [`vhd::Gate`]); requests being served finish first.
+    pub fn hold(&self) -> Vec<vhd::Held> {
+        self.synthetic.iter().map(|d| d.server.hold()).collect()
     }
 
     pub fn served_in(&self, slot: Slot) -> Option<(Arc<dyn vhd::Disk>, PathBuf)> {

@@ -535,9 +535,6 @@ pub(crate) async fn take(
                 match take_background(svc, workers.as_ref(), &vm, name.clone(), limit).await {
                     Ok((node, outcome)) => {
                         note("checkpoint-method", METHOD_BACKGROUND.into());
-                        if outcome.paused_for_setup {
-                            note("checkpoint-method-reason", "the VM has a writable IDE disk: its requests are held only with the guest paused, so the guest was paused for the snapshot's setup too".into());
-                        }
                         note("guest-downtime-ms", outcome.downtime_ms.to_string());
                         note("saved-bytes", outcome.bytes.to_string());
                         note("background-save-ms", outcome.background_ms.to_string());

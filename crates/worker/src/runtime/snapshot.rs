@@ -80,7 +80,7 @@ pub(super) async fn snapshot_state(
         Ok(outcome) => {
             tracing::info!(vm = %shared.name(), downtime_ms = outcome.downtime_ms,
                 background_ms = outcome.background_ms, io_held_ms = outcome.io_held_ms,
-                bytes = outcome.bytes, paused_for_setup = outcome.paused_for_setup,
+                bytes = outcome.bytes,
                 "checkpoint memory saved in the background; disks continue on new layers");
             Response::Snapshot(outcome)
         }
@@ -135,7 +135,7 @@ async fn snapshot(
         }
     };
     let held_at = Instant::now();
-    let held = tokio::task::block_in_place(|| served.hold(false));
+    let held = tokio::task::block_in_place(|| served.hold());
     let migrated = migrate_to_file(shared, path).await;
     let seen = stop_and_resume(&mut events);
     let bytes = match migrated {
@@ -169,7 +169,6 @@ async fn snapshot(
             bytes,
             background_ms: 0,
             io_held_ms: ms(io_held),
-            paused_for_setup: false,
         });
     };
     let downtime = Duration::from_micros(resume_us.saturating_sub(stop_us).max(0) as u64);
@@ -181,7 +180,6 @@ async fn snapshot(
         bytes,
         background_ms: ms(background),
         io_held_ms: ms(io_held),
-        paused_for_setup: false,
     })
 }
 
